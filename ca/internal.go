@@ -1,0 +1,146 @@
+package ca
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"sync"
+	"time"
+
+	"github.com/castellan-ca/castellan/storage"
+)
+
+// IssueInternal signs a certificate Castellan needs for itself (its serving
+// certificate, the operator credential) with the active signer, applying the
+// same result checks as workload issuance, and audits it as an operator action.
+// tmpl supplies SANs and usages; serial and validity are set here.
+func (is *Issuer) IssueInternal(ctx context.Context, purpose string, tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Duration) (*Chain, *State, error) {
+	st := is.cfg.Authority.Current()
+	if st == nil {
+		return nil, nil, refuse(ErrUnavailable, ReasonNoSigner, errors.New("no active signer"))
+	}
+	rec := &storage.Record{Time: is.cfg.Now().UTC(), Kind: storage.KindOperator, RequestID: newRequestID(is.cfg.Rand),
+		AuthMethod: "internal", Caller: "castellan", Signer: st.Backend, Detail: purpose}
+	if len(tmpl.URIs) == 1 {
+		rec.GrantedIdentity = tmpl.URIs[0].String()
+	}
+	chain, err := is.sign(ctx, st, SignRequest{PublicKey: pub, TTL: ttl}, tmpl)
+	if err == nil {
+		fillRecord(rec, chain)
+		rec.Outcome = storage.OutcomeOK
+	} else {
+		rec.Outcome, rec.Reason = storage.OutcomeFailed, ReasonOf(err)
+		rec.Detail = clip(purpose+": "+err.Error(), 1024)
+	}
+	rec.Code = Status(err).Code().String()
+	if aerr := is.cfg.Audit.Append(ctx, rec); aerr != nil && err == nil {
+		err = refuse(ErrUnavailable, ReasonAuditDown, fmt.Errorf("audit append: %w", aerr))
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("issue %s: %w", purpose, err)
+	}
+	return chain, st, nil
+}
+
+// ServingTemplate is the profile of Castellan's own TLS serving certificate.
+func ServingTemplate(dnsNames []string) *x509.Certificate {
+	return &x509.Certificate{
+		DNSNames:              dnsNames,
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+	}
+}
+
+// ClientTemplate is the profile of a client-only certificate for id (operator credential).
+func ClientTemplate(id *url.URL) *x509.Certificate {
+	return &x509.Certificate{
+		URIs:                  []*url.URL{id},
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		BasicConstraintsValid: true,
+	}
+}
+
+// ServingCert keeps Castellan's TLS serving certificate issued by its own CA,
+// reissuing it before expiry and whenever the active CA changes, so clients
+// that trust the current bundle can always connect.
+type ServingCert struct {
+	Issuer   *Issuer
+	DNSNames []string
+	TTL      time.Duration // default 24 h; renewed after two thirds
+	Logger   *slog.Logger
+
+	mu      sync.Mutex
+	cert    *tls.Certificate
+	gen     uint64
+	renewAt time.Time
+}
+
+// GetCertificate is a tls.Config.GetCertificate callback.
+func (s *ServingCert) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+	ctx := context.Background()
+	if hello != nil {
+		ctx = hello.Context()
+	}
+	return s.Current(ctx)
+}
+
+// Current returns a valid serving certificate for the active CA, issuing one if needed.
+func (s *ServingCert) Current(ctx context.Context) (*tls.Certificate, error) {
+	st := s.Issuer.cfg.Authority.Current()
+	now := s.Issuer.cfg.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cert != nil && st != nil && s.gen == st.Generation && now.Before(s.renewAt) {
+		return s.cert, nil
+	}
+	cert, gen, renewAt, err := s.issue(context.WithoutCancel(ctx))
+	if err != nil {
+		if s.cert != nil && now.Before(s.cert.Leaf.NotAfter) {
+			s.Logger.Error("serving certificate renewal failed; keeping the current one", "error", err)
+			return s.cert, nil
+		}
+		return nil, err
+	}
+	s.cert, s.gen, s.renewAt = cert, gen, renewAt
+	return cert, nil
+}
+
+func (s *ServingCert) issue(ctx context.Context) (*tls.Certificate, uint64, time.Time, error) {
+	ttl := s.TTL
+	if ttl <= 0 {
+		ttl = 24 * time.Hour
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), s.Issuer.cfg.Rand)
+	if err != nil {
+		return nil, 0, time.Time{}, fmt.Errorf("serving key: %w", err)
+	}
+	chain, st, err := s.Issuer.IssueInternal(ctx, "serving certificate", ServingTemplate(s.DNSNames), key.Public(), ttl)
+	if err != nil {
+		return nil, 0, time.Time{}, err
+	}
+	return TLSCertificate(chain, key), st.Generation, renewalTime(chain.Leaf), nil
+}
+
+// TLSCertificate assembles a chain and its key for crypto/tls.
+func TLSCertificate(chain *Chain, key crypto.Signer) *tls.Certificate {
+	c := &tls.Certificate{PrivateKey: key, Leaf: chain.Leaf, Certificate: [][]byte{chain.Leaf.Raw}}
+	for _, i := range chain.Intermediates {
+		c.Certificate = append(c.Certificate, i.Raw)
+	}
+	return c
+}
+
+// renewalTime is two thirds into the certificate's life.
+func renewalTime(c *x509.Certificate) time.Time {
+	return c.NotBefore.Add(c.NotAfter.Sub(c.NotBefore) * 2 / 3)
+}
+

@@ -1,0 +1,404 @@
+package ca
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"time"
+
+	"github.com/castellan-ca/castellan/authn"
+	"github.com/castellan-ca/castellan/storage"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/codes"
+)
+
+// Reason codes the pipeline itself assigns (CSR reasons live in csr.go).
+const (
+	ReasonNoCredentials  = "authn.no_credentials"
+	ReasonAuthnFailed    = "authn.failed"
+	ReasonAuthnDown      = "authn.unavailable"
+	ReasonImpersonation  = "authz.impersonation"
+	ReasonNotOperator    = "authz.not_operator"
+	ReasonBadIdentity    = "authz.bad_identity"
+	ReasonMetadata       = "request.metadata"
+	ReasonTTL            = "ttl.too_long"
+	ReasonOverload       = "overload"
+	ReasonNoSigner       = "signer.none"
+	ReasonSignerDown     = "signer.unavailable"
+	ReasonSignerError    = "signer.error"
+	ReasonSignerBadChain = "signer.bad_result"
+	ReasonAuditDown      = "audit.unavailable"
+)
+
+// Authenticator proves who the caller is (implemented in package authn).
+type Authenticator interface {
+	Authenticate(ctx context.Context) (*authn.Caller, error)
+}
+
+// NodeAuthorizer decides whether caller may obtain id on behalf of a workload
+// (ztunnel asking for a pod on its node). A nil NodeAuthorizer refuses all.
+type NodeAuthorizer interface {
+	Authorize(ctx context.Context, caller *authn.Caller, id spiffeid.ID) error
+}
+
+// AuditLog durably records outcomes; Append returns only once rec is committed.
+type AuditLog interface {
+	Append(ctx context.Context, rec *storage.Record) error
+}
+
+// Config wires an Issuer. Zero values get the defaults of DESIGN.md §4.
+type Config struct {
+	TrustDomain    spiffeid.TrustDomain
+	TTL            TTLPolicy
+	ClockSkew      time.Duration // NotBefore backdating; default 2 min
+	Authenticator  Authenticator
+	NodeAuthorizer NodeAuthorizer
+	Audit          AuditLog
+	Authority      *Authority
+	Metrics        *Metrics
+	Logger         *slog.Logger
+	// MaxInFlight bounds concurrent calls; beyond it callers get ResourceExhausted
+	// at once instead of queueing (Istio's client sets no deadline). Default 512.
+	MaxInFlight int
+	// AuditTimeout bounds the audit write, which outlives a caller that hung up. Default 5 s.
+	AuditTimeout time.Duration
+	Now          func() time.Time
+	Rand         io.Reader
+}
+
+// Issuer is the single issuance pipeline: authenticate → scope → CSR checks →
+// profile → sign → verify the result → audit → respond.
+type Issuer struct {
+	cfg   Config
+	slots chan struct{}
+}
+
+// NewIssuer checks cfg and fills defaults.
+func NewIssuer(cfg Config) (*Issuer, error) {
+	switch {
+	case cfg.TrustDomain.IsZero():
+		return nil, errors.New("issuer: trust domain is required")
+	case cfg.Authenticator == nil:
+		return nil, errors.New("issuer: authenticator is required")
+	case cfg.Audit == nil:
+		return nil, errors.New("issuer: audit log is required")
+	case cfg.Authority == nil:
+		return nil, errors.New("issuer: authority is required")
+	}
+	if cfg.ClockSkew == 0 {
+		cfg.ClockSkew = DefaultClockSkew
+	}
+	if cfg.MaxInFlight <= 0 {
+		cfg.MaxInFlight = 512
+	}
+	if cfg.AuditTimeout <= 0 {
+		cfg.AuditTimeout = 5 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Reader
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(nil)
+	}
+	return &Issuer{cfg: cfg, slots: make(chan struct{}, cfg.MaxInFlight)}, nil
+}
+
+// Request is one certificate request, from Istio's API or the admin API.
+type Request struct {
+	// CSR is the PEM CSR, untrusted.
+	CSR string
+	// ValiditySeconds is the requested lifetime; ≤ 0 means the default.
+	ValiditySeconds int64
+	// Metadata holds Istio's request metadata (ImpersonatedIdentity, CertSigner).
+	Metadata map[string]any
+	// Identity is an explicitly requested identity (admin API); empty otherwise.
+	Identity string
+	// OperatorOnly restricts the call to operator credentials (admin API).
+	OperatorOnly bool
+	// Peer and ClusterID describe the connection, for the audit record.
+	Peer      string
+	ClusterID string
+}
+
+// Issued is a successful result: the chain and the response elements.
+type Issued struct {
+	Chain *Chain
+	// Elements is [leaf, intermediates…, root bundle], one PEM certificate per
+	// element except the last, which is the whole bundle.
+	Elements []string
+}
+
+// Issue runs the pipeline. Every outcome is audited; a certificate is returned
+// only once its record is committed, and an audit failure turns success into
+// ErrUnavailable. Returned errors are classified for Status.
+func (is *Issuer) Issue(ctx context.Context, req Request) (*Issued, error) {
+	start := is.cfg.Now()
+	m := is.cfg.Metrics
+	m.csrCount.Inc()
+	rec := &storage.Record{
+		Time:      start.UTC(),
+		Kind:      storage.KindCSR,
+		RequestID: newRequestID(is.cfg.Rand),
+		Peer:      req.Peer,
+		ClusterID: clip(req.ClusterID, 253),
+	}
+	var out *Issued
+	var err error
+	select {
+	case is.slots <- struct{}{}:
+		m.inFlight.Inc()
+		out, err = is.issue(ctx, req, rec)
+		<-is.slots
+		m.inFlight.Dec()
+	default:
+		m.overloadRefused.Inc()
+		err = refuse(ErrOverloaded, ReasonOverload, fmt.Errorf("%d requests in flight", is.cfg.MaxInFlight))
+	}
+	if err == nil {
+		rec.Outcome = storage.OutcomeIssued
+	} else {
+		out = nil
+		rec.Outcome = storage.OutcomeRefused
+		if isTransient(err) {
+			rec.Outcome = storage.OutcomeFailed
+		}
+		rec.Reason = ReasonOf(err)
+		rec.Detail = clip(err.Error(), 1024)
+	}
+	rec.Code = Status(err).Code().String()
+
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), is.cfg.AuditTimeout)
+	aerr := is.cfg.Audit.Append(actx, rec)
+	cancel()
+	if aerr != nil {
+		m.auditFailures.Inc()
+		is.cfg.Logger.Error("audit append failed; certificate withheld", "request_id", rec.RequestID, "error", aerr)
+		if err == nil {
+			err = refuse(ErrUnavailable, ReasonAuditDown, fmt.Errorf("audit append: %w", aerr))
+			out = nil
+		}
+	}
+	is.observe(rec, err, start)
+	return out, err
+}
+
+func (is *Issuer) observe(rec *storage.Record, err error, start time.Time) {
+	m := is.cfg.Metrics
+	code := Status(err).Code()
+	reason := ReasonOf(err)
+	outcome := rec.Outcome
+	if err != nil && outcome == storage.OutcomeIssued {
+		outcome = storage.OutcomeFailed // issued but the audit failed: withheld
+	}
+	m.outcomes.WithLabelValues(outcome, code.String(), reason).Inc()
+	m.duration.WithLabelValues(outcome).Observe(is.cfg.Now().Sub(start).Seconds())
+	switch {
+	case err == nil:
+		m.issued.Inc()
+		is.cfg.Logger.Debug("certificate issued", "request_id", rec.RequestID, "identity", rec.GrantedIdentity, "serial", rec.Serial)
+		return
+	case code == codes.Unauthenticated:
+		m.authnFailures.Inc()
+	default:
+		m.signErrors.WithLabelValues(reason).Inc()
+	}
+	is.cfg.Logger.Info("certificate request refused", "request_id", rec.RequestID, "peer", rec.Peer,
+		"caller", rec.Caller, "code", code.String(), "reason", reason, "error", err)
+}
+
+// issue does the work of Issue between admission and audit, filling rec.
+func (is *Issuer) issue(ctx context.Context, req Request, rec *storage.Record) (*Issued, error) {
+	caller, err := is.cfg.Authenticator.Authenticate(ctx)
+	if err != nil {
+		switch {
+		case errors.Is(err, authn.ErrNoCredentials):
+			return nil, refuse(ErrUnauthenticated, ReasonNoCredentials, err)
+		case errors.Is(err, authn.ErrUnavailable):
+			return nil, refuse(ErrUnavailable, ReasonAuthnDown, err)
+		default:
+			return nil, refuse(ErrUnauthenticated, ReasonAuthnFailed, err)
+		}
+	}
+	rec.AuthMethod, rec.Caller = caller.Method, caller.Name
+	if req.OperatorOnly && !caller.Operator {
+		return nil, refuse(ErrPermissionDenied, ReasonNotOperator, fmt.Errorf("%s is not an operator", caller.Name))
+	}
+
+	requested, err := requestedIdentity(req)
+	if err != nil {
+		return nil, err
+	}
+	rec.RequestedIdentity = clip(requested, 2048)
+	grant, err := is.scope(ctx, caller, requested)
+	if err != nil {
+		return nil, err
+	}
+	rec.GrantedIdentity = grant.String()
+
+	csr, err := ParseCSR(req.CSR, grant)
+	if err != nil {
+		return nil, err
+	}
+	ttl, err := is.cfg.TTL.Grant(req.ValiditySeconds)
+	if err != nil {
+		return nil, refuse(ErrInvalidRequest, ReasonTTL, err)
+	}
+	st := is.cfg.Authority.Current()
+	if st == nil {
+		return nil, refuse(ErrUnavailable, ReasonNoSigner, errors.New("no active signer"))
+	}
+	rec.Signer = st.Backend
+	chain, err := is.sign(ctx, st, SignRequest{PublicKey: csr.PublicKey, CSR: csr.Raw, Identity: grant, TTL: ttl}, nil)
+	if err != nil {
+		return nil, err
+	}
+	fillRecord(rec, chain)
+	return &Issued{Chain: chain, Elements: Elements(chain, st)}, nil
+}
+
+// sign builds the leaf profile (unless tmpl is given), has the backend sign it
+// and checks what came back. Shared by workload issuance and internal
+// certificates (serving, operator) so every certificate gets the same checks.
+func (is *Issuer) sign(ctx context.Context, st *State, sreq SignRequest, tmpl *x509.Certificate) (*Chain, error) {
+	now := is.cfg.Now()
+	serial, err := NewSerial(is.cfg.Rand)
+	if err != nil {
+		return nil, refuse(ErrInternal, ReasonSignerError, err)
+	}
+	if tmpl == nil {
+		tmpl = LeafTemplate(sreq.Identity, sreq.PublicKey, serial, now.Add(-is.cfg.ClockSkew), now.Add(sreq.TTL))
+	} else {
+		tmpl.SerialNumber = serial
+		tmpl.NotBefore = now.Add(-is.cfg.ClockSkew).UTC()
+		tmpl.NotAfter = now.Add(sreq.TTL).UTC()
+	}
+	sreq.Template = tmpl
+	chain, err := st.Signer.Sign(ctx, sreq)
+	if err != nil {
+		if errors.Is(err, ErrSignerUnavailable) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+			return nil, refuse(ErrUnavailable, ReasonSignerDown, err)
+		}
+		return nil, refuse(ErrInternal, ReasonSignerError, err)
+	}
+	if err := CheckIssued(chain, tmpl, sreq.PublicKey, st.Pool, now); err != nil {
+		return nil, refuse(ErrInternal, ReasonSignerBadChain, err)
+	}
+	is.cfg.Metrics.observeState(st, issuerNotAfter(chain, st))
+	return chain, nil
+}
+
+// scope decides the one identity this caller may receive.
+func (is *Issuer) scope(ctx context.Context, caller *authn.Caller, requested string) (spiffeid.ID, error) {
+	if requested == "" {
+		if caller.Operator || caller.Identity.IsZero() {
+			return spiffeid.ID{}, refuse(ErrInvalidRequest, ReasonBadIdentity, errors.New("operator credentials must name the identity to issue"))
+		}
+		return caller.Identity, nil
+	}
+	id, err := authn.ParseWorkloadID(is.cfg.TrustDomain, requested)
+	if err != nil {
+		if caller.Operator {
+			return spiffeid.ID{}, refuse(ErrInvalidRequest, ReasonBadIdentity, err)
+		}
+		return spiffeid.ID{}, refuse(ErrUnauthenticated, ReasonImpersonation, err)
+	}
+	switch {
+	case caller.Operator, id == caller.Identity:
+		return id, nil
+	case is.cfg.NodeAuthorizer == nil:
+		return spiffeid.ID{}, refuse(ErrUnauthenticated, ReasonImpersonation, fmt.Errorf("caller %s may not impersonate %s", caller.Name, id))
+	}
+	if err := is.cfg.NodeAuthorizer.Authorize(ctx, caller, id); err != nil {
+		if errors.Is(err, authn.ErrUnavailable) {
+			return spiffeid.ID{}, refuse(ErrUnavailable, ReasonAuthnDown, err)
+		}
+		return spiffeid.ID{}, refuse(ErrUnauthenticated, ReasonImpersonation, err)
+	}
+	return id, nil
+}
+
+// Metadata keys Istio's clients send.
+const (
+	MetaImpersonatedIdentity = "ImpersonatedIdentity"
+	MetaCertSigner           = "CertSigner"
+)
+
+// requestedIdentity reads the explicitly requested identity. Known metadata
+// keys must hold strings; unknown keys are ignored, as Istio's clients add their own.
+func requestedIdentity(req Request) (string, error) {
+	for _, k := range []string{MetaImpersonatedIdentity, MetaCertSigner} {
+		if v, ok := req.Metadata[k]; ok {
+			if _, isString := v.(string); !isString {
+				return "", refuse(ErrInvalidRequest, ReasonMetadata, fmt.Errorf("metadata %q must be a string, got %T", k, v))
+			}
+		}
+	}
+	imp, _ := req.Metadata[MetaImpersonatedIdentity].(string)
+	switch {
+	case imp != "" && req.Identity != "" && imp != req.Identity:
+		return "", refuse(ErrInvalidRequest, ReasonMetadata, errors.New("two different identities requested"))
+	case imp != "":
+		return imp, nil
+	}
+	return req.Identity, nil
+}
+
+// Elements lays out a response: one PEM certificate per element for the leaf and
+// each intermediate, then the whole root bundle, unsplit, as the last element.
+func Elements(chain *Chain, st *State) []string {
+	out := make([]string, 0, len(chain.Intermediates)+2)
+	out = append(out, EncodePEM(chain.Leaf))
+	for _, c := range chain.Intermediates {
+		out = append(out, EncodePEM(c))
+	}
+	return append(out, st.BundlePEM)
+}
+
+func fillRecord(rec *storage.Record, chain *Chain) {
+	leaf := chain.Leaf
+	sum := sha256.Sum256(leaf.Raw)
+	rec.Serial = leaf.SerialNumber.Text(16)
+	rec.NotBefore, rec.NotAfter = leaf.NotBefore.UTC(), leaf.NotAfter.UTC()
+	rec.CertSHA256 = hex.EncodeToString(sum[:])
+	rec.IssuerKeyID = hex.EncodeToString(leaf.AuthorityKeyId)
+}
+
+func issuerNotAfter(chain *Chain, st *State) time.Time {
+	if iss := chain.Issuer(); iss != nil {
+		return iss.NotAfter
+	}
+	return st.EarliestRootExpiry()
+}
+
+func isTransient(err error) bool {
+	return errors.Is(err, ErrUnavailable) || errors.Is(err, ErrOverloaded) || errors.Is(err, ErrInternal) ||
+		errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
+}
+
+func newRequestID(r io.Reader) string {
+	var b [12]byte
+	if _, err := io.ReadFull(r, b[:]); err != nil {
+		return "unknown"
+	}
+	return hex.EncodeToString(b[:])
+}
+
+// clip bounds attacker-controlled strings before they reach logs and the audit log.
+func clip(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}

@@ -1,0 +1,64 @@
+package ca
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+)
+
+// CheckIssued re-checks what a backend returned against what was asked for, so a
+// misbehaving backend (remote PKI, misconfigured CA) can never hand a client a
+// certificate Castellan did not decide on: key, SANs, lifetime, CA flag, usages,
+// and a chain that verifies to the trust bundle with the leaf inside its issuer's life.
+func CheckIssued(chain *Chain, tmpl *x509.Certificate, pub crypto.PublicKey, roots *x509.CertPool, now time.Time) error {
+	if chain == nil || chain.Leaf == nil {
+		return errors.New("backend returned no certificate")
+	}
+	leaf := chain.Leaf
+	if k, ok := leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(pub) {
+		return errors.New("leaf key is not the requested key")
+	}
+	if len(leaf.URIs) != len(tmpl.URIs) {
+		return fmt.Errorf("leaf has %d URI SANs, want %d", len(leaf.URIs), len(tmpl.URIs))
+	}
+	for i := range tmpl.URIs {
+		if leaf.URIs[i].String() != tmpl.URIs[i].String() {
+			return fmt.Errorf("leaf URI SAN %q, want %q", leaf.URIs[i], tmpl.URIs[i])
+		}
+	}
+	if !slices.Equal(leaf.DNSNames, tmpl.DNSNames) || len(leaf.IPAddresses) != len(tmpl.IPAddresses) || len(leaf.EmailAddresses) != 0 {
+		return fmt.Errorf("leaf carries SANs that were not granted")
+	}
+	if leaf.IsCA || !leaf.BasicConstraintsValid {
+		return errors.New("leaf is not an end-entity certificate")
+	}
+	for _, u := range tmpl.ExtKeyUsage {
+		if !slices.Contains(leaf.ExtKeyUsage, u) {
+			return fmt.Errorf("leaf lacks extended key usage %v", u)
+		}
+	}
+	if leaf.NotAfter.After(tmpl.NotAfter) || !leaf.NotAfter.After(now) || leaf.NotBefore.After(now) {
+		return fmt.Errorf("leaf validity %s..%s outside the granted %s..%s", leaf.NotBefore, leaf.NotAfter, tmpl.NotBefore, tmpl.NotAfter)
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain.Intermediates {
+		inter.AddCert(c)
+	}
+	chains, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	if err != nil {
+		return fmt.Errorf("leaf does not chain to the trust bundle: %w", err)
+	}
+	// Verify found some path; the response must also be laid out in order,
+	// since clients read the element after the leaf as its issuer.
+	if iss := chain.Issuer(); iss != nil && (!bytes.Equal(leaf.RawIssuer, iss.RawSubject) || !bytes.Equal(leaf.AuthorityKeyId, iss.SubjectKeyId)) {
+		return errors.New("first intermediate is not the leaf's issuer")
+	}
+	if len(chains[0]) > 1 && leaf.NotAfter.After(chains[0][1].NotAfter) {
+		return errors.New("leaf outlives its issuer")
+	}
+	return nil
+}

@@ -1,0 +1,315 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/castellan-ca/castellan/authn"
+	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/cmd/internal/datadir"
+	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
+	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
+	"github.com/castellan-ca/castellan/signer/intermediate"
+	"github.com/castellan-ca/castellan/signer/local"
+	"github.com/castellan-ca/castellan/signer/selfsigned"
+	"github.com/castellan-ca/castellan/storage"
+	"github.com/castellan-ca/castellan/storage/embedded"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+)
+
+// operatorPath is the SPIFFE path of the castellanctl credential; it is not a
+// workload path, so no workload request can ever be granted it.
+const operatorPath = "/castellan/operator"
+
+// serve runs the CA until ctx ends.
+func serve(ctx context.Context, args []string, stderr io.Writer) error {
+	cfg, err := loadConfig(args)
+	if err != nil {
+		return err
+	}
+	logger := newLogger(cfg, stderr)
+	td := spiffeid.RequireTrustDomainFromString(cfg.TrustDomain)
+	operatorID := spiffeid.RequireFromPath(td, operatorPath)
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+
+	store, err := embedded.Open(ctx, filepath.Join(cfg.DataDir, datadir.AuditDB), embedded.Options{Logger: logger})
+	if err != nil {
+		return fmt.Errorf("open audit store: %w", err)
+	}
+	defer store.Close()
+
+	authority := ca.NewAuthority()
+	if err := startSigner(ctx, cfg, td, authority, store, logger); err != nil {
+		return err
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	issuer, err := ca.NewIssuer(ca.Config{
+		TrustDomain: td,
+		TTL:         ca.TTLPolicy{Default: cfg.DefaultTTL, Max: cfg.MaxTTL, Mode: ca.TTLMode(cfg.TTLPolicy)},
+		ClockSkew:   cfg.ClockSkew,
+		Authenticator: authn.Chain{
+			&authn.ClientCert{TrustDomain: td, Roots: authority.Roots, Operators: []spiffeid.ID{operatorID}},
+		},
+		Audit:        store,
+		Authority:    authority,
+		Metrics:      ca.NewMetrics(reg),
+		Logger:       logger,
+		MaxInFlight:  cfg.MaxInFlight,
+		AuditTimeout: cfg.AuditTimeout,
+	})
+	if err != nil {
+		return err
+	}
+	serving := &ca.ServingCert{Issuer: issuer, DNSNames: cfg.ServingDNSNames, TTL: cfg.ServingCertTTL, Logger: logger}
+	if _, err := serving.Current(ctx); err != nil {
+		return fmt.Errorf("serving certificate: %w", err)
+	}
+	if err := ensureOperatorCredential(ctx, issuer, authority, cfg, operatorID, logger); err != nil {
+		return err
+	}
+	go publishBundle(ctx, authority, filepath.Join(cfg.DataDir, datadir.RootCert), logger)
+
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	srv := grpc.NewServer(
+		grpc.Creds(credentials.NewTLS(&tls.Config{
+			MinVersion: tls.VersionTLS12,
+			// Requested, not required: only VMs renewing with an existing certificate
+			// send one; authn.ClientCert verifies it so that failures are audited.
+			ClientAuth:     tls.RequestClientCert,
+			GetCertificate: serving.GetCertificate,
+		})),
+		grpc.MaxRecvMsgSize(cfg.MaxRecvBytes),
+		// Istio's clients ping after 30 s idle; allow down to 10 s so they are never cut off.
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 2 * time.Minute, Timeout: 20 * time.Second}),
+	)
+	api := &ca.Server{Issuer: issuer, Audit: store}
+	authpb.RegisterIstioCertificateServiceServer(srv, api)
+	adminpb.RegisterAdminServiceServer(srv, api)
+
+	mon, err := startMonitoring(cfg.MonitoringListen, reg, func(ctx context.Context) error {
+		if authority.Current() == nil {
+			return errors.New("no active signer")
+		}
+		if err := store.Ping(ctx); err != nil {
+			return fmt.Errorf("audit store: %w", err)
+		}
+		_, err := serving.Current(ctx)
+		return err
+	}, logger)
+	if err != nil {
+		lis.Close()
+		return err
+	}
+	if err := writeServerInfo(cfg, lis.Addr()); err != nil {
+		return err
+	}
+	logger.Info("castellan serving", "listen", lis.Addr().String(), "monitoring", mon.addr, "trust_domain", td.Name(),
+		"signer", authority.Current().Backend, "data_dir", cfg.DataDir)
+
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(lis) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("grpc server: %w", err)
+	case <-ctx.Done():
+	}
+	logger.Info("shutting down")
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		srv.Stop()
+	}
+	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return mon.srv.Shutdown(shutCtx)
+}
+
+// startSigner loads the configured backend into authority; for the
+// intermediate backend it also watches the directory and swaps on change.
+func startSigner(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, audit ca.AuditLog, logger *slog.Logger) error {
+	switch cfg.Signer {
+	case "selfsigned":
+		s, err := selfsigned.Load(selfsigned.Options{Dir: filepath.Join(cfg.DataDir, datadir.SelfSignedDir), TrustDomain: td,
+			KeyType: cfg.RootKeyType, Lifetime: cfg.RootLifetime})
+		if err != nil {
+			return fmt.Errorf("self-signed root: %w", err)
+		}
+		_, err = authority.Use(selfsigned.Backend, s)
+		return err
+	case "intermediate":
+		s, err := intermediate.Load(cfg.CACertsDir, nil)
+		if err != nil {
+			return fmt.Errorf("intermediate CA: %w", err)
+		}
+		if _, err := authority.Use(intermediate.Backend, s); err != nil {
+			return err
+		}
+		go intermediate.Watch(ctx, cfg.CACertsDir, cfg.CACertsPoll, logger, func(n *local.Signer) {
+			// Keep the previous roots: certificates issued under them are still live.
+			// Retiring them is the rotation workflow's job, not a file watcher's.
+			old := authority.Current()
+			st, err := authority.Use(intermediate.Backend, n, old.Roots...)
+			detail := "intermediate CA reloaded from " + cfg.CACertsDir + ": " + n.Certificate().Subject.String()
+			rec := &storage.Record{Time: time.Now().UTC(), Kind: storage.KindOperator, AuthMethod: "internal", Caller: "castellan",
+				Outcome: storage.OutcomeOK, Signer: intermediate.Backend, Detail: detail}
+			if err != nil {
+				rec.Outcome, rec.Detail = storage.OutcomeFailed, detail+": "+err.Error()
+			} else {
+				logger.Info("intermediate CA reloaded", "subject", n.Certificate().Subject.String(), "generation", st.Generation)
+			}
+			if aerr := audit.Append(context.WithoutCancel(ctx), rec); aerr != nil {
+				logger.Error("audit of CA reload failed", "error", aerr)
+			}
+		})
+		return nil
+	}
+	return fmt.Errorf("signer: unknown backend %q", cfg.Signer)
+}
+
+// ensureOperatorCredential writes castellanctl's client certificate on first
+// start, and replaces it when it no longer chains to the trust bundle or is
+// past two thirds of its life.
+func ensureOperatorCredential(ctx context.Context, issuer *ca.Issuer, authority *ca.Authority, cfg Config, id spiffeid.ID, logger *slog.Logger) error {
+	dir := filepath.Join(cfg.DataDir, datadir.OperatorDir)
+	certPath, keyPath := filepath.Join(dir, datadir.OperatorCert), filepath.Join(dir, datadir.OperatorKey)
+	if b, err := os.ReadFile(certPath); err == nil {
+		if certs, err := ca.ParseCertificatesPEM(b); err == nil {
+			leaf := certs[0]
+			inter := x509.NewCertPool()
+			for _, c := range certs[1:] {
+				inter.AddCert(c)
+			}
+			_, verr := leaf.Verify(x509.VerifyOptions{Roots: authority.Roots(), Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
+			renewAt := leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) * 2 / 3)
+			if _, kerr := os.Stat(keyPath); verr == nil && kerr == nil && time.Now().Before(renewAt) {
+				return nil
+			}
+		}
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("operator credential dir: %w", err)
+	}
+	key, err := local.GenerateKey("ecdsa-p256")
+	if err != nil {
+		return err
+	}
+	chain, _, err := issuer.IssueInternal(ctx, "operator credential", ca.ClientTemplate(id.URL()), key.Public(), cfg.OperatorCertTTL)
+	if err != nil {
+		return err
+	}
+	keyPEM, err := local.MarshalPrivateKeyPEM(key)
+	if err != nil {
+		return err
+	}
+	if err := local.WriteFileAtomic(keyPath, keyPEM, 0o600); err != nil {
+		return fmt.Errorf("write operator key: %w", err)
+	}
+	if err := local.WriteFileAtomic(certPath, []byte(ca.EncodePEM(append([]*x509.Certificate{chain.Leaf}, chain.Intermediates...)...)), 0o644); err != nil {
+		return fmt.Errorf("write operator certificate: %w", err)
+	}
+	logger.Info("operator credential written", "identity", id.String(), "dir", dir, "not_after", chain.Leaf.NotAfter)
+	return nil
+}
+
+// publishBundle keeps path equal to the current trust bundle.
+func publishBundle(ctx context.Context, authority *ca.Authority, path string, logger *slog.Logger) {
+	for {
+		changed := authority.Changed()
+		if st := authority.Current(); st != nil {
+			if err := local.WriteFileAtomic(path, []byte(st.BundlePEM), 0o644); err != nil {
+				logger.Error("write trust bundle", "path", path, "error", err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		}
+	}
+}
+
+// writeServerInfo tells castellanctl where to connect.
+func writeServerInfo(cfg Config, addr net.Addr) error {
+	host, port, err := net.SplitHostPort(addr.String())
+	if err != nil {
+		return err
+	}
+	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+		host = "localhost"
+	}
+	b, err := json.MarshalIndent(datadir.Server{Address: net.JoinHostPort(host, port), ServerName: cfg.ServingDNSNames[0],
+		TrustDomain: cfg.TrustDomain}, "", "  ")
+	if err != nil {
+		return err
+	}
+	return local.WriteFileAtomic(filepath.Join(cfg.DataDir, datadir.ServerInfo), append(b, '\n'), 0o644)
+}
+
+type monitoring struct {
+	srv  *http.Server
+	addr string
+}
+
+// startMonitoring serves /metrics, /healthz (process alive) and /readyz (can issue).
+func startMonitoring(addr string, reg *prometheus.Registry, ready func(context.Context) error, logger *slog.Logger) (*monitoring, error) {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		if err := ready(ctx); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		io.WriteString(w, "ok\n")
+	})
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("monitoring listen: %w", err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			logger.Error("monitoring server", "error", err)
+		}
+	}()
+	return &monitoring{srv: srv, addr: lis.Addr().String()}, nil
+}
+
+func newLogger(cfg Config, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(cfg.LogLevel))
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}

@@ -1,0 +1,67 @@
+package main
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/cmd/internal/datadir"
+	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+)
+
+func defaultDataDir() string { return datadir.Default() }
+
+// dial connects to the admin API with the operator credential, verifying the
+// server against the trust bundle.
+func (g *globals) dial() (adminpb.AdminServiceClient, func(), error) {
+	addr, name := g.server, g.serverName
+	if addr == "" || name == "" {
+		info, err := datadir.ReadServer(g.dataDir)
+		if err != nil {
+			return nil, nil, err
+		}
+		if addr == "" {
+			addr = info.Address
+		}
+		if name == "" {
+			name = info.ServerName
+		}
+	}
+	pick := func(flag, def string) string {
+		if flag != "" {
+			return flag
+		}
+		return def
+	}
+	certFile := pick(g.cert, filepath.Join(g.dataDir, datadir.OperatorDir, datadir.OperatorCert))
+	keyFile := pick(g.key, filepath.Join(g.dataDir, datadir.OperatorDir, datadir.OperatorKey))
+	caFile := pick(g.caFile, filepath.Join(g.dataDir, datadir.RootCert))
+	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, nil, fmt.Errorf("operator credential: %w", err)
+	}
+	b, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, nil, fmt.Errorf("trust bundle: %w", err)
+	}
+	roots, err := ca.ParseCertificatesPEM(b)
+	if err != nil {
+		return nil, nil, fmt.Errorf("trust bundle %s: %w", caFile, err)
+	}
+	pool := x509.NewCertPool()
+	for _, r := range roots {
+		pool.AddCert(r)
+	}
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
+		MinVersion: tls.VersionTLS12, RootCAs: pool, ServerName: name, Certificates: []tls.Certificate{pair},
+	})))
+	if err != nil {
+		return nil, nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	return adminpb.NewAdminServiceClient(conn), func() { conn.Close() }, nil
+}

@@ -1,0 +1,111 @@
+// Command castellanctl is Castellan's operator CLI: it reads the server's
+// address and the operator credential from the server's data directory (or
+// flags) and talks to the admin API over mutual TLS.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+)
+
+const usage = `usage: castellanctl [global flags] COMMAND [flags]
+
+Commands:
+  bundle                      print the trust bundle (PEM)
+  issue --identity ID         make a key and CSR locally, get a certificate, write PEM files
+  audit list [filters]        print audit records (JSON lines or a table)
+  audit verify                check the audit hash chains; exit 1 on a break
+
+Global flags:
+`
+
+// exitError carries a process exit code through the command functions.
+type exitError struct{ code int }
+
+func (e exitError) Error() string { return fmt.Sprintf("exit %d", e.code) }
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	var ee exitError
+	switch {
+	case err == nil:
+	case errors.As(err, &ee):
+		os.Exit(ee.code)
+	case errors.Is(err, flag.ErrHelp):
+		os.Exit(2)
+	default:
+		fmt.Fprintln(os.Stderr, "castellanctl:", err)
+		os.Exit(1)
+	}
+}
+
+// run parses the global flags and dispatches the command.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var g globals
+	fs := flag.NewFlagSet("castellanctl", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	g.bind(fs)
+	fs.Usage = func() {
+		fmt.Fprint(stderr, usage)
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	rest := fs.Args()
+	if len(rest) == 0 {
+		fs.Usage()
+		return exitError{2}
+	}
+	ctx, cancel := context.WithTimeout(ctx, g.timeout)
+	defer cancel()
+	switch rest[0] {
+	case "bundle":
+		return cmdBundle(ctx, &g, rest[1:], stdout)
+	case "issue":
+		return cmdIssue(ctx, &g, rest[1:], stdout, stderr)
+	case "audit":
+		if len(rest) < 2 {
+			return fmt.Errorf("audit: want list or verify")
+		}
+		switch rest[1] {
+		case "list":
+			return cmdAuditList(ctx, &g, rest[2:], stdout, stderr)
+		case "verify":
+			return cmdAuditVerify(ctx, &g, rest[2:], stdout)
+		}
+		return fmt.Errorf("audit: unknown subcommand %q", rest[1])
+	}
+	fs.Usage()
+	return fmt.Errorf("unknown command %q", rest[0])
+}
+
+// globals are the connection settings every command shares.
+type globals struct {
+	dataDir    string
+	server     string
+	serverName string
+	cert       string
+	key        string
+	caFile     string
+	timeout    time.Duration
+}
+
+func (g *globals) bind(fs *flag.FlagSet) {
+	fs.StringVar(&g.dataDir, "data-dir", defaultDataDir(), "the server's data directory: address and operator credential are read from it")
+	fs.StringVar(&g.server, "server", "", "server address host:port (default: from DATA_DIR/server.json)")
+	fs.StringVar(&g.serverName, "server-name", "", "DNS name to verify in the server certificate (default: from server.json)")
+	fs.StringVar(&g.cert, "cert", "", "operator client certificate chain PEM (default: DATA_DIR/operator/cert-chain.pem)")
+	fs.StringVar(&g.key, "key", "", "operator client key PEM (default: DATA_DIR/operator/key.pem)")
+	fs.StringVar(&g.caFile, "ca", "", "trust bundle to verify the server (default: DATA_DIR/root-cert.pem)")
+	fs.DurationVar(&g.timeout, "timeout", 30*time.Second, "overall deadline for the command")
+}

@@ -1,0 +1,360 @@
+package embedded
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/castellan-ca/castellan/storage"
+	"github.com/castellan-ca/castellan/storage/storagetest"
+)
+
+// rawDB opens path with database/sql directly, bypassing the store: the
+// tamper hook and fault injection use it.
+type rawDB struct{ db *sql.DB }
+
+func openRaw(t *testing.T, path string) *rawDB {
+	t.Helper()
+	db, err := sql.Open("sqlite", dsn(path, "_txlock=immediate"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	return &rawDB{db: db}
+}
+
+// Exec implements storagetest.Tamper.
+func (r *rawDB) Exec(ctx context.Context, query string, args ...any) error {
+	_, err := r.db.ExecContext(ctx, query, args...)
+	return err
+}
+
+func openStore(t *testing.T, path string, opts Options) *Store {
+	t.Helper()
+	s, err := Open(context.Background(), path, opts)
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func TestConformance(t *testing.T) {
+	storagetest.Run(t, func(t *testing.T) storagetest.Env {
+		path := filepath.Join(t.TempDir(), "audit.db")
+		return storagetest.Env{
+			Open: func(t *testing.T) storagetest.Store {
+				return openStore(t, path, Options{})
+			},
+			Tamper: openRaw(t, path),
+		}
+	})
+}
+
+func TestConformanceWithBatchDelay(t *testing.T) {
+	storagetest.Run(t, func(t *testing.T) storagetest.Env {
+		path := filepath.Join(t.TempDir(), "audit.db")
+		return storagetest.Env{
+			Open: func(t *testing.T) storagetest.Store {
+				return openStore(t, path, Options{MaxBatch: 7, MaxBatchDelay: time.Millisecond})
+			},
+		}
+	})
+}
+
+func record(id string) *storage.Record {
+	return &storage.Record{Kind: storage.KindCSR, Outcome: storage.OutcomeIssued, GrantedIdentity: id}
+}
+
+func TestFileMode(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.db")
+	s := openStore(t, path, Options{})
+	if err := s.Append(context.Background(), record("x")); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{path, path + "-wal"} {
+		fi, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s mode %v, want 0600", filepath.Base(p), fi.Mode().Perm())
+		}
+	}
+}
+
+func TestOpenRejectsBadPath(t *testing.T) {
+	for _, p := range []string{"", ":memory:", filepath.Join(t.TempDir(), "a?mode=memory")} {
+		if _, err := Open(context.Background(), p, Options{}); err == nil {
+			t.Errorf("Open(%q) succeeded, want error", p)
+		}
+	}
+}
+
+func TestWriterOption(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.db")
+	s := openStore(t, path, Options{})
+	def := s.Writer()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = openStore(t, path, Options{})
+	if s.Writer() != def {
+		t.Fatalf("writer changed across reopen: %q then %q", def, s.Writer())
+	}
+	other := openStore(t, path, Options{Writer: "pod-b"})
+	ctx := context.Background()
+	for _, st := range []*Store{s, other, s} {
+		if err := st.Append(ctx, record("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := s.List(ctx, storage.Query{Writer: "pod-b"})
+	if err != nil || len(got) != 1 || got[0].Seq != 1 {
+		t.Fatalf("List(pod-b) = %+v, %v; want one record with seq 1", got, err)
+	}
+	res, err := s.Verify(ctx)
+	if err != nil || !res.OK || res.Writers != 2 || res.Records != 3 {
+		t.Fatalf("Verify = %+v, %v; want OK, 2 writers, 3 records", res, err)
+	}
+}
+
+// appendConcurrently runs n Appends at once and returns their errors.
+func appendConcurrently(s *Store, n int, prefix string) []error {
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { errs[i] = s.Append(context.Background(), record(fmt.Sprintf("%s-%d", prefix, i))) })
+	}
+	wg.Wait()
+	return errs
+}
+
+func TestGroupCommitBatches(t *testing.T) {
+	s := openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{MaxBatchDelay: 50 * time.Millisecond})
+	for i, err := range appendConcurrently(s, 100, "c") {
+		if err != nil {
+			t.Fatalf("append %d: %v", i, err)
+		}
+	}
+	st := s.Stats()
+	if st.Records != 100 || st.Batches == 0 || st.Batches > 20 {
+		t.Fatalf("stats %+v: want 100 records in far fewer than 100 transactions", st)
+	}
+	t.Logf("100 concurrent appends committed in %d transactions", st.Batches)
+}
+
+func TestMaxBatchCapsTransaction(t *testing.T) {
+	var largest atomic.Int64
+	s := openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{
+		MaxBatch: 8, MaxBatchDelay: 20 * time.Millisecond,
+		beforeCommit: func(n int) error {
+			if int64(n) > largest.Load() {
+				largest.Store(int64(n))
+			}
+			return nil
+		},
+	})
+	for _, err := range appendConcurrently(s, 50, "m") {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if l := largest.Load(); l > 8 || l < 2 {
+		t.Fatalf("largest batch %d, want 2..8", l)
+	}
+}
+
+// TestCommitFailureFailsWholeBatch injects a failure at COMMIT into a batch
+// of exactly 10 callers: all must fail, nothing may be written, and the
+// next append must continue the chain from the last committed record.
+func TestCommitFailureFailsWholeBatch(t *testing.T) {
+	injected := errors.New("injected commit failure")
+	var (
+		fail      atomic.Bool
+		failedLen atomic.Int64
+	)
+	s := openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{
+		MaxBatch: 10, MaxBatchDelay: 10 * time.Second, // commit when exactly 10 are queued
+		beforeCommit: func(n int) error {
+			if fail.CompareAndSwap(true, false) {
+				failedLen.Store(int64(n))
+				return injected
+			}
+			return nil
+		},
+	})
+	ctx := context.Background()
+	for range 3 { // full batches of 10 commit at once, without waiting MaxBatchDelay
+		for _, err := range appendConcurrently(s, 10, "ok") {
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	recs, err := s.List(ctx, storage.Query{Limit: 1000})
+	if err != nil || len(recs) != 30 {
+		t.Fatalf("List = %d records, %v; want 30", len(recs), err)
+	}
+	last := &recs[29]
+
+	fail.Store(true)
+	for i, err := range appendConcurrently(s, 10, "doomed") {
+		if !errors.Is(err, injected) {
+			t.Fatalf("caller %d of the failed batch got %v, want the injected error", i, err)
+		}
+	}
+	if n := failedLen.Load(); n != 10 {
+		t.Fatalf("failed batch had %d records, want 10", n)
+	}
+	if st := s.Stats(); st.Failures != 1 || st.Records != 30 {
+		t.Fatalf("stats %+v, want 1 failure and 30 records", st)
+	}
+
+	errs := appendConcurrently(s, 10, "after")
+	for _, err := range errs {
+		if err != nil {
+			t.Fatalf("append after recovery: %v", err)
+		}
+	}
+	next, err := s.Get(ctx, last.Writer, 31)
+	if err != nil {
+		t.Fatalf("Get seq 31: %v", err)
+	}
+	if next.PrevHash != last.Hash || next.GrantedIdentity[:5] != "after" {
+		t.Fatalf("seq 31 = %+v, want an 'after' record linked to seq 30 (%s)", next, last.Hash)
+	}
+	res, err := s.Verify(ctx)
+	if err != nil || !res.OK || res.Records != 40 {
+		t.Fatalf("Verify = %+v, %v; want OK with 40 records", res, err)
+	}
+}
+
+// TestInsertFailureRollsBack makes SQLite itself reject one row (a trigger
+// raises an error), which must fail every caller of that batch and leave the
+// chain continuing from the last committed record.
+func TestInsertFailureRollsBack(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.db")
+	s := openStore(t, path, Options{MaxBatch: 5, MaxBatchDelay: 10 * time.Second})
+	ctx := context.Background()
+	for _, err := range appendConcurrently(s, 5, "ok") {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	raw := openRaw(t, path)
+	if err := raw.Exec(ctx, `CREATE TRIGGER poison BEFORE INSERT ON audit_log
+		WHEN NEW.granted_identity = 'poison-3' BEGIN SELECT RAISE(ABORT, 'poisoned row'); END`); err != nil {
+		t.Fatal(err)
+	}
+	for i, err := range appendConcurrently(s, 5, "poison") {
+		if err == nil {
+			t.Fatalf("caller %d of the poisoned batch succeeded", i)
+		}
+	}
+	if err := raw.Exec(ctx, `DROP TRIGGER poison`); err != nil {
+		t.Fatal(err)
+	}
+	for _, err := range appendConcurrently(s, 5, "after") {
+		if err != nil {
+			t.Fatalf("append after recovery: %v", err)
+		}
+	}
+	recs, err := s.List(ctx, storage.Query{})
+	if err != nil || len(recs) != 10 {
+		t.Fatalf("List = %d records, %v; want 10", len(recs), err)
+	}
+	for _, r := range recs[5:] {
+		if r.GrantedIdentity[:5] != "after" {
+			t.Fatalf("seq %d is %q: a poisoned batch's record was written", r.Seq, r.GrantedIdentity)
+		}
+	}
+	if recs[5].Seq != 6 || recs[5].PrevHash != recs[4].Hash {
+		t.Fatalf("first record after recovery has seq %d prev %q, want seq 6 linked to %q", recs[5].Seq, recs[5].PrevHash, recs[4].Hash)
+	}
+	if res, err := s.Verify(ctx); err != nil || !res.OK {
+		t.Fatalf("Verify = %+v, %v", res, err)
+	}
+}
+
+func TestCloseWaitsForQueuedAppends(t *testing.T) {
+	s := openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{MaxBatchDelay: 200 * time.Millisecond})
+	var wg sync.WaitGroup
+	errs := make([]error, 20)
+	for i := range errs {
+		wg.Go(func() { errs[i] = s.Append(context.Background(), record("q")) })
+	}
+	time.Sleep(50 * time.Millisecond) // let them queue inside the batch delay
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	var ok, closed int
+	for _, err := range errs {
+		switch {
+		case err == nil:
+			ok++
+		case errors.Is(err, storage.ErrClosed):
+			closed++
+		default:
+			t.Fatalf("unexpected error %v", err)
+		}
+	}
+	if ok+closed != 20 || uint64(ok) != s.Stats().Records {
+		t.Fatalf("%d succeeded, %d closed; store committed %d", ok, closed, s.Stats().Records)
+	}
+}
+
+func BenchmarkAppend(b *testing.B) {
+	s, err := Open(context.Background(), filepath.Join(b.TempDir(), "audit.db"), Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	b.SetParallelism(16) // many concurrent callers, as under CSR load
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			r := record("spiffe://td/ns/bench/sa/default")
+			r.Serial, r.CertSHA256 = "0123456789abcdef", "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+			if err := s.Append(context.Background(), r); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "records/s")
+	st := s.Stats()
+	if st.Batches > 0 {
+		b.ReportMetric(float64(st.Records)/float64(st.Batches), "records/batch")
+	}
+}
+
+// TestVerifyReportsUndecodableRow: a value no store would write is a break
+// in the chain (OK false), not an I/O error.
+func TestVerifyReportsUndecodableRow(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.db")
+	s := openStore(t, path, Options{})
+	ctx := context.Background()
+	for range 3 {
+		r := record("x")
+		r.NotAfter = time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+		if err := s.Append(ctx, r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := openRaw(t, path).Exec(ctx, `UPDATE audit_log SET not_after = 'garbage' WHERE seq = 2`); err != nil {
+		t.Fatal(err)
+	}
+	res, err := s.Verify(ctx)
+	if err != nil || res.OK || res.Seq != 2 || res.Writer != s.Writer() {
+		t.Fatalf("Verify = %+v, %v; want OK false at seq 2", res, err)
+	}
+}

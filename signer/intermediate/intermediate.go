@@ -1,0 +1,317 @@
+// Package intermediate is the signing backend for an operator-supplied CA (an
+// intermediate of the organisation's PKI), read from a directory in Istio's
+// cacerts layout or the kubernetes.io/tls layout and hot-reloaded on change.
+package intermediate
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer/local"
+)
+
+// Backend is the configuration name of this backend.
+const Backend = "intermediate"
+
+// Istio's cacerts layout.
+const (
+	// CACertFile is the signing CA certificate.
+	CACertFile = "ca-cert.pem"
+	// CAKeyFile is the signing CA's private key.
+	CAKeyFile = "ca-key.pem"
+	// CertChainFile is CACertFile followed by its issuers, optionally up to the root.
+	CertChainFile = "cert-chain.pem"
+	// RootCertFile holds the trusted roots (one or several).
+	RootCertFile = "root-cert.pem"
+)
+
+// The kubernetes.io/tls Secret layout (as written by cert-manager).
+const (
+	// TLSCertFile is the signing CA certificate, optionally followed by its chain.
+	TLSCertFile = "tls.crt"
+	// TLSKeyFile is the signing CA's private key.
+	TLSKeyFile = "tls.key"
+	// TLSCAFile holds the trusted roots.
+	TLSCAFile = "ca.crt"
+)
+
+// DefaultWatchInterval is the polling period of Watch when none is given.
+const DefaultWatchInterval = 10 * time.Second
+
+// allFiles is every file either layout may use, in a fixed order for hashing.
+var allFiles = []string{CACertFile, CAKeyFile, CertChainFile, RootCertFile, TLSCertFile, TLSKeyFile, TLSCAFile}
+
+// snapshot is the content of the directory read once, so that what is hashed
+// is exactly what is validated (no window between hashing and loading).
+type snapshot struct {
+	dir   string
+	data  map[string][]byte
+	errs  map[string]error // read failures other than "does not exist"
+	modes map[string]fs.FileMode
+	hash  [sha256.Size]byte
+}
+
+func readSnapshot(dir string) *snapshot {
+	s := &snapshot{dir: dir, data: map[string][]byte{}, errs: map[string]error{}, modes: map[string]fs.FileMode{}}
+	h := sha256.New()
+	for _, name := range allFiles {
+		path := filepath.Join(dir, name)
+		// Stat and ReadFile follow symlinks, so Kubernetes' ..data swaps are seen.
+		b, err := os.ReadFile(path)
+		h.Write([]byte(name))
+		switch {
+		case err == nil:
+			s.data[name] = b
+			if fi, err := os.Stat(path); err == nil {
+				s.modes[name] = fi.Mode().Perm()
+			}
+			h.Write([]byte{1})
+			h.Write(binary.BigEndian.AppendUint64(nil, uint64(len(b))))
+			h.Write(b)
+		case errors.Is(err, fs.ErrNotExist):
+			h.Write([]byte{0})
+		default:
+			s.errs[name] = err
+			h.Write([]byte{2})
+			h.Write([]byte(err.Error()))
+		}
+	}
+	h.Sum(s.hash[:0])
+	return s
+}
+
+func (s *snapshot) path(name string) string { return filepath.Join(s.dir, name) }
+
+func (s *snapshot) has(name string) bool {
+	_, ok := s.data[name]
+	return ok || s.errs[name] != nil
+}
+
+// read returns the file's bytes or an error naming it.
+func (s *snapshot) read(name string) ([]byte, error) {
+	if err := s.errs[name]; err != nil {
+		return nil, err // already names the path
+	}
+	b, ok := s.data[name]
+	if !ok {
+		return nil, fmt.Errorf("%s: %w", s.path(name), fs.ErrNotExist)
+	}
+	return b, nil
+}
+
+func (s *snapshot) certs(name string) ([]*x509.Certificate, error) {
+	b, err := s.read(name)
+	if err != nil {
+		return nil, err
+	}
+	certs, err := ca.ParseCertificatesPEM(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", s.path(name), err)
+	}
+	return certs, nil
+}
+
+func (s *snapshot) key(name string) (crypto.Signer, error) {
+	b, err := s.read(name)
+	if err != nil {
+		return nil, err
+	}
+	k, err := local.ParsePrivateKeyPEM(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", s.path(name), err)
+	}
+	return k, nil
+}
+
+// layout names the files of the layout present in the directory.
+type layout struct {
+	cert, key, chain, roots string // chain is "" in the tls layout (it follows the cert in tls.crt)
+}
+
+// Load reads and validates the CA in dir. Istio's cacerts layout is used when
+// ca-cert.pem exists (as istiod does), otherwise the kubernetes.io/tls layout.
+// The CA must match its key, be a CA allowed to sign certificates, chain to a
+// root of the root file, and nothing may be expired at now; errors name the
+// file at fault. Roots found in the chain are dropped from the response chain.
+func Load(dir string, now func() time.Time) (*local.Signer, error) {
+	s, err := build(readSnapshot(dir), now)
+	if err != nil {
+		return nil, fmt.Errorf("intermediate: %w", err)
+	}
+	return s, nil
+}
+
+func build(snap *snapshot, now func() time.Time) (*local.Signer, error) {
+	if now == nil {
+		now = time.Now
+	}
+	var (
+		l     layout
+		cert  *x509.Certificate
+		above []*x509.Certificate // cert's issuers upwards, possibly including roots
+	)
+	switch {
+	case snap.has(CACertFile):
+		l = layout{cert: CACertFile, key: CAKeyFile, chain: CertChainFile, roots: RootCertFile}
+		certs, err := snap.certs(CACertFile)
+		if err != nil {
+			return nil, err
+		}
+		if len(certs) != 1 {
+			return nil, fmt.Errorf("%s: holds %d certificates, want only the signing CA (its issuers go in %s)", snap.path(CACertFile), len(certs), CertChainFile)
+		}
+		cert = certs[0]
+		// cert-chain.pem is optional: without it the CA is signed by a root directly.
+		if snap.has(CertChainFile) {
+			chain, err := snap.certs(CertChainFile)
+			if err != nil {
+				return nil, err
+			}
+			if !bytes.Equal(chain[0].Raw, cert.Raw) {
+				return nil, fmt.Errorf("%s: must start with the certificate of %s", snap.path(CertChainFile), CACertFile)
+			}
+			above = chain[1:]
+		}
+	case snap.has(TLSCertFile):
+		l = layout{cert: TLSCertFile, key: TLSKeyFile, roots: TLSCAFile}
+		certs, err := snap.certs(TLSCertFile)
+		if err != nil {
+			return nil, err
+		}
+		cert, above = certs[0], certs[1:]
+	default:
+		return nil, fmt.Errorf("%s: neither %s (Istio cacerts layout) nor %s (kubernetes.io/tls layout) found", snap.dir, CACertFile, TLSCertFile)
+	}
+
+	key, err := snap.key(l.key)
+	if err != nil {
+		return nil, err
+	}
+	roots, err := snap.certs(l.roots)
+	if err != nil {
+		return nil, err
+	}
+	if err := local.KeyMatches(cert, key); err != nil {
+		return nil, fmt.Errorf("%s does not match %s: %w", snap.path(l.key), snap.path(l.cert), err)
+	}
+	chainFile := l.chain
+	if chainFile == "" {
+		chainFile = l.cert
+	}
+	t := now()
+	for _, group := range []struct {
+		file  string
+		certs []*x509.Certificate
+	}{{l.cert, []*x509.Certificate{cert}}, {chainFile, above}, {l.roots, roots}} {
+		for _, c := range group.certs {
+			if t.Before(c.NotBefore) || t.After(c.NotAfter) {
+				return nil, fmt.Errorf("%s: %w: %q valid %s to %s", snap.path(group.file), local.ErrExpired,
+					c.Subject.String(), c.NotBefore.UTC().Format(time.RFC3339), c.NotAfter.UTC().Format(time.RFC3339))
+			}
+		}
+	}
+	var intermediates []*x509.Certificate
+	for _, c := range above {
+		if !containsCert(roots, c) {
+			intermediates = append(intermediates, c)
+		}
+	}
+	s, err := local.New(local.Config{Cert: cert, Key: key, Intermediates: intermediates, Roots: roots, Now: now})
+	switch {
+	case err == nil:
+		return s, nil
+	case errors.Is(err, local.ErrUntrustedChain):
+		return nil, fmt.Errorf("%s does not chain to a root of %s: %w", snap.path(chainFile), snap.path(l.roots), err)
+	default:
+		return nil, fmt.Errorf("%s: %w", snap.path(l.cert), err)
+	}
+}
+
+func containsCert(set []*x509.Certificate, c *x509.Certificate) bool {
+	for _, s := range set {
+		if bytes.Equal(s.Raw, c.Raw) {
+			return true
+		}
+	}
+	return false
+}
+
+// Log field names of this package.
+const (
+	logDir      = "dir"
+	logError    = "error"
+	logFile     = "file"
+	logMode     = "mode"
+	logSubject  = "ca_subject"
+	logNotAfter = "ca_not_after"
+	logInterval = "interval"
+)
+
+// Watch polls the files of dir every interval (DefaultWatchInterval if ≤ 0)
+// until ctx ends. When their content changed (compared by hash, so symlink swaps
+// and in-place rewrites are both caught) and the new set validates as in Load,
+// it calls onChange once with the new signer; an invalid set is logged and no
+// callback happens, so the current signer stays in use. Call it right after
+// Load: the content at Watch's start is the baseline. It also warns when the
+// key file is readable by group or others.
+func Watch(ctx context.Context, dir string, interval time.Duration, logger *slog.Logger, onChange func(*local.Signer)) {
+	if interval <= 0 {
+		interval = DefaultWatchInterval
+	}
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	snap := readSnapshot(dir)
+	last := snap.hash
+	warnKeyMode(logger, snap)
+	logger.Debug("watching intermediate CA files", logDir, dir, logInterval, interval.String())
+
+	ticker := time.NewTicker(interval)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ticker.C:
+		}
+		snap := readSnapshot(dir)
+		if snap.hash == last {
+			continue
+		}
+		// Remember even an invalid set, so it is reported once, not every tick,
+		// and any later change (e.g. the second half of a non-atomic update) is retried.
+		last = snap.hash
+		s, err := build(snap, time.Now)
+		if err != nil {
+			logger.Error("intermediate CA changed but the new material is invalid; keeping the current CA", logDir, dir, logError, err.Error())
+			continue
+		}
+		warnKeyMode(logger, snap)
+		logger.Info("intermediate CA reloaded", logDir, dir, logSubject, s.Certificate().Subject.String(),
+			logNotAfter, s.Certificate().NotAfter.UTC().Format(time.RFC3339))
+		onChange(s)
+	}
+}
+
+// warnKeyMode warns about a key readable by group or others. It does not
+// refuse: Kubernetes mounts Secrets 0644 unless defaultMode says otherwise.
+func warnKeyMode(logger *slog.Logger, snap *snapshot) {
+	for _, name := range []string{CAKeyFile, TLSKeyFile} {
+		if mode, ok := snap.modes[name]; ok && mode&0o044 != 0 {
+			logger.Warn("CA private key file is readable by group or others; set the Secret's defaultMode to 0400 or 0600",
+				logFile, snap.path(name), logMode, fmt.Sprintf("%#o", mode))
+		}
+	}
+}

@@ -1,0 +1,158 @@
+package local
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// CA key types accepted by GenerateKey (configuration values).
+const (
+	// KeyTypeECDSAP256 is ECDSA on NIST P-256, the default.
+	KeyTypeECDSAP256 = "ecdsa-p256"
+	// KeyTypeECDSAP384 is ECDSA on NIST P-384.
+	KeyTypeECDSAP384 = "ecdsa-p384"
+	// KeyTypeRSA2048 is RSA with a 2048-bit modulus.
+	KeyTypeRSA2048 = "rsa-2048"
+	// KeyTypeRSA3072 is RSA with a 3072-bit modulus.
+	KeyTypeRSA3072 = "rsa-3072"
+	// KeyTypeRSA4096 is RSA with a 4096-bit modulus.
+	KeyTypeRSA4096 = "rsa-4096"
+	// DefaultKeyType is used when the key type is empty.
+	DefaultKeyType = KeyTypeECDSAP256
+)
+
+var keyTypes = []string{KeyTypeECDSAP256, KeyTypeECDSAP384, KeyTypeRSA2048, KeyTypeRSA3072, KeyTypeRSA4096}
+
+// CheckKeyType returns an error naming the accepted values unless name is a
+// known CA key type or empty (the default), for configuration validation.
+func CheckKeyType(name string) error {
+	if name == "" {
+		return nil
+	}
+	for _, k := range keyTypes {
+		if name == k {
+			return nil
+		}
+	}
+	return fmt.Errorf("unknown CA key type %q (want one of %s)", name, strings.Join(keyTypes, ", "))
+}
+
+// GenerateKey returns a new CA private key of the named type ("" means
+// DefaultKeyType). Randomness always comes from crypto/rand: since Go 1.26 the
+// standard library ignores any other reader for key generation.
+func GenerateKey(keyType string) (crypto.Signer, error) {
+	if err := CheckKeyType(keyType); err != nil {
+		return nil, err
+	}
+	var (
+		key crypto.Signer
+		err error
+	)
+	switch keyType {
+	case "", KeyTypeECDSAP256:
+		key, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	case KeyTypeECDSAP384:
+		key, err = ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	case KeyTypeRSA2048:
+		key, err = rsa.GenerateKey(rand.Reader, 2048)
+	case KeyTypeRSA3072:
+		key, err = rsa.GenerateKey(rand.Reader, 3072)
+	case KeyTypeRSA4096:
+		key, err = rsa.GenerateKey(rand.Reader, 4096)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("generate %s key: %w", keyType, err)
+	}
+	return key, nil
+}
+
+// ParsePrivateKeyPEM parses the first PEM block of data as a PKCS#8 "PRIVATE KEY",
+// PKCS#1 "RSA PRIVATE KEY" or SEC1 "EC PRIVATE KEY". Encrypted keys are refused.
+func ParsePrivateKeyPEM(data []byte) (crypto.Signer, error) {
+	block, _ := pem.Decode(data)
+	if block == nil {
+		return nil, errors.New("no PEM block found")
+	}
+	var (
+		key any
+		err error
+	)
+	switch block.Type {
+	case "PRIVATE KEY":
+		key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
+	case "RSA PRIVATE KEY":
+		key, err = x509.ParsePKCS1PrivateKey(block.Bytes)
+	case "EC PRIVATE KEY":
+		key, err = x509.ParseECPrivateKey(block.Bytes)
+	default:
+		return nil, fmt.Errorf("unsupported PEM block %q (want PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)", block.Type)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("parse %s: %w", block.Type, err)
+	}
+	s, ok := key.(crypto.Signer)
+	if !ok {
+		return nil, fmt.Errorf("key of type %T cannot sign", key)
+	}
+	return s, nil
+}
+
+// MarshalPrivateKeyPEM encodes key as a PKCS#8 "PRIVATE KEY" PEM block.
+func MarshalPrivateKeyPEM(key crypto.Signer) ([]byte, error) {
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, fmt.Errorf("marshal private key: %w", err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
+}
+
+// WriteFileAtomic replaces path with data and mode so a reader (or a crash)
+// sees either the old or the new content, never a partial file: it writes a
+// temporary file in the same directory, fsyncs it, renames it over path and
+// fsyncs the directory.
+func WriteFileAtomic(path string, data []byte, mode os.FileMode) (err error) {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			_ = f.Close()
+			_ = os.Remove(tmp)
+		}
+	}()
+	// CreateTemp makes 0600 files; set the final mode before any data lands.
+	if err = f.Chmod(mode); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if _, err = f.Write(data); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err = f.Sync(); err != nil {
+		return fmt.Errorf("write %s: sync: %w", path, err)
+	}
+	if err = f.Close(); err != nil {
+		return fmt.Errorf("write %s: close: %w", path, err)
+	}
+	if err = os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	// The rename is durable only once the directory entry is on disk.
+	if d, derr := os.Open(dir); derr == nil {
+		_ = d.Sync()
+		_ = d.Close()
+	}
+	return nil
+}

@@ -1,0 +1,229 @@
+// Package selfsigned is the default signing backend: a root CA that Castellan
+// generates on first start and keeps in a directory, signing leaves directly.
+package selfsigned
+
+import (
+	"crypto"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer/local"
+)
+
+// Backend is the configuration name of this backend.
+const Backend = "selfsigned"
+
+// File names inside Options.Dir, the same as Istio's cacerts layout.
+const (
+	// KeyFile is the root's private key, PKCS#8 PEM, mode 0600.
+	KeyFile = "ca-key.pem"
+	// CertFile is the root certificate, PEM, mode 0644.
+	CertFile = "ca-cert.pem"
+)
+
+// DefaultLifetime is the validity of a generated root.
+const DefaultLifetime = 10 * 365 * 24 * time.Hour
+
+// RootCommonName is the subject CN of generated roots.
+const RootCommonName = "Castellan Root CA"
+
+// Options configures Load.
+type Options struct {
+	// Dir holds the root key and certificate; created 0700 when missing.
+	Dir string
+	// TrustDomain names the root (O=<trust domain>, URI SAN spiffe://<trust domain>).
+	TrustDomain spiffeid.TrustDomain
+	// KeyType of a generated root (see local.GenerateKey); an existing key is kept whatever its type.
+	KeyType string
+	// Lifetime of a generated root; zero means DefaultLifetime.
+	Lifetime time.Duration
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// Rand supplies serials and signing randomness; nil means crypto/rand.
+	Rand io.Reader
+}
+
+// Load returns a signer for the root in opts.Dir. On first start (neither file
+// exists) it generates the key and root and persists them, the key 0600 in
+// PKCS#8; later starts load and validate them. A missing half, a corrupt file or
+// a mismatched pair is an error naming the file, never a silent regeneration
+// (that would change the root every workload trusts).
+func Load(opts Options) (*local.Signer, error) {
+	if opts.Dir == "" {
+		return nil, errors.New("selfsigned: directory is required")
+	}
+	if opts.TrustDomain.IsZero() {
+		return nil, errors.New("selfsigned: trust domain is required")
+	}
+	// Checked even when a key exists, so a typo fails at every start, not only the first.
+	if err := local.CheckKeyType(opts.KeyType); err != nil {
+		return nil, fmt.Errorf("selfsigned: %w", err)
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.Rand == nil {
+		opts.Rand = rand.Reader
+	}
+	keyPath, certPath := filepath.Join(opts.Dir, KeyFile), filepath.Join(opts.Dir, CertFile)
+	keyExists, err := exists(keyPath)
+	if err != nil {
+		return nil, err
+	}
+	certExists, err := exists(certPath)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case keyExists && certExists:
+		return load(opts, keyPath, certPath)
+	case !keyExists && !certExists:
+		return generate(opts, keyPath, certPath)
+	case keyExists:
+		return nil, fmt.Errorf("selfsigned: %s exists but %s is missing; restore it or remove both to generate a new root", keyPath, certPath)
+	default:
+		return nil, fmt.Errorf("selfsigned: %s exists but %s is missing; restore it or remove both to generate a new root", certPath, keyPath)
+	}
+}
+
+func exists(path string) (bool, error) {
+	_, err := os.Stat(path)
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, fs.ErrNotExist):
+		return false, nil
+	default:
+		return false, fmt.Errorf("selfsigned: %w", err)
+	}
+}
+
+func load(opts Options, keyPath, certPath string) (*local.Signer, error) {
+	keyPEM, err := os.ReadFile(keyPath)
+	if err != nil {
+		return nil, fmt.Errorf("selfsigned: %w", err)
+	}
+	key, err := local.ParsePrivateKeyPEM(keyPEM)
+	if err != nil {
+		return nil, fmt.Errorf("selfsigned: %s: %w", keyPath, err)
+	}
+	certPEM, err := os.ReadFile(certPath)
+	if err != nil {
+		return nil, fmt.Errorf("selfsigned: %w", err)
+	}
+	certs, err := ca.ParseCertificatesPEM(certPEM)
+	if err != nil {
+		return nil, fmt.Errorf("selfsigned: %s: %w", certPath, err)
+	}
+	if len(certs) != 1 {
+		return nil, fmt.Errorf("selfsigned: %s: holds %d certificates, want the root only", certPath, len(certs))
+	}
+	root := certs[0]
+	// A root made for another trust domain would sign IDs its own SAN disowns.
+	want := opts.TrustDomain.ID().String()
+	for _, u := range root.URIs {
+		if u.Scheme == "spiffe" && u.String() != want {
+			return nil, fmt.Errorf("selfsigned: %s: root belongs to %s, not the configured trust domain %s", certPath, u, want)
+		}
+	}
+	if err := local.KeyMatches(root, key); err != nil {
+		return nil, fmt.Errorf("selfsigned: %s does not match %s: %w", keyPath, certPath, err)
+	}
+	s, err := newSigner(opts, root, key)
+	if err != nil {
+		return nil, fmt.Errorf("selfsigned: %s: %w", certPath, err)
+	}
+	return s, nil
+}
+
+func generate(opts Options, keyPath, certPath string) (*local.Signer, error) {
+	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("selfsigned: create %s: %w", opts.Dir, err)
+	}
+	key, err := local.GenerateKey(opts.KeyType)
+	if err != nil {
+		return nil, fmt.Errorf("selfsigned: %w", err)
+	}
+	lifetime := opts.Lifetime
+	if lifetime <= 0 {
+		lifetime = DefaultLifetime
+	}
+	now := opts.Now()
+	root, err := NewRoot(opts.TrustDomain, key, now.Add(-ca.DefaultClockSkew), now.Add(lifetime), opts.Rand)
+	if err != nil {
+		return nil, fmt.Errorf("selfsigned: %w", err)
+	}
+	// Validate before persisting so a bad combination never reaches disk.
+	s, err := newSigner(opts, root, key)
+	if err != nil {
+		return nil, fmt.Errorf("selfsigned: generated root: %w", err)
+	}
+	keyPEM, err := local.MarshalPrivateKeyPEM(key)
+	if err != nil {
+		return nil, fmt.Errorf("selfsigned: %w", err)
+	}
+	// Key first: a crash between the two writes leaves a key without a
+	// certificate, which Load reports instead of using a root with a lost key.
+	if err := local.WriteFileAtomic(keyPath, keyPEM, 0o600); err != nil {
+		return nil, fmt.Errorf("selfsigned: %w", err)
+	}
+	if err := local.WriteFileAtomic(certPath, []byte(ca.EncodePEM(root)), 0o644); err != nil {
+		return nil, fmt.Errorf("selfsigned: %w", err)
+	}
+	return s, nil
+}
+
+func newSigner(opts Options, root *x509.Certificate, key crypto.Signer) (*local.Signer, error) {
+	return local.New(local.Config{
+		Cert:  root,
+		Key:   key,
+		Roots: []*x509.Certificate{root},
+		Rand:  opts.Rand,
+		Now:   opts.Now,
+	})
+}
+
+// NewRoot creates a self-signed root for td with key, valid from notBefore to
+// notAfter: O=<td>, CN=RootCommonName, URI SAN spiffe://<td> (the SPIFFE
+// X.509-SVID CA convention), random 128-bit serial, CA:true, certSign|crlSign|
+// digitalSignature and a SubjectKeyId. Rotation uses it to mint the next root.
+func NewRoot(td spiffeid.TrustDomain, key crypto.Signer, notBefore, notAfter time.Time, random io.Reader) (*x509.Certificate, error) {
+	if random == nil {
+		random = rand.Reader
+	}
+	serial, err := ca.NewSerial(random)
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{Organization: []string{td.Name()}, CommonName: RootCommonName},
+		URIs:                  []*url.URL{td.ID().URL()},
+		NotBefore:             notBefore.UTC(),
+		NotAfter:              notAfter.UTC(),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
+		BasicConstraintsValid: true, // Go marks basicConstraints critical
+		IsCA:                  true, // and derives the SubjectKeyId from the key
+	}
+	der, err := x509.CreateCertificate(random, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		return nil, fmt.Errorf("create root certificate: %w", err)
+	}
+	root, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("parse root certificate: %w", err)
+	}
+	return root, nil
+}

@@ -1,0 +1,313 @@
+package signertest
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/asn1"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/castellan-ca/castellan/ca"
+)
+
+// Factory builds the signers under test.
+type Factory struct {
+	// New returns a fresh, ready signer; it is called once per subtest.
+	New func(t *testing.T) ca.Signer
+	// Outage makes s's backend unavailable until restore is called; nil when
+	// the backend cannot have an outage (local keys).
+	Outage func(t *testing.T, s ca.Signer) (restore func())
+	// TrustDomain of the identities requested; zero means cluster.local.
+	TrustDomain spiffeid.TrustDomain
+}
+
+// concurrentSigners is the number of goroutines in the concurrency subtest.
+const concurrentSigners = 64
+
+var oidSubjectAltName = asn1.ObjectIdentifier{2, 5, 29, 17}
+
+// Run is the conformance suite of ca.Signer: every backend must pass it.
+func Run(t *testing.T, f Factory) {
+	td := f.TrustDomain
+	if td.IsZero() {
+		td = spiffeid.RequireTrustDomainFromString("cluster.local")
+	}
+	id := spiffeid.RequireFromPath(td, "/ns/conformance/sa/workload")
+
+	t.Run("ProfilePreserved", func(t *testing.T) {
+		s := f.New(t)
+		for name, key := range LeafKeys() {
+			t.Run(name, func(t *testing.T) {
+				tmpl := newTemplate(t, id, key.Public(), time.Hour)
+				chain := sign(t, s, tmpl, id, key.Public())
+				checkProfile(t, chain, s.TrustBundle(), tmpl, id, key.Public())
+			})
+		}
+	})
+
+	t.Run("ChainStructure", func(t *testing.T) {
+		s := f.New(t)
+		key := Key(1)
+		chain := sign(t, s, newTemplate(t, id, key.Public(), time.Hour), id, key.Public())
+		checkChain(t, chain, s.TrustBundle())
+	})
+
+	t.Run("TTLClampedToIssuer", func(t *testing.T) {
+		s := f.New(t)
+		key := Key(2)
+		first := sign(t, s, newTemplate(t, id, key.Public(), time.Hour), id, key.Public())
+		issuer := issuerOf(t, first, s.TrustBundle())
+
+		tmpl := newTemplate(t, id, key.Public(), time.Hour)
+		tmpl.NotAfter = issuer.NotAfter.Add(5 * 365 * 24 * time.Hour)
+		asked := tmpl.NotAfter
+		chain := sign(t, s, tmpl, id, key.Public())
+		if !chain.Leaf.NotAfter.Equal(issuer.NotAfter) {
+			t.Errorf("leaf NotAfter = %s, want the issuer's NotAfter %s", chain.Leaf.NotAfter, issuer.NotAfter)
+		}
+		if !tmpl.NotAfter.Equal(asked) {
+			t.Errorf("Sign modified the caller's template: NotAfter %s, was %s", tmpl.NotAfter, asked)
+		}
+	})
+
+	t.Run("ConcurrentSigning", func(t *testing.T) {
+		s := f.New(t)
+		bundle := s.TrustBundle()
+		chains := make([]*ca.Chain, concurrentSigners)
+		errs := make([]error, concurrentSigners)
+		var wg sync.WaitGroup
+		for i := range concurrentSigners {
+			tmpl := newTemplate(t, id, Key(i).Public(), time.Hour)
+			req := ca.SignRequest{Template: tmpl, PublicKey: Key(i).Public(), Identity: id, TTL: time.Hour}
+			wg.Go(func() {
+				chains[i], errs[i] = s.Sign(t.Context(), req)
+			})
+		}
+		wg.Wait()
+		serials := make(map[string]bool, concurrentSigners)
+		for i, c := range chains {
+			if errs[i] != nil {
+				t.Errorf("sign %d: %v", i, errs[i])
+				continue
+			}
+			serial := c.Leaf.SerialNumber.String()
+			if serials[serial] {
+				t.Errorf("serial %s issued twice", serial)
+			}
+			serials[serial] = true
+			if err := verify(c, bundle); err != nil {
+				t.Errorf("chain %d does not verify: %v", i, err)
+			}
+			if !publicKeyEqual(c.Leaf.PublicKey, Key(i).Public()) {
+				t.Errorf("chain %d certifies the wrong key", i)
+			}
+		}
+	})
+
+	t.Run("Cancelled", func(t *testing.T) {
+		s := f.New(t)
+		ctx, cancel := context.WithCancel(t.Context())
+		cancel()
+		key := Key(3)
+		tmpl := newTemplate(t, id, key.Public(), time.Hour)
+		chain, err := s.Sign(ctx, ca.SignRequest{Template: tmpl, PublicKey: key.Public(), Identity: id, TTL: time.Hour})
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("Sign with a cancelled context: err = %v, want one wrapping context.Canceled", err)
+		}
+		if chain != nil {
+			t.Errorf("Sign with a cancelled context returned a certificate")
+		}
+	})
+
+	t.Run("Outage", func(t *testing.T) {
+		if f.Outage == nil {
+			t.Skip("backend cannot have an outage")
+		}
+		s := f.New(t)
+		key := Key(4)
+		restore := f.Outage(t, s)
+		tmpl := newTemplate(t, id, key.Public(), time.Hour)
+		chain, err := s.Sign(t.Context(), ca.SignRequest{Template: tmpl, PublicKey: key.Public(), Identity: id, TTL: time.Hour})
+		if !errors.Is(err, ca.ErrSignerUnavailable) {
+			t.Errorf("Sign during an outage: err = %v, want one wrapping ca.ErrSignerUnavailable", err)
+		}
+		if chain != nil {
+			t.Errorf("Sign during an outage returned a certificate")
+		}
+		restore()
+		sign(t, s, newTemplate(t, id, key.Public(), time.Hour), id, key.Public())
+	})
+}
+
+// newTemplate returns the workload profile with whole-second times, since
+// certificates carry no fractions and fields are compared exactly.
+func newTemplate(t *testing.T, id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration) *x509.Certificate {
+	t.Helper()
+	serial, err := ca.NewSerial(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now().Truncate(time.Second)
+	return ca.LeafTemplate(id, pub, serial, now.Add(-ca.DefaultClockSkew), now.Add(ttl))
+}
+
+func sign(t *testing.T, s ca.Signer, tmpl *x509.Certificate, id spiffeid.ID, pub crypto.PublicKey) *ca.Chain {
+	t.Helper()
+	chain, err := s.Sign(t.Context(), ca.SignRequest{
+		Template:  tmpl,
+		PublicKey: pub,
+		Identity:  id,
+		TTL:       tmpl.NotAfter.Sub(tmpl.NotBefore),
+	})
+	if err != nil {
+		t.Fatalf("Sign: %v", err)
+	}
+	if chain == nil || chain.Leaf == nil {
+		t.Fatal("Sign returned no leaf")
+	}
+	return chain
+}
+
+// checkProfile asserts that the leaf carries exactly the template's profile.
+func checkProfile(t *testing.T, chain *ca.Chain, bundle []*x509.Certificate, tmpl *x509.Certificate, id spiffeid.ID, pub crypto.PublicKey) {
+	t.Helper()
+	leaf := chain.Leaf
+	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != id.String() {
+		t.Errorf("URI SANs = %v, want exactly [%s]", leaf.URIs, id)
+	}
+	if len(leaf.DNSNames)+len(leaf.IPAddresses)+len(leaf.EmailAddresses) != 0 {
+		t.Errorf("unexpected SANs: DNS %v, IP %v, email %v", leaf.DNSNames, leaf.IPAddresses, leaf.EmailAddresses)
+	}
+	sanCritical := false
+	for _, ext := range leaf.Extensions {
+		if ext.Id.Equal(oidSubjectAltName) {
+			sanCritical = ext.Critical
+		}
+	}
+	if !sanCritical {
+		t.Error("SAN extension is not critical (required with an empty subject)")
+	}
+	if len(leaf.Subject.Names) != 0 {
+		t.Errorf("subject = %q, want empty", leaf.Subject)
+	}
+	if leaf.KeyUsage != tmpl.KeyUsage {
+		t.Errorf("KeyUsage = %b, want %b", leaf.KeyUsage, tmpl.KeyUsage)
+	}
+	wantEKU := []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
+	if !slices.Equal(leaf.ExtKeyUsage, wantEKU) {
+		t.Errorf("ExtKeyUsage = %v, want %v", leaf.ExtKeyUsage, wantEKU)
+	}
+	if !leaf.BasicConstraintsValid || leaf.IsCA {
+		t.Errorf("BasicConstraints valid=%v CA=%v, want valid CA:false", leaf.BasicConstraintsValid, leaf.IsCA)
+	}
+	if leaf.SerialNumber.Cmp(tmpl.SerialNumber) != 0 {
+		t.Errorf("serial = %s, want the template's %s", leaf.SerialNumber, tmpl.SerialNumber)
+	}
+	if !leaf.NotBefore.Equal(tmpl.NotBefore) || !leaf.NotAfter.Equal(tmpl.NotAfter) {
+		t.Errorf("validity %s..%s, want %s..%s", leaf.NotBefore, leaf.NotAfter, tmpl.NotBefore, tmpl.NotAfter)
+	}
+	if !publicKeyEqual(leaf.PublicKey, pub) {
+		t.Error("leaf certifies a different public key than requested")
+	}
+	issuer := issuerOf(t, chain, bundle)
+	if len(issuer.SubjectKeyId) == 0 || !bytes.Equal(leaf.AuthorityKeyId, issuer.SubjectKeyId) {
+		t.Errorf("AuthorityKeyId = %x, want the issuer's SubjectKeyId %x", leaf.AuthorityKeyId, issuer.SubjectKeyId)
+	}
+	if err := leaf.CheckSignatureFrom(issuer); err != nil {
+		t.Errorf("leaf signature does not verify with the issuer's key: %v", err)
+	}
+}
+
+// checkChain asserts the chain runs from the leaf's issuer upwards, holds no
+// root, and verifies to the trust bundle.
+func checkChain(t *testing.T, chain *ca.Chain, bundle []*x509.Certificate) {
+	t.Helper()
+	if len(bundle) == 0 {
+		t.Fatal("TrustBundle is empty")
+	}
+	for _, r := range bundle {
+		if !r.IsCA {
+			t.Errorf("trust bundle holds a non-CA certificate %q", r.Subject)
+		}
+	}
+	if err := verify(chain, bundle); err != nil {
+		t.Fatalf("chain does not verify to the trust bundle: %v", err)
+	}
+	child := chain.Leaf
+	for i, c := range chain.Intermediates {
+		if err := child.CheckSignatureFrom(c); err != nil {
+			t.Errorf("Intermediates[%d] (%q) did not sign %q: %v", i, c.Subject, child.Subject, err)
+		}
+		if inBundle(bundle, c) {
+			t.Errorf("Intermediates[%d] (%q) is a root of the trust bundle", i, c.Subject)
+		}
+		if bytes.Equal(c.RawIssuer, c.RawSubject) && c.CheckSignatureFrom(c) == nil {
+			t.Errorf("Intermediates[%d] (%q) is self-signed (a root)", i, c.Subject)
+		}
+		child = c
+	}
+	if signerInBundle(child, bundle) == nil {
+		t.Errorf("the top of the chain (%q) is not signed by a root of the trust bundle", child.Subject)
+	}
+}
+
+// issuerOf returns the certificate that signed the leaf: Intermediates[0], or
+// the root that signed it directly.
+func issuerOf(t *testing.T, chain *ca.Chain, bundle []*x509.Certificate) *x509.Certificate {
+	t.Helper()
+	if len(chain.Intermediates) > 0 {
+		return chain.Intermediates[0]
+	}
+	if r := signerInBundle(chain.Leaf, bundle); r != nil {
+		return r
+	}
+	t.Fatal("no intermediates and no root of the trust bundle signed the leaf")
+	return nil
+}
+
+func signerInBundle(c *x509.Certificate, bundle []*x509.Certificate) *x509.Certificate {
+	for _, r := range bundle {
+		if c.CheckSignatureFrom(r) == nil {
+			return r
+		}
+	}
+	return nil
+}
+
+func inBundle(bundle []*x509.Certificate, c *x509.Certificate) bool {
+	return slices.ContainsFunc(bundle, func(r *x509.Certificate) bool { return bytes.Equal(r.Raw, c.Raw) })
+}
+
+func verify(chain *ca.Chain, bundle []*x509.Certificate) error {
+	roots := x509.NewCertPool()
+	for _, r := range bundle {
+		roots.AddCert(r)
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain.Intermediates {
+		inter.AddCert(c)
+	}
+	_, err := chain.Leaf.Verify(x509.VerifyOptions{
+		Roots:         roots,
+		Intermediates: inter,
+		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	})
+	if err != nil {
+		return fmt.Errorf("verify %q: %w", chain.Leaf.URIs, err)
+	}
+	return nil
+}
+
+func publicKeyEqual(a, b crypto.PublicKey) bool {
+	k, ok := a.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && k.Equal(b)
+}

@@ -12,9 +12,20 @@ import (
 
 // Authentication methods, recorded in the audit log.
 const (
-	MethodMTLS     = "mtls"
-	MethodOperator = "operator"
+	MethodMTLS       = "mtls"
+	MethodOperator   = "operator"
+	MethodKubernetes = "kubernetes"
+	MethodOIDC       = "oidc"
 )
+
+// Pod identifies the Kubernetes pod a token is bound to.
+type Pod struct {
+	Namespace string
+	Name      string
+	UID       string
+	// NodeName is set when the apiserver put it in the token (Kubernetes ≥ 1.32).
+	NodeName string
+}
 
 // Caller is an authenticated client.
 type Caller struct {
@@ -26,6 +37,10 @@ type Caller struct {
 	Name string
 	// Operator is true for operator credentials, which may issue any workload identity.
 	Operator bool
+	// ClusterID is the cluster whose credentials proved the caller (Kubernetes tokens).
+	ClusterID string
+	// Pod is the pod a Kubernetes token is bound to; nil for unbound tokens and other methods.
+	Pod *Pod
 }
 
 var (

@@ -111,16 +111,18 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	authpb.RegisterIstioCertificateServiceServer(srv, api)
 	adminpb.RegisterAdminServiceServer(srv, api)
 
-	mon, err := startMonitoring(cfg.MonitoringListen, reg, func(ctx context.Context) error {
-		if authority.Current() == nil {
-			return errors.New("no active signer")
-		}
-		if err := store.Ping(ctx); err != nil {
-			return fmt.Errorf("audit store: %w", err)
-		}
-		_, err := serving.Current(ctx)
-		return err
-	}, logger)
+	// Ready means able to issue: each component that can stop issuance adds a check.
+	ready := []readyCheck{
+		{"signer", func(context.Context) error {
+			if authority.Current() == nil {
+				return errors.New("no active signer")
+			}
+			return nil
+		}},
+		{"audit store", store.Ping},
+		{"serving certificate", func(ctx context.Context) error { _, err := serving.Current(ctx); return err }},
+	}
+	mon, err := startMonitoring(cfg.MonitoringListen, reg, ready, logger)
 	if err != nil {
 		lis.Close()
 		return err
@@ -277,17 +279,25 @@ type monitoring struct {
 	addr string
 }
 
+// readyCheck is one condition of /readyz.
+type readyCheck struct {
+	name  string
+	check func(context.Context) error
+}
+
 // startMonitoring serves /metrics, /healthz (process alive) and /readyz (can issue).
-func startMonitoring(addr string, reg *prometheus.Registry, ready func(context.Context) error, logger *slog.Logger) (*monitoring, error) {
+func startMonitoring(addr string, reg *prometheus.Registry, ready []readyCheck, logger *slog.Logger) (*monitoring, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
-		if err := ready(ctx); err != nil {
-			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
-			return
+		for _, c := range ready {
+			if err := c.check(ctx); err != nil {
+				http.Error(w, "not ready: "+c.name+": "+err.Error(), http.StatusServiceUnavailable)
+				return
+			}
 		}
 		io.WriteString(w, "ok\n")
 	})

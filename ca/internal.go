@@ -143,4 +143,3 @@ func TLSCertificate(chain *Chain, key crypto.Signer) *tls.Certificate {
 func renewalTime(c *x509.Certificate) time.Time {
 	return c.NotBefore.Add(c.NotAfter.Sub(c.NotBefore) * 2 / 3)
 }
-

@@ -6,9 +6,9 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/castellan-ca/castellan/storage"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
+	"github.com/castellan-ca/castellan/storage"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/protobuf/types/known/timestamppb"

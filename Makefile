@@ -23,6 +23,12 @@ PROTO_PATH        := $(dir $(PROTOC_GEN_GO)):$(dir $(PROTOC_GEN_GO_GRPC)):$(PATH
 FUZZTIME ?= 10s
 RUN_ARGS ?=
 
+# Real components the tests run against (PostgreSQL, kube-apiserver + etcd,
+# OpenBao, ...): each block below adds the target that builds or finds it to
+# TEST_DEPS and the variable that tells the tests where it is to TEST_ENV.
+TEST_DEPS :=
+TEST_ENV  :=
+
 .PHONY: all run build test lint vet fmt-check staticcheck proto proto-check tools unit fuzz e2e bench clean
 
 all: build
@@ -75,8 +81,8 @@ staticcheck: $(STATICCHECK)
 	$(STATICCHECK) ./...
 
 ## unit: the service module's tests, with the race detector
-unit:
-	$(GO) test -race -count=1 ./...
+unit: $(TEST_DEPS)
+	$(TEST_ENV) $(GO) test -race -count=1 -timeout 30m ./...
 
 ## fuzz: every fuzz target, briefly (FUZZTIME each), seeded by its corpus
 fuzz:
@@ -88,8 +94,8 @@ fuzz:
 	done
 
 ## e2e: the real binaries driven by Istio's real CA client (separate module under e2e/)
-e2e: build
-	cd e2e && CASTELLAN_BIN=$(BIN)/castellan CASTELLANCTL_BIN=$(BIN)/castellanctl $(GO) test -count=1 -timeout 20m ./...
+e2e: build $(TEST_DEPS)
+	cd e2e && $(TEST_ENV) CASTELLAN_BIN=$(BIN)/castellan CASTELLANCTL_BIN=$(BIN)/castellanctl $(GO) test -count=1 -timeout 30m ./...
 
 ## bench: issuance pipeline benchmarks (numbers go to BENCHMARKS.md)
 bench:

@@ -26,8 +26,13 @@ RUN_ARGS ?=
 # Real components the tests run against (PostgreSQL, kube-apiserver + etcd,
 # OpenBao, ...): each block below adds the target that builds or finds it to
 # TEST_DEPS and the variable that tells the tests where it is to TEST_ENV.
+# Blocks must stay above the `unit` and `e2e` rules: prerequisites expand when read.
 TEST_DEPS :=
 TEST_ENV  :=
+
+# --- real components (one block each) ---
+
+# --- end of real components ---
 
 .PHONY: all run build test lint vet fmt-check staticcheck proto proto-check tools unit fuzz e2e bench clean
 

@@ -20,18 +20,23 @@ import (
 // IssueInternal signs a certificate Castellan needs for itself (its serving
 // certificate, the operator credential) with the active signer, applying the
 // same result checks as workload issuance, and audits it as an operator action.
-// tmpl supplies SANs and usages; serial and validity are set here.
-func (is *Issuer) IssueInternal(ctx context.Context, purpose string, tmpl *x509.Certificate, pub crypto.PublicKey, ttl time.Duration) (*Chain, *State, error) {
+// tmpl supplies SANs and usages; serial and validity are set here. key is the
+// certificate's private key: it signs a CSR, which remote backends (Vault) need.
+func (is *Issuer) IssueInternal(ctx context.Context, purpose string, tmpl *x509.Certificate, key crypto.Signer, ttl time.Duration) (*Chain, *State, error) {
 	st := is.cfg.Authority.Current()
 	if st == nil {
 		return nil, nil, refuse(ErrUnavailable, ReasonNoSigner, errors.New("no active signer"))
+	}
+	csr, err := x509.CreateCertificateRequest(is.cfg.Rand, &x509.CertificateRequest{DNSNames: tmpl.DNSNames, URIs: tmpl.URIs}, key)
+	if err != nil {
+		return nil, nil, fmt.Errorf("issue %s: create CSR: %w", purpose, err)
 	}
 	rec := &storage.Record{Time: is.cfg.Now().UTC(), Kind: storage.KindOperator, RequestID: newRequestID(is.cfg.Rand),
 		AuthMethod: "internal", Caller: "castellan", Signer: st.Backend, Detail: purpose}
 	if len(tmpl.URIs) == 1 {
 		rec.GrantedIdentity = tmpl.URIs[0].String()
 	}
-	chain, err := is.sign(ctx, st, SignRequest{PublicKey: pub, TTL: ttl}, tmpl)
+	chain, err := is.sign(ctx, st, SignRequest{PublicKey: key.Public(), CSR: csr, TTL: ttl}, tmpl)
 	if err == nil {
 		fillRecord(rec, chain)
 		rec.Outcome = storage.OutcomeOK
@@ -99,8 +104,18 @@ func (s *ServingCert) Current(ctx context.Context) (*tls.Certificate, error) {
 	now := s.Issuer.cfg.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.cert != nil && st != nil && s.gen == st.Generation && now.Before(s.renewAt) {
-		return s.cert, nil
+	if s.cert != nil && st != nil && now.Before(s.renewAt) {
+		if s.gen == st.Generation {
+			return s.cert, nil
+		}
+		// The CA changed. Clients learn a new root only as the bundle
+		// propagates, so keep the current certificate while it still chains
+		// to the bundle (old roots are retained); it moves to the new CA at
+		// its normal renewal.
+		if chainsTo(s.cert, st.Pool, now) {
+			s.gen = st.Generation
+			return s.cert, nil
+		}
 	}
 	cert, gen, renewAt, err := s.issue(context.WithoutCancel(ctx))
 	if err != nil {
@@ -123,7 +138,7 @@ func (s *ServingCert) issue(ctx context.Context) (*tls.Certificate, uint64, time
 	if err != nil {
 		return nil, 0, time.Time{}, fmt.Errorf("serving key: %w", err)
 	}
-	chain, st, err := s.Issuer.IssueInternal(ctx, "serving certificate", ServingTemplate(s.DNSNames), key.Public(), ttl)
+	chain, st, err := s.Issuer.IssueInternal(ctx, "serving certificate", ServingTemplate(s.DNSNames), key, ttl)
 	if err != nil {
 		return nil, 0, time.Time{}, err
 	}
@@ -142,4 +157,19 @@ func TLSCertificate(chain *Chain, key crypto.Signer) *tls.Certificate {
 // renewalTime is two thirds into the certificate's life.
 func renewalTime(c *x509.Certificate) time.Time {
 	return c.NotBefore.Add(c.NotAfter.Sub(c.NotBefore) * 2 / 3)
+}
+
+// chainsTo reports whether cert's chain verifies to roots for server auth at now.
+func chainsTo(cert *tls.Certificate, roots *x509.CertPool, now time.Time) bool {
+	inter := x509.NewCertPool()
+	for _, der := range cert.Certificate[1:] {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return false
+		}
+		inter.AddCert(c)
+	}
+	_, err := cert.Leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
+	return err == nil
 }

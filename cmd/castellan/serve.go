@@ -88,7 +88,13 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	if err := ensureOperatorCredential(ctx, issuer, authority, cfg, operatorID, logger); err != nil {
 		return err
 	}
-	go publishBundle(ctx, authority, filepath.Join(cfg.DataDir, datadir.RootCert), logger)
+	// Written once before serving, so castellanctl (which reads it as soon as
+	// server.json exists) never finds it missing; then kept current.
+	bundlePath := filepath.Join(cfg.DataDir, datadir.RootCert)
+	if err := local.WriteFileAtomic(bundlePath, []byte(authority.Current().BundlePEM), 0o644); err != nil {
+		return fmt.Errorf("write trust bundle: %w", err)
+	}
+	go publishBundle(ctx, authority, bundlePath, logger)
 
 	lis, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
@@ -127,9 +133,18 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		lis.Close()
 		return err
 	}
-	if err := writeServerInfo(cfg, lis.Addr()); err != nil {
+	defer func() {
+		shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		mon.srv.Shutdown(shutCtx)
+	}()
+	infoPath := filepath.Join(cfg.DataDir, datadir.ServerInfo)
+	if err := writeServerInfo(infoPath, cfg, lis.Addr()); err != nil {
+		lis.Close()
 		return err
 	}
+	// A stale server.json would send castellanctl to a dead address.
+	defer os.Remove(infoPath)
 	logger.Info("castellan serving", "listen", lis.Addr().String(), "monitoring", mon.addr, "trust_domain", td.Name(),
 		"signer", authority.Current().Backend, "data_dir", cfg.DataDir)
 
@@ -148,9 +163,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	case <-time.After(10 * time.Second):
 		srv.Stop()
 	}
-	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	return mon.srv.Shutdown(shutCtx)
+	return nil
 }
 
 // startSigner loads the configured backend into authority; for the
@@ -222,7 +235,7 @@ func ensureOperatorCredential(ctx context.Context, issuer *ca.Issuer, authority 
 	if err != nil {
 		return err
 	}
-	chain, _, err := issuer.IssueInternal(ctx, "operator credential", ca.ClientTemplate(id.URL()), key.Public(), cfg.OperatorCertTTL)
+	chain, _, err := issuer.IssueInternal(ctx, "operator credential", ca.ClientTemplate(id.URL()), key, cfg.OperatorCertTTL)
 	if err != nil {
 		return err
 	}
@@ -258,7 +271,7 @@ func publishBundle(ctx context.Context, authority *ca.Authority, path string, lo
 }
 
 // writeServerInfo tells castellanctl where to connect.
-func writeServerInfo(cfg Config, addr net.Addr) error {
+func writeServerInfo(path string, cfg Config, addr net.Addr) error {
 	host, port, err := net.SplitHostPort(addr.String())
 	if err != nil {
 		return err
@@ -271,7 +284,7 @@ func writeServerInfo(cfg Config, addr net.Addr) error {
 	if err != nil {
 		return err
 	}
-	return local.WriteFileAtomic(filepath.Join(cfg.DataDir, datadir.ServerInfo), append(b, '\n'), 0o644)
+	return local.WriteFileAtomic(path, append(b, '\n'), 0o644)
 }
 
 type monitoring struct {

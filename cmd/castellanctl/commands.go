@@ -20,8 +20,9 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
-func cmdBundle(ctx context.Context, g *globals, args []string, stdout io.Writer) error {
+func cmdBundle(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("bundle", flag.ContinueOnError)
+	fs.SetOutput(stderr)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -186,8 +187,9 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 	return tw.Flush()
 }
 
-func cmdAuditVerify(ctx context.Context, g *globals, args []string, stdout io.Writer) error {
+func cmdAuditVerify(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("audit verify", flag.ContinueOnError)
+	fs.SetOutput(stderr)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}

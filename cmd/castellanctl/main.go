@@ -70,7 +70,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	defer cancel()
 	switch rest[0] {
 	case "bundle":
-		return cmdBundle(ctx, &g, rest[1:], stdout)
+		return cmdBundle(ctx, &g, rest[1:], stdout, stderr)
 	case "issue":
 		return cmdIssue(ctx, &g, rest[1:], stdout, stderr)
 	case "audit":
@@ -81,7 +81,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		case "list":
 			return cmdAuditList(ctx, &g, rest[2:], stdout, stderr)
 		case "verify":
-			return cmdAuditVerify(ctx, &g, rest[2:], stdout)
+			return cmdAuditVerify(ctx, &g, rest[2:], stdout, stderr)
 		}
 		return fmt.Errorf("audit: unknown subcommand %q", rest[1])
 	}

@@ -1,0 +1,6 @@
+//go:build !race
+
+package main
+
+// raceEnabled makes the server binary under test race-instrumented too.
+const raceEnabled = false

@@ -1,6 +1,7 @@
 package ca
 
 import (
+	"cmp"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -45,7 +46,9 @@ func (is *Issuer) IssueInternal(ctx context.Context, purpose string, tmpl *x509.
 		rec.Detail = clip(purpose+": "+err.Error(), 1024)
 	}
 	rec.Code = Status(err).Code().String()
-	if aerr := is.cfg.Audit.Append(ctx, rec); aerr != nil && err == nil {
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), is.cfg.AuditTimeout)
+	defer cancel()
+	if aerr := is.cfg.Audit.Append(actx, rec); aerr != nil && err == nil {
 		err = refuse(ErrUnavailable, ReasonAuditDown, fmt.Errorf("audit append: %w", aerr))
 	}
 	if err != nil {
@@ -120,7 +123,7 @@ func (s *ServingCert) Current(ctx context.Context) (*tls.Certificate, error) {
 	cert, gen, renewAt, err := s.issue(context.WithoutCancel(ctx))
 	if err != nil {
 		if s.cert != nil && now.Before(s.cert.Leaf.NotAfter) {
-			s.Logger.Error("serving certificate renewal failed; keeping the current one", "error", err)
+			cmp.Or(s.Logger, s.Issuer.cfg.Logger).Error("serving certificate renewal failed; keeping the current one", "error", err)
 			return s.cert, nil
 		}
 		return nil, err

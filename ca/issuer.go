@@ -10,7 +10,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/storage"
@@ -138,6 +140,8 @@ type Issued struct {
 	// Elements is [leaf, intermediates…, root bundle], one PEM certificate per
 	// element except the last, which is the whole bundle.
 	Elements []string
+	// Record is the committed audit record of this issuance.
+	Record storage.Record
 }
 
 // Issue runs the pipeline. Every outcome is audited; a certificate is returned
@@ -189,6 +193,9 @@ func (is *Issuer) Issue(ctx context.Context, req Request) (*Issued, error) {
 			err = refuse(ErrUnavailable, ReasonAuditDown, fmt.Errorf("audit append: %w", aerr))
 			out = nil
 		}
+	}
+	if out != nil {
+		out.Record = *rec
 	}
 	is.observe(rec, err, start)
 	return out, err
@@ -396,9 +403,15 @@ func newRequestID(r io.Reader) string {
 }
 
 // clip bounds attacker-controlled strings before they reach logs and the audit log.
+// The result is valid UTF-8 (audit fields travel in protobuf strings and
+// Postgres TEXT, both of which reject anything else) and never splits a rune.
 func clip(s string, n int) string {
-	if len(s) > n {
-		return s[:n]
+	s = strings.ToValidUTF8(s, "\uFFFD")
+	if len(s) <= n {
+		return s
 	}
-	return s
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
 }

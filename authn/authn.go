@@ -70,9 +70,24 @@ func (c Chain) Authenticate(ctx context.Context) (*Caller, error) {
 			continue
 		}
 		if err != nil {
+			if m, ok := a.(interface{ Method() string }); ok {
+				err = &Failure{Method: m.Method(), Err: err}
+			}
 			return nil, err
 		}
 		return caller, nil
 	}
 	return nil, fmt.Errorf("authenticate: %w", ErrNoCredentials)
 }
+
+// Failure is a refusal by the authenticator that found its credential,
+// naming the method so that refusals are audited with it too.
+type Failure struct {
+	Method string
+	Err    error
+}
+
+func (f *Failure) Error() string { return f.Method + ": " + f.Err.Error() }
+
+// Unwrap exposes the cause (e.g. ErrUnavailable) to errors.Is.
+func (f *Failure) Unwrap() error { return f.Err }

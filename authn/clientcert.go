@@ -2,13 +2,20 @@ package authn
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/binary"
 	"fmt"
+	"sync"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 )
+
+// DefaultClientCertCacheSize bounds the verified chains a ClientCert remembers.
+const DefaultClientCertCacheSize = 4096
 
 // ClientCert authenticates a caller by the TLS client certificate it presented:
 // the chain must verify to our current trust bundle for client auth, and the leaf
@@ -17,13 +24,34 @@ import (
 //
 // The TLS layer only requests the certificate; verifying here means a bad
 // certificate becomes an audited Unauthenticated refusal, not an opaque handshake error.
+//
+// Successful verifications are cached (see clientCertCache), because a client
+// sends the same chain on every request of a connection and path building with
+// its signature checks would otherwise cost as much as signing the certificate.
 type ClientCert struct {
 	TrustDomain spiffeid.TrustDomain
 	// Roots returns the current trust bundle; called per request so rotation applies at once.
+	// The pool's identity keys the cache, so a new bundle must come as a new pool.
 	Roots func() *x509.CertPool
 	// Operators are the IDs of operator credentials (castellanctl).
 	Operators []spiffeid.ID
+	// CacheSize bounds cached verifications: 0 means DefaultClientCertCacheSize,
+	// negative disables the cache.
+	CacheSize int
+	// Now is the clock (tests); default time.Now.
+	Now func() time.Time
+
+	cache clientCertCache
 }
+
+// ClientCertCacheStats counts cache use, for tests and metrics.
+type ClientCertCacheStats struct {
+	Hits, Misses uint64
+	Entries      int
+}
+
+// Method names this authenticator in audit records.
+func (a *ClientCert) Method() string { return MethodMTLS }
 
 // Authenticate implements Authenticator.
 func (a *ClientCert) Authenticate(ctx context.Context) (*Caller, error) {
@@ -35,40 +63,165 @@ func (a *ClientCert) Authenticate(ctx context.Context) (*Caller, error) {
 	if !ok || len(info.State.PeerCertificates) == 0 {
 		return nil, ErrNoCredentials
 	}
-	return a.verify(info.State.PeerCertificates)
+	certs := info.State.PeerCertificates
+	now := time.Now()
+	if a.Now != nil {
+		now = a.Now()
+	}
+	roots := a.Roots()
+	if a.CacheSize < 0 {
+		c, _, err := a.verify(certs, roots, now)
+		return c, err
+	}
+	key := chainKey(certs)
+	if c, ok := a.cache.get(key, roots, now); ok {
+		return c, nil
+	}
+	c, validity, err := a.verify(certs, roots, now)
+	if err != nil {
+		return nil, err // failures are never cached: the next attempt is checked in full
+	}
+	size := a.CacheSize
+	if size == 0 {
+		size = DefaultClientCertCacheSize
+	}
+	a.cache.put(key, roots, c, validity, size)
+	return c, nil
 }
 
-// verify checks a presented chain (leaf first) and returns the caller it proves.
-func (a *ClientCert) verify(certs []*x509.Certificate) (*Caller, error) {
+// CacheStats reports how the verification cache has been used.
+func (a *ClientCert) CacheStats() ClientCertCacheStats { return a.cache.stats() }
+
+// verify checks a presented chain (leaf first) at now and returns the caller it
+// proves and the period in which every certificate of the verified path is valid.
+func (a *ClientCert) verify(certs []*x509.Certificate, roots *x509.CertPool, now time.Time) (*Caller, validity, error) {
 	leaf := certs[0]
 	inter := x509.NewCertPool()
 	for _, c := range certs[1:] {
 		inter.AddCert(c)
 	}
-	if _, err := leaf.Verify(x509.VerifyOptions{
-		Roots:         a.Roots(),
+	chains, err := leaf.Verify(x509.VerifyOptions{
+		Roots:         roots,
 		Intermediates: inter,
+		CurrentTime:   now,
 		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	}); err != nil {
-		return nil, fmt.Errorf("client certificate: %w", err)
+	})
+	if err != nil {
+		return nil, validity{}, fmt.Errorf("client certificate: %w", err)
 	}
 	if leaf.IsCA {
-		return nil, fmt.Errorf("client certificate is a CA certificate")
+		return nil, validity{}, fmt.Errorf("client certificate is a CA certificate")
 	}
 	if len(leaf.URIs) != 1 || len(leaf.DNSNames)+len(leaf.IPAddresses)+len(leaf.EmailAddresses) != 0 {
-		return nil, fmt.Errorf("client certificate must carry exactly one URI SAN and no other SAN")
+		return nil, validity{}, fmt.Errorf("client certificate must carry exactly one URI SAN and no other SAN")
 	}
 	id, err := spiffeid.FromURI(leaf.URIs[0])
 	if err != nil {
-		return nil, fmt.Errorf("client certificate URI SAN: %w", err)
+		return nil, validity{}, fmt.Errorf("client certificate URI SAN: %w", err)
 	}
+	v := pathValidity(chains[0])
 	for _, op := range a.Operators {
 		if id == op {
-			return &Caller{Method: MethodOperator, Name: id.String(), Operator: true}, nil
+			return &Caller{Method: MethodOperator, Name: id.String(), Operator: true}, v, nil
 		}
 	}
 	if id, err = CheckWorkloadID(a.TrustDomain, id); err != nil {
-		return nil, fmt.Errorf("client certificate: %w", err)
+		return nil, validity{}, fmt.Errorf("client certificate: %w", err)
 	}
-	return &Caller{Method: MethodMTLS, Identity: id, Name: id.String()}, nil
+	return &Caller{Method: MethodMTLS, Identity: id, Name: id.String()}, v, nil
+}
+
+// validity is the intersection of the validity periods of a verified path.
+type validity struct{ notBefore, notAfter time.Time }
+
+func pathValidity(path []*x509.Certificate) validity {
+	v := validity{notBefore: path[0].NotBefore, notAfter: path[0].NotAfter}
+	for _, c := range path[1:] {
+		if c.NotBefore.After(v.notBefore) {
+			v.notBefore = c.NotBefore
+		}
+		if c.NotAfter.Before(v.notAfter) {
+			v.notAfter = c.NotAfter
+		}
+	}
+	return v
+}
+
+// clientCertCache remembers callers proved by chains that verified, keyed by the
+// SHA-256 of the presented chain, for the trust pool they verified against:
+// the first lookup with another pool (a CA swap builds a new one) empties it.
+// An entry serves only while now is inside the validity of its whole path, the
+// same window in which Verify would accept it, and holds the caller derived from
+// the leaf with this authenticator's fixed trust domain and operators. The
+// zero value is ready to use.
+type clientCertCache struct {
+	mu           sync.Mutex
+	pool         *x509.CertPool // held, so its address cannot be reused by a new pool
+	entries      map[[32]byte]clientCertEntry
+	hits, misses uint64
+}
+
+type clientCertEntry struct {
+	caller *Caller
+	valid  validity
+}
+
+func (c *clientCertCache) get(key [32]byte, pool *x509.CertPool, now time.Time) (*Caller, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if pool != c.pool {
+		c.pool, c.entries = pool, nil
+	}
+	e, ok := c.entries[key]
+	if ok && (now.Before(e.valid.notBefore) || now.After(e.valid.notAfter)) {
+		delete(c.entries, key)
+		ok = false
+	}
+	if !ok {
+		c.misses++
+		return nil, false
+	}
+	c.hits++
+	caller := *e.caller // callers may not share one Caller
+	return &caller, true
+}
+
+func (c *clientCertCache) put(key [32]byte, pool *x509.CertPool, caller *Caller, v validity, size int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if pool != c.pool {
+		c.pool, c.entries = pool, nil
+	}
+	if c.entries == nil {
+		c.entries = make(map[[32]byte]clientCertEntry)
+	}
+	if _, ok := c.entries[key]; !ok && len(c.entries) >= size {
+		for k := range c.entries { // full: drop an arbitrary entry, O(1)
+			delete(c.entries, k)
+			break
+		}
+	}
+	stored := *caller
+	c.entries[key] = clientCertEntry{caller: &stored, valid: v}
+}
+
+func (c *clientCertCache) stats() ClientCertCacheStats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return ClientCertCacheStats{Hits: c.hits, Misses: c.misses, Entries: len(c.entries)}
+}
+
+// chainKey is the SHA-256 of a presented chain, each certificate's DER length
+// prefixed so that no two different chains hash the same input.
+func chainKey(certs []*x509.Certificate) [32]byte {
+	h := sha256.New()
+	var n [4]byte
+	for _, c := range certs {
+		binary.BigEndian.PutUint32(n[:], uint32(len(c.Raw)))
+		h.Write(n[:])
+		h.Write(c.Raw)
+	}
+	var sum [32]byte
+	h.Sum(sum[:0])
+	return sum
 }

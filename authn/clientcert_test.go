@@ -347,6 +347,11 @@ func TestChain(t *testing.T) {
 		if next.calls != 1 {
 			t.Errorf("next authenticator called %d times, want 1", next.calls)
 		}
+		// The refusal names the method, so the audit record says who refused.
+		var f *authn.Failure
+		if !errors.As(err, &f) || f.Method != authn.MethodMTLS {
+			t.Errorf("refusal %v does not name method %q", err, authn.MethodMTLS)
+		}
 	})
 }
 

@@ -362,3 +362,18 @@ func TestOIDCConfigErrors(t *testing.T) {
 		}
 	})
 }
+
+// TestOIDCIssuerOutage: once keys are held, an issuer outage does not stop
+// tokens signed by them (even past the keys' age), while a token naming a key
+// that could not be fetched gets Unavailable, which clients retry.
+func TestOIDCIssuerOutage(t *testing.T) {
+	clock := newOIDCClock()
+	ti := newTestIssuer(t, "k1")
+	a := newOIDC(t, clock, ti.config())
+	p := newPipeline(t, a)
+	ti.srv.Close()
+	clock.Advance(2 * time.Hour)
+	p.wantIssued(t, ti.mint(t, clock, "k1", nil), appSPIFFE, ti.srv.URL+" sub=system:serviceaccount:default:app")
+	clock.Advance(11 * time.Second)
+	p.wantRefused(t, ti.mint(t, clock, "k2", nil), codes.Unavailable, ca.ReasonAuthnDown)
+}

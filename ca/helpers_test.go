@@ -257,7 +257,7 @@ func newHarness(t testing.TB, o harnessOpts) *harness {
 	}
 	h.cfg = ca.Config{
 		TrustDomain:   td,
-		Authenticator: h.authn,
+		Authenticator: authn.Chain{h.authn}, // as serve builds it
 		Audit:         audit,
 		Authority:     h.authority,
 		Now:           h.clock.Now,

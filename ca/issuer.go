@@ -79,6 +79,8 @@ type Config struct {
 type Issuer struct {
 	cfg   Config
 	slots chan struct{}
+	// paths remembers verified issuer paths for CheckIssued's work on each leaf.
+	paths issuerPathCache
 }
 
 // NewIssuer checks cfg and fills defaults.
@@ -229,6 +231,9 @@ func (is *Issuer) observe(rec *storage.Record, err error, start time.Time) {
 func (is *Issuer) issue(ctx context.Context, req Request, rec *storage.Record) (*Issued, error) {
 	caller, err := is.cfg.Authenticator.Authenticate(ctx)
 	if err != nil {
+		if f := (*authn.Failure)(nil); errors.As(err, &f) {
+			rec.AuthMethod = f.Method
+		}
 		switch {
 		case errors.Is(err, authn.ErrNoCredentials):
 			return nil, refuse(ErrUnauthenticated, ReasonNoCredentials, err)
@@ -299,7 +304,7 @@ func (is *Issuer) sign(ctx context.Context, st *State, sreq SignRequest, tmpl *x
 		}
 		return nil, refuse(ErrInternal, ReasonSignerError, err)
 	}
-	if err := CheckIssued(chain, tmpl, sreq.PublicKey, st.Pool, now); err != nil {
+	if err := is.paths.checkIssued(chain, tmpl, sreq.PublicKey, st.Pool, now); err != nil {
 		return nil, refuse(ErrInternal, ReasonSignerBadChain, err)
 	}
 	is.cfg.Metrics.observeState(st, issuerNotAfter(chain, st))

@@ -297,7 +297,7 @@ func TestIssue(t *testing.T) {
 				return peerCtx(signLeaf(t, newRoot(t, "Rogue", time.Time{}), signertest.Key(3), appID.URL(), nil))
 			},
 			wantCode: codes.Unauthenticated, wantReason: ca.ReasonAuthnFailed, wantMsg: "request authenticate failure",
-			rec: storage.Record{Outcome: storage.OutcomeRefused, Code: "Unauthenticated", Reason: ca.ReasonAuthnFailed}},
+			rec: storage.Record{AuthMethod: authn.MethodMTLS, Outcome: storage.OutcomeRefused, Code: "Unauthenticated", Reason: ca.ReasonAuthnFailed}},
 
 		{name: "impersonation without node authorizer", req: withMeta(map[string]any{ca.MetaImpersonatedIdentity: other}, otherID),
 			wantCode: codes.Unauthenticated, wantReason: ca.ReasonImpersonation, wantMsg: "request impersonation authentication failure",

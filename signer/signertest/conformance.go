@@ -6,9 +6,11 @@ import (
 	"crypto"
 	"crypto/rand"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/asn1"
 	"errors"
 	"fmt"
+	"net/url"
 	"slices"
 	"sync"
 	"testing"
@@ -28,6 +30,14 @@ type Factory struct {
 	Outage func(t *testing.T, s ca.Signer) (restore func())
 	// TrustDomain of the identities requested; zero means cluster.local.
 	TrustDomain spiffeid.TrustDomain
+	// ServerSerial marks a remote backend whose server picks the serial number
+	// (Vault, Google CAS): the suite then requires a positive serial of 64 to
+	// 159 bits (RFC 5280's 20 octets) instead of the template's.
+	ServerSerial bool
+	// NotBeforeSlack is how far the leaf's NotBefore may lie from the
+	// template's, for a backend whose server stamps it from its own clock
+	// (Vault backdates by its role's not_before_duration); zero means exact.
+	NotBeforeSlack time.Duration
 }
 
 // concurrentSigners is the number of goroutines in the concurrency subtest.
@@ -48,8 +58,8 @@ func Run(t *testing.T, f Factory) {
 		for name, key := range LeafKeys() {
 			t.Run(name, func(t *testing.T) {
 				tmpl := newTemplate(t, id, key.Public(), time.Hour)
-				chain := sign(t, s, tmpl, id, key.Public())
-				checkProfile(t, chain, s.TrustBundle(), tmpl, id, key.Public())
+				chain := sign(t, s, tmpl, id, key)
+				checkProfile(t, f, chain, s.TrustBundle(), tmpl, id, key.Public())
 			})
 		}
 	})
@@ -57,20 +67,20 @@ func Run(t *testing.T, f Factory) {
 	t.Run("ChainStructure", func(t *testing.T) {
 		s := f.New(t)
 		key := Key(1)
-		chain := sign(t, s, newTemplate(t, id, key.Public(), time.Hour), id, key.Public())
+		chain := sign(t, s, newTemplate(t, id, key.Public(), time.Hour), id, key)
 		checkChain(t, chain, s.TrustBundle())
 	})
 
 	t.Run("TTLClampedToIssuer", func(t *testing.T) {
 		s := f.New(t)
 		key := Key(2)
-		first := sign(t, s, newTemplate(t, id, key.Public(), time.Hour), id, key.Public())
+		first := sign(t, s, newTemplate(t, id, key.Public(), time.Hour), id, key)
 		issuer := issuerOf(t, first, s.TrustBundle())
 
 		tmpl := newTemplate(t, id, key.Public(), time.Hour)
 		tmpl.NotAfter = issuer.NotAfter.Add(5 * 365 * 24 * time.Hour)
 		asked := tmpl.NotAfter
-		chain := sign(t, s, tmpl, id, key.Public())
+		chain := sign(t, s, tmpl, id, key)
 		if !chain.Leaf.NotAfter.Equal(issuer.NotAfter) {
 			t.Errorf("leaf NotAfter = %s, want the issuer's NotAfter %s", chain.Leaf.NotAfter, issuer.NotAfter)
 		}
@@ -86,8 +96,7 @@ func Run(t *testing.T, f Factory) {
 		errs := make([]error, concurrentSigners)
 		var wg sync.WaitGroup
 		for i := range concurrentSigners {
-			tmpl := newTemplate(t, id, Key(i).Public(), time.Hour)
-			req := ca.SignRequest{Template: tmpl, PublicKey: Key(i).Public(), Identity: id, TTL: time.Hour}
+			req := Request(t, newTemplate(t, id, Key(i).Public(), time.Hour), id, Key(i))
 			wg.Go(func() {
 				chains[i], errs[i] = s.Sign(t.Context(), req)
 			})
@@ -118,8 +127,7 @@ func Run(t *testing.T, f Factory) {
 		ctx, cancel := context.WithCancel(t.Context())
 		cancel()
 		key := Key(3)
-		tmpl := newTemplate(t, id, key.Public(), time.Hour)
-		chain, err := s.Sign(ctx, ca.SignRequest{Template: tmpl, PublicKey: key.Public(), Identity: id, TTL: time.Hour})
+		chain, err := s.Sign(ctx, Request(t, newTemplate(t, id, key.Public(), time.Hour), id, key))
 		if !errors.Is(err, context.Canceled) {
 			t.Errorf("Sign with a cancelled context: err = %v, want one wrapping context.Canceled", err)
 		}
@@ -135,8 +143,7 @@ func Run(t *testing.T, f Factory) {
 		s := f.New(t)
 		key := Key(4)
 		restore := f.Outage(t, s)
-		tmpl := newTemplate(t, id, key.Public(), time.Hour)
-		chain, err := s.Sign(t.Context(), ca.SignRequest{Template: tmpl, PublicKey: key.Public(), Identity: id, TTL: time.Hour})
+		chain, err := s.Sign(t.Context(), Request(t, newTemplate(t, id, key.Public(), time.Hour), id, key))
 		if !errors.Is(err, ca.ErrSignerUnavailable) {
 			t.Errorf("Sign during an outage: err = %v, want one wrapping ca.ErrSignerUnavailable", err)
 		}
@@ -144,7 +151,7 @@ func Run(t *testing.T, f Factory) {
 			t.Errorf("Sign during an outage returned a certificate")
 		}
 		restore()
-		sign(t, s, newTemplate(t, id, key.Public(), time.Hour), id, key.Public())
+		sign(t, s, newTemplate(t, id, key.Public(), time.Hour), id, key)
 	})
 }
 
@@ -160,14 +167,43 @@ func newTemplate(t *testing.T, id spiffeid.ID, pub crypto.PublicKey, ttl time.Du
 	return ca.LeafTemplate(id, pub, serial, now.Add(-ca.DefaultClockSkew), now.Add(ttl))
 }
 
-func sign(t *testing.T, s ca.Signer, tmpl *x509.Certificate, id spiffeid.ID, pub crypto.PublicKey) *ca.Chain {
+// Request is what the issuer passes a backend for tmpl: the key to certify and
+// the verified CSR in DER, made with key as Istio's agents make it (empty
+// subject, one critical URI SAN), since remote backends sign the CSR.
+func Request(t testing.TB, tmpl *x509.Certificate, id spiffeid.ID, key crypto.Signer) ca.SignRequest {
 	t.Helper()
-	chain, err := s.Sign(t.Context(), ca.SignRequest{
+	csr := CSR(t, key, pkix.Name{}, id.URL())
+	return ca.SignRequest{
 		Template:  tmpl,
-		PublicKey: pub,
+		PublicKey: key.Public(),
+		CSR:       csr,
 		Identity:  id,
 		TTL:       tmpl.NotAfter.Sub(tmpl.NotBefore),
-	})
+	}
+}
+
+// CSR returns a DER CSR signed by key with subject and, unless uri is nil,
+// a critical SAN extension holding only uri.
+func CSR(t testing.TB, key crypto.Signer, subject pkix.Name, uri *url.URL) []byte {
+	t.Helper()
+	tmpl := &x509.CertificateRequest{Subject: subject}
+	if uri != nil {
+		val, err := asn1.Marshal([]asn1.RawValue{{Class: asn1.ClassContextSpecific, Tag: 6, Bytes: []byte(uri.String())}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl.ExtraExtensions = []pkix.Extension{{Id: oidSubjectAltName, Critical: true, Value: val}}
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, tmpl, key)
+	if err != nil {
+		t.Fatalf("create CSR: %v", err)
+	}
+	return csr
+}
+
+func sign(t *testing.T, s ca.Signer, tmpl *x509.Certificate, id spiffeid.ID, key crypto.Signer) *ca.Chain {
+	t.Helper()
+	chain, err := s.Sign(t.Context(), Request(t, tmpl, id, key))
 	if err != nil {
 		t.Fatalf("Sign: %v", err)
 	}
@@ -178,7 +214,7 @@ func sign(t *testing.T, s ca.Signer, tmpl *x509.Certificate, id spiffeid.ID, pub
 }
 
 // checkProfile asserts that the leaf carries exactly the template's profile.
-func checkProfile(t *testing.T, chain *ca.Chain, bundle []*x509.Certificate, tmpl *x509.Certificate, id spiffeid.ID, pub crypto.PublicKey) {
+func checkProfile(t *testing.T, f Factory, chain *ca.Chain, bundle []*x509.Certificate, tmpl *x509.Certificate, id spiffeid.ID, pub crypto.PublicKey) {
 	t.Helper()
 	leaf := chain.Leaf
 	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != id.String() {
@@ -209,11 +245,14 @@ func checkProfile(t *testing.T, chain *ca.Chain, bundle []*x509.Certificate, tmp
 	if !leaf.BasicConstraintsValid || leaf.IsCA {
 		t.Errorf("BasicConstraints valid=%v CA=%v, want valid CA:false", leaf.BasicConstraintsValid, leaf.IsCA)
 	}
-	if leaf.SerialNumber.Cmp(tmpl.SerialNumber) != 0 {
-		t.Errorf("serial = %s, want the template's %s", leaf.SerialNumber, tmpl.SerialNumber)
+	switch serial := leaf.SerialNumber; {
+	case !f.ServerSerial && serial.Cmp(tmpl.SerialNumber) != 0:
+		t.Errorf("serial = %s, want the template's %s", serial, tmpl.SerialNumber)
+	case f.ServerSerial && (serial.Sign() <= 0 || serial.BitLen() < 64 || serial.BitLen() > 159):
+		t.Errorf("serial %x has %d bits, want a positive random serial of 64 to 159 bits", serial, serial.BitLen())
 	}
-	if !leaf.NotBefore.Equal(tmpl.NotBefore) || !leaf.NotAfter.Equal(tmpl.NotAfter) {
-		t.Errorf("validity %s..%s, want %s..%s", leaf.NotBefore, leaf.NotAfter, tmpl.NotBefore, tmpl.NotAfter)
+	if d := leaf.NotBefore.Sub(tmpl.NotBefore).Abs(); d > f.NotBeforeSlack || !leaf.NotAfter.Equal(tmpl.NotAfter) {
+		t.Errorf("validity %s..%s, want %s (± %s)..%s", leaf.NotBefore, leaf.NotAfter, tmpl.NotBefore, f.NotBeforeSlack, tmpl.NotAfter)
 	}
 	if !publicKeyEqual(leaf.PublicKey, pub) {
 		t.Error("leaf certifies a different public key than requested")

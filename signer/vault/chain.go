@@ -1,0 +1,99 @@
+package vault
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/hashicorp/vault/api"
+
+	"github.com/castellan-ca/castellan/ca"
+)
+
+// refresh reads the configured issuer's certificate and chain from Vault and
+// installs them; changed reports whether the trust bundle differs from before.
+// The chain must reach a self-signed root, since that root is what clients
+// will trust: import it into the mount with the intermediate.
+func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
+	path := s.cfg.Mount + "/issuer/" + s.cfg.Issuer + "/json"
+	secret, err := s.call(ctx, path, func(c context.Context) (*api.Secret, error) {
+		return s.client.Logical().ReadWithContext(c, path)
+	})
+	if err != nil {
+		return false, fmt.Errorf("read issuer: %w", err)
+	}
+	certPEM, _ := secret.Data["certificate"].(string)
+	issuing, err := ca.ParseCertificatesPEM([]byte(certPEM))
+	if err != nil {
+		return false, fmt.Errorf("%s: certificate: %w", path, err)
+	}
+	raw, _ := secret.Data["ca_chain"].([]any)
+	chain, err := pemList(raw)
+	if err != nil {
+		return false, fmt.Errorf("%s: ca_chain: %w", path, err)
+	}
+	if len(chain) == 0 {
+		chain = issuing[:1]
+	}
+	_, roots := splitRoots(chain)
+	if len(roots) == 0 {
+		top := chain[len(chain)-1]
+		return false, fmt.Errorf("%s: the issuer's chain ends at %q, which is not a root: import the root certificate into mount %s (e.g. intermediate/set-signed with the intermediate and its root)",
+			path, top.Subject.String(), s.cfg.Mount)
+	}
+	if err := checkOrder(chain); err != nil {
+		return false, fmt.Errorf("%s: ca_chain: %w", path, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	changed = !sameCerts(s.roots, roots)
+	s.issuer, s.roots = issuing[0], roots
+	return changed, nil
+}
+
+// checkOrder requires each certificate of chain to be signed by the next one,
+// so the chain's top is the root the leaves verify to.
+func checkOrder(chain []*x509.Certificate) error {
+	for i := 0; i+1 < len(chain); i++ {
+		if err := chain[i].CheckSignatureFrom(chain[i+1]); err != nil {
+			return fmt.Errorf("%q is not signed by the next certificate %q: %w", chain[i].Subject.String(), chain[i+1].Subject.String(), err)
+		}
+	}
+	return nil
+}
+
+// refreshLoop re-reads the chain every RefreshInterval, or at once when Sign
+// saw another issuing CA, and calls OnChange when the trust bundle changed.
+func (s *Signer) refreshLoop(ctx context.Context) {
+	t := time.NewTicker(s.cfg.RefreshInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-s.refreshc:
+		}
+		changed, err := s.refresh(ctx)
+		switch {
+		case errors.Is(err, context.Canceled):
+			return
+		case err != nil:
+			// Keep the chain we have: issuance goes on, and the next poll retries.
+			s.log.Warn("vault: issuer chain refresh failed", "error", err)
+		case changed:
+			s.log.Info("vault: trust bundle changed", "issuer", s.cfg.Issuer, "roots", len(s.TrustBundle()))
+			if s.cfg.OnChange != nil {
+				s.cfg.OnChange()
+			}
+		}
+	}
+}
+
+func sameCerts(a, b []*x509.Certificate) bool {
+	return slices.EqualFunc(a, b, func(x, y *x509.Certificate) bool { return bytes.Equal(x.Raw, y.Raw) })
+}

@@ -21,4 +21,9 @@ var (
 	ErrOverloaded = errors.New("overloaded")
 	// ErrInternal: the CA itself misbehaved (e.g. a backend returned a wrong certificate).
 	ErrInternal = errors.New("internal error")
+	// ErrNotFound: an admin API lookup matched nothing.
+	ErrNotFound = errors.New("not found")
+	// ErrPrecondition: an operator action refused in the current state (e.g. a
+	// prune over a chain that does not verify); the detail is shown to the operator.
+	ErrPrecondition = errors.New("failed precondition")
 )

@@ -49,28 +49,34 @@ func Status(err error) *status.Status {
 	if err == nil {
 		return status.New(codes.OK, "")
 	}
+	// A Refusal's Kind alone picks the code: its cause may wrap other kinds
+	// (a backend error wrapping context.Canceled must stay what we classified).
 	var r *Refusal
-	detail := ""
+	detail, kind := "", err
 	if errors.As(err, &r) {
-		detail = r.Err.Error()
+		detail, kind = r.Err.Error(), r.Kind
 	}
 	switch {
-	case errors.Is(err, ErrUnauthenticated):
+	case errors.Is(kind, ErrUnauthenticated):
 		if r != nil && r.Reason == ReasonImpersonation {
 			return status.New(codes.Unauthenticated, "request impersonation authentication failure")
 		}
 		return status.New(codes.Unauthenticated, "request authenticate failure")
-	case errors.Is(err, ErrPermissionDenied):
+	case errors.Is(kind, ErrPermissionDenied):
 		return status.New(codes.PermissionDenied, "permission denied")
-	case errors.Is(err, ErrInvalidRequest), errors.Is(err, ErrTTLTooLong), errors.Is(err, ErrKeyType):
+	case errors.Is(kind, ErrInvalidRequest), errors.Is(kind, ErrTTLTooLong), errors.Is(kind, ErrKeyType):
 		return status.New(codes.InvalidArgument, fmt.Sprintf("CSR signing error (%s)", detail))
-	case errors.Is(err, ErrOverloaded):
+	case errors.Is(kind, ErrOverloaded):
 		return status.New(codes.ResourceExhausted, "CA overloaded, retry later")
-	case errors.Is(err, ErrUnavailable):
+	case errors.Is(kind, ErrUnavailable):
 		return status.New(codes.Unavailable, "CA temporarily unavailable, retry later")
-	case errors.Is(err, context.Canceled):
+	case errors.Is(kind, ErrNotFound):
+		return status.New(codes.NotFound, "not found")
+	case errors.Is(kind, ErrPrecondition):
+		return status.New(codes.FailedPrecondition, detail)
+	case errors.Is(kind, context.Canceled):
 		return status.New(codes.Canceled, "request cancelled")
-	case errors.Is(err, context.DeadlineExceeded):
+	case errors.Is(kind, context.DeadlineExceeded):
 		return status.New(codes.DeadlineExceeded, "request deadline exceeded")
 	default:
 		return status.New(codes.Internal, "CSR signing error (internal)")

@@ -33,6 +33,21 @@ const (
 	OutcomeFailed = "failed"
 	// OutcomeOK is the outcome of a successful operator action.
 	OutcomeOK = "ok"
+	// OutcomeUndelivered marks a follow-up record: the record it names (same
+	// RequestID and Serial, seq in Detail) is in the log, but its certificate
+	// never reached the client (see Undelivered).
+	OutcomeUndelivered = "undelivered"
+)
+
+// Reasons of undelivered markers.
+const (
+	// ReasonCommitUnconfirmed: the store reported the append as failed (its
+	// caller gave up waiting, or the commit's acknowledgement was lost) but the
+	// record was committed, so its certificate was withheld.
+	ReasonCommitUnconfirmed = "audit.commit_unconfirmed"
+	// ReasonResponseLost: the record was committed but the response carrying
+	// the certificate could not be sent (the client had gone).
+	ReasonResponseLost = "delivery.response_lost"
 )
 
 // Sentinel errors shared by every store; match them with errors.Is.
@@ -203,6 +218,11 @@ type Query struct {
 	AfterSeq   uint64    // Seq > AfterSeq
 	Writer     string    // exact
 	Limit      int       // 0 (or negative) means DefaultLimit; capped at MaxLimit
+	// AfterWriter, when set, pages across writers: only records after
+	// (AfterWriter, AfterSeq) in (Writer, Seq) order. It replaces the plain
+	// AfterSeq filter.
+	AfterWriter string
+	IssuerKeyID string // exact, lowercase hex
 }
 
 // EffectiveLimit returns the number of rows List may return for q.
@@ -214,4 +234,20 @@ func (q Query) EffectiveLimit() int {
 		return MaxLimit
 	}
 	return q.Limit
+}
+
+// Undelivered returns the follow-up record that marks orig (a committed
+// record) as not delivered: the certificate it describes was withheld or
+// lost, so an inventory must not count it as held by anyone. Records are
+// append-only, hence a new record rather than an update. The marker copies
+// orig's identifying fields; its chain fields are left for the store.
+func Undelivered(orig *Record, at time.Time, reason, why string) *Record {
+	return &Record{
+		Time: at.UTC(), Kind: orig.Kind, RequestID: orig.RequestID, Peer: orig.Peer, AuthMethod: orig.AuthMethod,
+		Caller: orig.Caller, ClusterID: orig.ClusterID, RequestedIdentity: orig.RequestedIdentity,
+		GrantedIdentity: orig.GrantedIdentity, Outcome: OutcomeUndelivered, Reason: reason, Serial: orig.Serial,
+		NotBefore: orig.NotBefore, NotAfter: orig.NotAfter, CertSHA256: orig.CertSHA256, Signer: orig.Signer,
+		IssuerKeyID: orig.IssuerKeyID,
+		Detail:      fmt.Sprintf("record %s/%d (outcome %s) was not delivered: %s", orig.Writer, orig.Seq, orig.Outcome, why),
+	}
 }

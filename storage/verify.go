@@ -15,12 +15,13 @@ var errUngrouped = errors.New("storage: verifier input not grouped by writer")
 
 // VerifyResult summarises a chain verification.
 type VerifyResult struct {
-	Records int    // records consumed, including the first bad one
-	Writers int    // distinct writers seen
-	OK      bool   // every chain intact
-	Problem string // human-readable description of the first break; "" when OK
-	Writer  string // writer of the first break
-	Seq     uint64 // first seq at which that writer's chain is not intact: rows before it are trustworthy
+	Records     int    // records consumed, including the first bad one
+	Writers     int    // distinct writers seen
+	Checkpoints int    // prune checkpoints whose signature was checked
+	OK          bool   // every chain intact
+	Problem     string // human-readable description of the first break; "" when OK
+	Writer      string // writer of the first break
+	Seq         uint64 // first seq at which that writer's chain is not intact: rows before it are trustworthy
 }
 
 // ChainError describes the first break found by a ChainVerifier. It wraps
@@ -57,6 +58,7 @@ type ChainVerifier struct {
 	nextSeq  uint64
 	prevHash string
 	seen     map[string]struct{}
+	anchors  map[string]CheckpointEntry // where pruned chains resume; see AddCheckpoint
 }
 
 // NewChainVerifier returns an empty verifier.
@@ -82,6 +84,9 @@ func (v *ChainVerifier) Add(r *Record) error {
 		v.writer = r.Writer
 		v.nextSeq = 1
 		v.prevHash = ""
+		if a, ok := v.anchors[r.Writer]; ok {
+			v.nextSeq, v.prevHash = a.Seq+1, a.Hash
+		}
 		v.res.Writers++
 	}
 	v.res.Records++

@@ -48,11 +48,17 @@ func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, er
 	if !q.Until.IsZero() {
 		add("time_ns < ?", clampNanos(q.Until))
 	}
-	if q.AfterSeq > 0 {
+	switch {
+	case q.AfterWriter != "":
+		add("(writer > ? OR (writer = ? AND seq > ?))", q.AfterWriter, q.AfterWriter, int64(q.AfterSeq))
+	case q.AfterSeq > 0:
 		add("seq > ?", int64(q.AfterSeq))
 	}
 	if q.Writer != "" {
 		add("writer = ?", q.Writer)
+	}
+	if q.IssuerKeyID != "" {
+		add("issuer_key_id = ?", q.IssuerKeyID)
 	}
 	query := "SELECT " + columns + " FROM audit_log"
 	if len(where) > 0 {
@@ -117,15 +123,31 @@ func (s *Store) Verify(ctx context.Context) (storage.VerifyResult, error) {
 	if s.isClosed.Load() {
 		return storage.VerifyResult{}, fmt.Errorf("embedded: verify: %w", storage.ErrClosed)
 	}
-	rows, err := s.rdb.QueryContext(ctx, "SELECT "+columns+" FROM audit_log ORDER BY writer, seq")
+	// One read transaction: checkpoints and rows from the same snapshot, so
+	// a concurrent prune is seen entirely or not at all.
+	tx, err := s.rdb.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
 	if err != nil {
 		return storage.VerifyResult{}, fmt.Errorf("embedded: verify: %w", err)
 	}
-	defer rows.Close()
+	defer tx.Rollback() //nolint:errcheck // read-only
 	var (
 		v storage.ChainVerifier
 		r storage.Record // reused: the verifier keeps no reference
 	)
+	cps, err := loadCheckpoints(ctx, tx)
+	if err != nil {
+		return storage.VerifyResult{}, fmt.Errorf("embedded: verify: %w", err)
+	}
+	for i := range cps {
+		if err := v.AddCheckpoint(&cps[i], s.checkpointPub()); err != nil {
+			return v.Result(), nil
+		}
+	}
+	rows, err := tx.QueryContext(ctx, "SELECT "+columns+" FROM audit_log ORDER BY writer, seq")
+	if err != nil {
+		return storage.VerifyResult{}, fmt.Errorf("embedded: verify: %w", err)
+	}
+	defer rows.Close()
 	for rows.Next() {
 		if err := scanRecord(rows, &r); err != nil {
 			// A value that cannot be decoded was written by something other
@@ -147,6 +169,7 @@ func (s *Store) Verify(ctx context.Context) (storage.VerifyResult, error) {
 	if err := rows.Err(); err != nil {
 		return v.Result(), fmt.Errorf("embedded: verify: %w", err)
 	}
+	_ = v.Finish() // a break is reported in the result
 	return v.Result(), nil
 }
 

@@ -8,6 +8,7 @@ package embedded
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/rand"
 	"database/sql"
 	"encoding/hex"
@@ -41,6 +42,9 @@ type Options struct {
 	Logger *slog.Logger
 	// Now fills Record.Time when the caller left it zero; nil means time.Now.
 	Now func() time.Time
+	// CheckpointKey signs prune checkpoints and verifies them. Without it
+	// Prune fails and Verify reports any stored checkpoint as unverifiable.
+	CheckpointKey ed25519.PrivateKey
 
 	// beforeCommit, when set (tests only), runs after a batch's inserts and
 	// before COMMIT; a non-nil error is treated as a commit failure.
@@ -116,6 +120,17 @@ var schema = []string{
 	CREATE INDEX audit_log_cert      ON audit_log (cert_sha256) WHERE cert_sha256 != '';
 	CREATE INDEX audit_log_time      ON audit_log (time_ns);
 	CREATE INDEX audit_log_outcome   ON audit_log (outcome);`,
+	// Version 2: signed prune checkpoints (storage.Checkpoint) and the
+	// issuer filter.
+	`CREATE TABLE audit_checkpoint (
+		id        INTEGER PRIMARY KEY,
+		time_ns   INTEGER NOT NULL,
+		before_ns INTEGER NOT NULL,
+		writers   TEXT    NOT NULL,
+		key_id    TEXT    NOT NULL,
+		signature TEXT    NOT NULL
+	);
+	CREATE INDEX audit_log_issuer ON audit_log (issuer_key_id) WHERE issuer_key_id != '';`,
 }
 
 // Open opens (creating if needed, with mode 0600) the SQLite file at path,

@@ -2,6 +2,7 @@ package embedded
 
 import (
 	"context"
+	"crypto/ed25519"
 	"database/sql"
 	"errors"
 	"fmt"
@@ -46,12 +47,15 @@ func openStore(t *testing.T, path string, opts Options) *Store {
 	return s
 }
 
+// testCheckpointKey signs prune checkpoints in tests (fixed: deterministic).
+var testCheckpointKey = ed25519.NewKeyFromSeed(make([]byte, ed25519.SeedSize))
+
 func TestConformance(t *testing.T) {
 	storagetest.Run(t, func(t *testing.T) storagetest.Env {
 		path := filepath.Join(t.TempDir(), "audit.db")
 		return storagetest.Env{
 			Open: func(t *testing.T) storagetest.Store {
-				return openStore(t, path, Options{})
+				return openStore(t, path, Options{CheckpointKey: testCheckpointKey})
 			},
 			Tamper: openRaw(t, path),
 		}
@@ -63,7 +67,7 @@ func TestConformanceWithBatchDelay(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "audit.db")
 		return storagetest.Env{
 			Open: func(t *testing.T) storagetest.Store {
-				return openStore(t, path, Options{MaxBatch: 7, MaxBatchDelay: time.Millisecond})
+				return openStore(t, path, Options{MaxBatch: 7, MaxBatchDelay: time.Millisecond, CheckpointKey: testCheckpointKey})
 			},
 		}
 	})

@@ -74,6 +74,9 @@ func Run(t *testing.T, newEnv func(t *testing.T) Env) {
 		{"VerifyEmptyAndClean", testVerifyClean},
 		{"ReopenContinuesChain", testReopen},
 		{"Closed", testClosed},
+		{"ListPagingAndIssuer", testListPaging},
+		{"Prune", testPrune},
+		{"PruneRefusesBrokenChain", testPruneRefusesBrokenChain},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -81,4 +84,5 @@ func Run(t *testing.T, newEnv func(t *testing.T) Env) {
 		})
 	}
 	t.Run("Tamper", func(t *testing.T) { testTamper(t, newEnv) })
+	t.Run("PruneTamper", func(t *testing.T) { testPruneTamper(t, newEnv) })
 }

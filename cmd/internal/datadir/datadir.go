@@ -12,13 +12,16 @@ import (
 
 // Paths inside a data directory.
 const (
-	AuditDB       = "audit.db"       // embedded audit store
-	SelfSignedDir = "ca"             // self-signed root key and certificate
-	RootCert      = "root-cert.pem"  // current trust bundle, rewritten on every change
-	ServerInfo    = "server.json"    // where the server listens, for castellanctl
-	OperatorDir   = "operator"       // castellanctl's client credential
-	OperatorCert  = "cert-chain.pem" // in OperatorDir
-	OperatorKey   = "key.pem"        // in OperatorDir, 0600
+	AuditDB = "audit.db" // embedded audit store
+	// AuditCheckpointKey signs audit prune checkpoints (Ed25519, 0600).
+	AuditCheckpointKey = "audit-checkpoint-key.pem"
+	SelfSignedDir      = "ca"             // CA state; the active root's certificate as ca-cert.pem
+	CAState            = "state.json"     // in SelfSignedDir: CA rotation state, keys sealed (0600)
+	RootCert           = "root-cert.pem"  // current trust bundle, rewritten on every change
+	ServerInfo         = "server.json"    // where the server listens, for castellanctl
+	OperatorDir        = "operator"       // castellanctl's client credential
+	OperatorCert       = "cert-chain.pem" // in OperatorDir
+	OperatorKey        = "key.pem"        // in OperatorDir, 0600
 )
 
 // Default returns the per-user state directory: $XDG_STATE_HOME/castellan or ~/.local/state/castellan.

@@ -237,9 +237,14 @@ type ListAuditRecordsRequest struct {
 	Since      *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=since,proto3" json:"since,omitempty"`
 	Until      *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=until,proto3" json:"until,omitempty"`
 	// Records with a sequence number above this, for paging.
-	AfterSeq      uint64 `protobuf:"varint,7,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
-	Limit         int32  `protobuf:"varint,8,opt,name=limit,proto3" json:"limit,omitempty"`
-	Writer        string `protobuf:"bytes,9,opt,name=writer,proto3" json:"writer,omitempty"`
+	AfterSeq uint64 `protobuf:"varint,7,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
+	Limit    int32  `protobuf:"varint,8,opt,name=limit,proto3" json:"limit,omitempty"`
+	Writer   string `protobuf:"bytes,9,opt,name=writer,proto3" json:"writer,omitempty"`
+	// With after_seq, pages across writers: records after (after_writer, after_seq)
+	// in (writer, seq) order, instead of after_seq within every writer.
+	AfterWriter string `protobuf:"bytes,10,opt,name=after_writer,json=afterWriter,proto3" json:"after_writer,omitempty"`
+	// Hex SubjectKeyId of the issuing CA.
+	IssuerKeyId   string `protobuf:"bytes,11,opt,name=issuer_key_id,json=issuerKeyId,proto3" json:"issuer_key_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -333,6 +338,20 @@ func (x *ListAuditRecordsRequest) GetLimit() int32 {
 func (x *ListAuditRecordsRequest) GetWriter() string {
 	if x != nil {
 		return x.Writer
+	}
+	return ""
+}
+
+func (x *ListAuditRecordsRequest) GetAfterWriter() string {
+	if x != nil {
+		return x.AfterWriter
+	}
+	return ""
+}
+
+func (x *ListAuditRecordsRequest) GetIssuerKeyId() string {
+	if x != nil {
+		return x.IssuerKeyId
 	}
 	return ""
 }
@@ -647,9 +666,11 @@ type VerifyAuditLogResponse struct {
 	Records int64                  `protobuf:"varint,2,opt,name=records,proto3" json:"records,omitempty"`
 	Writers int32                  `protobuf:"varint,3,opt,name=writers,proto3" json:"writers,omitempty"`
 	// Human-readable description of the first problem found.
-	Problem       string `protobuf:"bytes,4,opt,name=problem,proto3" json:"problem,omitempty"`
-	Writer        string `protobuf:"bytes,5,opt,name=writer,proto3" json:"writer,omitempty"`
-	Seq           uint64 `protobuf:"varint,6,opt,name=seq,proto3" json:"seq,omitempty"`
+	Problem string `protobuf:"bytes,4,opt,name=problem,proto3" json:"problem,omitempty"`
+	Writer  string `protobuf:"bytes,5,opt,name=writer,proto3" json:"writer,omitempty"`
+	Seq     uint64 `protobuf:"varint,6,opt,name=seq,proto3" json:"seq,omitempty"`
+	// Prune checkpoints whose signature was checked.
+	Checkpoints   int32 `protobuf:"varint,7,opt,name=checkpoints,proto3" json:"checkpoints,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -726,6 +747,772 @@ func (x *VerifyAuditLogResponse) GetSeq() uint64 {
 	return 0
 }
 
+func (x *VerifyAuditLogResponse) GetCheckpoints() int32 {
+	if x != nil {
+		return x.Checkpoints
+	}
+	return 0
+}
+
+// GetAuditRecordRequest names one record.
+type GetAuditRecordRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Writer        string                 `protobuf:"bytes,1,opt,name=writer,proto3" json:"writer,omitempty"`
+	Seq           uint64                 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetAuditRecordRequest) Reset() {
+	*x = GetAuditRecordRequest{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAuditRecordRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAuditRecordRequest) ProtoMessage() {}
+
+func (x *GetAuditRecordRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAuditRecordRequest.ProtoReflect.Descriptor instead.
+func (*GetAuditRecordRequest) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *GetAuditRecordRequest) GetWriter() string {
+	if x != nil {
+		return x.Writer
+	}
+	return ""
+}
+
+func (x *GetAuditRecordRequest) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+// GetAuditRecordResponse carries the record.
+type GetAuditRecordResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Record        *AuditRecord           `protobuf:"bytes,1,opt,name=record,proto3" json:"record,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetAuditRecordResponse) Reset() {
+	*x = GetAuditRecordResponse{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAuditRecordResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAuditRecordResponse) ProtoMessage() {}
+
+func (x *GetAuditRecordResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAuditRecordResponse.ProtoReflect.Descriptor instead.
+func (*GetAuditRecordResponse) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *GetAuditRecordResponse) GetRecord() *AuditRecord {
+	if x != nil {
+		return x.Record
+	}
+	return nil
+}
+
+// PruneAuditLogRequest sets the retention cutoff.
+type PruneAuditLogRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Records older than this are removed (each writer keeps its newest record).
+	Before        *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=before,proto3" json:"before,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PruneAuditLogRequest) Reset() {
+	*x = PruneAuditLogRequest{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PruneAuditLogRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PruneAuditLogRequest) ProtoMessage() {}
+
+func (x *PruneAuditLogRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PruneAuditLogRequest.ProtoReflect.Descriptor instead.
+func (*PruneAuditLogRequest) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *PruneAuditLogRequest) GetBefore() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Before
+	}
+	return nil
+}
+
+// PruneAuditLogResponse describes the checkpoint left behind; empty
+// (checkpoint_id 0) when nothing was old enough.
+type PruneAuditLogResponse struct {
+	state        protoimpl.MessageState  `protogen:"open.v1"`
+	CheckpointId uint64                  `protobuf:"varint,1,opt,name=checkpoint_id,json=checkpointId,proto3" json:"checkpoint_id,omitempty"`
+	Time         *timestamppb.Timestamp  `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
+	Before       *timestamppb.Timestamp  `protobuf:"bytes,3,opt,name=before,proto3" json:"before,omitempty"`
+	Writers      []*AuditCheckpointEntry `protobuf:"bytes,4,rep,name=writers,proto3" json:"writers,omitempty"`
+	// Hex SHA-256 of the Ed25519 public key that signed the checkpoint.
+	KeyId string `protobuf:"bytes,5,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// Hex Ed25519 signature.
+	Signature string `protobuf:"bytes,6,opt,name=signature,proto3" json:"signature,omitempty"`
+	// Records removed, all writers together.
+	Removed       uint64 `protobuf:"varint,7,opt,name=removed,proto3" json:"removed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PruneAuditLogResponse) Reset() {
+	*x = PruneAuditLogResponse{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PruneAuditLogResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PruneAuditLogResponse) ProtoMessage() {}
+
+func (x *PruneAuditLogResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PruneAuditLogResponse.ProtoReflect.Descriptor instead.
+func (*PruneAuditLogResponse) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *PruneAuditLogResponse) GetCheckpointId() uint64 {
+	if x != nil {
+		return x.CheckpointId
+	}
+	return 0
+}
+
+func (x *PruneAuditLogResponse) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *PruneAuditLogResponse) GetBefore() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Before
+	}
+	return nil
+}
+
+func (x *PruneAuditLogResponse) GetWriters() []*AuditCheckpointEntry {
+	if x != nil {
+		return x.Writers
+	}
+	return nil
+}
+
+func (x *PruneAuditLogResponse) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *PruneAuditLogResponse) GetSignature() string {
+	if x != nil {
+		return x.Signature
+	}
+	return ""
+}
+
+func (x *PruneAuditLogResponse) GetRemoved() uint64 {
+	if x != nil {
+		return x.Removed
+	}
+	return 0
+}
+
+// AuditCheckpointEntry is where one writer's chain resumes after a prune.
+type AuditCheckpointEntry struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Writer string                 `protobuf:"bytes,1,opt,name=writer,proto3" json:"writer,omitempty"`
+	// Last removed sequence number: the chain resumes at seq + 1.
+	Seq uint64 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
+	// Hash of that record, the prev_hash of seq + 1.
+	Hash          string `protobuf:"bytes,3,opt,name=hash,proto3" json:"hash,omitempty"`
+	Removed       uint64 `protobuf:"varint,4,opt,name=removed,proto3" json:"removed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditCheckpointEntry) Reset() {
+	*x = AuditCheckpointEntry{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditCheckpointEntry) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditCheckpointEntry) ProtoMessage() {}
+
+func (x *AuditCheckpointEntry) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditCheckpointEntry.ProtoReflect.Descriptor instead.
+func (*AuditCheckpointEntry) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *AuditCheckpointEntry) GetWriter() string {
+	if x != nil {
+		return x.Writer
+	}
+	return ""
+}
+
+func (x *AuditCheckpointEntry) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *AuditCheckpointEntry) GetHash() string {
+	if x != nil {
+		return x.Hash
+	}
+	return ""
+}
+
+func (x *AuditCheckpointEntry) GetRemoved() uint64 {
+	if x != nil {
+		return x.Removed
+	}
+	return 0
+}
+
+// GetCAStatusRequest is empty: the whole rotation state is returned.
+type GetCAStatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetCAStatusRequest) Reset() {
+	*x = GetCAStatusRequest{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetCAStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetCAStatusRequest) ProtoMessage() {}
+
+func (x *GetCAStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetCAStatusRequest.ProtoReflect.Descriptor instead.
+func (*GetCAStatusRequest) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{14}
+}
+
+// GetCAStatusResponse carries the rotation state.
+type GetCAStatusResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Status        *CAStatus              `protobuf:"bytes,1,opt,name=status,proto3" json:"status,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetCAStatusResponse) Reset() {
+	*x = GetCAStatusResponse{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetCAStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetCAStatusResponse) ProtoMessage() {}
+
+func (x *GetCAStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetCAStatusResponse.ProtoReflect.Descriptor instead.
+func (*GetCAStatusResponse) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *GetCAStatusResponse) GetStatus() *CAStatus {
+	if x != nil {
+		return x.Status
+	}
+	return nil
+}
+
+// RotateCARequest is one rotation step.
+type RotateCARequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "prepare", "activate" or "retire".
+	Step string `protobuf:"bytes,1,opt,name=step,proto3" json:"step,omitempty"`
+	// "root" or "intermediate".
+	Target string `protobuf:"bytes,2,opt,name=target,proto3" json:"target,omitempty"`
+	// Skip the step's safety check (propagation window, live certificates); audited.
+	Force         bool `protobuf:"varint,3,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateCARequest) Reset() {
+	*x = RotateCARequest{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateCARequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateCARequest) ProtoMessage() {}
+
+func (x *RotateCARequest) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateCARequest.ProtoReflect.Descriptor instead.
+func (*RotateCARequest) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *RotateCARequest) GetStep() string {
+	if x != nil {
+		return x.Step
+	}
+	return ""
+}
+
+func (x *RotateCARequest) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *RotateCARequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+// RotateCAResponse carries the state after the step.
+type RotateCAResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Status        *CAStatus              `protobuf:"bytes,1,opt,name=status,proto3" json:"status,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateCAResponse) Reset() {
+	*x = RotateCAResponse{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateCAResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateCAResponse) ProtoMessage() {}
+
+func (x *RotateCAResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateCAResponse.ProtoReflect.Descriptor instead.
+func (*RotateCAResponse) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *RotateCAResponse) GetStatus() *CAStatus {
+	if x != nil {
+		return x.Status
+	}
+	return nil
+}
+
+// CAStatus is the rotation state.
+type CAStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Signer backend: "selfsigned" or "intermediate".
+	Backend string `protobuf:"bytes,1,opt,name=backend,proto3" json:"backend,omitempty"`
+	// Version of the stored state.
+	Version uint64 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	// How long a prepared CA waits before activation.
+	PropagationWindowSeconds int64 `protobuf:"varint,3,opt,name=propagation_window_seconds,json=propagationWindowSeconds,proto3" json:"propagation_window_seconds,omitempty"`
+	// Whether rotation steps run on a schedule.
+	Schedule bool `protobuf:"varint,4,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	// Every CA, retired ones included.
+	Cas []*CAInfo `protobuf:"bytes,5,rep,name=cas,proto3" json:"cas,omitempty"`
+	// What the step did (RotateCA only).
+	Summary       string `protobuf:"bytes,6,opt,name=summary,proto3" json:"summary,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CAStatus) Reset() {
+	*x = CAStatus{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CAStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CAStatus) ProtoMessage() {}
+
+func (x *CAStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CAStatus.ProtoReflect.Descriptor instead.
+func (*CAStatus) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *CAStatus) GetBackend() string {
+	if x != nil {
+		return x.Backend
+	}
+	return ""
+}
+
+func (x *CAStatus) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *CAStatus) GetPropagationWindowSeconds() int64 {
+	if x != nil {
+		return x.PropagationWindowSeconds
+	}
+	return 0
+}
+
+func (x *CAStatus) GetSchedule() bool {
+	if x != nil {
+		return x.Schedule
+	}
+	return false
+}
+
+func (x *CAStatus) GetCas() []*CAInfo {
+	if x != nil {
+		return x.Cas
+	}
+	return nil
+}
+
+func (x *CAStatus) GetSummary() string {
+	if x != nil {
+		return x.Summary
+	}
+	return ""
+}
+
+// CAInfo is one CA key and certificate.
+type CAInfo struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Hex SubjectKeyId.
+	KeyId string `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// Key id of the root it chains to (its own for a root).
+	RootKeyId string `protobuf:"bytes,2,opt,name=root_key_id,json=rootKeyId,proto3" json:"root_key_id,omitempty"`
+	// "root" or "intermediate".
+	Role string `protobuf:"bytes,3,opt,name=role,proto3" json:"role,omitempty"`
+	// "managed" (key held by Castellan) or "external" (cacerts files).
+	Source string `protobuf:"bytes,4,opt,name=source,proto3" json:"source,omitempty"`
+	// "prepared", "active", "previous" or "retired".
+	Phase         string                 `protobuf:"bytes,5,opt,name=phase,proto3" json:"phase,omitempty"`
+	Subject       string                 `protobuf:"bytes,6,opt,name=subject,proto3" json:"subject,omitempty"`
+	NotBefore     *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=not_before,json=notBefore,proto3" json:"not_before,omitempty"`
+	NotAfter      *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=not_after,json=notAfter,proto3" json:"not_after,omitempty"`
+	PreparedAt    *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=prepared_at,json=preparedAt,proto3" json:"prepared_at,omitempty"`
+	ActivatedAt   *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=activated_at,json=activatedAt,proto3" json:"activated_at,omitempty"`
+	DeactivatedAt *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=deactivated_at,json=deactivatedAt,proto3" json:"deactivated_at,omitempty"`
+	RetiredAt     *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=retired_at,json=retiredAt,proto3" json:"retired_at,omitempty"`
+	// Upper bound of the NotAfter of every workload certificate chaining to it.
+	DependentsUntil *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=dependents_until,json=dependentsUntil,proto3" json:"dependents_until,omitempty"`
+	// When the next step is safe without force (or scheduled).
+	NextStepAt *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=next_step_at,json=nextStepAt,proto3" json:"next_step_at,omitempty"`
+	// Whether it signs workload certificates now.
+	Issuing       bool `protobuf:"varint,15,opt,name=issuing,proto3" json:"issuing,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CAInfo) Reset() {
+	*x = CAInfo{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CAInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CAInfo) ProtoMessage() {}
+
+func (x *CAInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CAInfo.ProtoReflect.Descriptor instead.
+func (*CAInfo) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *CAInfo) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *CAInfo) GetRootKeyId() string {
+	if x != nil {
+		return x.RootKeyId
+	}
+	return ""
+}
+
+func (x *CAInfo) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *CAInfo) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *CAInfo) GetPhase() string {
+	if x != nil {
+		return x.Phase
+	}
+	return ""
+}
+
+func (x *CAInfo) GetSubject() string {
+	if x != nil {
+		return x.Subject
+	}
+	return ""
+}
+
+func (x *CAInfo) GetNotBefore() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NotBefore
+	}
+	return nil
+}
+
+func (x *CAInfo) GetNotAfter() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NotAfter
+	}
+	return nil
+}
+
+func (x *CAInfo) GetPreparedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.PreparedAt
+	}
+	return nil
+}
+
+func (x *CAInfo) GetActivatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ActivatedAt
+	}
+	return nil
+}
+
+func (x *CAInfo) GetDeactivatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DeactivatedAt
+	}
+	return nil
+}
+
+func (x *CAInfo) GetRetiredAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RetiredAt
+	}
+	return nil
+}
+
+func (x *CAInfo) GetDependentsUntil() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DependentsUntil
+	}
+	return nil
+}
+
+func (x *CAInfo) GetNextStepAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextStepAt
+	}
+	return nil
+}
+
+func (x *CAInfo) GetIssuing() bool {
+	if x != nil {
+		return x.Issuing
+	}
+	return false
+}
+
 var File_castellan_admin_v1_admin_proto protoreflect.FileDescriptor
 
 const file_castellan_admin_v1_admin_proto_rawDesc = "" +
@@ -742,7 +1529,7 @@ const file_castellan_admin_v1_admin_proto_rawDesc = "" +
 	"\x10validity_seconds\x18\x03 \x01(\x03R\x0fvaliditySeconds\"9\n" +
 	"\x18IssueCertificateResponse\x12\x1d\n" +
 	"\n" +
-	"cert_chain\x18\x01 \x03(\tR\tcertChain\"\xb7\x02\n" +
+	"cert_chain\x18\x01 \x03(\tR\tcertChain\"\xfe\x02\n" +
 	"\x17ListAuditRecordsRequest\x12\x1a\n" +
 	"\bidentity\x18\x01 \x01(\tR\bidentity\x12\x16\n" +
 	"\x06serial\x18\x02 \x01(\tR\x06serial\x12\x1f\n" +
@@ -753,7 +1540,10 @@ const file_castellan_admin_v1_admin_proto_rawDesc = "" +
 	"\x05until\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x05until\x12\x1b\n" +
 	"\tafter_seq\x18\a \x01(\x04R\bafterSeq\x12\x14\n" +
 	"\x05limit\x18\b \x01(\x05R\x05limit\x12\x16\n" +
-	"\x06writer\x18\t \x01(\tR\x06writer\"U\n" +
+	"\x06writer\x18\t \x01(\tR\x06writer\x12!\n" +
+	"\fafter_writer\x18\n" +
+	" \x01(\tR\vafterWriter\x12\"\n" +
+	"\rissuer_key_id\x18\v \x01(\tR\vissuerKeyId\"U\n" +
 	"\x18ListAuditRecordsResponse\x129\n" +
 	"\arecords\x18\x01 \x03(\v2\x1f.castellan.admin.v1.AuditRecordR\arecords\"\xd8\x05\n" +
 	"\vAuditRecord\x12\x10\n" +
@@ -786,19 +1576,81 @@ const file_castellan_admin_v1_admin_proto_rawDesc = "" +
 	"\x06detail\x18\x15 \x01(\tR\x06detail\x12\x1b\n" +
 	"\tprev_hash\x18\x16 \x01(\tR\bprevHash\x12\x12\n" +
 	"\x04hash\x18\x17 \x01(\tR\x04hash\"\x17\n" +
-	"\x15VerifyAuditLogRequest\"\xa0\x01\n" +
+	"\x15VerifyAuditLogRequest\"\xc2\x01\n" +
 	"\x16VerifyAuditLogResponse\x12\x0e\n" +
 	"\x02ok\x18\x01 \x01(\bR\x02ok\x12\x18\n" +
 	"\arecords\x18\x02 \x01(\x03R\arecords\x12\x18\n" +
 	"\awriters\x18\x03 \x01(\x05R\awriters\x12\x18\n" +
 	"\aproblem\x18\x04 \x01(\tR\aproblem\x12\x16\n" +
 	"\x06writer\x18\x05 \x01(\tR\x06writer\x12\x10\n" +
-	"\x03seq\x18\x06 \x01(\x04R\x03seq2\xc6\x03\n" +
+	"\x03seq\x18\x06 \x01(\x04R\x03seq\x12 \n" +
+	"\vcheckpoints\x18\a \x01(\x05R\vcheckpoints\"A\n" +
+	"\x15GetAuditRecordRequest\x12\x16\n" +
+	"\x06writer\x18\x01 \x01(\tR\x06writer\x12\x10\n" +
+	"\x03seq\x18\x02 \x01(\x04R\x03seq\"Q\n" +
+	"\x16GetAuditRecordResponse\x127\n" +
+	"\x06record\x18\x01 \x01(\v2\x1f.castellan.admin.v1.AuditRecordR\x06record\"J\n" +
+	"\x14PruneAuditLogRequest\x122\n" +
+	"\x06before\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x06before\"\xb3\x02\n" +
+	"\x15PruneAuditLogResponse\x12#\n" +
+	"\rcheckpoint_id\x18\x01 \x01(\x04R\fcheckpointId\x12.\n" +
+	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x122\n" +
+	"\x06before\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x06before\x12B\n" +
+	"\awriters\x18\x04 \x03(\v2(.castellan.admin.v1.AuditCheckpointEntryR\awriters\x12\x15\n" +
+	"\x06key_id\x18\x05 \x01(\tR\x05keyId\x12\x1c\n" +
+	"\tsignature\x18\x06 \x01(\tR\tsignature\x12\x18\n" +
+	"\aremoved\x18\a \x01(\x04R\aremoved\"n\n" +
+	"\x14AuditCheckpointEntry\x12\x16\n" +
+	"\x06writer\x18\x01 \x01(\tR\x06writer\x12\x10\n" +
+	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x12\n" +
+	"\x04hash\x18\x03 \x01(\tR\x04hash\x12\x18\n" +
+	"\aremoved\x18\x04 \x01(\x04R\aremoved\"\x14\n" +
+	"\x12GetCAStatusRequest\"K\n" +
+	"\x13GetCAStatusResponse\x124\n" +
+	"\x06status\x18\x01 \x01(\v2\x1c.castellan.admin.v1.CAStatusR\x06status\"S\n" +
+	"\x0fRotateCARequest\x12\x12\n" +
+	"\x04step\x18\x01 \x01(\tR\x04step\x12\x16\n" +
+	"\x06target\x18\x02 \x01(\tR\x06target\x12\x14\n" +
+	"\x05force\x18\x03 \x01(\bR\x05force\"H\n" +
+	"\x10RotateCAResponse\x124\n" +
+	"\x06status\x18\x01 \x01(\v2\x1c.castellan.admin.v1.CAStatusR\x06status\"\xe0\x01\n" +
+	"\bCAStatus\x12\x18\n" +
+	"\abackend\x18\x01 \x01(\tR\abackend\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\x04R\aversion\x12<\n" +
+	"\x1apropagation_window_seconds\x18\x03 \x01(\x03R\x18propagationWindowSeconds\x12\x1a\n" +
+	"\bschedule\x18\x04 \x01(\bR\bschedule\x12,\n" +
+	"\x03cas\x18\x05 \x03(\v2\x1a.castellan.admin.v1.CAInfoR\x03cas\x12\x18\n" +
+	"\asummary\x18\x06 \x01(\tR\asummary\"\xa8\x05\n" +
+	"\x06CAInfo\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x1e\n" +
+	"\vroot_key_id\x18\x02 \x01(\tR\trootKeyId\x12\x12\n" +
+	"\x04role\x18\x03 \x01(\tR\x04role\x12\x16\n" +
+	"\x06source\x18\x04 \x01(\tR\x06source\x12\x14\n" +
+	"\x05phase\x18\x05 \x01(\tR\x05phase\x12\x18\n" +
+	"\asubject\x18\x06 \x01(\tR\asubject\x129\n" +
+	"\n" +
+	"not_before\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tnotBefore\x127\n" +
+	"\tnot_after\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\bnotAfter\x12;\n" +
+	"\vprepared_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"preparedAt\x12=\n" +
+	"\factivated_at\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\vactivatedAt\x12A\n" +
+	"\x0edeactivated_at\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\rdeactivatedAt\x129\n" +
+	"\n" +
+	"retired_at\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\tretiredAt\x12E\n" +
+	"\x10dependents_until\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\x0fdependentsUntil\x12<\n" +
+	"\fnext_step_at\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"nextStepAt\x12\x18\n" +
+	"\aissuing\x18\x0f \x01(\bR\aissuing2\xd4\x06\n" +
 	"\fAdminService\x12i\n" +
 	"\x0eGetTrustBundle\x12).castellan.admin.v1.GetTrustBundleRequest\x1a*.castellan.admin.v1.GetTrustBundleResponse\"\x00\x12o\n" +
 	"\x10IssueCertificate\x12+.castellan.admin.v1.IssueCertificateRequest\x1a,.castellan.admin.v1.IssueCertificateResponse\"\x00\x12o\n" +
 	"\x10ListAuditRecords\x12+.castellan.admin.v1.ListAuditRecordsRequest\x1a,.castellan.admin.v1.ListAuditRecordsResponse\"\x00\x12i\n" +
-	"\x0eVerifyAuditLog\x12).castellan.admin.v1.VerifyAuditLogRequest\x1a*.castellan.admin.v1.VerifyAuditLogResponse\"\x00BDZBgithub.com/castellan-ca/castellan/proto/castellan/admin/v1;adminpbb\x06proto3"
+	"\x0eVerifyAuditLog\x12).castellan.admin.v1.VerifyAuditLogRequest\x1a*.castellan.admin.v1.VerifyAuditLogResponse\"\x00\x12i\n" +
+	"\x0eGetAuditRecord\x12).castellan.admin.v1.GetAuditRecordRequest\x1a*.castellan.admin.v1.GetAuditRecordResponse\"\x00\x12f\n" +
+	"\rPruneAuditLog\x12(.castellan.admin.v1.PruneAuditLogRequest\x1a).castellan.admin.v1.PruneAuditLogResponse\"\x00\x12`\n" +
+	"\vGetCAStatus\x12&.castellan.admin.v1.GetCAStatusRequest\x1a'.castellan.admin.v1.GetCAStatusResponse\"\x00\x12W\n" +
+	"\bRotateCA\x12#.castellan.admin.v1.RotateCARequest\x1a$.castellan.admin.v1.RotateCAResponse\"\x00BDZBgithub.com/castellan-ca/castellan/proto/castellan/admin/v1;adminpbb\x06proto3"
 
 var (
 	file_castellan_admin_v1_admin_proto_rawDescOnce sync.Once
@@ -812,7 +1664,7 @@ func file_castellan_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_castellan_admin_v1_admin_proto_rawDescData
 }
 
-var file_castellan_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_castellan_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_castellan_admin_v1_admin_proto_goTypes = []any{
 	(*GetTrustBundleRequest)(nil),    // 0: castellan.admin.v1.GetTrustBundleRequest
 	(*GetTrustBundleResponse)(nil),   // 1: castellan.admin.v1.GetTrustBundleResponse
@@ -823,28 +1675,63 @@ var file_castellan_admin_v1_admin_proto_goTypes = []any{
 	(*AuditRecord)(nil),              // 6: castellan.admin.v1.AuditRecord
 	(*VerifyAuditLogRequest)(nil),    // 7: castellan.admin.v1.VerifyAuditLogRequest
 	(*VerifyAuditLogResponse)(nil),   // 8: castellan.admin.v1.VerifyAuditLogResponse
-	(*timestamppb.Timestamp)(nil),    // 9: google.protobuf.Timestamp
+	(*GetAuditRecordRequest)(nil),    // 9: castellan.admin.v1.GetAuditRecordRequest
+	(*GetAuditRecordResponse)(nil),   // 10: castellan.admin.v1.GetAuditRecordResponse
+	(*PruneAuditLogRequest)(nil),     // 11: castellan.admin.v1.PruneAuditLogRequest
+	(*PruneAuditLogResponse)(nil),    // 12: castellan.admin.v1.PruneAuditLogResponse
+	(*AuditCheckpointEntry)(nil),     // 13: castellan.admin.v1.AuditCheckpointEntry
+	(*GetCAStatusRequest)(nil),       // 14: castellan.admin.v1.GetCAStatusRequest
+	(*GetCAStatusResponse)(nil),      // 15: castellan.admin.v1.GetCAStatusResponse
+	(*RotateCARequest)(nil),          // 16: castellan.admin.v1.RotateCARequest
+	(*RotateCAResponse)(nil),         // 17: castellan.admin.v1.RotateCAResponse
+	(*CAStatus)(nil),                 // 18: castellan.admin.v1.CAStatus
+	(*CAInfo)(nil),                   // 19: castellan.admin.v1.CAInfo
+	(*timestamppb.Timestamp)(nil),    // 20: google.protobuf.Timestamp
 }
 var file_castellan_admin_v1_admin_proto_depIdxs = []int32{
-	9,  // 0: castellan.admin.v1.ListAuditRecordsRequest.since:type_name -> google.protobuf.Timestamp
-	9,  // 1: castellan.admin.v1.ListAuditRecordsRequest.until:type_name -> google.protobuf.Timestamp
+	20, // 0: castellan.admin.v1.ListAuditRecordsRequest.since:type_name -> google.protobuf.Timestamp
+	20, // 1: castellan.admin.v1.ListAuditRecordsRequest.until:type_name -> google.protobuf.Timestamp
 	6,  // 2: castellan.admin.v1.ListAuditRecordsResponse.records:type_name -> castellan.admin.v1.AuditRecord
-	9,  // 3: castellan.admin.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
-	9,  // 4: castellan.admin.v1.AuditRecord.not_before:type_name -> google.protobuf.Timestamp
-	9,  // 5: castellan.admin.v1.AuditRecord.not_after:type_name -> google.protobuf.Timestamp
-	0,  // 6: castellan.admin.v1.AdminService.GetTrustBundle:input_type -> castellan.admin.v1.GetTrustBundleRequest
-	2,  // 7: castellan.admin.v1.AdminService.IssueCertificate:input_type -> castellan.admin.v1.IssueCertificateRequest
-	4,  // 8: castellan.admin.v1.AdminService.ListAuditRecords:input_type -> castellan.admin.v1.ListAuditRecordsRequest
-	7,  // 9: castellan.admin.v1.AdminService.VerifyAuditLog:input_type -> castellan.admin.v1.VerifyAuditLogRequest
-	1,  // 10: castellan.admin.v1.AdminService.GetTrustBundle:output_type -> castellan.admin.v1.GetTrustBundleResponse
-	3,  // 11: castellan.admin.v1.AdminService.IssueCertificate:output_type -> castellan.admin.v1.IssueCertificateResponse
-	5,  // 12: castellan.admin.v1.AdminService.ListAuditRecords:output_type -> castellan.admin.v1.ListAuditRecordsResponse
-	8,  // 13: castellan.admin.v1.AdminService.VerifyAuditLog:output_type -> castellan.admin.v1.VerifyAuditLogResponse
-	10, // [10:14] is the sub-list for method output_type
-	6,  // [6:10] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	20, // 3: castellan.admin.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	20, // 4: castellan.admin.v1.AuditRecord.not_before:type_name -> google.protobuf.Timestamp
+	20, // 5: castellan.admin.v1.AuditRecord.not_after:type_name -> google.protobuf.Timestamp
+	6,  // 6: castellan.admin.v1.GetAuditRecordResponse.record:type_name -> castellan.admin.v1.AuditRecord
+	20, // 7: castellan.admin.v1.PruneAuditLogRequest.before:type_name -> google.protobuf.Timestamp
+	20, // 8: castellan.admin.v1.PruneAuditLogResponse.time:type_name -> google.protobuf.Timestamp
+	20, // 9: castellan.admin.v1.PruneAuditLogResponse.before:type_name -> google.protobuf.Timestamp
+	13, // 10: castellan.admin.v1.PruneAuditLogResponse.writers:type_name -> castellan.admin.v1.AuditCheckpointEntry
+	18, // 11: castellan.admin.v1.GetCAStatusResponse.status:type_name -> castellan.admin.v1.CAStatus
+	18, // 12: castellan.admin.v1.RotateCAResponse.status:type_name -> castellan.admin.v1.CAStatus
+	19, // 13: castellan.admin.v1.CAStatus.cas:type_name -> castellan.admin.v1.CAInfo
+	20, // 14: castellan.admin.v1.CAInfo.not_before:type_name -> google.protobuf.Timestamp
+	20, // 15: castellan.admin.v1.CAInfo.not_after:type_name -> google.protobuf.Timestamp
+	20, // 16: castellan.admin.v1.CAInfo.prepared_at:type_name -> google.protobuf.Timestamp
+	20, // 17: castellan.admin.v1.CAInfo.activated_at:type_name -> google.protobuf.Timestamp
+	20, // 18: castellan.admin.v1.CAInfo.deactivated_at:type_name -> google.protobuf.Timestamp
+	20, // 19: castellan.admin.v1.CAInfo.retired_at:type_name -> google.protobuf.Timestamp
+	20, // 20: castellan.admin.v1.CAInfo.dependents_until:type_name -> google.protobuf.Timestamp
+	20, // 21: castellan.admin.v1.CAInfo.next_step_at:type_name -> google.protobuf.Timestamp
+	0,  // 22: castellan.admin.v1.AdminService.GetTrustBundle:input_type -> castellan.admin.v1.GetTrustBundleRequest
+	2,  // 23: castellan.admin.v1.AdminService.IssueCertificate:input_type -> castellan.admin.v1.IssueCertificateRequest
+	4,  // 24: castellan.admin.v1.AdminService.ListAuditRecords:input_type -> castellan.admin.v1.ListAuditRecordsRequest
+	7,  // 25: castellan.admin.v1.AdminService.VerifyAuditLog:input_type -> castellan.admin.v1.VerifyAuditLogRequest
+	9,  // 26: castellan.admin.v1.AdminService.GetAuditRecord:input_type -> castellan.admin.v1.GetAuditRecordRequest
+	11, // 27: castellan.admin.v1.AdminService.PruneAuditLog:input_type -> castellan.admin.v1.PruneAuditLogRequest
+	14, // 28: castellan.admin.v1.AdminService.GetCAStatus:input_type -> castellan.admin.v1.GetCAStatusRequest
+	16, // 29: castellan.admin.v1.AdminService.RotateCA:input_type -> castellan.admin.v1.RotateCARequest
+	1,  // 30: castellan.admin.v1.AdminService.GetTrustBundle:output_type -> castellan.admin.v1.GetTrustBundleResponse
+	3,  // 31: castellan.admin.v1.AdminService.IssueCertificate:output_type -> castellan.admin.v1.IssueCertificateResponse
+	5,  // 32: castellan.admin.v1.AdminService.ListAuditRecords:output_type -> castellan.admin.v1.ListAuditRecordsResponse
+	8,  // 33: castellan.admin.v1.AdminService.VerifyAuditLog:output_type -> castellan.admin.v1.VerifyAuditLogResponse
+	10, // 34: castellan.admin.v1.AdminService.GetAuditRecord:output_type -> castellan.admin.v1.GetAuditRecordResponse
+	12, // 35: castellan.admin.v1.AdminService.PruneAuditLog:output_type -> castellan.admin.v1.PruneAuditLogResponse
+	15, // 36: castellan.admin.v1.AdminService.GetCAStatus:output_type -> castellan.admin.v1.GetCAStatusResponse
+	17, // 37: castellan.admin.v1.AdminService.RotateCA:output_type -> castellan.admin.v1.RotateCAResponse
+	30, // [30:38] is the sub-list for method output_type
+	22, // [22:30] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_castellan_admin_v1_admin_proto_init() }
@@ -858,7 +1745,7 @@ func file_castellan_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_castellan_admin_v1_admin_proto_rawDesc), len(file_castellan_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   9,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

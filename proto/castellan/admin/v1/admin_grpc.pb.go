@@ -26,6 +26,10 @@ const (
 	AdminService_IssueCertificate_FullMethodName = "/castellan.admin.v1.AdminService/IssueCertificate"
 	AdminService_ListAuditRecords_FullMethodName = "/castellan.admin.v1.AdminService/ListAuditRecords"
 	AdminService_VerifyAuditLog_FullMethodName   = "/castellan.admin.v1.AdminService/VerifyAuditLog"
+	AdminService_GetAuditRecord_FullMethodName   = "/castellan.admin.v1.AdminService/GetAuditRecord"
+	AdminService_PruneAuditLog_FullMethodName    = "/castellan.admin.v1.AdminService/PruneAuditLog"
+	AdminService_GetCAStatus_FullMethodName      = "/castellan.admin.v1.AdminService/GetCAStatus"
+	AdminService_RotateCA_FullMethodName         = "/castellan.admin.v1.AdminService/RotateCA"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -43,6 +47,15 @@ type AdminServiceClient interface {
 	ListAuditRecords(ctx context.Context, in *ListAuditRecordsRequest, opts ...grpc.CallOption) (*ListAuditRecordsResponse, error)
 	// VerifyAuditLog checks every writer's hash chain.
 	VerifyAuditLog(ctx context.Context, in *VerifyAuditLogRequest, opts ...grpc.CallOption) (*VerifyAuditLogResponse, error)
+	// GetAuditRecord returns one audit record by writer and sequence number.
+	GetAuditRecord(ctx context.Context, in *GetAuditRecordRequest, opts ...grpc.CallOption) (*GetAuditRecordResponse, error)
+	// PruneAuditLog removes audit records older than a cutoff and leaves a
+	// signed checkpoint from which VerifyAuditLog still proves the rest.
+	PruneAuditLog(ctx context.Context, in *PruneAuditLogRequest, opts ...grpc.CallOption) (*PruneAuditLogResponse, error)
+	// GetCAStatus lists every CA of the rotation state with its phase.
+	GetCAStatus(ctx context.Context, in *GetCAStatusRequest, opts ...grpc.CallOption) (*GetCAStatusResponse, error)
+	// RotateCA runs one rotation step: prepare, activate or retire.
+	RotateCA(ctx context.Context, in *RotateCARequest, opts ...grpc.CallOption) (*RotateCAResponse, error)
 }
 
 type adminServiceClient struct {
@@ -93,6 +106,46 @@ func (c *adminServiceClient) VerifyAuditLog(ctx context.Context, in *VerifyAudit
 	return out, nil
 }
 
+func (c *adminServiceClient) GetAuditRecord(ctx context.Context, in *GetAuditRecordRequest, opts ...grpc.CallOption) (*GetAuditRecordResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetAuditRecordResponse)
+	err := c.cc.Invoke(ctx, AdminService_GetAuditRecord_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) PruneAuditLog(ctx context.Context, in *PruneAuditLogRequest, opts ...grpc.CallOption) (*PruneAuditLogResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PruneAuditLogResponse)
+	err := c.cc.Invoke(ctx, AdminService_PruneAuditLog_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) GetCAStatus(ctx context.Context, in *GetCAStatusRequest, opts ...grpc.CallOption) (*GetCAStatusResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetCAStatusResponse)
+	err := c.cc.Invoke(ctx, AdminService_GetCAStatus_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) RotateCA(ctx context.Context, in *RotateCARequest, opts ...grpc.CallOption) (*RotateCAResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RotateCAResponse)
+	err := c.cc.Invoke(ctx, AdminService_RotateCA_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -108,6 +161,15 @@ type AdminServiceServer interface {
 	ListAuditRecords(context.Context, *ListAuditRecordsRequest) (*ListAuditRecordsResponse, error)
 	// VerifyAuditLog checks every writer's hash chain.
 	VerifyAuditLog(context.Context, *VerifyAuditLogRequest) (*VerifyAuditLogResponse, error)
+	// GetAuditRecord returns one audit record by writer and sequence number.
+	GetAuditRecord(context.Context, *GetAuditRecordRequest) (*GetAuditRecordResponse, error)
+	// PruneAuditLog removes audit records older than a cutoff and leaves a
+	// signed checkpoint from which VerifyAuditLog still proves the rest.
+	PruneAuditLog(context.Context, *PruneAuditLogRequest) (*PruneAuditLogResponse, error)
+	// GetCAStatus lists every CA of the rotation state with its phase.
+	GetCAStatus(context.Context, *GetCAStatusRequest) (*GetCAStatusResponse, error)
+	// RotateCA runs one rotation step: prepare, activate or retire.
+	RotateCA(context.Context, *RotateCARequest) (*RotateCAResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -129,6 +191,18 @@ func (UnimplementedAdminServiceServer) ListAuditRecords(context.Context, *ListAu
 }
 func (UnimplementedAdminServiceServer) VerifyAuditLog(context.Context, *VerifyAuditLogRequest) (*VerifyAuditLogResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method VerifyAuditLog not implemented")
+}
+func (UnimplementedAdminServiceServer) GetAuditRecord(context.Context, *GetAuditRecordRequest) (*GetAuditRecordResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetAuditRecord not implemented")
+}
+func (UnimplementedAdminServiceServer) PruneAuditLog(context.Context, *PruneAuditLogRequest) (*PruneAuditLogResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method PruneAuditLog not implemented")
+}
+func (UnimplementedAdminServiceServer) GetCAStatus(context.Context, *GetCAStatusRequest) (*GetCAStatusResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetCAStatus not implemented")
+}
+func (UnimplementedAdminServiceServer) RotateCA(context.Context, *RotateCARequest) (*RotateCAResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RotateCA not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -223,6 +297,78 @@ func _AdminService_VerifyAuditLog_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_GetAuditRecord_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetAuditRecordRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).GetAuditRecord(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_GetAuditRecord_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).GetAuditRecord(ctx, req.(*GetAuditRecordRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_PruneAuditLog_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PruneAuditLogRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).PruneAuditLog(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_PruneAuditLog_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).PruneAuditLog(ctx, req.(*PruneAuditLogRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_GetCAStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetCAStatusRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).GetCAStatus(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_GetCAStatus_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).GetCAStatus(ctx, req.(*GetCAStatusRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_RotateCA_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RotateCARequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).RotateCA(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_RotateCA_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).RotateCA(ctx, req.(*RotateCARequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -245,6 +391,22 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "VerifyAuditLog",
 			Handler:    _AdminService_VerifyAuditLog_Handler,
+		},
+		{
+			MethodName: "GetAuditRecord",
+			Handler:    _AdminService_GetAuditRecord_Handler,
+		},
+		{
+			MethodName: "PruneAuditLog",
+			Handler:    _AdminService_PruneAuditLog_Handler,
+		},
+		{
+			MethodName: "GetCAStatus",
+			Handler:    _AdminService_GetCAStatus_Handler,
+		},
+		{
+			MethodName: "RotateCA",
+			Handler:    _AdminService_RotateCA_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -1,0 +1,264 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/csv"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/castellan-ca/castellan/ca"
+	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
+	"github.com/castellan-ca/castellan/storage"
+	"google.golang.org/protobuf/types/known/timestamppb"
+)
+
+// parseWhen reads a time flag: RFC 3339, or a date (midnight UTC).
+func parseWhen(s string) (time.Time, error) {
+	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
+		return t, nil
+	}
+	t, err := time.Parse(time.DateOnly, s)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("%q is neither RFC 3339 (2025-06-01T12:00:00Z) nor a date (2025-06-01)", s)
+	}
+	return t, nil
+}
+
+// cmdAuditShow prints records in full: one by WRITER/SEQ, or every record of
+// a serial or fingerprint (the issuance and any undelivered marker).
+func cmdAuditShow(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("audit show", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	serial := fs.String("serial", "", "every record of this certificate serial (lowercase hex)")
+	fingerprint := fs.String("fingerprint", "", "every record of this certificate SHA-256 (hex)")
+	output := fs.String("output", "text", "text | json (one object per line)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *output != "text" && *output != "json" {
+		return errors.New("audit show: --output must be text or json")
+	}
+	var (
+		writer string
+		seq    uint64
+	)
+	switch {
+	case fs.NArg() == 1 && *serial == "" && *fingerprint == "":
+		w, s, ok := strings.Cut(fs.Arg(0), "/")
+		n, err := strconv.ParseUint(s, 10, 64)
+		if !ok || err != nil || w == "" {
+			return fmt.Errorf("audit show: %q is not WRITER/SEQ", fs.Arg(0))
+		}
+		writer, seq = w, n
+	case fs.NArg() == 0 && (*serial != "") != (*fingerprint != ""):
+	default:
+		return errors.New("audit show: give exactly one of WRITER/SEQ, --serial, --fingerprint")
+	}
+	client, closeConn, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer closeConn()
+	var recs []*adminpb.AuditRecord
+	if writer != "" {
+		resp, err := client.GetAuditRecord(ctx, &adminpb.GetAuditRecordRequest{Writer: writer, Seq: seq})
+		if err != nil {
+			return fmt.Errorf("audit show: %w", err)
+		}
+		recs = append(recs, resp.GetRecord())
+	} else {
+		resp, err := client.ListAuditRecords(ctx, &adminpb.ListAuditRecordsRequest{Serial: *serial, CertSha256: *fingerprint,
+			Limit: storage.MaxLimit})
+		if err != nil {
+			return fmt.Errorf("audit show: %w", err)
+		}
+		recs = resp.GetRecords()
+		if len(recs) == 0 {
+			return errors.New("audit show: no record matches")
+		}
+	}
+	enc := json.NewEncoder(stdout)
+	for i, p := range recs {
+		r := ca.RecordFromProto(p)
+		if *output == "json" {
+			if err := enc.Encode(&r); err != nil {
+				return err
+			}
+			continue
+		}
+		if i > 0 {
+			fmt.Fprintln(stdout)
+		}
+		header, row := csvHeader(), csvRow(&r)
+		for j, name := range header {
+			if row[j] != "" {
+				fmt.Fprintf(stdout, "%-19s %s\n", name+":", row[j])
+			}
+		}
+	}
+	return nil
+}
+
+// cmdAuditExport writes every matching record, across all writers in
+// (writer, seq) order, as JSON lines or CSV: the offline copy an auditor or
+// SIEM ingests.
+func cmdAuditExport(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) (err error) {
+	fs := flag.NewFlagSet("audit export", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var req adminpb.ListAuditRecordsRequest
+	fs.StringVar(&req.Identity, "identity", "", "only records granting or requesting this SPIFFE ID")
+	fs.StringVar(&req.Serial, "serial", "", "only records of this serial (lowercase hex)")
+	fs.StringVar(&req.CertSha256, "fingerprint", "", "only records of this certificate SHA-256 (hex)")
+	fs.StringVar(&req.Outcome, "outcome", "", "issued | refused | failed | ok | undelivered")
+	fs.StringVar(&req.Writer, "writer", "", "only this writer's chain")
+	fs.StringVar(&req.IssuerKeyId, "issuer", "", "only certificates of this issuing CA key id (hex SubjectKeyId)")
+	since := fs.String("since", "", "only records at or after this time (RFC 3339 or YYYY-MM-DD)")
+	until := fs.String("until", "", "only records before this time (RFC 3339 or YYYY-MM-DD)")
+	format := fs.String("format", "jsonl", "jsonl | csv")
+	outPath := fs.String("out", "", "file to write (default: standard output)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	for _, t := range []struct {
+		s   string
+		dst **timestamppb.Timestamp
+	}{{*since, &req.Since}, {*until, &req.Until}} {
+		if t.s != "" {
+			v, err := parseWhen(t.s)
+			if err != nil {
+				return fmt.Errorf("audit export: %w", err)
+			}
+			*t.dst = timestamppb.New(v)
+		}
+	}
+	if *format != "jsonl" && *format != "csv" {
+		return errors.New("audit export: --format must be jsonl or csv")
+	}
+	client, closeConn, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer closeConn()
+
+	out := stdout
+	if *outPath != "" {
+		f, err := os.OpenFile(*outPath, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+		if err != nil {
+			return fmt.Errorf("audit export: %w", err)
+		}
+		defer func() {
+			if cerr := f.Close(); err == nil && cerr != nil {
+				err = fmt.Errorf("audit export: %w", cerr)
+			}
+		}()
+		out = f
+	}
+	bw := bufio.NewWriter(out)
+	cw, enc := csv.NewWriter(bw), json.NewEncoder(bw)
+	if *format == "csv" {
+		if err := cw.Write(csvHeader()); err != nil {
+			return err
+		}
+	}
+	total := 0
+	for {
+		req.Limit = storage.MaxLimit
+		resp, err := client.ListAuditRecords(ctx, &req)
+		if err != nil {
+			return fmt.Errorf("audit export: after %d records: %w", total, err)
+		}
+		for _, p := range resp.GetRecords() {
+			r := ca.RecordFromProto(p)
+			if *format == "csv" {
+				err = cw.Write(csvRow(&r))
+			} else {
+				err = enc.Encode(&r)
+			}
+			if err != nil {
+				return fmt.Errorf("audit export: %w", err)
+			}
+		}
+		n := len(resp.GetRecords())
+		total += n
+		if n < int(req.Limit) {
+			break
+		}
+		last := resp.GetRecords()[n-1]
+		req.AfterWriter, req.AfterSeq = last.GetWriter(), last.GetSeq()
+	}
+	cw.Flush()
+	if err := cw.Error(); err != nil {
+		return fmt.Errorf("audit export: %w", err)
+	}
+	if err := bw.Flush(); err != nil {
+		return fmt.Errorf("audit export: %w", err)
+	}
+	fmt.Fprintf(stderr, "exported %d records\n", total)
+	return nil
+}
+
+// csvHeader names the CSV columns: the JSON field names of storage.Record.
+func csvHeader() []string {
+	return []string{"writer", "seq", "time", "kind", "request_id", "peer", "auth_method", "caller", "cluster_id",
+		"requested_identity", "granted_identity", "outcome", "reason", "code", "serial", "not_before", "not_after",
+		"cert_sha256", "signer", "issuer_key_id", "detail", "prev_hash", "hash"}
+}
+
+// csvRow renders r in csvHeader's order; times in RFC 3339 with nanoseconds,
+// so an exported row still hashes to its hash.
+func csvRow(r *storage.Record) []string {
+	tm := func(t time.Time) string {
+		if t.IsZero() {
+			return ""
+		}
+		return t.UTC().Format(time.RFC3339Nano)
+	}
+	return []string{r.Writer, strconv.FormatUint(r.Seq, 10), tm(r.Time), r.Kind, r.RequestID, r.Peer, r.AuthMethod,
+		r.Caller, r.ClusterID, r.RequestedIdentity, r.GrantedIdentity, r.Outcome, r.Reason, r.Code, r.Serial,
+		tm(r.NotBefore), tm(r.NotAfter), r.CertSHA256, r.Signer, r.IssuerKeyID, r.Detail, r.PrevHash, r.Hash}
+}
+
+// cmdAuditPrune removes old records through the server, which signs the
+// checkpoint with its checkpoint key.
+func cmdAuditPrune(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("audit prune", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	beforeFlag := fs.String("before", "", "remove records older than this time (RFC 3339 or YYYY-MM-DD, UTC midnight); required")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *beforeFlag == "" || fs.NArg() > 0 {
+		return errors.New("audit prune: --before DATE is required")
+	}
+	before, err := parseWhen(*beforeFlag)
+	if err != nil {
+		return fmt.Errorf("audit prune: %w", err)
+	}
+	client, closeConn, err := g.dial()
+	if err != nil {
+		return err
+	}
+	defer closeConn()
+	resp, err := client.PruneAuditLog(ctx, &adminpb.PruneAuditLogRequest{Before: timestamppb.New(before)})
+	if err != nil {
+		return fmt.Errorf("audit prune: %w", err)
+	}
+	if resp.GetCheckpointId() == 0 {
+		fmt.Fprintf(stdout, "nothing older than %s to prune\n", before.UTC().Format(time.RFC3339))
+		return nil
+	}
+	fmt.Fprintf(stdout, "pruned %d records older than %s from %d writer(s); checkpoint %d signed by key %.16s…\n",
+		resp.GetRemoved(), before.UTC().Format(time.RFC3339), len(resp.GetWriters()), resp.GetCheckpointId(), resp.GetKeyId())
+	for _, w := range resp.GetWriters() {
+		fmt.Fprintf(stdout, "  %s: %d removed, chain resumes at seq %d (prev hash %.16s…)\n", w.GetWriter(), w.GetRemoved(), w.GetSeq()+1, w.GetHash())
+	}
+	return nil
+}

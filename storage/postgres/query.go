@@ -1,0 +1,233 @@
+package postgres
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/castellan-ca/castellan/storage"
+	"github.com/jackc/pgx/v5"
+)
+
+// selectColumns is columns as a SELECT list.
+var selectColumns = strings.Join(columns, ", ")
+
+// querier is what pgxpool.Pool and pgx.Tx share.
+type querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// listSQL builds the query for q. Every filter is an indexed column (see
+// migrations/0001_audit_log.sql); the order is the primary key's.
+func listSQL(q storage.Query) (string, []any) {
+	var (
+		where []string
+		args  []any
+	)
+	arg := func(v any) string {
+		args = append(args, v)
+		return "$" + strconv.Itoa(len(args))
+	}
+	if q.Identity != "" {
+		p := arg(q.Identity)
+		where = append(where, "(granted_identity = "+p+" OR requested_identity = "+p+")")
+	}
+	for _, f := range []struct{ col, v string }{{"serial", q.Serial}, {"cert_sha256", q.CertSHA256},
+		{"outcome", q.Outcome}, {"writer", q.Writer}, {"issuer_key_id", q.IssuerKeyID}} {
+		if f.v != "" {
+			where = append(where, f.col+" = "+arg(f.v))
+		}
+	}
+	if !q.Since.IsZero() {
+		where = append(where, "time_ns >= "+arg(clampNanos(q.Since)))
+	}
+	if !q.Until.IsZero() {
+		where = append(where, "time_ns < "+arg(clampNanos(q.Until)))
+	}
+	switch {
+	case q.AfterWriter != "":
+		where = append(where, "(writer, seq) > ("+arg(q.AfterWriter)+", "+arg(int64(q.AfterSeq))+")")
+	case q.AfterSeq > 0:
+		where = append(where, "seq > "+arg(int64(q.AfterSeq)))
+	}
+	sql := "SELECT " + selectColumns + " FROM audit_log"
+	if len(where) > 0 {
+		sql += " WHERE " + strings.Join(where, " AND ")
+	}
+	return sql + " ORDER BY writer, seq LIMIT " + arg(q.EffectiveLimit()), args
+}
+
+// List returns the records matching q, ordered by (Writer, Seq), at most
+// q.EffectiveLimit() of them.
+func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, error) {
+	if s.isClosed.Load() {
+		return nil, fmt.Errorf("postgres: list: %w", storage.ErrClosed)
+	}
+	sql, args := listSQL(q)
+	rows, err := s.pool.Query(ctx, sql, args...)
+	if err != nil {
+		return nil, fmt.Errorf("postgres: list: %w", err)
+	}
+	defer rows.Close()
+	var out []storage.Record
+	for rows.Next() {
+		var r storage.Record
+		if err := scanRecord(rows, &r); err != nil {
+			return nil, fmt.Errorf("postgres: list: %w", err)
+		}
+		out = append(out, r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("postgres: list: %w", err)
+	}
+	return out, nil
+}
+
+// clampNanos converts a query bound to Unix nanoseconds, saturating instead
+// of overflowing for times outside 1678..2262.
+func clampNanos(t time.Time) int64 {
+	switch {
+	case t.Before(time.Unix(0, -1<<63)):
+		return -1 << 63
+	case t.After(time.Unix(0, 1<<63-1)):
+		return 1<<63 - 1
+	}
+	return t.UnixNano()
+}
+
+// Get returns the record at (writer, seq), or an error wrapping
+// storage.ErrNotFound.
+func (s *Store) Get(ctx context.Context, writer string, seq uint64) (*storage.Record, error) {
+	if s.isClosed.Load() {
+		return nil, fmt.Errorf("postgres: get: %w", storage.ErrClosed)
+	}
+	if seq > 1<<63-1 {
+		return nil, fmt.Errorf("postgres: get %s/%d: %w", writer, seq, storage.ErrNotFound)
+	}
+	var r storage.Record
+	row := s.pool.QueryRow(ctx, "SELECT "+selectColumns+" FROM audit_log WHERE writer = $1 AND seq = $2", writer, int64(seq))
+	if err := scanRecord(row, &r); err != nil {
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil, fmt.Errorf("postgres: get %s/%d: %w", writer, seq, storage.ErrNotFound)
+		}
+		return nil, fmt.Errorf("postgres: get %s/%d: %w", writer, seq, err)
+	}
+	return &r, nil
+}
+
+// Verify streams every record, ordered by writer and seq, through the shared
+// storage.ChainVerifier, after the prune checkpoints (checked against the
+// store's checkpoint key). It reads one snapshot (a REPEATABLE READ
+// transaction), so a concurrent prune is seen entirely or not at all, and
+// stops at the first break. A broken chain is reported with OK false and a
+// nil error; the error is for read failures.
+func (s *Store) Verify(ctx context.Context) (storage.VerifyResult, error) {
+	if s.isClosed.Load() {
+		return storage.VerifyResult{}, fmt.Errorf("postgres: verify: %w", storage.ErrClosed)
+	}
+	var (
+		v   storage.ChainVerifier
+		res storage.VerifyResult
+	)
+	err := pgx.BeginTxFunc(ctx, s.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
+		cps, err := loadCheckpoints(ctx, tx)
+		if err != nil {
+			return err
+		}
+		for i := range cps {
+			if err := v.AddCheckpoint(&cps[i], s.checkpointPub()); err != nil {
+				return nil // reported in the result
+			}
+		}
+		rows, err := tx.Query(ctx, "SELECT "+selectColumns+" FROM audit_log ORDER BY writer, seq")
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		var r storage.Record // reused: the verifier keeps no reference
+		for rows.Next() {
+			if err := scanRecord(rows, &r); err != nil {
+				return err
+			}
+			if err := v.Add(&r); err != nil {
+				if errors.Is(err, storage.ErrChainBroken) {
+					return nil
+				}
+				return err
+			}
+		}
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		_ = v.Finish() // a break is reported in the result
+		return nil
+	})
+	res = v.Result()
+	if err != nil {
+		return res, fmt.Errorf("postgres: verify: %w", err)
+	}
+	return res, nil
+}
+
+// loadCheckpoints reads every checkpoint by ascending ID.
+func loadCheckpoints(ctx context.Context, q querier) ([]storage.Checkpoint, error) {
+	rows, err := q.Query(ctx, `SELECT id, time_ns, before_ns, writers, key_id, signature FROM audit_checkpoint ORDER BY id`)
+	if err != nil {
+		return nil, fmt.Errorf("read checkpoints: %w", err)
+	}
+	defer rows.Close()
+	var out []storage.Checkpoint
+	for rows.Next() {
+		var (
+			cp               storage.Checkpoint
+			id, tNs, beforeN int64
+			writers          string
+		)
+		if err := rows.Scan(&id, &tNs, &beforeN, &writers, &cp.KeyID, &cp.Signature); err != nil {
+			return nil, fmt.Errorf("read checkpoints: %w", err)
+		}
+		cp.ID, cp.Time, cp.Before = uint64(id), time.Unix(0, tNs).UTC(), time.Unix(0, beforeN).UTC()
+		if err := json.Unmarshal([]byte(writers), &cp.Writers); err != nil {
+			// Not written by a store: let the signature check fail on it.
+			cp.Writers = []storage.CheckpointEntry{{Writer: "undecodable: " + err.Error()}}
+		}
+		out = append(out, cp)
+	}
+	return out, rows.Err()
+}
+
+// scanRecord reads one row selected with selectColumns into r.
+func scanRecord(row pgx.Row, r *storage.Record) error {
+	var (
+		seq, timeNS  int64
+		nbS, naS     *int64
+		nbNs, naNs   *int32
+		prevH, hashH string
+	)
+	err := row.Scan(&r.Writer, &seq, &timeNS, &r.Kind, &r.RequestID, &r.Peer, &r.AuthMethod, &r.Caller,
+		&r.ClusterID, &r.RequestedIdentity, &r.GrantedIdentity, &r.Outcome, &r.Reason, &r.Code, &r.Serial,
+		&nbS, &nbNs, &naS, &naNs, &r.CertSHA256, &r.Signer, &r.IssuerKeyID, &r.Detail, &prevH, &hashH)
+	if err != nil {
+		return err
+	}
+	r.Seq, r.PrevHash, r.Hash = uint64(seq), prevH, hashH
+	r.Time = time.Unix(0, timeNS).UTC()
+	r.NotBefore, r.NotAfter = joinTime(nbS, nbNs), joinTime(naS, naNs)
+	return nil
+}
+
+func joinTime(secs *int64, nanos *int32) time.Time {
+	if secs == nil {
+		return time.Time{}
+	}
+	var ns int64
+	if nanos != nil {
+		ns = int64(*nanos)
+	}
+	return time.Unix(*secs, ns).UTC()
+}

@@ -38,6 +38,10 @@ const (
 type serverConfig struct {
 	signer     string // "selfsigned" or "intermediate"
 	cacertsDir string // Istio cacerts layout, for the intermediate signer
+	configFile string // --config YAML file, for settings without flags (oidc)
+
+	// extraArgs are further flags, appended last (kubernetes).
+	extraArgs []string
 }
 
 // server is one running `castellan serve` process with its own data
@@ -96,6 +100,10 @@ func launch(t *testing.T, cfg serverConfig, dataDir string) (*server, error) {
 	if cfg.cacertsDir != "" {
 		args = append(args, "--cacerts-dir", cfg.cacertsDir)
 	}
+	if cfg.configFile != "" {
+		args = append(args, "--config", cfg.configFile)
+	}
+	args = append(args, cfg.extraArgs...)
 	s.cmd = exec.Command(castellanBin, args...)
 	s.cmd.Stdout = s.logs
 	s.cmd.Stderr = s.logs
@@ -238,6 +246,7 @@ type auditRecord struct {
 	NotBefore         string `json:"not_before"`
 	NotAfter          string `json:"not_after"`
 	CertSHA256        string `json:"cert_sha256"`
+	Detail            string `json:"detail"`
 	Signer            string `json:"signer"`
 	IssuerKeyID       string `json:"issuer_key_id"`
 	PrevHash          string `json:"prev_hash"`

@@ -1,0 +1,260 @@
+// Package publish distributes the trust bundle to workloads: the
+// istio-ca-root-cert ConfigMap in every namespace, kept equal to the bundle.
+package publish
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/castellan-ca/castellan/ca"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	listerscorev1 "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/util/workqueue"
+)
+
+// What Istio's agents read (DESIGN.md §2).
+const (
+	ConfigMapName = "istio-ca-root-cert"
+	RootCertKey   = "root-cert.pem"
+	// LabelKey/LabelValue mark the ConfigMap as Istio configuration.
+	LabelKey   = "istio.io/config"
+	LabelValue = "true"
+	// FieldManager names Castellan in the ConfigMaps' managed fields.
+	FieldManager = "castellan"
+)
+
+// skippedNamespaces never get the ConfigMap: no workload runs there.
+var skippedNamespaces = map[string]bool{"kube-public": true, "kube-node-lease": true}
+
+// Bundle is the source of the trust bundle (ca.Authority).
+type Bundle interface {
+	Current() *ca.State
+	Changed() <-chan struct{}
+}
+
+// ConfigMaps keeps istio-ca-root-cert equal to the trust bundle in every
+// selected namespace: created in new namespaces, re-created when deleted,
+// restored when edited, rewritten when the bundle changes. Run it only on the
+// leader (see Elect).
+type ConfigMaps struct {
+	Client kubernetes.Interface
+	Bundle Bundle
+	// NamespaceSelector limits the namespaces (label selector); nil means all.
+	NamespaceSelector labels.Selector
+	Logger            *slog.Logger
+	// Workers is the number of namespaces reconciled at once (default 2).
+	Workers int
+}
+
+// Run reconciles until ctx ends. It returns an error only if its caches
+// cannot sync.
+func (c *ConfigMaps) Run(ctx context.Context) error {
+	logger := c.Logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	workers := c.Workers
+	if workers <= 0 {
+		workers = 2
+	}
+	nsFactory := informers.NewSharedInformerFactoryWithOptions(c.Client, 0,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+			if c.NamespaceSelector != nil {
+				o.LabelSelector = c.NamespaceSelector.String()
+			}
+		}))
+	cmFactory := informers.NewSharedInformerFactoryWithOptions(c.Client, 0,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", ConfigMapName).String()
+		}))
+	nsInformer := nsFactory.Core().V1().Namespaces()
+	cmInformer := cmFactory.Core().V1().ConfigMaps()
+
+	queue := workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
+		workqueue.TypedRateLimitingQueueConfig[string]{Name: "root-configmaps"})
+	defer queue.ShutDown()
+	r := &reconciler{client: c.Client, bundle: c.Bundle, namespaces: nsInformer.Lister(), configMaps: cmInformer.Lister(), logger: logger}
+
+	enqueueNS := func(obj any) {
+		if ns, ok := objectName(obj); ok {
+			queue.Add(ns)
+		}
+	}
+	enqueueCM := func(obj any) {
+		if ns, ok := objectNamespace(obj); ok {
+			queue.Add(ns)
+		}
+	}
+	if _, err := nsInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: enqueueNS, UpdateFunc: func(_, obj any) { enqueueNS(obj) },
+	}); err != nil {
+		return err
+	}
+	if _, err := cmInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: enqueueCM, UpdateFunc: func(_, obj any) { enqueueCM(obj) }, DeleteFunc: enqueueCM,
+	}); err != nil {
+		return err
+	}
+	// Armed before the caches sync, whose initial list enqueues every namespace.
+	changed := c.Bundle.Changed()
+	nsFactory.Start(ctx.Done())
+	cmFactory.Start(ctx.Done())
+	defer nsFactory.Shutdown()
+	defer cmFactory.Shutdown()
+	if !cache.WaitForCacheSync(ctx.Done(), nsInformer.Informer().HasSynced, cmInformer.Informer().HasSynced) {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return errors.New("root configmaps: caches did not sync")
+	}
+	logger.Info("root configmap controller running")
+
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // every bundle change rewrites every namespace
+		defer wg.Done()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-changed:
+			}
+			// Re-armed before listing: a change while we enqueue fires again.
+			changed = c.Bundle.Changed()
+			all, err := r.namespaces.List(labels.Everything())
+			if err != nil {
+				continue
+			}
+			for _, ns := range all {
+				queue.Add(ns.Name)
+			}
+		}
+	}()
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for r.processNext(ctx, queue) {
+			}
+		}()
+	}
+	<-ctx.Done()
+	queue.ShutDown()
+	wg.Wait()
+	return nil
+}
+
+// reconciler makes one namespace's ConfigMap right.
+type reconciler struct {
+	client     kubernetes.Interface
+	bundle     Bundle
+	namespaces listerscorev1.NamespaceLister
+	configMaps listerscorev1.ConfigMapLister
+	logger     *slog.Logger
+}
+
+// processNext handles one queued namespace; false once the queue shuts down.
+func (r *reconciler) processNext(ctx context.Context, queue workqueue.TypedRateLimitingInterface[string]) bool {
+	ns, shutdown := queue.Get()
+	if shutdown {
+		return false
+	}
+	defer queue.Done(ns)
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	err := r.reconcile(cctx, ns)
+	cancel()
+	if err != nil {
+		if ctx.Err() == nil {
+			r.logger.Warn("root configmap not written; retrying", "namespace", ns, "error", err)
+		}
+		queue.AddRateLimited(ns)
+		return true
+	}
+	queue.Forget(ns)
+	return true
+}
+
+// reconcile creates or updates the ConfigMap in namespace name so that its
+// root-cert.pem is the current bundle and it carries the label. Other keys and
+// labels someone added are left alone.
+func (r *reconciler) reconcile(ctx context.Context, name string) error {
+	if skippedNamespaces[name] {
+		return nil
+	}
+	ns, err := r.namespaces.Get(name)
+	if apierrors.IsNotFound(err) {
+		return nil // deleted, or not selected
+	}
+	if err != nil {
+		return err
+	}
+	if ns.Status.Phase == corev1.NamespaceTerminating {
+		return nil
+	}
+	st := r.bundle.Current()
+	if st == nil {
+		return errors.New("no trust bundle yet")
+	}
+	cm, err := r.configMaps.ConfigMaps(name).Get(ConfigMapName)
+	switch {
+	case apierrors.IsNotFound(err):
+		_, err = r.client.CoreV1().ConfigMaps(name).Create(ctx, &corev1.ConfigMap{
+			ObjectMeta: metav1.ObjectMeta{Name: ConfigMapName, Namespace: name, Labels: map[string]string{LabelKey: LabelValue}},
+			Data:       map[string]string{RootCertKey: st.BundlePEM},
+		}, metav1.CreateOptions{FieldManager: FieldManager})
+		if err != nil {
+			return fmt.Errorf("create %s/%s: %w", name, ConfigMapName, err)
+		}
+		r.logger.Debug("root configmap created", "namespace", name, "generation", st.Generation)
+		return nil
+	case err != nil:
+		return err
+	case cm.Data[RootCertKey] == st.BundlePEM && cm.Labels[LabelKey] == LabelValue:
+		return nil
+	}
+	cm = cm.DeepCopy()
+	if cm.Data == nil {
+		cm.Data = map[string]string{}
+	}
+	if cm.Labels == nil {
+		cm.Labels = map[string]string{}
+	}
+	cm.Data[RootCertKey] = st.BundlePEM
+	cm.Labels[LabelKey] = LabelValue
+	if _, err := r.client.CoreV1().ConfigMaps(name).Update(ctx, cm, metav1.UpdateOptions{FieldManager: FieldManager}); err != nil {
+		return fmt.Errorf("update %s/%s: %w", name, ConfigMapName, err)
+	}
+	r.logger.Debug("root configmap updated", "namespace", name, "generation", st.Generation)
+	return nil
+}
+
+// objectName returns the name of a namespace event's object.
+func objectName(obj any) (string, bool) {
+	if o, ok := obj.(metav1.Object); ok {
+		return o.GetName(), true
+	}
+	return "", false
+}
+
+// objectNamespace returns the namespace of a ConfigMap event's object,
+// including a deletion tombstone.
+func objectNamespace(obj any) (string, bool) {
+	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = t.Obj
+	}
+	if o, ok := obj.(metav1.Object); ok {
+		return o.GetNamespace(), true
+	}
+	return "", false
+}

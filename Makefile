@@ -3,6 +3,7 @@
 # outside the repository, so it works on a fresh machine with only Go.
 
 SHELL        := /bin/bash
+.DEFAULT_GOAL := all
 .SHELLFLAGS  := -eu -o pipefail -c
 GO           ?= go
 CACHE_DIR    ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/castellan
@@ -31,6 +32,71 @@ TEST_DEPS :=
 TEST_ENV  :=
 
 # --- real components (one block each) ---
+
+# OpenBao (a Vault-API server) for signer/vault and the vault e2e, built from
+# its Go module in a throwaway wrapper module (see ../shared/recipes/openbao.md):
+# the pseudo-version is tag v2.4.0, the auth/*/v2 replaces pin modules its
+# go.mod names at the never-published v2.0.0, and GONOSUMDB covers go-kms-wrapping
+# modules the checksum database lacks.
+OPENBAO_VERSION := v2.4.0
+OPENBAO_PSEUDO  := v0.0.0-20250828202315-f9407a27fbee
+BAO             := $(CACHE_DIR)/openbao-$(OPENBAO_VERSION)/bao
+$(BAO):
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; cd "$$tmp"; \
+	printf '%s\n' 'module openbaobuild' 'go 1.24' \
+	  'require github.com/openbao/openbao $(OPENBAO_PSEUDO)' \
+	  'replace github.com/openbao/openbao/api/auth/approle/v2 => github.com/openbao/openbao/api/auth/approle/v2 $(OPENBAO_VERSION)' \
+	  'replace github.com/openbao/openbao/api/auth/userpass/v2 => github.com/openbao/openbao/api/auth/userpass/v2 $(OPENBAO_VERSION)' > go.mod; \
+	GONOSUMDB=github.com/openbao/go-kms-wrapping CGO_ENABLED=0 \
+	  $(GO) build -mod=mod -trimpath -o $@.tmp github.com/openbao/openbao; \
+	mv $@.tmp $@
+.PHONY: openbao
+openbao: $(BAO)
+TEST_DEPS += $(BAO)
+TEST_ENV  += CASTELLAN_TEST_BAO_BIN=$(BAO)
+
+# kube-apiserver + etcd for the Kubernetes e2e tests (authn/kube, node
+# authorizer, root ConfigMaps), built from their Go modules by the wrapper
+# modules in e2e/tools/kube and e2e/tools/etcd (see ../shared/recipes/kube.md)
+# and cached per version outside the repository: the cold build takes ~10 min.
+KUBE_VERSION := v1.32.13
+ETCD_VERSION := v3.5.21
+KUBE_BIN_DIR := $(CACHE_DIR)/kube-$(KUBE_VERSION)-etcd-$(ETCD_VERSION)
+KUBE_LDFLAGS := -X k8s.io/component-base/version.gitVersion=$(KUBE_VERSION) \
+  -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=32
+$(KUBE_BIN_DIR)/kube-apiserver:
+	mkdir -p $(@D)
+	cd e2e/tools/kube && CGO_ENABLED=0 $(GO) build -mod=mod -trimpath -ldflags '$(KUBE_LDFLAGS)' \
+	  -o $@.tmp k8s.io/kubernetes/cmd/kube-apiserver \
+	  || { echo "cannot build kube-apiserver $(KUBE_VERSION) from the module proxy" >&2; exit 1; }
+	mv $@.tmp $@
+$(KUBE_BIN_DIR)/etcd:
+	mkdir -p $(@D)
+	cd e2e/tools/etcd && CGO_ENABLED=0 $(GO) build -mod=mod -trimpath -o $@.tmp . \
+	  || { echo "cannot build etcd $(ETCD_VERSION) from the module proxy" >&2; exit 1; }
+	mv $@.tmp $@
+.PHONY: kube
+kube: $(KUBE_BIN_DIR)/kube-apiserver $(KUBE_BIN_DIR)/etcd
+TEST_DEPS += kube
+TEST_ENV  += CASTELLAN_TEST_KUBE_BIN_DIR=$(KUBE_BIN_DIR)
+
+# PostgreSQL 15 server binaries (Debian's postgresql-15) for storage/postgres,
+# the fault test and the audit benchmarks: the tests start throwaway clusters
+# from them (../shared/recipes/postgres.md), unless CASTELLAN_TEST_POSTGRES_DSN
+# names a server. Installed with apt-get when missing and possible.
+PG_BIN_DIR := /usr/lib/postgresql/15/bin
+.PHONY: postgres
+postgres:
+	@if [ -n "$${CASTELLAN_TEST_POSTGRES_DSN:-}" ] || [ -x $(PG_BIN_DIR)/initdb ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "PostgreSQL 15 not found in $(PG_BIN_DIR): install postgresql-15 or set CASTELLAN_TEST_POSTGRES_DSN" >&2; exit 1; fi; \
+	echo "installing postgresql-15 (server binaries for the audit store tests)" >&2; \
+	{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15; } \
+	  || { echo "cannot install postgresql-15: install it or set CASTELLAN_TEST_POSTGRES_DSN" >&2; exit 1; }; \
+	[ -x $(PG_BIN_DIR)/initdb ] || { echo "postgresql-15 installed but $(PG_BIN_DIR)/initdb is missing" >&2; exit 1; }
+bench: postgres
+TEST_DEPS += postgres
+TEST_ENV  += CASTELLAN_TEST_POSTGRES_BIN_DIR=$(PG_BIN_DIR)
 
 # --- end of real components ---
 
@@ -105,6 +171,15 @@ e2e: build $(TEST_DEPS)
 ## bench: issuance pipeline benchmarks (numbers go to BENCHMARKS.md)
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./ca/ ./storage/...
+
+## loadgen: 32 mTLS clients against the real binary (embedded audit), then Istio's own CA
+## with the same client; not part of `make test`. Numbers and method: BENCHMARKS.md.
+LOADGEN_ARGS ?= -clients 32 -duration 30s
+.PHONY: loadgen
+loadgen: build
+	cd e2e && $(GO) build -o $(BIN)/loadgen ./loadgen
+	$(BIN)/loadgen -mode castellan -castellan-bin $(BIN)/castellan $(LOADGEN_ARGS)
+	$(BIN)/loadgen -mode istio $(LOADGEN_ARGS)
 
 clean:
 	rm -rf $(BIN)

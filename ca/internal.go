@@ -8,6 +8,8 @@ import (
 	"crypto/elliptic"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -28,7 +30,11 @@ func (is *Issuer) IssueInternal(ctx context.Context, purpose string, tmpl *x509.
 	if st == nil {
 		return nil, nil, refuse(ErrUnavailable, ReasonNoSigner, errors.New("no active signer"))
 	}
-	csr, err := x509.CreateCertificateRequest(is.cfg.Rand, &x509.CertificateRequest{DNSNames: tmpl.DNSNames, URIs: tmpl.URIs}, key)
+	san, err := criticalSAN(tmpl.DNSNames, tmpl.URIs)
+	if err != nil {
+		return nil, nil, fmt.Errorf("issue %s: %w", purpose, err)
+	}
+	csr, err := x509.CreateCertificateRequest(is.cfg.Rand, &x509.CertificateRequest{ExtraExtensions: []pkix.Extension{san}}, key)
 	if err != nil {
 		return nil, nil, fmt.Errorf("issue %s: create CSR: %w", purpose, err)
 	}
@@ -57,6 +63,24 @@ func (is *Issuer) IssueInternal(ctx context.Context, purpose string, tmpl *x509.
 	return chain, st, nil
 }
 
+// criticalSAN encodes a subjectAltName extension marked critical, as RFC 5280
+// requires with an empty subject: a backend that copies the CSR's extensions
+// (Vault's sign-verbatim) then still issues a valid certificate.
+func criticalSAN(dnsNames []string, uris []*url.URL) (pkix.Extension, error) {
+	var names []asn1.RawValue
+	for _, n := range dnsNames {
+		names = append(names, asn1.RawValue{Class: asn1.ClassContextSpecific, Tag: 2, Bytes: []byte(n)})
+	}
+	for _, u := range uris {
+		names = append(names, asn1.RawValue{Class: asn1.ClassContextSpecific, Tag: 6, Bytes: []byte(u.String())})
+	}
+	val, err := asn1.Marshal(names)
+	if err != nil {
+		return pkix.Extension{}, fmt.Errorf("encode SAN: %w", err)
+	}
+	return pkix.Extension{Id: asn1.ObjectIdentifier{2, 5, 29, 17}, Critical: true, Value: val}, nil
+}
+
 // ServingTemplate is the profile of Castellan's own TLS serving certificate.
 func ServingTemplate(dnsNames []string) *x509.Certificate {
 	return &x509.Certificate{
@@ -83,8 +107,10 @@ func ClientTemplate(id *url.URL) *x509.Certificate {
 type ServingCert struct {
 	Issuer   *Issuer
 	DNSNames []string
-	TTL      time.Duration // default 24 h; renewed after two thirds
-	Logger   *slog.Logger
+	// URIs are URI SANs, e.g. the SPIFFE ID of an endpoint authenticated by SVID.
+	URIs   []*url.URL
+	TTL    time.Duration // default 24 h; renewed after two thirds
+	Logger *slog.Logger
 
 	mu      sync.Mutex
 	cert    *tls.Certificate
@@ -141,7 +167,9 @@ func (s *ServingCert) issue(ctx context.Context) (*tls.Certificate, uint64, time
 	if err != nil {
 		return nil, 0, time.Time{}, fmt.Errorf("serving key: %w", err)
 	}
-	chain, st, err := s.Issuer.IssueInternal(ctx, "serving certificate", ServingTemplate(s.DNSNames), key, ttl)
+	tmpl := ServingTemplate(s.DNSNames)
+	tmpl.URIs = s.URIs
+	chain, st, err := s.Issuer.IssueInternal(ctx, "serving certificate", tmpl, key, ttl)
 	if err != nil {
 		return nil, 0, time.Time{}, err
 	}

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/castellan-ca/castellan/authn"
+
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
 	"github.com/castellan-ca/castellan/storage"
@@ -24,12 +26,19 @@ type Server struct {
 	Issuer *Issuer
 	// Audit answers the admin API's audit queries.
 	Audit AuditReader
+	// Rotation runs the CA rotation workflow; nil refuses its RPCs.
+	Rotation Rotation
 }
 
 // AuditReader is the read side of the audit store used by the admin API.
 type AuditReader interface {
 	List(ctx context.Context, q storage.Query) ([]storage.Record, error)
 	Verify(ctx context.Context) (storage.VerifyResult, error)
+	// Get returns one record or an error wrapping storage.ErrNotFound.
+	Get(ctx context.Context, writer string, seq uint64) (*storage.Record, error)
+	// Prune removes records older than before, leaving a signed checkpoint
+	// (nil when nothing was old enough).
+	Prune(ctx context.Context, before time.Time) (*storage.Checkpoint, error)
 }
 
 // CreateCertificate implements Istio's CA API.
@@ -41,6 +50,9 @@ func (s *Server) CreateCertificate(ctx context.Context, in *authpb.IstioCertific
 	out, err := s.Issuer.Issue(ctx, withConn(ctx, req))
 	if err != nil {
 		return nil, Status(err).Err()
+	}
+	if err := s.undeliverable(ctx, out); err != nil {
+		return nil, err
 	}
 	return &authpb.IstioCertificateResponse{CertChain: out.Elements}, nil
 }
@@ -54,6 +66,9 @@ func (s *Server) IssueCertificate(ctx context.Context, in *adminpb.IssueCertific
 	out, err := s.Issuer.Issue(ctx, withConn(ctx, req))
 	if err != nil {
 		return nil, Status(err).Err()
+	}
+	if err := s.undeliverable(ctx, out); err != nil {
+		return nil, err
 	}
 	return &adminpb.IssueCertificateResponse{CertChain: out.Elements}, nil
 }
@@ -78,6 +93,7 @@ func (s *Server) ListAuditRecords(ctx context.Context, in *adminpb.ListAuditReco
 	q := storage.Query{
 		Identity: in.GetIdentity(), Serial: in.GetSerial(), CertSHA256: in.GetCertSha256(), Outcome: in.GetOutcome(),
 		AfterSeq: in.GetAfterSeq(), Writer: in.GetWriter(), Limit: int(in.GetLimit()),
+		AfterWriter: in.GetAfterWriter(), IssuerKeyID: in.GetIssuerKeyId(),
 	}
 	if in.Since != nil {
 		q.Since = in.GetSince().AsTime()
@@ -106,13 +122,16 @@ func (s *Server) VerifyAuditLog(ctx context.Context, _ *adminpb.VerifyAuditLogRe
 		return nil, Status(refuse(ErrUnavailable, ReasonAuditDown, fmt.Errorf("verify audit log: %w", err))).Err()
 	}
 	return &adminpb.VerifyAuditLogResponse{Ok: res.OK, Records: int64(res.Records), Writers: int32(res.Writers),
-		Problem: res.Problem, Writer: res.Writer, Seq: res.Seq}, nil
+		Problem: res.Problem, Writer: res.Writer, Seq: res.Seq, Checkpoints: int32(res.Checkpoints)}, nil
 }
 
 // AuthorizeOperator authenticates the caller and requires an operator credential.
 func (is *Issuer) AuthorizeOperator(ctx context.Context) error {
 	caller, err := is.cfg.Authenticator.Authenticate(ctx)
 	if err != nil {
+		if errors.Is(err, authn.ErrUnavailable) {
+			return refuse(ErrUnavailable, ReasonAuthnDown, err)
+		}
 		return refuse(ErrUnauthenticated, ReasonAuthnFailed, err)
 	}
 	if !caller.Operator {

@@ -13,5 +13,6 @@
 //	CASTELLAN_BIN=/abs/castellan CASTELLANCTL_BIN=/abs/castellanctl go test -count=1 ./...
 //
 // The package lives in its own Go module so that the service's module never
-// depends on istio.io/istio. It has no non-test code besides this comment.
+// depends on istio.io/istio. It has no non-test code besides this comment; the
+// module's one command, loadgen/, is the load generator of BENCHMARKS.md.
 package e2e

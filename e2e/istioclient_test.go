@@ -59,7 +59,7 @@ const (
 // pilot-agent on a VM does, then checks the certificate, the audit trail,
 // refusals, metrics and a clean shutdown.
 func TestIstioClient(t *testing.T) {
-	for _, signer := range []string{"selfsigned", "intermediate"} {
+	for _, signer := range []string{"selfsigned", "intermediate", "vault", "googlecas"} {
 		t.Run(signer, func(t *testing.T) {
 			t.Parallel()
 			testBackend(t, signer)
@@ -72,6 +72,8 @@ type backend struct {
 	signer string
 	srv    *server
 	ca     *testCA // the operator's CA for the intermediate signer, else nil
+	// remote is the external PKI of the vault and googlecas signers, else nil.
+	remote *remotePKI
 	// bundle is DIR/root-cert.pem as the server wrote it at start.
 	bundle []*x509.Certificate
 	// wantIntermediates are the certificates between leaf and root that
@@ -98,6 +100,11 @@ func testBackend(t *testing.T, signer string) {
 		b.wantIntermediates = []*x509.Certificate{b.ca.intermediate}
 		cfg.cacertsDir = b.ca.writeCACerts(t)
 	}
+	if start := remoteBackends[signer]; start != nil {
+		b.remote = start(t)
+		b.wantIntermediates = b.remote.intermediates
+		cfg.extraArgs = append(cfg.extraArgs, b.remote.args...)
+	}
 	b.srv = startServer(t, cfg)
 	rootFile := filepath.Join(b.srv.dataDir, "root-cert.pem")
 
@@ -110,6 +117,9 @@ func testBackend(t *testing.T, signer string) {
 		}
 		if b.ca != nil && !sameCertSet(b.bundle, b.ca.roots()) {
 			t.Errorf("root-cert.pem = %s, want the cacerts roots %s", describeCerts(b.bundle), describeCerts(b.ca.roots()))
+		}
+		if b.remote != nil && !sameCertSet(b.bundle, b.remote.roots) {
+			t.Errorf("root-cert.pem = %s, want the %s roots %s", describeCerts(b.bundle), b.signer, describeCerts(b.remote.roots))
 		}
 		got, err := parseCerts(b.srv.ctl(t, "bundle"))
 		if err != nil {
@@ -292,7 +302,7 @@ func bootstrap(t *testing.T, b *backend) credential {
 
 	leaf := chain[0]
 	issuer := verifyLeaf(t, b, leaf, chain[1:])
-	checkLeaf(t, leaf, issuer, pair.Leaf.PublicKey, requested, done)
+	checkLeaf(t, b, leaf, issuer, pair.Leaf.PublicKey, requested, done)
 
 	rec := issuedRecord(t, b, leaf, issuer)
 	checkFields(t, "audit record", []field{{"auth_method", rec.AuthMethod, "operator"}})
@@ -368,7 +378,7 @@ func renew(t *testing.T, b *backend, cred credential, opts util.CertOptions) cre
 	}
 
 	issuer := verifyLeaf(t, b, leaf, intermediates)
-	checkLeaf(t, leaf, issuer, csr.PublicKey, requested, done)
+	checkLeaf(t, b, leaf, issuer, csr.PublicKey, requested, done)
 
 	recs := csrRecords(b.srv.auditList(t)[n:])
 	if len(recs) != 1 {
@@ -489,7 +499,7 @@ func verifyLeaf(t *testing.T, b *backend, leaf *x509.Certificate, intermediates 
 // checkLeaf checks a workload leaf against the certificate profile. pub is
 // the key the certificate must certify; requested and done bracket the
 // issuing call.
-func checkLeaf(t *testing.T, leaf, issuer *x509.Certificate, pub crypto.PublicKey, requested, done time.Time) {
+func checkLeaf(t *testing.T, b *backend, leaf, issuer *x509.Certificate, pub crypto.PublicKey, requested, done time.Time) {
 	t.Helper()
 
 	wantURI, _ := url.Parse(workloadID)
@@ -538,8 +548,13 @@ func checkLeaf(t *testing.T, leaf, issuer *x509.Certificate, pub crypto.PublicKe
 	if len(issuer.SubjectKeyId) == 0 || !bytes.Equal(leaf.AuthorityKeyId, issuer.SubjectKeyId) {
 		t.Errorf("leaf AuthorityKeyId = %x, want issuer SubjectKeyId %x", leaf.AuthorityKeyId, issuer.SubjectKeyId)
 	}
-	if s := leaf.SerialNumber; s.Sign() <= 0 || s.BitLen() <= 64 || s.BitLen() > 128 {
-		t.Errorf("leaf serial %x has %d bits, want a positive random 128-bit number", s, s.BitLen())
+	// Castellan's own signers use 128-bit serials; Vault and CAS pick up to 20 octets.
+	maxBits := 128
+	if b.remote != nil {
+		maxBits = 159
+	}
+	if s := leaf.SerialNumber; s.Sign() <= 0 || s.BitLen() <= 64 || s.BitLen() > maxBits {
+		t.Errorf("leaf serial %x has %d bits, want a positive random number of 65 to %d bits", s, s.BitLen(), maxBits)
 	}
 
 	checkTime(t, "NotBefore", leaf.NotBefore, requested.Add(-clockSkew), done.Add(-clockSkew))

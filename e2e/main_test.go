@@ -15,6 +15,7 @@ import (
 var (
 	castellanBin    string
 	castellanctlBin string
+	fakeCASBin      string // the fake Google CAS the googlecas backend talks to
 )
 
 // buildTimeout bounds one `go build` of a binary under test. A cold build of
@@ -44,6 +45,7 @@ func run(m *testing.M) int {
 	}{
 		{&castellanBin, "CASTELLAN_BIN", "./cmd/castellan"},
 		{&castellanctlBin, "CASTELLANCTL_BIN", "./cmd/castellanctl"},
+		{&fakeCASBin, "CASTELLAN_FAKECAS_BIN", "./signer/googlecas/castest/fakecas"},
 	} {
 		path, err := binary(b.envVar, b.pkg, tmp)
 		if err != nil {

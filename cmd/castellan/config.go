@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
 	"github.com/castellan-ca/castellan/signer/local"
@@ -42,6 +43,17 @@ type Config struct {
 	OperatorCertTTL  time.Duration `yaml:"operatorCertTTL"`
 	LogLevel         string        `yaml:"logLevel"`
 	LogFormat        string        `yaml:"logFormat"`
+	// OIDC lists the token issuers accepted besides Kubernetes; file only (no flags).
+	OIDC authn.OIDCConfig `yaml:"oidc"`
+	// KubeConfig holds the Kubernetes keys (kube.go), at the top level of the file.
+	KubeConfig `yaml:",inline"`
+	// AuditConfig holds the audit store keys (audit.go), at the top level of the file.
+	AuditConfig `yaml:",inline"`
+	// RotationConfig holds the CA rotation keys (rotation.go), at the top level of the file.
+	RotationConfig `yaml:",inline"`
+	// Vault and GoogleCAS configure those signers (remote_signers.go).
+	Vault     VaultConfig     `yaml:"vault"`
+	GoogleCAS GoogleCASConfig `yaml:"googleCAS"`
 }
 
 // defaults returns the configuration used when nothing is set.
@@ -67,6 +79,11 @@ func defaults() Config {
 		OperatorCertTTL:  365 * 24 * time.Hour,
 		LogLevel:         "info",
 		LogFormat:        "text",
+		KubeConfig:       kubeDefaults(),
+		AuditConfig:      auditDefaults(),
+		RotationConfig:   rotationDefaults(),
+		Vault:            vaultDefaults(),
+		GoogleCAS:        googleCASDefaults(),
 	}
 }
 
@@ -99,7 +116,7 @@ func bindFlags(fs *flag.FlagSet, c *Config) {
 	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory for everything the server persists")
 	fs.Var(listFlag{&c.ServingDNSNames}, "serving-dns-names", "comma-separated DNS SANs of the serving certificate")
 	fs.DurationVar(&c.ServingCertTTL, "serving-cert-ttl", c.ServingCertTTL, "lifetime of the serving certificate (renewed at two thirds)")
-	fs.StringVar(&c.Signer, "signer", c.Signer, "signing backend: selfsigned | intermediate")
+	fs.StringVar(&c.Signer, "signer", c.Signer, "signing backend: selfsigned | intermediate | vault | googlecas")
 	fs.StringVar(&c.CACertsDir, "cacerts-dir", c.CACertsDir, "intermediate CA directory (Istio cacerts or kubernetes.io/tls layout)")
 	fs.DurationVar(&c.CACertsPoll, "cacerts-poll-interval", c.CACertsPoll, "how often --cacerts-dir is checked for changes")
 	fs.StringVar(&c.RootKeyType, "root-key-type", c.RootKeyType, "key type of a generated self-signed root: ecdsa-p256 | ecdsa-p384 | rsa-2048 | rsa-3072 | rsa-4096")
@@ -114,6 +131,10 @@ func bindFlags(fs *flag.FlagSet, c *Config) {
 	fs.DurationVar(&c.OperatorCertTTL, "operator-cert-ttl", c.OperatorCertTTL, "lifetime of the castellanctl operator credential")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug | info | warn | error")
 	fs.StringVar(&c.LogFormat, "log-format", c.LogFormat, "text | json")
+	bindKubeFlags(fs, &c.KubeConfig)
+	bindAuditFlags(fs, &c.AuditConfig)
+	bindRotationFlags(fs, &c.RotationConfig)
+	bindRemoteSignerFlags(fs, &c.Vault, &c.GoogleCAS)
 }
 
 // loadConfig applies defaults, then the --config file (strict: unknown keys
@@ -188,8 +209,12 @@ func (c Config) Validate() error {
 		if c.CACertsDir == "" {
 			bad("cacertsDir", "required with signer intermediate")
 		}
+	case "vault":
+		c.Vault.validate(bad)
+	case "googlecas":
+		c.GoogleCAS.validate(bad)
 	default:
-		bad("signer", "%q is not one of selfsigned, intermediate", c.Signer)
+		bad("signer", "%q is not one of selfsigned, intermediate, vault, googlecas", c.Signer)
 	}
 	switch ca.TTLMode(c.TTLPolicy) {
 	case ca.TTLRefuse, ca.TTLClamp:
@@ -222,6 +247,12 @@ func (c Config) Validate() error {
 	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		bad("logFormat", "%q is not text or json", c.LogFormat)
+	}
+	c.KubeConfig.validate(bad)
+	c.AuditConfig.validate(bad)
+	c.RotationConfig.validate(bad, c)
+	if err := c.OIDC.Validate(); err != nil {
+		errs = append(errs, err) // names its own keys (oidc.issuers[i].…)
 	}
 	return errors.Join(errs...)
 }

@@ -17,14 +17,13 @@ import (
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/rotation"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
-	"github.com/castellan-ca/castellan/signer/intermediate"
+	"github.com/castellan-ca/castellan/signer/googlecas"
 	"github.com/castellan-ca/castellan/signer/local"
-	"github.com/castellan-ca/castellan/signer/selfsigned"
-	"github.com/castellan-ca/castellan/storage"
-	"github.com/castellan-ca/castellan/storage/embedded"
+	"github.com/castellan-ca/castellan/signer/vault"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -51,32 +50,64 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("data dir: %w", err)
 	}
 
-	store, err := embedded.Open(ctx, filepath.Join(cfg.DataDir, datadir.AuditDB), embedded.Options{Logger: logger})
+	store, err := openAuditStore(ctx, cfg, logger)
 	if err != nil {
 		return fmt.Errorf("open audit store: %w", err)
 	}
 	defer store.Close()
 
 	authority := ca.NewAuthority()
-	if err := startSigner(ctx, cfg, td, authority, store, logger); err != nil {
+	rot, err := startSigner(ctx, cfg, td, authority, store, logger)
+	if err != nil {
 		return err
+	}
+	// Local CAs run through the rotation manager, which tracks what each CA
+	// issued; remote backends (Vault, CAS) rotate their own keys.
+	var (
+		issuerAudit ca.AuditLog = store
+		rotationAPI ca.Rotation
+	)
+	if rot != nil {
+		issuerAudit, rotationAPI = rot.TrackDependents(store), rot
+	}
+
+	chain := authn.Chain{
+		&authn.ClientCert{TrustDomain: td, Roots: authority.Roots, Operators: []spiffeid.ID{operatorID}},
+	}
+	// OIDC goes before Kubernetes tokens: it claims only tokens whose iss is
+	// one of its issuers and passes every other token on.
+	if len(cfg.OIDC.Issuers) > 0 {
+		oidcAuthn, err := authn.NewOIDC(ctx, authn.OIDCOptions{TrustDomain: td, Config: cfg.OIDC, Logger: logger})
+		if err != nil {
+			return err
+		}
+		chain = append(chain, oidcAuthn)
+	}
+	// Kubernetes service-account tokens come last: they claim every bearer token left.
+	kubeParts, err := startKube(ctx, cfg, td, authority, logger)
+	if err != nil {
+		return err
+	}
+	var nodeAuthz ca.NodeAuthorizer
+	if kubeParts != nil {
+		chain = append(chain, kubeParts.authenticator)
+		nodeAuthz = kubeParts.nodes
 	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	issuer, err := ca.NewIssuer(ca.Config{
-		TrustDomain: td,
-		TTL:         ca.TTLPolicy{Default: cfg.DefaultTTL, Max: cfg.MaxTTL, Mode: ca.TTLMode(cfg.TTLPolicy)},
-		ClockSkew:   cfg.ClockSkew,
-		Authenticator: authn.Chain{
-			&authn.ClientCert{TrustDomain: td, Roots: authority.Roots, Operators: []spiffeid.ID{operatorID}},
-		},
-		Audit:        store,
-		Authority:    authority,
-		Metrics:      ca.NewMetrics(reg),
-		Logger:       logger,
-		MaxInFlight:  cfg.MaxInFlight,
-		AuditTimeout: cfg.AuditTimeout,
+		TrustDomain:    td,
+		TTL:            ca.TTLPolicy{Default: cfg.DefaultTTL, Max: cfg.MaxTTL, Mode: ca.TTLMode(cfg.TTLPolicy)},
+		ClockSkew:      cfg.ClockSkew,
+		Authenticator:  chain,
+		NodeAuthorizer: nodeAuthz,
+		Audit:          issuerAudit,
+		Authority:      authority,
+		Metrics:        ca.NewMetrics(reg),
+		Logger:         logger,
+		MaxInFlight:    cfg.MaxInFlight,
+		AuditTimeout:   cfg.AuditTimeout,
 	})
 	if err != nil {
 		return err
@@ -95,6 +126,12 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("write trust bundle: %w", err)
 	}
 	go publishBundle(ctx, authority, bundlePath, logger)
+	go keepOperatorCredential(ctx, issuer, authority, cfg, operatorID, logger)
+	stopBundleEndpoint, err := startBundleEndpoint(ctx, cfg, td, authority, issuer, logger)
+	if err != nil {
+		return err
+	}
+	defer stopBundleEndpoint()
 
 	lis, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
@@ -113,7 +150,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 2 * time.Minute, Timeout: 20 * time.Second}),
 	)
-	api := &ca.Server{Issuer: issuer, Audit: store}
+	api := &ca.Server{Issuer: issuer, Audit: store, Rotation: rotationAPI}
 	authpb.RegisterIstioCertificateServiceServer(srv, api)
 	adminpb.RegisterAdminServiceServer(srv, api)
 
@@ -128,6 +165,18 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		{"audit store", store.Ping},
 		{"serving certificate", func(ctx context.Context) error { _, err := serving.Current(ctx); return err }},
 	}
+	if kubeParts != nil {
+		ready = append(ready, kubeParts.ready)
+	}
+	// server.json before /readyz answers: whoever waits for readiness (the
+	// e2e harness, a readiness gate) may run castellanctl at once.
+	infoPath := filepath.Join(cfg.DataDir, datadir.ServerInfo)
+	if err := writeServerInfo(infoPath, cfg, lis.Addr()); err != nil {
+		lis.Close()
+		return err
+	}
+	// A stale server.json would send castellanctl to a dead address.
+	defer os.Remove(infoPath)
 	mon, err := startMonitoring(cfg.MonitoringListen, reg, ready, logger)
 	if err != nil {
 		lis.Close()
@@ -138,13 +187,6 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		defer cancel()
 		mon.srv.Shutdown(shutCtx)
 	}()
-	infoPath := filepath.Join(cfg.DataDir, datadir.ServerInfo)
-	if err := writeServerInfo(infoPath, cfg, lis.Addr()); err != nil {
-		lis.Close()
-		return err
-	}
-	// A stale server.json would send castellanctl to a dead address.
-	defer os.Remove(infoPath)
 	logger.Info("castellan serving", "listen", lis.Addr().String(), "monitoring", mon.addr, "trust_domain", td.Name(),
 		"signer", authority.Current().Backend, "data_dir", cfg.DataDir)
 
@@ -166,46 +208,17 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	return nil
 }
 
-// startSigner loads the configured backend into authority; for the
-// intermediate backend it also watches the directory and swaps on change.
-func startSigner(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, audit ca.AuditLog, logger *slog.Logger) error {
+// startSigner loads the configured backend into authority. The local
+// backends (selfsigned, intermediate) run through the CA rotation manager,
+// which it returns; the remote ones (vault, googlecas) return nil.
+func startSigner(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, store auditStore, logger *slog.Logger) (*rotation.Manager, error) {
 	switch cfg.Signer {
-	case "selfsigned":
-		s, err := selfsigned.Load(selfsigned.Options{Dir: filepath.Join(cfg.DataDir, datadir.SelfSignedDir), TrustDomain: td,
-			KeyType: cfg.RootKeyType, Lifetime: cfg.RootLifetime})
-		if err != nil {
-			return fmt.Errorf("self-signed root: %w", err)
-		}
-		_, err = authority.Use(selfsigned.Backend, s)
-		return err
-	case "intermediate":
-		s, err := intermediate.Load(cfg.CACertsDir, nil)
-		if err != nil {
-			return fmt.Errorf("intermediate CA: %w", err)
-		}
-		if _, err := authority.Use(intermediate.Backend, s); err != nil {
-			return err
-		}
-		go intermediate.Watch(ctx, cfg.CACertsDir, cfg.CACertsPoll, logger, func(n *local.Signer) {
-			// Keep the previous roots: certificates issued under them are still live.
-			// Retiring them is the rotation workflow's job, not a file watcher's.
-			old := authority.Current()
-			st, err := authority.Use(intermediate.Backend, n, old.Roots...)
-			detail := "intermediate CA reloaded from " + cfg.CACertsDir + ": " + n.Certificate().Subject.String()
-			rec := &storage.Record{Time: time.Now().UTC(), Kind: storage.KindOperator, AuthMethod: "internal", Caller: "castellan",
-				Outcome: storage.OutcomeOK, Signer: intermediate.Backend, Detail: detail}
-			if err != nil {
-				rec.Outcome, rec.Detail = storage.OutcomeFailed, detail+": "+err.Error()
-			} else {
-				logger.Info("intermediate CA reloaded", "subject", n.Certificate().Subject.String(), "generation", st.Generation)
-			}
-			if aerr := audit.Append(context.WithoutCancel(ctx), rec); aerr != nil {
-				logger.Error("audit of CA reload failed", "error", aerr)
-			}
-		})
-		return nil
+	case vault.Backend:
+		return nil, startVault(ctx, cfg, authority, store, logger)
+	case googlecas.Backend:
+		return nil, startGoogleCAS(ctx, cfg, authority, store, logger)
 	}
-	return fmt.Errorf("signer: unknown backend %q", cfg.Signer)
+	return startRotation(ctx, cfg, td, authority, store, logger)
 }
 
 // ensureOperatorCredential writes castellanctl's client certificate on first
@@ -223,7 +236,7 @@ func ensureOperatorCredential(ctx context.Context, issuer *ca.Issuer, authority 
 			}
 			_, verr := leaf.Verify(x509.VerifyOptions{Roots: authority.Roots(), Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
 			renewAt := leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) * 2 / 3)
-			if _, kerr := os.Stat(keyPath); verr == nil && kerr == nil && time.Now().Before(renewAt) {
+			if _, kerr := os.Stat(keyPath); verr == nil && kerr == nil && time.Now().Before(renewAt) && issuedByActive(leaf, authority) {
 				return nil
 			}
 		}

@@ -253,7 +253,7 @@ func TestServeFirstStart(t *testing.T) {
 	}{
 		{data, fs.ModeDir | 0o700},
 		{filepath.Join(data, datadir.SelfSignedDir), fs.ModeDir | 0o700},
-		{filepath.Join(data, datadir.SelfSignedDir, "ca-key.pem"), 0o600},
+		{filepath.Join(data, datadir.SelfSignedDir, datadir.CAState), 0o600},
 		{filepath.Join(data, datadir.OperatorDir), fs.ModeDir | 0o700},
 		{filepath.Join(data, datadir.OperatorDir, datadir.OperatorKey), 0o600},
 		{filepath.Join(data, datadir.AuditDB), 0o600},

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
@@ -41,7 +42,7 @@ func (g *globals) dial() (adminpb.AdminServiceClient, func(), error) {
 	certFile := pick(g.cert, filepath.Join(g.dataDir, datadir.OperatorDir, datadir.OperatorCert))
 	keyFile := pick(g.key, filepath.Join(g.dataDir, datadir.OperatorDir, datadir.OperatorKey))
 	caFile := pick(g.caFile, filepath.Join(g.dataDir, datadir.RootCert))
-	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	pair, err := loadKeyPair(certFile, keyFile)
 	if err != nil {
 		return nil, nil, fmt.Errorf("operator credential: %w", err)
 	}
@@ -64,4 +65,21 @@ func (g *globals) dial() (adminpb.AdminServiceClient, func(), error) {
 		return nil, nil, fmt.Errorf("dial %s: %w", addr, err)
 	}
 	return adminpb.NewAdminServiceClient(conn), func() { conn.Close() }, nil
+}
+
+// loadKeyPair reads the operator credential. The server replaces it (key,
+// then certificate) when the CA changes, so a read between the two writes
+// sees a mismatched pair: read again shortly.
+func loadKeyPair(certFile, keyFile string) (tls.Certificate, error) {
+	var (
+		pair tls.Certificate
+		err  error
+	)
+	for range 5 {
+		if pair, err = tls.LoadX509KeyPair(certFile, keyFile); err == nil {
+			return pair, nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return pair, err
 }

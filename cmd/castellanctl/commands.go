@@ -117,6 +117,7 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 	fs.StringVar(&req.CertSha256, "fingerprint", "", "only the record of this certificate SHA-256 (hex)")
 	fs.StringVar(&req.Outcome, "outcome", "", "issued | refused | failed | ok")
 	fs.StringVar(&req.Writer, "writer", "", "only this writer's chain")
+	fs.StringVar(&req.IssuerKeyId, "issuer", "", "only certificates of this issuing CA key id (hex SubjectKeyId)")
 	since := fs.String("since", "", "only records at or after this RFC 3339 time")
 	until := fs.String("until", "", "only records before this RFC 3339 time")
 	limit := fs.Int("limit", 0, "at most this many records (default: all)")
@@ -148,7 +149,7 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 	if *output == "table" {
-		fmt.Fprintln(tw, "SEQ\tTIME\tKIND\tOUTCOME\tCODE\tREASON\tCALLER\tGRANTED\tSERIAL")
+		fmt.Fprintln(tw, "SEQ\tTIME\tKIND\tOUTCOME\tCODE\tREASON\tCALLER\tGRANTED\tSERIAL\tWRITER")
 	}
 	enc := json.NewEncoder(stdout)
 	const page = 1000
@@ -170,8 +171,8 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 				}
 				continue
 			}
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Kind, r.Outcome,
-				r.Code, r.Reason, r.Caller, r.GrantedIdentity, r.Serial)
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Kind, r.Outcome,
+				r.Code, r.Reason, r.Caller, r.GrantedIdentity, r.Serial, r.Writer)
 		}
 		n := len(resp.GetRecords())
 		if left > 0 {
@@ -181,8 +182,8 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 			break
 		}
 		last := resp.GetRecords()[n-1]
-		// Pages follow one writer's chain; the embedded store has exactly one.
-		req.Writer, req.AfterSeq = last.GetWriter(), last.GetSeq()
+		// Pages continue after the last (writer, seq) seen, across every writer's chain.
+		req.AfterWriter, req.AfterSeq = last.GetWriter(), last.GetSeq()
 	}
 	return tw.Flush()
 }
@@ -206,6 +207,10 @@ func cmdAuditVerify(ctx context.Context, g *globals, args []string, stdout, stde
 		fmt.Fprintf(stdout, "audit log BROKEN at writer %s seq %d: %s (%d records checked)\n", res.GetWriter(), res.GetSeq(), res.GetProblem(), res.GetRecords())
 		return exitError{1}
 	}
-	fmt.Fprintf(stdout, "audit log intact: %d records, %d writer(s)\n", res.GetRecords(), res.GetWriters())
+	fmt.Fprintf(stdout, "audit log intact: %d records, %d writer(s)", res.GetRecords(), res.GetWriters())
+	if n := res.GetCheckpoints(); n > 0 {
+		fmt.Fprintf(stdout, ", from %d signed prune checkpoint(s)", n)
+	}
+	fmt.Fprintln(stdout)
 	return nil
 }

@@ -384,7 +384,7 @@ func TestRestartAndTamper(t *testing.T) {
 	const id = "spiffe://cluster.local/ns/restart/sa/app"
 	persisted := []string{
 		filepath.Join(data, datadir.SelfSignedDir, "ca-cert.pem"),
-		filepath.Join(data, datadir.SelfSignedDir, "ca-key.pem"),
+		filepath.Join(data, datadir.SelfSignedDir, datadir.CAState),
 		filepath.Join(data, datadir.RootCert),
 		filepath.Join(data, datadir.OperatorDir, datadir.OperatorCert),
 		filepath.Join(data, datadir.OperatorDir, datadir.OperatorKey),

@@ -21,7 +21,15 @@ Commands:
   bundle                      print the trust bundle (PEM)
   issue --identity ID         make a key and CSR locally, get a certificate, write PEM files
   audit list [filters]        print audit records (JSON lines or a table)
+  audit show WRITER/SEQ | --serial HEX | --fingerprint HEX
+                              print records in full, undelivered markers included
   audit verify                check the audit hash chains; exit 1 on a break
+  audit export [filters] [--format jsonl|csv] [--out FILE]
+                              write every matching record, all writers, oldest first
+  audit prune --before DATE   remove records older than DATE, leaving a signed checkpoint
+  ca status                   every CA: key id, phase, validity, latest dependent NotAfter
+  ca rotate prepare|activate|retire [--target root|intermediate] [--force]
+                              run one CA rotation step (refused when unsafe unless --force)
 
 Global flags:
 `
@@ -73,15 +81,23 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdBundle(ctx, &g, rest[1:], stdout, stderr)
 	case "issue":
 		return cmdIssue(ctx, &g, rest[1:], stdout, stderr)
+	case "ca":
+		return cmdCA(ctx, &g, rest[1:], stdout, stderr)
 	case "audit":
 		if len(rest) < 2 {
-			return fmt.Errorf("audit: want list or verify")
+			return fmt.Errorf("audit: want list, show, verify, export or prune")
 		}
 		switch rest[1] {
 		case "list":
 			return cmdAuditList(ctx, &g, rest[2:], stdout, stderr)
+		case "show":
+			return cmdAuditShow(ctx, &g, rest[2:], stdout, stderr)
 		case "verify":
 			return cmdAuditVerify(ctx, &g, rest[2:], stdout, stderr)
+		case "export":
+			return cmdAuditExport(ctx, &g, rest[2:], stdout, stderr)
+		case "prune":
+			return cmdAuditPrune(ctx, &g, rest[2:], stdout, stderr)
 		}
 		return fmt.Errorf("audit: unknown subcommand %q", rest[1])
 	}

@@ -224,3 +224,9 @@ func (s *Signer) TrustBundle() []*x509.Certificate {
 func (s *Signer) Certificate() *x509.Certificate {
 	return s.cert
 }
+
+// Chain returns the CAs every response carries between the leaf and a root:
+// the issuing CA (unless it is a root) and its issuers.
+func (s *Signer) Chain() []*x509.Certificate {
+	return append([]*x509.Certificate(nil), s.chain...)
+}

@@ -1,0 +1,501 @@
+// Package rotation rotates Castellan's CA keys without downtime (DESIGN.md
+// §6): a new CA is prepared (its root joins the trust bundle, issuance is
+// unchanged), activated once the bundle had time to propagate (issuance
+// switches), and the old one is retired once every certificate chaining to
+// it has expired (its root leaves the bundle). Every key is new.
+//
+// The state (certificates, phases, keys sealed under a key-encryption key,
+// and an upper bound of what each CA issued) lives in a Store shared by every
+// replica. Any replica may run a step (compare-and-swap on the state's
+// version); one leader runs the schedule; every replica polls the store and
+// swaps its ca.Authority when the state changes.
+package rotation
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer/intermediate"
+	"github.com/castellan-ca/castellan/signer/local"
+	"github.com/castellan-ca/castellan/signer/selfsigned"
+	"github.com/castellan-ca/castellan/storage"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// Store persists the rotation state shared by every replica
+// (storage/cafile for one process, storage/postgres for several).
+type Store interface {
+	// Load returns the state; Version 0 and no CAs when nothing was saved.
+	Load(ctx context.Context) (*storage.CAState, error)
+	// Save replaces the CAs if the stored version is still version
+	// (storing version+1), or returns an error wrapping storage.ErrConflict.
+	// It keeps the dependents.
+	Save(ctx context.Context, version uint64, cas []storage.CARecord) error
+	// RaiseDependents records that certificates issued by keyID live until
+	// at least t; it never lowers the stored value.
+	RaiseDependents(ctx context.Context, keyID string, t time.Time) error
+}
+
+// Defaults of Config.
+const (
+	// DefaultPropagationWindow covers a full 24 h certificate lifetime: every
+	// workload renews (at half its life) at least once within it.
+	DefaultPropagationWindow = 24 * time.Hour
+	// DefaultScheduleFraction prepares a successor at two thirds of a CA's life.
+	DefaultScheduleFraction = 2.0 / 3
+	// DefaultPollInterval is how often replicas reload the shared state.
+	DefaultPollInterval = 2 * time.Second
+)
+
+// Config wires a Manager.
+type Config struct {
+	// Authority is swapped to the state's issuing CA and bundle.
+	Authority *ca.Authority
+	// Store holds the state shared by every replica.
+	Store Store
+	// Audit records every phase change, refusal and forced step.
+	Audit ca.AuditLog
+	// TrustDomain names generated CAs (O=<td>, URI SAN spiffe://<td>).
+	TrustDomain spiffeid.TrustDomain
+	// Backend is selfsigned.Backend (Castellan holds the keys and rotates
+	// them) or intermediate.Backend (the keys are the operator's files).
+	Backend string
+	// Sealer encrypts keys at rest; nil stores them unencrypted (allowed
+	// only for a store that is a local file).
+	Sealer *Sealer
+	// KeyType of generated keys (local.GenerateKey).
+	KeyType string
+	// RootLifetime of generated roots; zero means selfsigned.DefaultLifetime.
+	RootLifetime time.Duration
+	// IntermediateLifetime of generated intermediates; zero means roots sign
+	// leaves directly (no intermediate layer).
+	IntermediateLifetime time.Duration
+	// PropagationWindow is the least time between prepare and activate
+	// without force: at least one client renewal period.
+	PropagationWindow time.Duration
+	// Schedule enables automatic steps for managed CAs (the leader runs them).
+	Schedule bool
+	// ScheduleFraction of an active CA's lifetime at which its successor is prepared.
+	ScheduleFraction float64
+	// PollInterval is how often replicas reload the shared state.
+	PollInterval time.Duration
+	// LegacyDir holds the self-signed root of earlier versions (ca-cert.pem,
+	// ca-key.pem), imported on first start; the active root's certificate
+	// is kept in its ca-cert.pem for operators.
+	LegacyDir string
+	Logger    *slog.Logger
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// Rand supplies serials and signing randomness; nil means crypto/rand.
+	Rand io.Reader
+}
+
+// Manager runs the rotation workflow of one replica. It implements ca.Rotation.
+type Manager struct {
+	cfg Config
+
+	mu          sync.Mutex    // serialises apply and the fields below
+	applied     string        // fingerprint of what the Authority uses
+	external    *local.Signer // the cacerts signer (intermediate backend)
+	externalGen int
+
+	keyMu sync.Mutex
+	keys  map[string]crypto.Signer // opened keys, by key id
+
+	depMu    sync.Mutex
+	reserved map[string]time.Time // dependents bounds this replica has stored
+}
+
+var _ ca.Rotation = (*Manager)(nil)
+
+// New checks cfg and fills defaults.
+func New(cfg Config) (*Manager, error) {
+	switch {
+	case cfg.Authority == nil || cfg.Store == nil || cfg.Audit == nil:
+		return nil, errors.New("rotation: authority, store and audit log are required")
+	case cfg.TrustDomain.IsZero():
+		return nil, errors.New("rotation: trust domain is required")
+	case cfg.Backend != selfsigned.Backend && cfg.Backend != intermediate.Backend:
+		return nil, fmt.Errorf("rotation: backend %q cannot be rotated", cfg.Backend)
+	case cfg.ScheduleFraction < 0 || cfg.ScheduleFraction >= 1:
+		return nil, fmt.Errorf("rotation: schedule fraction %v is not in (0, 1)", cfg.ScheduleFraction)
+	}
+	if err := local.CheckKeyType(cfg.KeyType); err != nil {
+		return nil, fmt.Errorf("rotation: %w", err)
+	}
+	if cfg.RootLifetime <= 0 {
+		cfg.RootLifetime = selfsigned.DefaultLifetime
+	}
+	if cfg.PropagationWindow <= 0 {
+		cfg.PropagationWindow = DefaultPropagationWindow
+	}
+	if cfg.ScheduleFraction == 0 {
+		cfg.ScheduleFraction = DefaultScheduleFraction
+	}
+	if cfg.PollInterval <= 0 {
+		cfg.PollInterval = DefaultPollInterval
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Reader
+	}
+	return &Manager{cfg: cfg, keys: map[string]crypto.Signer{}, reserved: map[string]time.Time{}}, nil
+}
+
+// now is the clock, in UTC at the store's precision (PostgreSQL keeps
+// microseconds), so that stored and in-memory times compare equal.
+func (m *Manager) now() time.Time { return m.cfg.Now().UTC().Truncate(time.Microsecond) }
+
+func (m *Manager) load(ctx context.Context) (*view, error) {
+	st, err := m.cfg.Store.Load(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("load CA state: %w", err)
+	}
+	return parseState(st)
+}
+
+// maxAttempts bounds compare-and-swap retries against concurrent replicas.
+const maxAttempts = 8
+
+// Bootstrap brings the managed state to a usable shape and applies it: on
+// first start it imports the root of earlier versions from LegacyDir or
+// generates a root (and an intermediate when configured); it adds or drops
+// the intermediate layer when the configuration changed, and seals keys
+// stored without the configured KEK. Only for the selfsigned backend.
+func (m *Manager) Bootstrap(ctx context.Context) error {
+	if m.cfg.Backend != selfsigned.Backend {
+		return fmt.Errorf("rotation: bootstrap is for the %s backend", selfsigned.Backend)
+	}
+	for range maxAttempts {
+		v, err := m.load(ctx)
+		if err != nil {
+			return err
+		}
+		next, detail, err := m.bootstrapPlan(v)
+		if err != nil {
+			return err
+		}
+		if next != nil {
+			err := m.commit(ctx, v, next, auditEntry{outcome: storage.OutcomeOK, reason: ReasonBootstrap, detail: detail})
+			if errors.Is(err, storage.ErrConflict) {
+				continue // another replica bootstrapped first: use its state
+			}
+			if err != nil {
+				return err
+			}
+			v = next
+		}
+		return m.apply(v)
+	}
+	return fmt.Errorf("rotation: bootstrap: %w", storage.ErrConflict)
+}
+
+// bootstrapPlan returns the state to save (nil when v is fine as it is).
+func (m *Manager) bootstrapPlan(v *view) (*view, string, error) {
+	n := v.clone()
+	now := m.now()
+	var did []string
+	for _, e := range n.cas {
+		if e.Source == storage.SourceManaged && e.Phase != storage.PhaseRetired && len(e.SealedKey) > 0 && !m.cfg.Sealer.sealedWith(e.SealedKey) {
+			key, err := m.cfg.Sealer.Open(e.KeyID, e.SealedKey)
+			if err != nil {
+				return nil, "", err
+			}
+			if e.SealedKey, err = m.cfg.Sealer.Seal(e.KeyID, key); err != nil {
+				return nil, "", err
+			}
+			did = append(did, "sealed key of "+e.KeyID+" under KEK "+m.cfg.Sealer.ID())
+		}
+	}
+	did = append(did, deactivate(n, storage.SourceExternal, now)...)
+	root := n.managed(storage.RoleRoot, storage.PhaseActive)
+	if root == nil {
+		e, key, how, err := m.firstRoot(now)
+		if err != nil {
+			return nil, "", err
+		}
+		e.Phase, e.ActivatedAt = storage.PhaseActive, now
+		n.cas = append(n.cas, e)
+		m.cacheKey(e.KeyID, key)
+		root = e
+		did = append(did, how+" root "+e.KeyID)
+	}
+	inter := n.managed(storage.RoleIntermediate, storage.PhaseActive)
+	switch {
+	case m.cfg.IntermediateLifetime > 0 && inter == nil:
+		rootKey, err := m.key(root)
+		if err != nil {
+			return nil, "", err
+		}
+		e, err := m.newIntermediate(root, rootKey, now)
+		if err != nil {
+			return nil, "", err
+		}
+		e.Phase, e.ActivatedAt = storage.PhaseActive, now
+		n.cas = append(n.cas, e)
+		did = append(did, "generated intermediate "+e.KeyID+" under root "+root.KeyID)
+	case m.cfg.IntermediateLifetime == 0 && inter != nil:
+		// Issuance moves to the root itself, which every client trusts already.
+		inter.Phase, inter.DeactivatedAt = storage.PhasePrevious, now
+		for _, p := range n.all(storage.SourceManaged, storage.RoleIntermediate, storage.PhasePrepared) {
+			retire(p, now)
+		}
+		did = append(did, "intermediate layer off: "+inter.KeyID+" no longer issues")
+	}
+	if len(did) == 0 {
+		return nil, "", nil
+	}
+	return n, "ca bootstrap: " + strings.Join(did, "; "), nil
+}
+
+// deactivate moves the active and prepared CAs of source out of use (the
+// backend changed): active ones stay trusted as previous, prepared ones never
+// issued and are retired.
+func deactivate(n *view, source string, now time.Time) []string {
+	var did []string
+	for _, e := range n.all(source, "", "") {
+		switch e.Phase {
+		case storage.PhaseActive:
+			e.Phase, e.DeactivatedAt = storage.PhasePrevious, now
+			did = append(did, source+" "+e.Role+" "+e.KeyID+" no longer issues")
+		case storage.PhasePrepared:
+			retire(e, now)
+			did = append(did, source+" "+e.Role+" "+e.KeyID+" retired unused")
+		}
+	}
+	return did
+}
+
+func retire(e *entry, now time.Time) {
+	e.Phase, e.RetiredAt, e.SealedKey = storage.PhaseRetired, now, nil
+}
+
+// firstRoot imports the root of LegacyDir or generates one.
+func (m *Manager) firstRoot(now time.Time) (*entry, crypto.Signer, string, error) {
+	if m.cfg.LegacyDir != "" {
+		keyPath, certPath := filepath.Join(m.cfg.LegacyDir, selfsigned.KeyFile), filepath.Join(m.cfg.LegacyDir, selfsigned.CertFile)
+		keyPEM, kerr := os.ReadFile(keyPath)
+		certPEM, cerr := os.ReadFile(certPath)
+		switch {
+		case kerr == nil && cerr == nil:
+			e, key, err := m.importRoot(keyPEM, certPEM, now)
+			if err != nil {
+				return nil, nil, "", fmt.Errorf("rotation: import %s: %w", m.cfg.LegacyDir, err)
+			}
+			if m.cfg.Sealer != nil {
+				m.cfg.Logger.Warn("the imported root key is sealed in the CA state; its plaintext file is no longer read: remove it once backed up", "path", keyPath)
+			}
+			return e, key, "imported " + certPath + " as", nil
+		case cerr == nil:
+			// The certificate alone is what we keep for operators; the key
+			// lived in the state, which is gone: never replace the root silently.
+			return nil, nil, "", fmt.Errorf("rotation: %s exists but the CA state is empty: restore the state (or remove %s to start a new root, which every workload must then learn)", certPath, certPath)
+		case !errors.Is(kerr, os.ErrNotExist):
+			return nil, nil, "", fmt.Errorf("rotation: %w", kerr)
+		}
+	}
+	key, err := local.GenerateKey(m.cfg.KeyType)
+	if err != nil {
+		return nil, nil, "", fmt.Errorf("rotation: %w", err)
+	}
+	e, err := m.newRoot(key, now)
+	return e, key, "generated", err
+}
+
+func (m *Manager) importRoot(keyPEM, certPEM []byte, now time.Time) (*entry, crypto.Signer, error) {
+	key, err := local.ParsePrivateKeyPEM(keyPEM)
+	if err != nil {
+		return nil, nil, err
+	}
+	certs, err := ca.ParseCertificatesPEM(certPEM)
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(certs) != 1 {
+		return nil, nil, fmt.Errorf("%s holds %d certificates, want the root only", selfsigned.CertFile, len(certs))
+	}
+	if err := local.KeyMatches(certs[0], key); err != nil {
+		return nil, nil, err
+	}
+	e, err := m.managedEntry(certs[0], key, storage.RoleRoot, "", now)
+	return e, key, err
+}
+
+// key returns e's private key, opening (and caching) it.
+func (m *Manager) key(e *entry) (crypto.Signer, error) {
+	m.keyMu.Lock()
+	defer m.keyMu.Unlock()
+	if k, ok := m.keys[e.KeyID]; ok {
+		return k, nil
+	}
+	k, err := m.cfg.Sealer.Open(e.KeyID, e.SealedKey)
+	if err != nil {
+		return nil, fmt.Errorf("rotation: %w", err)
+	}
+	if err := local.KeyMatches(e.cert, k); err != nil {
+		return nil, fmt.Errorf("rotation: CA %s: %w", e.KeyID, err)
+	}
+	m.keys[e.KeyID] = k
+	return k, nil
+}
+
+func (m *Manager) cacheKey(id string, k crypto.Signer) {
+	m.keyMu.Lock()
+	defer m.keyMu.Unlock()
+	m.keys[id] = k
+}
+
+// refresh reloads the shared state and applies it if it changed.
+func (m *Manager) refresh(ctx context.Context) error {
+	v, err := m.load(ctx)
+	if err != nil {
+		return err
+	}
+	return m.apply(v)
+}
+
+// apply makes the Authority use v: the issuing CA and a trust bundle of every
+// root not retired. It does nothing when both are what it already uses.
+func (m *Manager) apply(v *view) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var iss *entry
+	ids := []string{}
+	switch m.cfg.Backend {
+	case selfsigned.Backend:
+		if iss = v.issuing(); iss == nil {
+			return errors.New("rotation: the CA state has no active CA")
+		}
+		ids = append(ids, iss.KeyID)
+	case intermediate.Backend:
+		if m.external == nil {
+			return errors.New("rotation: no intermediate CA loaded")
+		}
+		ids = append(ids, fmt.Sprintf("%s#%d", keyID(m.external.Certificate()), m.externalGen))
+	}
+	var roots []*x509.Certificate
+	for _, e := range v.bundle() {
+		roots = append(roots, e.cert)
+		ids = append(ids, e.KeyID)
+	}
+	fp := strings.Join(ids, "|")
+	if fp == m.applied {
+		return nil
+	}
+	signer := m.external
+	if iss != nil {
+		root := v.byID(iss.RootID)
+		if root == nil {
+			return fmt.Errorf("rotation: CA %s: root %s is not in the state", iss.KeyID, iss.RootID)
+		}
+		key, err := m.key(iss)
+		if err != nil {
+			return err
+		}
+		if signer, err = local.New(local.Config{Cert: iss.cert, Key: key, Roots: []*x509.Certificate{root.cert}, Now: m.cfg.Now, Rand: m.cfg.Rand}); err != nil {
+			return fmt.Errorf("rotation: CA %s: %w", iss.KeyID, err)
+		}
+	}
+	st, err := m.cfg.Authority.Use(m.cfg.Backend, signer, roots...)
+	if err != nil {
+		return fmt.Errorf("rotation: %w", err)
+	}
+	m.applied = fp
+	// Keys of retired CAs are not needed in memory.
+	m.keyMu.Lock()
+	for id := range m.keys {
+		if e := v.byID(id); e != nil && e.Phase == storage.PhaseRetired {
+			delete(m.keys, id)
+		}
+	}
+	m.keyMu.Unlock()
+	m.cfg.Logger.Info("CA state applied", "generation", st.Generation, "state_version", v.version,
+		"issuer", keyID(signer.Certificate()), "roots", len(st.Roots))
+	m.mirrorRoot(v)
+	return nil
+}
+
+// mirrorRoot keeps LegacyDir/ca-cert.pem equal to the active managed root,
+// for operators and backups (the key stays in the store).
+func (m *Manager) mirrorRoot(v *view) {
+	root := v.managed(storage.RoleRoot, storage.PhaseActive)
+	if m.cfg.LegacyDir == "" || root == nil || m.cfg.Backend != selfsigned.Backend {
+		return
+	}
+	path := filepath.Join(m.cfg.LegacyDir, selfsigned.CertFile)
+	want := []byte(ca.EncodePEM(root.cert))
+	if b, err := os.ReadFile(path); err == nil && bytes.Equal(b, want) {
+		return
+	}
+	err := os.MkdirAll(m.cfg.LegacyDir, 0o700)
+	if err == nil {
+		err = local.WriteFileAtomic(path, want, 0o644)
+	}
+	if err != nil {
+		m.cfg.Logger.Warn("could not write the active root certificate", "path", path, "error", err)
+	}
+}
+
+// Follow reloads the shared state every PollInterval until ctx ends, so
+// this replica picks up steps run by others within seconds.
+func (m *Manager) Follow(ctx context.Context) {
+	t := time.NewTicker(m.cfg.PollInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if err := m.refresh(ctx); err != nil && ctx.Err() == nil {
+			m.cfg.Logger.Error("CA state refresh failed; keeping the current CA", "error", err)
+		}
+	}
+}
+
+// Status reports the shared rotation state.
+func (m *Manager) Status(ctx context.Context) (*ca.RotationStatus, error) {
+	v, err := m.load(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return m.status(v), nil
+}
+
+// issuerKeyID is the key id of the CA that signs leaves on this replica.
+func (m *Manager) issuerKeyID(v *view) string {
+	if m.cfg.Backend == intermediate.Backend {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		if m.external != nil {
+			return keyID(m.external.Certificate())
+		}
+		return ""
+	}
+	if e := v.issuing(); e != nil {
+		return e.KeyID
+	}
+	return ""
+}
+
+// keyID is the hex SubjectKeyId, as in audit records' issuer_key_id.
+func keyID(c *x509.Certificate) string { return hex.EncodeToString(c.SubjectKeyId) }

@@ -1,0 +1,345 @@
+package rotation
+
+import (
+	"context"
+	"crypto"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer/local"
+	"github.com/castellan-ca/castellan/signer/selfsigned"
+	"github.com/castellan-ca/castellan/storage"
+)
+
+// Audit reasons of rotation records (Kind operator).
+const (
+	ReasonRotate    = "ca.rotate"        // a phase change
+	ReasonForced    = "ca.rotate.forced" // a phase change whose safety check was overridden
+	ReasonBootstrap = "ca.bootstrap"     // first CA, import, layer or KEK change at start
+	ReasonReload    = "ca.reload"        // the cacerts files changed
+)
+
+// Callers named in audit records of steps Castellan takes itself.
+const (
+	internalCaller = "castellan"
+	scheduleCaller = "castellan (schedule)"
+)
+
+// refusal is a step refused in the current state; it matches ca.ErrPrecondition
+// and its message is shown to the operator as is.
+type refusal struct{ msg string }
+
+func (r *refusal) Error() string        { return r.msg }
+func (r *refusal) Is(target error) bool { return target == ca.ErrPrecondition }
+
+func refused(format string, a ...any) error { return &refusal{msg: fmt.Sprintf(format, a...)} }
+
+// change is a planned step: the next state and what it does.
+type change struct {
+	next    *view
+	summary string
+	// forced says which safety check force overrode; "" when none.
+	forced string
+}
+
+// Rotate runs one step for an operator (ca.Rotation). The step is audited
+// before it is saved, so no phase changes without a record; a refusal is
+// audited too.
+func (m *Manager) Rotate(ctx context.Context, req ca.RotateRequest) (*ca.RotationStatus, error) {
+	return m.rotate(ctx, req, "")
+}
+
+// rotate runs req; keyID limits a retire to one CA (the schedule's use).
+func (m *Manager) rotate(ctx context.Context, req ca.RotateRequest, keyID string) (*ca.RotationStatus, error) {
+	method := "operator"
+	if req.Caller == scheduleCaller {
+		method = "internal"
+	}
+	for range maxAttempts {
+		v, err := m.load(ctx)
+		if err != nil {
+			return nil, err
+		}
+		ch, err := m.plan(v, req, keyID, m.now())
+		if err != nil {
+			if errors.Is(err, ca.ErrPrecondition) {
+				m.record(ctx, auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeRefused,
+					reason: ca.ReasonRotationRefused, detail: describe(req) + ": refused: " + err.Error()})
+			}
+			return nil, err
+		}
+		e := auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeOK, reason: ReasonRotate, detail: describe(req) + ": " + ch.summary}
+		if ch.forced != "" {
+			e.reason, e.detail = ReasonForced, e.detail+"; FORCED past: "+ch.forced
+		}
+		if err := m.commit(ctx, v, ch.next, e); errors.Is(err, storage.ErrConflict) {
+			continue
+		} else if err != nil {
+			return nil, err
+		}
+		m.cfg.Logger.Info("CA rotation step", "step", req.Step, "target", req.Target, "caller", req.Caller,
+			"summary", ch.summary, "forced", ch.forced)
+		if err := m.apply(ch.next); err != nil {
+			return nil, err
+		}
+		st := m.status(ch.next)
+		st.Summary = ch.summary
+		if ch.forced != "" {
+			st.Summary += " (forced past: " + ch.forced + ")"
+		}
+		return st, nil
+	}
+	return nil, fmt.Errorf("rotation: %s: %w", req.Step, storage.ErrConflict)
+}
+
+func describe(req ca.RotateRequest) string {
+	s := "ca rotate " + req.Step + " " + req.Target
+	if req.Force {
+		s += " --force"
+	}
+	return s
+}
+
+// plan decides a step on v without side effects beyond generating keys.
+func (m *Manager) plan(v *view, req ca.RotateRequest, keyID string, now time.Time) (*change, error) {
+	if req.Target != ca.TargetRoot && req.Target != ca.TargetIntermediate {
+		return nil, refused("unknown target %q: want %s or %s", req.Target, ca.TargetRoot, ca.TargetIntermediate)
+	}
+	switch req.Step {
+	case ca.StepPrepare, ca.StepActivate:
+		if m.cfg.Backend != selfsigned.Backend {
+			return nil, refused("the %s backend's CA comes from its files: put the new chain into cacerts (add a new root to root-cert.pem first, so that it propagates before the chain under it is used); old roots stay trusted until their certificates expire", m.cfg.Backend)
+		}
+		if req.Target == ca.TargetIntermediate && m.cfg.IntermediateLifetime == 0 {
+			return nil, refused("there is no intermediate layer: the root signs workload certificates (set intermediateLifetime to issue through an intermediate)")
+		}
+		if req.Step == ca.StepPrepare {
+			return m.prepare(v, req.Target, now)
+		}
+		return m.activate(v, req.Target, req.Force, now)
+	case ca.StepRetire:
+		return m.retire(v, req.Target, keyID, req.Force, now)
+	}
+	return nil, refused("unknown step %q: want %s, %s or %s", req.Step, ca.StepPrepare, ca.StepActivate, ca.StepRetire)
+}
+
+func (m *Manager) prepare(v *view, target string, now time.Time) (*change, error) {
+	n := v.clone()
+	if p := n.managed(target, storage.PhasePrepared); p != nil {
+		return nil, refused("%s %s is already prepared: activate it first", target, p.KeyID)
+	}
+	root := n.managed(storage.RoleRoot, storage.PhaseActive)
+	if root == nil {
+		return nil, refused("there is no active root")
+	}
+	if target == ca.TargetIntermediate {
+		rootKey, err := m.key(root)
+		if err != nil {
+			return nil, err
+		}
+		e, err := m.newIntermediate(root, rootKey, now)
+		if err != nil {
+			return nil, err
+		}
+		n.cas = append(n.cas, e)
+		return &change{next: n, summary: fmt.Sprintf("prepared intermediate %s under root %s", e.KeyID, root.KeyID)}, nil
+	}
+	key, err := m.newKey()
+	if err != nil {
+		return nil, err
+	}
+	e, err := m.newRoot(key, now)
+	if err != nil {
+		return nil, err
+	}
+	n.cas = append(n.cas, e)
+	summary := fmt.Sprintf("prepared root %s (in the trust bundle from now on)", e.KeyID)
+	if m.cfg.IntermediateLifetime > 0 {
+		ie, err := m.newIntermediate(e, key, now)
+		if err != nil {
+			return nil, err
+		}
+		n.cas = append(n.cas, ie)
+		summary += fmt.Sprintf(" and intermediate %s under it", ie.KeyID)
+	}
+	return &change{next: n, summary: summary}, nil
+}
+
+func (m *Manager) activate(v *view, target string, force bool, now time.Time) (*change, error) {
+	n := v.clone()
+	p := n.managed(target, storage.PhasePrepared)
+	if p == nil {
+		return nil, refused("no %s is prepared: run prepare first", target)
+	}
+	root := n.byID(p.RootID)
+	if target == ca.TargetIntermediate && (root == nil || root.Phase != storage.PhaseActive) {
+		return nil, refused("intermediate %s is under root %s, which is not active: activate the root", p.KeyID, p.RootID)
+	}
+	ch := &change{next: n}
+	if at := m.activateAt(p); now.Before(at) {
+		why := fmt.Sprintf("%s %s was prepared at %s; clients may lack it in their trust bundle until %s (propagation window %s)",
+			target, p.KeyID, stamp(p.PreparedAt), stamp(at), m.cfg.PropagationWindow)
+		if !force {
+			return nil, refused("%s", why)
+		}
+		ch.forced = why
+	}
+	var did []string
+	promote := func(e *entry) {
+		e.Phase, e.ActivatedAt = storage.PhaseActive, now
+		did = append(did, e.Role+" "+e.KeyID+" active")
+	}
+	demote := func(e *entry) {
+		if e != nil {
+			e.Phase, e.DeactivatedAt = storage.PhasePrevious, now
+			did = append(did, e.Role+" "+e.KeyID+" previous")
+		}
+	}
+	oldInter := n.managed(storage.RoleIntermediate, storage.PhaseActive)
+	if target == ca.TargetRoot {
+		oldRoot := n.managed(storage.RoleRoot, storage.PhaseActive)
+		demote(oldRoot)
+		promote(p)
+		if m.cfg.IntermediateLifetime > 0 {
+			var next *entry
+			for _, e := range n.all(storage.SourceManaged, storage.RoleIntermediate, storage.PhasePrepared) {
+				switch {
+				case e.RootID == p.KeyID && next == nil:
+					next = e
+				default: // prepared under the old root: never issued, superseded
+					retire(e, now)
+					did = append(did, "intermediate "+e.KeyID+" retired unused")
+				}
+			}
+			if next == nil {
+				return nil, refused("root %s has no prepared intermediate under it: prepare the root again", p.KeyID)
+			}
+			demote(oldInter)
+			promote(next)
+		}
+	} else {
+		demote(oldInter)
+		promote(p)
+	}
+	ch.summary = "issuance switched: " + strings.Join(did, ", ")
+	return ch, nil
+}
+
+func (m *Manager) retire(v *view, target, only string, force bool, now time.Time) (*change, error) {
+	n := v.clone()
+	var (
+		todo    []*entry
+		blocked []string
+	)
+	for _, e := range n.all("", target, storage.PhasePrevious) {
+		if only != "" && e.KeyID != only {
+			continue
+		}
+		todo = append(todo, e)
+		if at, why := m.retireAt(v, e); now.Before(at) {
+			blocked = append(blocked, why)
+		}
+	}
+	if len(todo) == 0 {
+		return nil, refused("no previous %s to retire", target)
+	}
+	ch := &change{next: n}
+	if len(blocked) > 0 {
+		why := strings.Join(blocked, "; ") + ": retiring now breaks them"
+		if !force {
+			return nil, refused("%s", why)
+		}
+		ch.forced = why
+	}
+	var did []string
+	for _, e := range todo {
+		retire(e, now)
+		did = append(did, e.KeyID)
+		if e.Role == storage.RoleRoot {
+			// CAs under a retired root cannot be trusted any more either.
+			for _, c := range n.cas {
+				if c.RootID == e.KeyID && c.KeyID != e.KeyID && c.Phase != storage.PhaseRetired && c.Phase != storage.PhaseActive {
+					retire(c, now)
+					did = append(did, c.KeyID)
+				}
+			}
+		}
+	}
+	ch.summary = "retired " + strings.Join(did, ", ")
+	if target == ca.TargetRoot {
+		ch.summary += " (removed from the trust bundle)"
+	}
+	return ch, nil
+}
+
+func (m *Manager) newKey() (crypto.Signer, error) {
+	k, err := local.GenerateKey(m.cfg.KeyType)
+	if err != nil {
+		return nil, fmt.Errorf("rotation: %w", err)
+	}
+	return k, nil
+}
+
+// commit saves next in place of v, audited by e: the record is written
+// first, so that no state change goes unrecorded; if the save then fails, a
+// second record says so. On success next carries the new version.
+func (m *Manager) commit(ctx context.Context, v, next *view, e auditEntry) error {
+	if err := m.record(ctx, e); err != nil {
+		return fmt.Errorf("rotation: audit: %w", err)
+	}
+	if err := m.cfg.Store.Save(ctx, v.version, next.records()); err != nil {
+		e.outcome, e.detail = storage.OutcomeFailed, e.detail+": not applied: "+err.Error()
+		m.record(ctx, e)
+		return fmt.Errorf("rotation: save CA state: %w", err)
+	}
+	next.version = v.version + 1
+	return nil
+}
+
+// auditEntry is the variable part of a rotation audit record.
+type auditEntry struct {
+	method, caller, outcome, reason, detail string
+}
+
+// record appends a Kind operator audit record; a failure is logged and returned.
+func (m *Manager) record(ctx context.Context, e auditEntry) error {
+	if e.method == "" {
+		e.method = "internal"
+	}
+	if e.caller == "" {
+		e.caller = internalCaller
+	}
+	code := "OK"
+	switch e.outcome {
+	case storage.OutcomeRefused:
+		code = "FailedPrecondition"
+	case storage.OutcomeFailed:
+		code = "Unavailable"
+	}
+	rec := &storage.Record{Time: m.cfg.Now().UTC(), Kind: storage.KindOperator, RequestID: requestID(m.cfg.Rand),
+		AuthMethod: e.method, Caller: e.caller, Outcome: e.outcome, Reason: e.reason, Code: code, Signer: m.cfg.Backend,
+		Detail: e.detail}
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if err := m.cfg.Audit.Append(actx, rec); err != nil {
+		m.cfg.Logger.Error("audit of a CA rotation record failed", "detail", e.detail, "error", err)
+		return err
+	}
+	return nil
+}
+
+func requestID(r io.Reader) string {
+	var b [12]byte
+	if _, err := io.ReadFull(r, b[:]); err != nil {
+		return "unknown"
+	}
+	return hex.EncodeToString(b[:])
+}
+
+// stamp formats t for messages.
+func stamp(t time.Time) string { return t.UTC().Format(time.RFC3339) }

@@ -1,0 +1,236 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/bundleserver"
+	"github.com/castellan-ca/castellan/ca/rotation"
+	"github.com/castellan-ca/castellan/cmd/internal/datadir"
+	"github.com/castellan-ca/castellan/signer/intermediate"
+	"github.com/castellan-ca/castellan/signer/local"
+	"github.com/castellan-ca/castellan/signer/selfsigned"
+	"github.com/castellan-ca/castellan/storage/cafile"
+	"github.com/castellan-ca/castellan/storage/postgres"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// RotationConfig holds the CA rotation and bundle endpoint keys, at the top
+// level of the file.
+type RotationConfig struct {
+	IntermediateLifetime   time.Duration `yaml:"intermediateLifetime"`
+	PropagationWindow      time.Duration `yaml:"rotationPropagationWindow"`
+	RotationSchedule       bool          `yaml:"rotationSchedule"`
+	ScheduleFraction       float64       `yaml:"rotationScheduleFraction"`
+	CAStatePoll            time.Duration `yaml:"caStatePollInterval"`
+	CAKEKFile              string        `yaml:"caKEKFile"`
+	BundleEndpointListen   string        `yaml:"bundleEndpointListen"`
+	BundleEndpointAuth     string        `yaml:"bundleEndpointAuth"`
+	BundleEndpointCertFile string        `yaml:"bundleEndpointCertFile"`
+	BundleEndpointKeyFile  string        `yaml:"bundleEndpointKeyFile"`
+	BundleRefreshHint      time.Duration `yaml:"bundleEndpointRefreshHint"`
+}
+
+func rotationDefaults() RotationConfig {
+	return RotationConfig{
+		PropagationWindow:  rotation.DefaultPropagationWindow,
+		RotationSchedule:   true,
+		ScheduleFraction:   rotation.DefaultScheduleFraction,
+		CAStatePoll:        rotation.DefaultPollInterval,
+		BundleEndpointAuth: bundleserver.AuthSPIFFE,
+		BundleRefreshHint:  bundleserver.DefaultRefreshHint,
+	}
+}
+
+func bindRotationFlags(fs *flag.FlagSet, c *RotationConfig) {
+	fs.DurationVar(&c.IntermediateLifetime, "intermediate-lifetime", c.IntermediateLifetime, "selfsigned: issue through a generated intermediate of this lifetime (0: the root signs workload certificates)")
+	fs.DurationVar(&c.PropagationWindow, "rotation-propagation-window", c.PropagationWindow, "least time between preparing a CA and activating it without --force (at least one client renewal period)")
+	fs.BoolVar(&c.RotationSchedule, "rotation-schedule", c.RotationSchedule, "selfsigned: prepare, activate and retire CAs automatically")
+	fs.Float64Var(&c.ScheduleFraction, "rotation-schedule-fraction", c.ScheduleFraction, "fraction of a CA's lifetime at which the schedule prepares its successor")
+	fs.DurationVar(&c.CAStatePoll, "ca-state-poll-interval", c.CAStatePoll, "how often replicas reload the shared CA state")
+	fs.StringVar(&c.CAKEKFile, "ca-kek-file", c.CAKEKFile, "key-encryption key (32 bytes, raw or base64) sealing CA keys at rest; required with auditDSN; never inside dataDir")
+	fs.StringVar(&c.BundleEndpointListen, "bundle-endpoint-listen", c.BundleEndpointListen, "SPIFFE bundle endpoint listen address (empty: off)")
+	fs.StringVar(&c.BundleEndpointAuth, "bundle-endpoint-auth", c.BundleEndpointAuth, "bundle endpoint authentication: https_spiffe | https_web")
+	fs.StringVar(&c.BundleEndpointCertFile, "bundle-endpoint-cert-file", c.BundleEndpointCertFile, "https_web: certificate chain PEM")
+	fs.StringVar(&c.BundleEndpointKeyFile, "bundle-endpoint-key-file", c.BundleEndpointKeyFile, "https_web: private key PEM")
+	fs.DurationVar(&c.BundleRefreshHint, "bundle-endpoint-refresh-hint", c.BundleRefreshHint, "refresh hint published in the bundle")
+}
+
+// validate checks the rotation keys; dataDir is where the KEK must not be.
+func (c RotationConfig) validate(bad func(key, format string, a ...any), cfg Config) {
+	if c.IntermediateLifetime < 0 || (c.IntermediateLifetime > 0 && c.IntermediateLifetime >= cfg.RootLifetime) {
+		bad("intermediateLifetime", "must be 0 (no intermediate) or positive and shorter than rootLifetime")
+	}
+	if c.PropagationWindow <= 0 {
+		bad("rotationPropagationWindow", "must be positive")
+	}
+	if c.ScheduleFraction <= 0 || c.ScheduleFraction >= 1 {
+		bad("rotationScheduleFraction", "must be between 0 and 1, got %v", c.ScheduleFraction)
+	}
+	if c.CAStatePoll < 100*time.Millisecond {
+		bad("caStatePollInterval", "must be at least 100ms")
+	}
+	if c.CAKEKFile != "" && cfg.DataDir != "" && inside(c.CAKEKFile, cfg.DataDir) {
+		bad("caKEKFile", "must not be inside dataDir: the key-encryption key never lives beside the keys it protects")
+	}
+	if cfg.AuditDSN != "" && cfg.Signer == selfsigned.Backend && c.CAKEKFile == "" {
+		bad("caKEKFile", "required with auditDSN: CA keys in a shared database are always encrypted")
+	}
+	if c.BundleEndpointListen != "" {
+		switch c.BundleEndpointAuth {
+		case bundleserver.AuthSPIFFE:
+		case bundleserver.AuthWeb:
+			if c.BundleEndpointCertFile == "" || c.BundleEndpointKeyFile == "" {
+				bad("bundleEndpointCertFile", "bundleEndpointCertFile and bundleEndpointKeyFile are required with https_web")
+			}
+		default:
+			bad("bundleEndpointAuth", "%q is not https_spiffe or https_web", c.BundleEndpointAuth)
+		}
+		if c.BundleRefreshHint <= 0 {
+			bad("bundleEndpointRefreshHint", "must be positive")
+		}
+	}
+}
+
+// inside reports whether path is dir or under it, symbolic links resolved.
+func inside(path, dir string) bool {
+	abs := func(p string) string {
+		p, _ = filepath.Abs(p)
+		if r, err := filepath.EvalSymlinks(p); err == nil {
+			return r
+		}
+		// The file may not exist yet: resolve its directory.
+		if r, err := filepath.EvalSymlinks(filepath.Dir(p)); err == nil {
+			return filepath.Join(r, filepath.Base(p))
+		}
+		return p
+	}
+	p, d := abs(path), abs(dir)
+	return p == d || strings.HasPrefix(p, d+string(filepath.Separator))
+}
+
+// startRotation builds the CA rotation manager on the store the
+// configuration selects (the PostgreSQL audit database when several replicas
+// share one, else a file in the data directory), puts the configured CA to
+// use, and starts following the shared state and, on the leader, the schedule.
+func startRotation(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, audit auditStore, logger *slog.Logger) (*rotation.Manager, error) {
+	var (
+		store  rotation.Store
+		leader rotation.Leader = rotation.Always{}
+	)
+	if pg, ok := audit.(*postgres.Store); ok {
+		store = pg.CAStore()
+		leader = &postgres.Leader{Store: pg, Interval: cfg.CAStatePoll, Logger: logger.With("component", "ca-rotation")}
+	} else {
+		fs, err := cafile.Open(filepath.Join(cfg.DataDir, datadir.SelfSignedDir, datadir.CAState))
+		if err != nil {
+			return nil, err
+		}
+		store = fs
+	}
+	var sealer *rotation.Sealer
+	if cfg.CAKEKFile != "" {
+		kek, err := rotation.ReadKEKFile(cfg.CAKEKFile)
+		if err != nil {
+			return nil, err
+		}
+		if sealer, err = rotation.NewSealer(kek); err != nil {
+			return nil, err
+		}
+		clear(kek)
+		logger.Info("CA keys sealed under a key-encryption key", "kek_id", sealer.ID())
+	}
+	m, err := rotation.New(rotation.Config{
+		Authority: authority, Store: store, Audit: audit, TrustDomain: td, Backend: cfg.Signer, Sealer: sealer,
+		KeyType: cfg.RootKeyType, RootLifetime: cfg.RootLifetime, IntermediateLifetime: cfg.IntermediateLifetime,
+		PropagationWindow: cfg.PropagationWindow, Schedule: cfg.RotationSchedule, ScheduleFraction: cfg.ScheduleFraction,
+		PollInterval: cfg.CAStatePoll, LegacyDir: filepath.Join(cfg.DataDir, datadir.SelfSignedDir),
+		Logger: logger.With("component", "ca-rotation"),
+	})
+	if err != nil {
+		return nil, err
+	}
+	switch cfg.Signer {
+	case selfsigned.Backend:
+		if err := m.Bootstrap(ctx); err != nil {
+			return nil, fmt.Errorf("self-signed CA: %w", err)
+		}
+	case intermediate.Backend:
+		s, err := intermediate.Load(cfg.CACertsDir, nil)
+		if err != nil {
+			return nil, fmt.Errorf("intermediate CA: %w", err)
+		}
+		if err := m.UseExternal(ctx, s, "intermediate CA loaded from "+cfg.CACertsDir+": "+s.Certificate().Subject.String()); err != nil {
+			return nil, fmt.Errorf("intermediate CA: %w", err)
+		}
+		go intermediate.Watch(ctx, cfg.CACertsDir, cfg.CACertsPoll, logger, func(n *local.Signer) {
+			// The previous chain's roots stay in the bundle until the
+			// certificates issued under them expire; the schedule retires them.
+			detail := "intermediate CA reloaded from " + cfg.CACertsDir + ": " + n.Certificate().Subject.String()
+			if err := m.UseExternal(ctx, n, detail); err != nil {
+				logger.Error("intermediate CA reload failed; keeping the current CA", "error", err)
+			}
+		})
+	default:
+		return nil, fmt.Errorf("signer: unknown backend %q", cfg.Signer)
+	}
+	go m.Follow(ctx)
+	go func() {
+		if err := leader.Run(ctx, m.RunSchedule); err != nil {
+			logger.Error("CA rotation leader election stopped", "error", err)
+		}
+	}()
+	return m, nil
+}
+
+// startBundleEndpoint serves the SPIFFE bundle endpoint when configured.
+func startBundleEndpoint(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, issuer *ca.Issuer, logger *slog.Logger) (func(), error) {
+	if cfg.BundleEndpointListen == "" {
+		return func() {}, nil
+	}
+	s, err := bundleserver.Start(ctx, bundleserver.Config{Authority: authority, TrustDomain: td, Addr: cfg.BundleEndpointListen,
+		Auth: cfg.BundleEndpointAuth, Issuer: issuer, CertFile: cfg.BundleEndpointCertFile, KeyFile: cfg.BundleEndpointKeyFile,
+		RefreshHint: cfg.BundleRefreshHint, Logger: logger.With("component", "bundle-endpoint")})
+	if err != nil {
+		return nil, err
+	}
+	return func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = s.Close(sctx)
+	}, nil
+}
+
+// keepOperatorCredential reissues castellanctl's credential whenever the CA
+// changes so that it is never left under a CA about to be retired.
+func keepOperatorCredential(ctx context.Context, issuer *ca.Issuer, authority *ca.Authority, cfg Config, id spiffeid.ID, logger *slog.Logger) {
+	for {
+		changed := authority.Changed()
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		}
+		if err := ensureOperatorCredential(ctx, issuer, authority, cfg, id, logger); err != nil && !errors.Is(err, context.Canceled) {
+			logger.Error("operator credential refresh failed", "error", err)
+		}
+	}
+}
+
+// issuedByActive reports whether leaf was signed by the CA that issues now.
+func issuedByActive(leaf *x509.Certificate, authority *ca.Authority) bool {
+	c, ok := authority.Current().Signer.(interface{ Certificate() *x509.Certificate })
+	if !ok {
+		return true // a remote backend: its CA is not ours to compare
+	}
+	return bytes.Equal(leaf.AuthorityKeyId, c.Certificate().SubjectKeyId)
+}

@@ -50,15 +50,7 @@ func issueCert(t *testing.T, parent *signertest.CA, key crypto.Signer, uris []st
 	if modify != nil {
 		modify(tmpl)
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent.Cert, key.Public(), parent.Key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
+	return parent.Sign(t, tmpl, key.Public())
 }
 
 func newSerial() *big.Int {
@@ -264,15 +256,8 @@ func selfSigned(t *testing.T, key crypto.Signer, uri string) *x509.Certificate {
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, BasicConstraintsValid: true}
 	pu, _ := url.Parse(uri)
 	tmpl.URIs = []*url.URL{pu}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
+	// Self-signed: the template is its own issuer.
+	return (&signertest.CA{Cert: tmpl, Key: key}).Sign(t, tmpl, key.Public())
 }
 
 // plainInfo is the AuthInfo of a connection without TLS.

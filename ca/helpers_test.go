@@ -188,15 +188,7 @@ func signLeaf(t testing.TB, issuing *signertest.CA, key crypto.Signer, id *url.U
 	if modify != nil {
 		modify(tmpl)
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuing.Cert, key.Public(), issuing.Key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
+	return issuing.Sign(t, tmpl, key.Public())
 }
 
 // peerCtx is the context gRPC gives a handler for a TLS connection on which the

@@ -8,6 +8,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -97,4 +98,69 @@ func ParseCertificatesPEM(data []byte) ([]*x509.Certificate, error) {
 		return nil, errors.New("no PEM certificate found")
 	}
 	return certs, nil
+}
+
+// ParseCertificatesPEMList parses each element of pems with ParseCertificatesPEM
+// and returns their certificates in order; an error names the element's index.
+func ParseCertificatesPEMList(pems []string) ([]*x509.Certificate, error) {
+	var out []*x509.Certificate
+	for i, p := range pems {
+		certs, err := ParseCertificatesPEM([]byte(p))
+		if err != nil {
+			return nil, fmt.Errorf("element %d: %w", i, err)
+		}
+		out = append(out, certs...)
+	}
+	return out, nil
+}
+
+// SplitRoots separates self-signed certificates (roots, for the trust bundle)
+// from the rest (intermediates), keeping the order of each.
+func SplitRoots(certs []*x509.Certificate) (inter, roots []*x509.Certificate) {
+	for _, c := range certs {
+		if bytes.Equal(c.RawIssuer, c.RawSubject) && c.CheckSignatureFrom(c) == nil {
+			roots = append(roots, c)
+		} else {
+			inter = append(inter, c)
+		}
+	}
+	return inter, roots
+}
+
+// ContainsCertificate reports whether set holds c, compared byte for byte.
+func ContainsCertificate(set []*x509.Certificate, c *x509.Certificate) bool {
+	return slices.ContainsFunc(set, func(s *x509.Certificate) bool { return bytes.Equal(s.Raw, c.Raw) })
+}
+
+// SameCertificates reports whether a and b hold the same certificates, byte
+// for byte, in the same order.
+func SameCertificates(a, b []*x509.Certificate) bool {
+	return slices.EqualFunc(a, b, func(x, y *x509.Certificate) bool { return bytes.Equal(x.Raw, y.Raw) })
+}
+
+// RefreshLoop calls refresh every interval, or at once when wake receives,
+// until ctx ends. After each call it reports an error to failed, or calls
+// changed when refresh says what it read changed (the trust bundle, for a
+// remote signer); once ctx has ended it returns without either.
+func RefreshLoop(ctx context.Context, interval time.Duration, wake <-chan struct{},
+	refresh func(context.Context) (bool, error), failed func(error), changed func()) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-wake:
+		}
+		ok, err := refresh(ctx)
+		switch {
+		case ctx.Err() != nil:
+			return
+		case err != nil:
+			failed(err)
+		case ok:
+			changed()
+		}
+	}
 }

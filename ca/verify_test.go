@@ -32,15 +32,7 @@ func TestCheckIssued(t *testing.T) {
 		return ca.LeafTemplate(appID, key.Public(), serial, now.Add(-ca.DefaultClockSkew), now.Add(ttl))
 	}
 	sign := func(tmpl *x509.Certificate, by *signertest.CA) *x509.Certificate {
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, by.Cert, key.Public(), by.Key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
+		return by.Sign(t, tmpl, key.Public())
 	}
 
 	good := tmplFor(24 * time.Hour)

@@ -9,17 +9,17 @@ import (
 	"fmt"
 	"io"
 	"math/big"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/castellan-ca/castellan/e2e/internal/testproc"
 )
 
 // Bounds on the waits of the harness. None of them is an assertion about
@@ -52,7 +52,7 @@ type server struct {
 	monAddr  string // 127.0.0.1:PORT of /metrics, /healthz, /readyz
 
 	cmd    *exec.Cmd
-	logs   *syncBuffer
+	logs   *testproc.SyncBuffer
 	exited chan struct{} // closed when the process has been reaped
 	state  *os.ProcessState
 }
@@ -62,32 +62,19 @@ type server struct {
 // logs are written to the test log if the test failed.
 func startServer(t *testing.T, cfg serverConfig) *server {
 	t.Helper()
-	for attempt := 1; ; attempt++ {
-		s, err := launch(t, cfg, t.TempDir())
-		if err == nil {
-			return s
-		}
-		if attempt < startAttempts && errors.Is(err, errPortTaken) {
-			t.Logf("castellan serve attempt %d: %v; retrying on new ports", attempt, err)
-			continue
-		}
-		t.Fatalf("castellan serve: %v", err)
-	}
+	return testproc.Retry(t, "castellan serve", startAttempts, func() (*server, error) { return launch(t, cfg, t.TempDir()) })
 }
 
-// errPortTaken reports that the server could not bind a port the harness
-// picked, because another process bound it in between.
-var errPortTaken = errors.New("port taken between choosing and binding it")
-
 // launch makes one attempt at starting castellan serve on fresh ports with
-// dataDir. It wraps errPortTaken when the process died for lack of a port.
+// dataDir. It wraps testproc.ErrPortTaken when the process died for lack of
+// a port.
 func launch(t *testing.T, cfg serverConfig, dataDir string) (*server, error) {
 	t.Helper()
 	s := &server{
 		dataDir:  dataDir,
-		grpcAddr: freeAddr(t),
-		monAddr:  freeAddr(t),
-		logs:     &syncBuffer{},
+		grpcAddr: testproc.FreeAddr(t),
+		monAddr:  testproc.FreeAddr(t),
+		logs:     &testproc.SyncBuffer{},
 		exited:   make(chan struct{}),
 	}
 	args := []string{"serve",
@@ -124,7 +111,7 @@ func launch(t *testing.T, cfg serverConfig, dataDir string) (*server, error) {
 			<-s.exited
 		}
 		if t.Failed() {
-			t.Logf("castellan serve (%s) logs:\n%s", cfg.signer, s.logs.tail(maxLoggedBytes))
+			t.Logf("castellan serve (%s) logs:\n%s", cfg.signer, s.logs.Tail(maxLoggedBytes))
 		}
 	})
 
@@ -132,7 +119,7 @@ func launch(t *testing.T, cfg serverConfig, dataDir string) (*server, error) {
 		select {
 		case <-s.exited:
 			if strings.Contains(s.logs.String(), "address already in use") {
-				return nil, fmt.Errorf("%w: %v", errPortTaken, err)
+				return nil, fmt.Errorf("%w: %v", testproc.ErrPortTaken, err)
 			}
 		default:
 			_ = s.cmd.Process.Kill()
@@ -146,33 +133,11 @@ func launch(t *testing.T, cfg serverConfig, dataDir string) (*server, error) {
 // waitReady polls /readyz until it answers 200, the process exits, or
 // readyTimeout passes.
 func (s *server) waitReady() error {
-	client := &http.Client{Timeout: httpTimeout}
-	url := "http://" + s.monAddr + "/readyz"
-	deadline := time.NewTimer(readyTimeout)
-	defer deadline.Stop()
-	tick := time.NewTicker(pollInterval)
-	defer tick.Stop()
-	var lastErr error
-	for {
-		resp, err := client.Get(url)
-		if err == nil {
-			_, _ = io.Copy(io.Discard, resp.Body)
-			_ = resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-			lastErr = fmt.Errorf("GET %s: %s", url, resp.Status)
-		} else {
-			lastErr = err
-		}
-		select {
-		case <-s.exited:
-			return fmt.Errorf("exited before ready (%v); last readiness probe: %v", s.state, lastErr)
-		case <-deadline.C:
-			return fmt.Errorf("not ready after %v; last readiness probe: %v", readyTimeout, lastErr)
-		case <-tick.C:
-		}
+	err := testproc.WaitOK(http.DefaultClient, "http://"+s.monAddr+"/readyz", httpTimeout, pollInterval, readyTimeout, s.exited)
+	if errors.Is(err, testproc.ErrExited) {
+		return fmt.Errorf("%w (%v)", err, s.state)
 	}
+	return err
 }
 
 // stop sends SIGTERM and waits up to stopTimeout for the process to exit. It
@@ -367,18 +332,6 @@ func parsePromText(body []byte) (map[string]float64, error) {
 	return m, nil
 }
 
-// freeAddr returns a loopback address with a port that was free a moment
-// ago. launch retries when another process binds it first.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("finding a free port: %v", err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 // writeFile writes data to dir/name with mode perm and returns the path.
 func writeFile(t *testing.T, dir, name string, data []byte, perm os.FileMode) string {
 	t.Helper()
@@ -387,34 +340,4 @@ func writeFile(t *testing.T, dir, name string, data []byte, perm os.FileMode) st
 		t.Fatal(err)
 	}
 	return p
-}
-
-// syncBuffer is an io.Writer safe for the concurrent writes of a process's
-// stdout and stderr.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-// Write appends p to the buffer.
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-// String returns everything written so far.
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// tail returns at most the last n bytes written.
-func (b *syncBuffer) tail(n int) string {
-	s := b.String()
-	if len(s) <= n {
-		return s
-	}
-	return "…" + s[len(s)-n:]
 }

@@ -21,6 +21,8 @@ import (
 	"istio.io/istio/security/pkg/credentialfetcher/plugin"
 	"istio.io/istio/security/pkg/nodeagent/caclient/providers/citadel"
 	"istio.io/istio/security/pkg/pki/util"
+
+	"github.com/castellan-ca/castellan/e2e/internal/testproc"
 )
 
 // oidcWorkloadSub is the `sub` of the test tokens: the default identity rule
@@ -259,7 +261,7 @@ func oidcConfig(t *testing.T, dir string, issuers ...[2]string) string {
 func TestOIDC(t *testing.T) {
 	dir := t.TempDir()
 	iss := newOIDCIssuer(t, dir)
-	dead := "https://" + freeAddr(t) // nothing listens there
+	dead := "https://" + testproc.FreeAddr(t) // nothing listens there
 	srv := startServer(t, serverConfig{signer: "selfsigned", configFile: oidcConfig(t, dir, [2]string{iss.srv.URL, iss.caFile}, [2]string{dead, ""})})
 	client := newTokenClient(t, srv)
 	caller := iss.srv.URL + " sub=" + oidcWorkloadSub

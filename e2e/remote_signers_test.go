@@ -20,6 +20,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/castellan-ca/castellan/e2e/internal/kubeenv"
+	"github.com/castellan-ca/castellan/e2e/internal/testproc"
 )
 
 // remotePKI is the external PKI a vault or googlecas server signs through.
@@ -59,9 +60,9 @@ func openBao(t *testing.T) (*remotePKI, *baoClient) {
 	case bin == "":
 		t.Skip("CASTELLAN_TEST_BAO_BIN is not set: run `make e2e` to test the vault signer against a real OpenBao")
 	}
-	addr := freeAddr(t)
+	addr := testproc.FreeAddr(t)
 	cmd := exec.Command(bin, "server", "-dev", "-dev-root-token-id=root", "-dev-listen-address="+addr)
-	logs := &syncBuffer{}
+	logs := &testproc.SyncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start openbao: %v", err)
@@ -70,7 +71,7 @@ func openBao(t *testing.T) (*remotePKI, *baoClient) {
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
 		if t.Failed() {
-			t.Logf("openbao logs:\n%s", logs.tail(maxLoggedBytes))
+			t.Logf("openbao logs:\n%s", logs.Tail(maxLoggedBytes))
 		}
 	})
 	bao := &baoClient{t: t, url: "http://" + addr + "/v1/"}

@@ -458,18 +458,10 @@ func (m *Manager) mirrorRoot(v *view) {
 // Follow reloads the shared state every PollInterval until ctx ends, so
 // this replica picks up steps run by others within seconds.
 func (m *Manager) Follow(ctx context.Context) {
-	t := time.NewTicker(m.cfg.PollInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		if err := m.refresh(ctx); err != nil && ctx.Err() == nil {
-			m.cfg.Logger.Error("CA state refresh failed; keeping the current CA", "error", err)
-		}
-	}
+	ca.RefreshLoop(ctx, m.cfg.PollInterval, nil,
+		func(ctx context.Context) (bool, error) { return false, m.refresh(ctx) },
+		func(err error) { m.cfg.Logger.Error("CA state refresh failed; keeping the current CA", "error", err) },
+		func() {})
 }
 
 // Status reports the shared rotation state.

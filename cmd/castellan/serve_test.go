@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -17,15 +16,13 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
+	"github.com/castellan-ca/castellan/cmd/internal/servetest"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
 	"google.golang.org/grpc"
@@ -42,37 +39,17 @@ const (
 	callTimeout  = 10 * time.Second // one RPC or HTTP request
 )
 
-// syncBuffer is an io.Writer safe for the server's logger and the test to share.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // testServer is one in-process `castellan serve`.
 type testServer struct {
 	dataDir string
 	addr    string // gRPC listener, from server.json
 	monAddr string // monitoring listener, from the startup log line
-	logs    *syncBuffer
+	logs    *servetest.SyncBuffer
 	cancel  context.CancelFunc
 	done    chan error // receives serve's result once
 	result  error
 	stopped bool
 }
-
-var servingLine = regexp.MustCompile(`msg="castellan serving" listen=(\S+) monitoring=(\S+)`)
 
 // startServe runs serve in a goroutine with loopback ports and dataDir, and
 // waits until it logs that it is serving. Cleanup stops it and requires a nil
@@ -80,7 +57,7 @@ var servingLine = regexp.MustCompile(`msg="castellan serving" listen=(\S+) monit
 func startServe(t *testing.T, dataDir string, extra ...string) *testServer {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &testServer{dataDir: dataDir, logs: &syncBuffer{}, cancel: cancel, done: make(chan error, 1)}
+	s := &testServer{dataDir: dataDir, logs: &servetest.SyncBuffer{}, cancel: cancel, done: make(chan error, 1)}
 	args := append([]string{"--data-dir", dataDir, "--listen", "127.0.0.1:0", "--monitoring-listen", "127.0.0.1:0"}, extra...)
 	go func() { s.done <- serve(ctx, args, s.logs) }()
 	t.Cleanup(func() {
@@ -94,30 +71,16 @@ func startServe(t *testing.T, dataDir string, extra ...string) *testServer {
 		}
 	})
 
-	deadline := time.Now().Add(startTimeout)
-	for {
-		if m := servingLine.FindStringSubmatch(s.logs.String()); m != nil {
-			s.monAddr = m[2]
-			info, err := datadir.ReadServer(dataDir)
-			if err != nil {
-				t.Fatalf("server is serving but server.json is unreadable: %v", err)
-			}
-			if info.Address != m[1] {
-				t.Fatalf("server.json address %q, log says listen=%s", info.Address, m[1])
-			}
-			s.addr = info.Address
-			return s
-		}
+	s.addr, s.monAddr = servetest.WaitServing(t, s.logs, dataDir, startTimeout, 20*time.Millisecond, func(d time.Duration) (bool, error) {
 		select {
 		case err := <-s.done:
 			s.stopped, s.result = true, err
-			t.Fatalf("serve returned before serving: %v\n%s", err, s.logs.String())
-		case <-time.After(20 * time.Millisecond):
+			return true, err
+		case <-time.After(d):
+			return false, nil
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("server not serving after %s:\n%s", startTimeout, s.logs.String())
-		}
-	}
+	})
+	return s
 }
 
 // stop cancels serve's ctx and returns its result, failing after stopTimeout.
@@ -135,28 +98,10 @@ func (s *testServer) stop() error {
 	}
 }
 
-func readFile(t *testing.T, path string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-func parseCerts(t *testing.T, b []byte) []*x509.Certificate {
-	t.Helper()
-	certs, err := ca.ParseCertificatesPEM(b)
-	if err != nil {
-		t.Fatalf("parse certificates: %v", err)
-	}
-	return certs
-}
-
 func (s *testServer) rootPool(t *testing.T) *x509.CertPool {
 	t.Helper()
 	pool := x509.NewCertPool()
-	for _, c := range parseCerts(t, readFile(t, filepath.Join(s.dataDir, datadir.RootCert))) {
+	for _, c := range servetest.ParseCerts(t, servetest.ReadFile(t, filepath.Join(s.dataDir, datadir.RootCert))) {
 		pool.AddCert(c)
 	}
 	return pool
@@ -270,8 +215,8 @@ func TestServeFirstStart(t *testing.T) {
 
 	// root-cert.pem is published before the server reports serving, and holds
 	// exactly the generated root.
-	root := parseCerts(t, readFile(t, filepath.Join(data, datadir.SelfSignedDir, "ca-cert.pem")))
-	bundle := parseCerts(t, readFile(t, filepath.Join(data, datadir.RootCert)))
+	root := servetest.ParseCerts(t, servetest.ReadFile(t, filepath.Join(data, datadir.SelfSignedDir, "ca-cert.pem")))
+	bundle := servetest.ParseCerts(t, servetest.ReadFile(t, filepath.Join(data, datadir.RootCert)))
 	if len(root) != 1 || len(bundle) != 1 || !bundle[0].Equal(root[0]) {
 		t.Fatalf("root-cert.pem holds %d certificates, want exactly the root of ca/ca-cert.pem", len(bundle))
 	}
@@ -279,7 +224,7 @@ func TestServeFirstStart(t *testing.T) {
 		t.Errorf("root is not a self-signed CA")
 	}
 	// The operator credential is a client certificate for the operator ID under that root.
-	opChain := parseCerts(t, readFile(t, filepath.Join(data, datadir.OperatorDir, datadir.OperatorCert)))
+	opChain := servetest.ParseCerts(t, servetest.ReadFile(t, filepath.Join(data, datadir.OperatorDir, datadir.OperatorCert)))
 	if len(opChain[0].URIs) != 1 || opChain[0].URIs[0].String() != "spiffe://cluster.local/castellan/operator" {
 		t.Errorf("operator credential URIs = %v", opChain[0].URIs)
 	}
@@ -446,7 +391,7 @@ func TestServeInvalidConfig(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			data := filepath.Join(t.TempDir(), "data")
-			var logs syncBuffer
+			var logs servetest.SyncBuffer
 			ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 			defer cancel()
 			args := append([]string{"--data-dir", data, "--listen", "127.0.0.1:0", "--monitoring-listen", "127.0.0.1:0"}, tc.args...)

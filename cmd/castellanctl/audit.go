@@ -6,9 +6,9 @@ import (
 	"encoding/csv"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
+	"iter"
 	"os"
 	"strconv"
 	"strings"
@@ -32,11 +32,64 @@ func parseWhen(s string) (time.Time, error) {
 	return t, nil
 }
 
+// setTimeRange sets req's Since and Until from the --since and --until
+// flags, read with parse; an empty flag leaves its bound unset.
+func setTimeRange(req *adminpb.ListAuditRecordsRequest, since, until string, parse func(string) (time.Time, error)) error {
+	for _, t := range []struct {
+		s   string
+		dst **timestamppb.Timestamp
+	}{{since, &req.Since}, {until, &req.Until}} {
+		if t.s == "" {
+			continue
+		}
+		v, err := parse(t.s)
+		if err != nil {
+			return err
+		}
+		*t.dst = timestamppb.New(v)
+	}
+	return nil
+}
+
+// auditPages yields the records matching req in (writer, seq) order, page
+// by page: each page continues after the last (writer, seq) seen, across
+// every writer's chain. pageSize(seen) is the limit of the next page after
+// seen records; a limit of 0 or less, or a short page, ends the sequence.
+// An error of ListAuditRecords is yielded last.
+func auditPages(ctx context.Context, client adminpb.AdminServiceClient, req *adminpb.ListAuditRecordsRequest,
+	pageSize func(seen int) int) iter.Seq2[*adminpb.AuditRecord, error] {
+	return func(yield func(*adminpb.AuditRecord, error) bool) {
+		for seen := 0; ; {
+			size := pageSize(seen)
+			if size <= 0 {
+				return
+			}
+			req.Limit = int32(size)
+			resp, err := client.ListAuditRecords(ctx, req)
+			if err != nil {
+				yield(nil, err)
+				return
+			}
+			recs := resp.GetRecords()
+			for _, p := range recs {
+				if !yield(p, nil) {
+					return
+				}
+			}
+			seen += len(recs)
+			if len(recs) < size {
+				return
+			}
+			last := recs[len(recs)-1]
+			req.AfterWriter, req.AfterSeq = last.GetWriter(), last.GetSeq()
+		}
+	}
+}
+
 // cmdAuditShow prints records in full: one by WRITER/SEQ, or every record of
 // a serial or fingerprint (the issuance and any undelivered marker).
 func cmdAuditShow(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("audit show", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("audit show", stderr)
 	serial := fs.String("serial", "", "every record of this certificate serial (lowercase hex)")
 	fingerprint := fs.String("fingerprint", "", "every record of this certificate SHA-256 (hex)")
 	output := fs.String("output", "text", "text | json (one object per line)")
@@ -111,8 +164,7 @@ func cmdAuditShow(ctx context.Context, g *globals, args []string, stdout, stderr
 // (writer, seq) order, as JSON lines or CSV: the offline copy an auditor or
 // SIEM ingests.
 func cmdAuditExport(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) (err error) {
-	fs := flag.NewFlagSet("audit export", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("audit export", stderr)
 	var req adminpb.ListAuditRecordsRequest
 	fs.StringVar(&req.Identity, "identity", "", "only records granting or requesting this SPIFFE ID")
 	fs.StringVar(&req.Serial, "serial", "", "only records of this serial (lowercase hex)")
@@ -127,17 +179,8 @@ func cmdAuditExport(ctx context.Context, g *globals, args []string, stdout, stde
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	for _, t := range []struct {
-		s   string
-		dst **timestamppb.Timestamp
-	}{{*since, &req.Since}, {*until, &req.Until}} {
-		if t.s != "" {
-			v, err := parseWhen(t.s)
-			if err != nil {
-				return fmt.Errorf("audit export: %w", err)
-			}
-			*t.dst = timestamppb.New(v)
-		}
+	if err := setTimeRange(&req, *since, *until, parseWhen); err != nil {
+		return fmt.Errorf("audit export: %w", err)
 	}
 	if *format != "jsonl" && *format != "csv" {
 		return errors.New("audit export: --format must be jsonl or csv")
@@ -169,30 +212,20 @@ func cmdAuditExport(ctx context.Context, g *globals, args []string, stdout, stde
 		}
 	}
 	total := 0
-	for {
-		req.Limit = storage.MaxLimit
-		resp, err := client.ListAuditRecords(ctx, &req)
+	for p, err := range auditPages(ctx, client, &req, func(int) int { return storage.MaxLimit }) {
 		if err != nil {
 			return fmt.Errorf("audit export: after %d records: %w", total, err)
 		}
-		for _, p := range resp.GetRecords() {
-			r := ca.RecordFromProto(p)
-			if *format == "csv" {
-				err = cw.Write(csvRow(&r))
-			} else {
-				err = enc.Encode(&r)
-			}
-			if err != nil {
-				return fmt.Errorf("audit export: %w", err)
-			}
+		r := ca.RecordFromProto(p)
+		if *format == "csv" {
+			err = cw.Write(csvRow(&r))
+		} else {
+			err = enc.Encode(&r)
 		}
-		n := len(resp.GetRecords())
-		total += n
-		if n < int(req.Limit) {
-			break
+		if err != nil {
+			return fmt.Errorf("audit export: %w", err)
 		}
-		last := resp.GetRecords()[n-1]
-		req.AfterWriter, req.AfterSeq = last.GetWriter(), last.GetSeq()
+		total++
 	}
 	cw.Flush()
 	if err := cw.Error(); err != nil {
@@ -229,8 +262,7 @@ func csvRow(r *storage.Record) []string {
 // cmdAuditPrune removes old records through the server, which signs the
 // checkpoint with its checkpoint key.
 func cmdAuditPrune(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("audit prune", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("audit prune", stderr)
 	beforeFlag := fs.String("before", "", "remove records older than this time (RFC 3339 or YYYY-MM-DD, UTC midnight); required")
 	if err := fs.Parse(args); err != nil {
 		return err

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"strings"
@@ -32,8 +31,7 @@ func cmdCA(ctx context.Context, g *globals, args []string, stdout, stderr io.Wri
 }
 
 func cmdCAStatus(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("ca status", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("ca status", stderr)
 	output := fs.String("output", "table", "table | json")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -54,8 +52,7 @@ func cmdCAStatus(ctx context.Context, g *globals, args []string, stdout, stderr 
 }
 
 func cmdCARotate(ctx context.Context, g *globals, step string, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("ca rotate "+step, flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("ca rotate "+step, stderr)
 	target := fs.String("target", ca.TargetRoot, "root | intermediate")
 	force := fs.Bool("force", false, "skip the safety check (propagation window, certificates still chaining to the CA); audited")
 	output := fs.String("output", "table", "table | json")

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/castellan-ca/castellan/cmd/internal/servetest"
 	"github.com/castellan-ca/castellan/storage"
 )
 
@@ -112,7 +113,7 @@ func TestCARotateCLI(t *testing.T) {
 	if len(newRoot) != 1 || st.issuing() != oldInter[0] {
 		t.Fatalf("after prepare: %+v", st)
 	}
-	if roots := parseCerts(t, []byte(mustCtl(t, data, "bundle"))); len(roots) != 2 {
+	if roots := servetest.ParseCerts(t, []byte(mustCtl(t, data, "bundle"))); len(roots) != 2 {
 		t.Errorf("bundle after prepare holds %d roots, want 2", len(roots))
 	}
 	wantCtlRefused(t, data, "propagation window", "ca", "rotate", "activate")
@@ -140,7 +141,7 @@ func TestCARotateCLI(t *testing.T) {
 	if !strings.Contains(out, "forced past") {
 		t.Errorf("forced retire printed %q", out)
 	}
-	roots := parseCerts(t, []byte(mustCtl(t, data, "bundle")))
+	roots := servetest.ParseCerts(t, []byte(mustCtl(t, data, "bundle")))
 	if len(roots) != 1 || verifyChain(before.chain, roots) == nil || verifyChain(after.chain, roots) != nil {
 		t.Errorf("after a forced retire: %d roots; the old leaf must fail and the new pass", len(roots))
 	}
@@ -149,7 +150,7 @@ func TestCARotateCLI(t *testing.T) {
 	mustCtl(t, data, "ca", "rotate", "prepare", "--target", "intermediate")
 	wantCtlRefused(t, data, "propagation window", "ca", "rotate", "activate", "--target", "intermediate")
 	mustCtl(t, data, "ca", "rotate", "activate", "--target", "intermediate", "--force")
-	if got := parseCerts(t, []byte(mustCtl(t, data, "bundle"))); len(got) != 1 || !got[0].Equal(roots[0]) {
+	if got := servetest.ParseCerts(t, []byte(mustCtl(t, data, "bundle"))); len(got) != 1 || !got[0].Equal(roots[0]) {
 		t.Errorf("an intermediate rotation changed the bundle")
 	}
 
@@ -216,7 +217,7 @@ func TestCACertsOldRootLeaves(t *testing.T) {
 		}
 		return nil
 	})
-	roots := parseCerts(t, []byte(mustCtl(t, data, "bundle")))
+	roots := servetest.ParseCerts(t, []byte(mustCtl(t, data, "bundle")))
 	if len(roots) != 2 || !containsCert(roots, rootA.cert) {
 		t.Errorf("bundle right after the change: %d roots, want B and A", len(roots))
 	}
@@ -224,7 +225,7 @@ func TestCACertsOldRootLeaves(t *testing.T) {
 		t.Errorf("A1's certificate no longer verifies: %v", err)
 	}
 	eventually(t, 30*time.Second, "root A leaves once its certificates expired", func() error {
-		roots := parseCerts(t, []byte(mustCtl(t, data, "bundle")))
+		roots := servetest.ParseCerts(t, []byte(mustCtl(t, data, "bundle")))
 		if len(roots) != 1 || !roots[0].Equal(rootB.cert) {
 			return fmt.Errorf("bundle holds %d roots", len(roots))
 		}

@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -17,12 +16,10 @@ import (
 	"github.com/castellan-ca/castellan/ca"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	"github.com/castellan-ca/castellan/signer/local"
-	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
 func cmdBundle(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("bundle", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("bundle", stderr)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -40,8 +37,7 @@ func cmdBundle(ctx context.Context, g *globals, args []string, stdout, stderr io
 }
 
 func cmdIssue(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("issue", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("issue", stderr)
 	identity := fs.String("identity", "", "SPIFFE ID to issue: spiffe://<trust-domain>/ns/<ns>/sa/<sa> (required)")
 	outDir := fs.String("out-dir", ".", "directory for key.pem (0600), cert-chain.pem and root-cert.pem")
 	ttl := fs.Duration("ttl", 0, "requested lifetime (default: the server's default)")
@@ -109,8 +105,7 @@ func cmdIssue(ctx context.Context, g *globals, args []string, stdout, stderr io.
 }
 
 func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("audit list", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("audit list", stderr)
 	var req adminpb.ListAuditRecordsRequest
 	fs.StringVar(&req.Identity, "identity", "", "only records granting or requesting this SPIFFE ID")
 	fs.StringVar(&req.Serial, "serial", "", "only the record of this serial (lowercase hex)")
@@ -125,18 +120,8 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	for _, t := range []struct {
-		s   string
-		dst **timestamppb.Timestamp
-	}{{*since, &req.Since}, {*until, &req.Until}} {
-		if t.s == "" {
-			continue
-		}
-		v, err := time.Parse(time.RFC3339, t.s)
-		if err != nil {
-			return fmt.Errorf("audit list: %w", err)
-		}
-		*t.dst = timestamppb.New(v)
+	if err := setTimeRange(&req, *since, *until, func(s string) (time.Time, error) { return time.Parse(time.RFC3339, s) }); err != nil {
+		return fmt.Errorf("audit list: %w", err)
 	}
 	if *output != "table" && *output != "json" {
 		return fmt.Errorf("audit list: --output must be table or json")
@@ -153,44 +138,31 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 	}
 	enc := json.NewEncoder(stdout)
 	const page = 1000
-	left := *limit
-	for {
-		req.Limit = page
-		if left > 0 && left < page {
-			req.Limit = int32(left)
+	pageSize := func(seen int) int {
+		if *limit > 0 {
+			return min(page, *limit-seen)
 		}
-		resp, err := client.ListAuditRecords(ctx, &req)
+		return page
+	}
+	for p, err := range auditPages(ctx, client, &req, pageSize) {
 		if err != nil {
 			return fmt.Errorf("audit list: %w", err)
 		}
-		for _, p := range resp.GetRecords() {
-			r := ca.RecordFromProto(p)
-			if *output == "json" {
-				if err := enc.Encode(&r); err != nil {
-					return err
-				}
-				continue
+		r := ca.RecordFromProto(p)
+		if *output == "json" {
+			if err := enc.Encode(&r); err != nil {
+				return err
 			}
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Kind, r.Outcome,
-				r.Code, r.Reason, r.Caller, r.GrantedIdentity, r.Serial, r.Writer)
+			continue
 		}
-		n := len(resp.GetRecords())
-		if left > 0 {
-			left -= n
-		}
-		if n < int(req.Limit) || (*limit > 0 && left <= 0) {
-			break
-		}
-		last := resp.GetRecords()[n-1]
-		// Pages continue after the last (writer, seq) seen, across every writer's chain.
-		req.AfterWriter, req.AfterSeq = last.GetWriter(), last.GetSeq()
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Kind, r.Outcome,
+			r.Code, r.Reason, r.Caller, r.GrantedIdentity, r.Serial, r.Writer)
 	}
 	return tw.Flush()
 }
 
 func cmdAuditVerify(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("audit verify", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("audit verify", stderr)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}

@@ -28,6 +28,7 @@ import (
 
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
+	"github.com/castellan-ca/castellan/cmd/internal/servetest"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/storage"
 	"google.golang.org/grpc/codes"
@@ -196,14 +197,14 @@ func TestSelfSignedCA(t *testing.T) {
 	startServer(t, data)
 	const sa1 = "spiffe://cluster.local/ns/ns1/sa/sa1"
 
-	rootPEM := readFile(t, filepath.Join(data, datadir.RootCert))
-	roots := parseCerts(t, rootPEM)
+	rootPEM := servetest.ReadFile(t, filepath.Join(data, datadir.RootCert))
+	roots := servetest.ParseCerts(t, rootPEM)
 	t.Run("bundle prints root-cert.pem", func(t *testing.T) {
 		out := mustCtl(t, data, "bundle")
 		if out != string(rootPEM) {
 			t.Errorf("bundle output differs from root-cert.pem:\n%s\nvs\n%s", out, rootPEM)
 		}
-		ca := parseCerts(t, readFile(t, filepath.Join(data, datadir.SelfSignedDir, "ca-cert.pem")))
+		ca := servetest.ParseCerts(t, servetest.ReadFile(t, filepath.Join(data, datadir.SelfSignedDir, "ca-cert.pem")))
 		if len(roots) != 1 || !roots[0].Equal(ca[0]) {
 			t.Errorf("bundle holds %d certificates, want the root of ca/ca-cert.pem", len(roots))
 		}
@@ -392,7 +393,7 @@ func TestRestartAndTamper(t *testing.T) {
 	snapshot := func() map[string][]byte {
 		m := map[string][]byte{}
 		for _, p := range persisted {
-			m[p] = readFile(t, p)
+			m[p] = servetest.ReadFile(t, p)
 		}
 		return m
 	}
@@ -418,7 +419,7 @@ func TestRestartAndTamper(t *testing.T) {
 	if got := mustCtl(t, data, "bundle"); got != bundle {
 		t.Errorf("bundle changed across a restart")
 	}
-	if err := verifyChain(first.chain, parseCerts(t, []byte(bundle))); err != nil {
+	if err := verifyChain(first.chain, servetest.ParseCerts(t, []byte(bundle))); err != nil {
 		t.Errorf("a certificate from before the restart no longer verifies: %v", err)
 	}
 	second := issue(t, data, id, "--ttl", "1h")
@@ -513,7 +514,7 @@ func TestIntermediateHotReload(t *testing.T) {
 		return f.leaf().CheckSignatureFrom(inter.cert)
 	}
 	bundleRoots := func() []*x509.Certificate {
-		return parseCerts(t, []byte(mustCtl(t, data, "bundle")))
+		return servetest.ParseCerts(t, []byte(mustCtl(t, data, "bundle")))
 	}
 
 	before := issue(t, data, id, "--ttl", "1h")
@@ -607,7 +608,7 @@ func TestIntermediateHotReload(t *testing.T) {
 		t.Errorf("a certificate issued by A1 no longer verifies against the bundle: %v", err)
 	}
 	eventually(t, 10*time.Second, "DATA/root-cert.pem holds both roots", func() error {
-		if got := mustCtl(t, data, "bundle"); string(readFile(t, filepath.Join(data, datadir.RootCert))) != got {
+		if got := mustCtl(t, data, "bundle"); string(servetest.ReadFile(t, filepath.Join(data, datadir.RootCert))) != got {
 			return errors.New("root-cert.pem differs from the served bundle")
 		}
 		return nil
@@ -642,7 +643,7 @@ func TestIntermediateHotReload(t *testing.T) {
 func TestServeBinaryInvalidConfig(t *testing.T) {
 	cmd := exec.Command(castellanBinary(t), "serve", "--data-dir", t.TempDir(), "--listen", "127.0.0.1:0",
 		"--monitoring-listen", "127.0.0.1:0", "--signer", "nope")
-	var stderr syncBuffer
+	var stderr servetest.SyncBuffer
 	cmd.Stderr = &stderr
 	done := make(chan error, 1)
 	if err := cmd.Start(); err != nil {

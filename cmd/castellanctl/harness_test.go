@@ -16,15 +16,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca"
-	"github.com/castellan-ca/castellan/cmd/internal/datadir"
+	"github.com/castellan-ca/castellan/cmd/internal/servetest"
 	"github.com/castellan-ca/castellan/storage"
 )
 
@@ -81,35 +79,15 @@ func castellanBinary(t *testing.T) string {
 	return binPath
 }
 
-// syncBuffer collects a process's stderr while the test reads it.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // server is one `castellan serve` process on loopback ports.
 type server struct {
 	dataDir string
 	monAddr string
-	logs    *syncBuffer
+	logs    *servetest.SyncBuffer
 	cmd     *exec.Cmd
 	exited  chan struct{}
 	waitErr error
 }
-
-var servingLine = regexp.MustCompile(`msg="castellan serving" listen=(\S+) monitoring=(\S+)`)
 
 // startServer runs castellan serve on dataDir and waits until it is serving.
 // It is stopped at the end of the test if still running; its log goes to
@@ -117,7 +95,7 @@ var servingLine = regexp.MustCompile(`msg="castellan serving" listen=(\S+) monit
 func startServer(t *testing.T, dataDir string, extra ...string) *server {
 	t.Helper()
 	args := append([]string{"serve", "--data-dir", dataDir, "--listen", "127.0.0.1:0", "--monitoring-listen", "127.0.0.1:0"}, extra...)
-	s := &server{dataDir: dataDir, logs: &syncBuffer{}, exited: make(chan struct{})}
+	s := &server{dataDir: dataDir, logs: &servetest.SyncBuffer{}, exited: make(chan struct{})}
 	s.cmd = exec.Command(castellanBinary(t), args...)
 	s.cmd.Stdout, s.cmd.Stderr = s.logs, s.logs
 	if err := s.cmd.Start(); err != nil {
@@ -133,25 +111,15 @@ func startServer(t *testing.T, dataDir string, extra ...string) *server {
 		}
 	})
 
-	deadline := time.Now().Add(startTimeout)
-	for {
-		if m := servingLine.FindStringSubmatch(s.logs.String()); m != nil {
-			s.monAddr = m[2]
-			info, err := datadir.ReadServer(dataDir)
-			if err != nil || info.Address != m[1] {
-				t.Fatalf("server.json = %+v, %v; log says listen=%s", info, err, m[1])
-			}
-			return s
-		}
+	_, s.monAddr = servetest.WaitServing(t, s.logs, dataDir, startTimeout, pollInterval, func(d time.Duration) (bool, error) {
 		select {
 		case <-s.exited:
-			t.Fatalf("castellan serve exited before serving: %v\n%s", s.waitErr, s.logs.String())
-		case <-time.After(pollInterval):
+			return true, s.waitErr
+		case <-time.After(d):
+			return false, nil
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("castellan serve not serving after %s:\n%s", startTimeout, s.logs.String())
-		}
-	}
+	})
+	return s
 }
 
 // stop sends SIGTERM and requires a clean exit (status 0) within stopTimeout.
@@ -214,24 +182,6 @@ func auditRecords(t *testing.T, dataDir string, filters ...string) []storage.Rec
 		t.Fatalf("audit list printed %d lines for %d records", n, len(recs))
 	}
 	return recs
-}
-
-func readFile(t *testing.T, path string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-func parseCerts(t *testing.T, b []byte) []*x509.Certificate {
-	t.Helper()
-	certs, err := ca.ParseCertificatesPEM(b)
-	if err != nil {
-		t.Fatalf("parse certificates: %v", err)
-	}
-	return certs
 }
 
 func containsCert(set []*x509.Certificate, c *x509.Certificate) bool {

@@ -105,6 +105,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return fmt.Errorf("unknown command %q", rest[0])
 }
 
+// newFlagSet returns the flag set of command name, which reports parse
+// errors and usage to stderr and returns them rather than exiting.
+func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	return fs
+}
+
 // globals are the connection settings every command shares.
 type globals struct {
 	dataDir    string

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/castellan-ca/castellan/cmd/internal/servetest"
 	"github.com/castellan-ca/castellan/storage"
 	"github.com/castellan-ca/castellan/storage/postgres/pgtest"
 	"github.com/jackc/pgx/v5"
@@ -47,7 +48,7 @@ func TestReplicasFollowTheLeader(t *testing.T) {
 		t.Fatalf("prepare: %s", out)
 	}
 	eventually(t, follow, "replica b trusts the prepared root", func() error {
-		if n := len(parseCerts(t, []byte(mustCtl(t, dataB, "bundle")))); n != 2 {
+		if n := len(servetest.ParseCerts(t, []byte(mustCtl(t, dataB, "bundle")))); n != 2 {
 			return fmt.Errorf("b's bundle holds %d roots", n)
 		}
 		return nil
@@ -62,7 +63,7 @@ func TestReplicasFollowTheLeader(t *testing.T) {
 	})
 	eventually(t, follow+4*time.Second, "the schedule retires the old root on both replicas", func() error {
 		for _, data := range []string{dataA, dataB} {
-			roots := parseCerts(t, []byte(mustCtl(t, data, "bundle")))
+			roots := servetest.ParseCerts(t, []byte(mustCtl(t, data, "bundle")))
 			if len(roots) != 1 || fmt.Sprintf("%x", roots[0].SubjectKeyId) != newRoot[0] {
 				return fmt.Errorf("%s: bundle holds %d roots", filepath.Base(data), len(roots))
 			}
@@ -93,7 +94,7 @@ func TestReplicasFollowTheLeader(t *testing.T) {
 	if err := oldRootGone(dsn, oldRoot); err != nil {
 		t.Error(err)
 	}
-	if err := keysSealed(dsn, readFile(t, kek)); err != nil {
+	if err := keysSealed(dsn, servetest.ReadFile(t, kek)); err != nil {
 		t.Error(err)
 	}
 

@@ -10,7 +10,6 @@
 package googlecas
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/x509"
@@ -145,7 +144,7 @@ func (s *Signer) Sign(ctx context.Context, req ca.SignRequest) (*ca.Chain, error
 	s.mu.RLock()
 	known := s.roots
 	s.mu.RUnlock()
-	if !slices.ContainsFunc(roots, func(r *x509.Certificate) bool { return containsCert(known, r) }) {
+	if !slices.ContainsFunc(roots, func(r *x509.Certificate) bool { return ca.ContainsCertificate(known, r) }) {
 		// Issued under a root we do not know yet: re-read the pool now.
 		select {
 		case s.refreshc <- struct{}{}:
@@ -236,41 +235,12 @@ func parseCertificate(c *privatecapb.Certificate) (*ca.Chain, []*x509.Certificat
 	if len(leaf) != 1 {
 		return nil, nil, fmt.Errorf("pem_certificate holds %d certificates, want 1", len(leaf))
 	}
-	chain, err := parsePEMs(c.GetPemCertificateChain())
+	chain, err := ca.ParseCertificatesPEMList(c.GetPemCertificateChain())
 	if err != nil {
 		return nil, nil, fmt.Errorf("pem_certificate_chain: %w", err)
 	}
-	inter, roots := splitRoots(chain)
+	inter, roots := ca.SplitRoots(chain)
 	return &ca.Chain{Leaf: leaf[0], Intermediates: inter}, roots, nil
-}
-
-func parsePEMs(pems []string) ([]*x509.Certificate, error) {
-	var out []*x509.Certificate
-	for i, p := range pems {
-		certs, err := ca.ParseCertificatesPEM([]byte(p))
-		if err != nil {
-			return nil, fmt.Errorf("element %d: %w", i, err)
-		}
-		out = append(out, certs...)
-	}
-	return out, nil
-}
-
-// splitRoots separates self-signed certificates (roots) from the rest,
-// keeping the order of each.
-func splitRoots(certs []*x509.Certificate) (inter, roots []*x509.Certificate) {
-	for _, c := range certs {
-		if bytes.Equal(c.RawIssuer, c.RawSubject) && c.CheckSignatureFrom(c) == nil {
-			roots = append(roots, c)
-		} else {
-			inter = append(inter, c)
-		}
-	}
-	return inter, roots
-}
-
-func containsCert(set []*x509.Certificate, c *x509.Certificate) bool {
-	return slices.ContainsFunc(set, func(s *x509.Certificate) bool { return bytes.Equal(s.Raw, c.Raw) })
 }
 
 // TrustBundle returns the roots of the pool's CAs, as last read from CAS.
@@ -291,16 +261,16 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 	}
 	var roots []*x509.Certificate
 	for i, cc := range resp.GetCaCerts() {
-		chain, err := parsePEMs(cc.GetCertificates())
+		chain, err := ca.ParseCertificatesPEMList(cc.GetCertificates())
 		if err != nil {
 			return false, fmt.Errorf("CA chain %d of %s: %w", i, s.cfg.CAPool, err)
 		}
-		_, rs := splitRoots(chain)
+		_, rs := ca.SplitRoots(chain)
 		if len(rs) == 0 {
 			return false, fmt.Errorf("CA chain %d of %s does not end at a root", i, s.cfg.CAPool)
 		}
 		for _, r := range rs {
-			if !containsCert(roots, r) {
+			if !ca.ContainsCertificate(roots, r) {
 				roots = append(roots, r)
 			}
 		}
@@ -310,7 +280,7 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	changed = !slices.EqualFunc(s.roots, roots, func(a, b *x509.Certificate) bool { return bytes.Equal(a.Raw, b.Raw) })
+	changed = !ca.SameCertificates(s.roots, roots)
 	s.roots = roots
 	return changed, nil
 }
@@ -319,26 +289,12 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 // when Sign saw an unknown root, and calls OnChange when the trust bundle
 // changed. It returns when ctx ends.
 func (s *Signer) Run(ctx context.Context) {
-	t := time.NewTicker(s.cfg.RefreshInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		case <-s.refreshc:
-		}
-		changed, err := s.refresh(ctx)
-		switch {
-		case ctx.Err() != nil:
-			return
-		case err != nil:
-			s.log.Warn("google CAS: CA certificate refresh failed", "error", err)
-		case changed:
+	ca.RefreshLoop(ctx, s.cfg.RefreshInterval, s.refreshc, s.refresh,
+		func(err error) { s.log.Warn("google CAS: CA certificate refresh failed", "error", err) },
+		func() {
 			s.log.Info("google CAS: trust bundle changed", "ca_pool", s.cfg.CAPool, "roots", len(s.TrustBundle()))
 			if s.cfg.OnChange != nil {
 				s.cfg.OnChange()
 			}
-		}
-	}
+		})
 }

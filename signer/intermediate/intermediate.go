@@ -224,7 +224,7 @@ func build(snap *snapshot, now func() time.Time) (*local.Signer, error) {
 	}
 	var intermediates []*x509.Certificate
 	for _, c := range above {
-		if !containsCert(roots, c) {
+		if !ca.ContainsCertificate(roots, c) {
 			intermediates = append(intermediates, c)
 		}
 	}
@@ -237,15 +237,6 @@ func build(snap *snapshot, now func() time.Time) (*local.Signer, error) {
 	default:
 		return nil, fmt.Errorf("%s: %w", snap.path(l.cert), err)
 	}
-}
-
-func containsCert(set []*x509.Certificate, c *x509.Certificate) bool {
-	for _, s := range set {
-		if bytes.Equal(s.Raw, c.Raw) {
-			return true
-		}
-	}
-	return false
 }
 
 // Log field names of this package.

@@ -4,7 +4,6 @@
 package local
 
 import (
-	"bytes"
 	"context"
 	"crypto"
 	"crypto/rand"
@@ -99,7 +98,7 @@ func New(cfg Config) (*Signer, error) {
 	}
 
 	var chain []*x509.Certificate
-	if !containsCert(cfg.Roots, cfg.Cert) {
+	if !ca.ContainsCertificate(cfg.Roots, cfg.Cert) {
 		chain = append(chain, cfg.Cert)
 	}
 	chain = append(chain, cfg.Intermediates...)
@@ -132,12 +131,12 @@ func checkIssuingCA(c *x509.Certificate) error {
 // verifyChain checks that Intermediates are in issuing order and that the whole
 // chain verifies to one of Roots, so responses are always well-formed chains.
 func verifyChain(cfg Config, now time.Time) error {
-	if containsCert(cfg.Roots, cfg.Cert) && len(cfg.Intermediates) > 0 {
+	if ca.ContainsCertificate(cfg.Roots, cfg.Cert) && len(cfg.Intermediates) > 0 {
 		return fmt.Errorf("%w: the CA certificate is a root but intermediates were given", ErrUntrustedChain)
 	}
 	child := cfg.Cert
 	for i, parent := range cfg.Intermediates {
-		if containsCert(cfg.Roots, parent) {
+		if ca.ContainsCertificate(cfg.Roots, parent) {
 			return fmt.Errorf("%w: intermediate %d (%q) is a root; roots do not belong in the chain", ErrUntrustedChain, i+1, parent.Subject.String())
 		}
 		if err := child.CheckSignatureFrom(parent); err != nil {
@@ -172,15 +171,6 @@ func KeyMatches(cert *x509.Certificate, key crypto.Signer) error {
 		return fmt.Errorf("%w: %q", ErrKeyMismatch, cert.Subject.String())
 	}
 	return nil
-}
-
-func containsCert(set []*x509.Certificate, c *x509.Certificate) bool {
-	for _, s := range set {
-		if bytes.Equal(s.Raw, c.Raw) {
-			return true
-		}
-	}
-	return false
 }
 
 // Sign signs a copy of req.Template with the CA key, with NotAfter clamped to the

@@ -151,7 +151,22 @@ func Run(t *testing.T, f Factory) {
 			t.Errorf("Sign during an outage returned a certificate")
 		}
 		restore()
-		sign(t, s, newTemplate(t, id, key.Public(), time.Hour), id, key)
+		// Recovery is eventual: a remote client may still be in its reconnect
+		// backoff, and until it reconnects every failure must stay retryable.
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			chain, err := s.Sign(t.Context(), Request(t, newTemplate(t, id, key.Public(), time.Hour), id, key))
+			if err == nil && chain != nil && chain.Leaf != nil {
+				break
+			}
+			if !errors.Is(err, ca.ErrSignerUnavailable) {
+				t.Fatalf("Sign after the outage: err = %v, want success or a retryable ca.ErrSignerUnavailable", err)
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("Sign did not recover within 30s after the outage: %v", err)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
 	})
 }
 

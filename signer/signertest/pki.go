@@ -145,3 +145,18 @@ func issue(t testing.TB, cn string, opts CertOptions, parent *CA) *CA {
 	}
 	return &CA{Cert: cert, Key: key}
 }
+
+// Sign issues tmpl, as it is, for pub under c and returns the parsed
+// certificate; a CA whose Cert is tmpl itself signs it self-signed.
+func (c *CA) Sign(t testing.TB, tmpl *x509.Certificate, pub crypto.PublicKey) *x509.Certificate {
+	t.Helper()
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.Cert, pub, c.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cert
+}

@@ -1,13 +1,9 @@
 package vault
 
 import (
-	"bytes"
 	"context"
 	"crypto/x509"
-	"errors"
 	"fmt"
-	"slices"
-	"time"
 
 	"github.com/hashicorp/vault/api"
 
@@ -39,7 +35,7 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 	if len(chain) == 0 {
 		chain = issuing[:1]
 	}
-	_, roots := splitRoots(chain)
+	_, roots := ca.SplitRoots(chain)
 	if len(roots) == 0 {
 		top := chain[len(chain)-1]
 		return false, fmt.Errorf("%s: the issuer's chain ends at %q, which is not a root: import the root certificate into mount %s (e.g. intermediate/set-signed with the intermediate and its root)",
@@ -50,7 +46,7 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	changed = !sameCerts(s.roots, roots)
+	changed = !ca.SameCertificates(s.roots, roots)
 	s.issuer, s.roots = issuing[0], roots
 	return changed, nil
 }
@@ -68,32 +64,15 @@ func checkOrder(chain []*x509.Certificate) error {
 
 // refreshLoop re-reads the chain every RefreshInterval, or at once when Sign
 // saw another issuing CA, and calls OnChange when the trust bundle changed.
+// A failed refresh keeps the chain we have: issuance goes on, and the next
+// poll retries.
 func (s *Signer) refreshLoop(ctx context.Context) {
-	t := time.NewTicker(s.cfg.RefreshInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		case <-s.refreshc:
-		}
-		changed, err := s.refresh(ctx)
-		switch {
-		case errors.Is(err, context.Canceled):
-			return
-		case err != nil:
-			// Keep the chain we have: issuance goes on, and the next poll retries.
-			s.log.Warn("vault: issuer chain refresh failed", "error", err)
-		case changed:
+	ca.RefreshLoop(ctx, s.cfg.RefreshInterval, s.refreshc, s.refresh,
+		func(err error) { s.log.Warn("vault: issuer chain refresh failed", "error", err) },
+		func() {
 			s.log.Info("vault: trust bundle changed", "issuer", s.cfg.Issuer, "roots", len(s.TrustBundle()))
 			if s.cfg.OnChange != nil {
 				s.cfg.OnChange()
 			}
-		}
-	}
-}
-
-func sameCerts(a, b []*x509.Certificate) bool {
-	return slices.EqualFunc(a, b, func(x, y *x509.Certificate) bool { return bytes.Equal(x.Raw, y.Raw) })
+		})
 }

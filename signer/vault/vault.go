@@ -381,38 +381,21 @@ func parseSigned(secret *api.Secret) (*ca.Chain, *x509.Certificate, error) {
 			return nil, nil, fmt.Errorf("ca_chain: %w", err)
 		}
 	}
-	inter, _ := splitRoots(chain)
+	inter, _ := ca.SplitRoots(chain)
 	return &ca.Chain{Leaf: certs[0], Intermediates: inter}, issuing[0], nil
 }
 
 // pemList parses a JSON list of PEM strings, each holding certificates.
 func pemList(raw []any) ([]*x509.Certificate, error) {
-	var out []*x509.Certificate
+	pems := make([]string, len(raw))
 	for i, v := range raw {
 		p, ok := v.(string)
 		if !ok {
 			return nil, fmt.Errorf("element %d is %T, want a PEM string", i, v)
 		}
-		certs, err := ca.ParseCertificatesPEM([]byte(p))
-		if err != nil {
-			return nil, fmt.Errorf("element %d: %w", i, err)
-		}
-		out = append(out, certs...)
+		pems[i] = p
 	}
-	return out, nil
-}
-
-// splitRoots separates self-signed certificates (roots, for the bundle) from
-// the rest (intermediates, kept in order).
-func splitRoots(certs []*x509.Certificate) (inter, roots []*x509.Certificate) {
-	for _, c := range certs {
-		if bytes.Equal(c.RawIssuer, c.RawSubject) && c.CheckSignatureFrom(c) == nil {
-			roots = append(roots, c)
-		} else {
-			inter = append(inter, c)
-		}
-	}
-	return inter, roots
+	return ca.ParseCertificatesPEMList(pems)
 }
 
 // TrustBundle returns the roots of the issuer's chain, as last read from Vault.

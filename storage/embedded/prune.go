@@ -2,9 +2,7 @@ package embedded
 
 import (
 	"context"
-	"crypto/ed25519"
 	"database/sql"
-	"encoding/json"
 	"fmt"
 	"iter"
 	"time"
@@ -38,13 +36,6 @@ func (s *Store) Prune(ctx context.Context, before time.Time) (*storage.Checkpoin
 	return cp, nil
 }
 
-func (s *Store) checkpointPub() ed25519.PublicKey {
-	if s.opts.CheckpointKey == nil {
-		return nil
-	}
-	return s.opts.CheckpointKey.Public().(ed25519.PublicKey)
-}
-
 // queryer is what *sql.Tx and *sql.DB share.
 type queryer interface {
 	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
@@ -52,29 +43,12 @@ type queryer interface {
 
 // loadCheckpoints reads every checkpoint by ascending ID.
 func loadCheckpoints(ctx context.Context, q queryer) ([]storage.Checkpoint, error) {
-	rows, err := q.QueryContext(ctx, `SELECT id, time_ns, before_ns, writers, key_id, signature FROM audit_checkpoint ORDER BY id`)
+	rows, err := q.QueryContext(ctx, `SELECT `+storage.CheckpointColumns+` FROM audit_checkpoint ORDER BY id`)
 	if err != nil {
 		return nil, fmt.Errorf("read checkpoints: %w", err)
 	}
 	defer rows.Close()
-	var out []storage.Checkpoint
-	for rows.Next() {
-		var (
-			cp               storage.Checkpoint
-			id, tNs, beforeN int64
-			writers          string
-		)
-		if err := rows.Scan(&id, &tNs, &beforeN, &writers, &cp.KeyID, &cp.Signature); err != nil {
-			return nil, fmt.Errorf("read checkpoints: %w", err)
-		}
-		cp.ID, cp.Time, cp.Before = uint64(id), time.Unix(0, tNs).UTC(), time.Unix(0, beforeN).UTC()
-		if err := json.Unmarshal([]byte(writers), &cp.Writers); err != nil {
-			// Not written by a store: let the signature check fail on it.
-			cp.Writers = []storage.CheckpointEntry{{Writer: "undecodable: " + err.Error()}}
-		}
-		out = append(out, cp)
-	}
-	return out, rows.Err()
+	return storage.CollectCheckpoints(rows)
 }
 
 // pruneTx implements storage.PruneTx on one SQLite write transaction.
@@ -106,7 +80,7 @@ func (p pruneTx) Span(ctx context.Context, writer string, before time.Time) (uin
 	err := p.tx.QueryRowContext(ctx, `SELECT
 			(SELECT seq FROM audit_log WHERE writer = ? AND time_ns >= ? ORDER BY seq LIMIT 1),
 			(SELECT seq FROM audit_log WHERE writer = ? ORDER BY seq DESC LIMIT 1)`,
-		writer, clampNanos(before), writer).Scan(&first, &newest)
+		writer, storage.ClampUnixNano(before), writer).Scan(&first, &newest)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -122,19 +96,7 @@ func (p pruneTx) Records(ctx context.Context, writer string, upTo uint64) iter.S
 			return
 		}
 		defer rows.Close()
-		var r storage.Record
-		for rows.Next() {
-			if err := scanRecord(rows, &r); err != nil {
-				yield(nil, err)
-				return
-			}
-			if !yield(&r, nil) {
-				return
-			}
-		}
-		if err := rows.Err(); err != nil {
-			yield(nil, err)
-		}
+		storage.YieldRecords(rows, scanRecord, yield)
 	}
 }
 
@@ -148,11 +110,11 @@ func (p pruneTx) Delete(ctx context.Context, writer string, upTo uint64) (uint64
 }
 
 func (p pruneTx) InsertCheckpoint(ctx context.Context, cp *storage.Checkpoint) error {
-	writers, err := json.Marshal(cp.Writers)
+	values, err := storage.CheckpointValues(cp)
 	if err != nil {
 		return err
 	}
-	_, err = p.tx.ExecContext(ctx, `INSERT INTO audit_checkpoint (id, time_ns, before_ns, writers, key_id, signature)
-		VALUES (?, ?, ?, ?, ?, ?)`, int64(cp.ID), cp.Time.UnixNano(), clampNanos(cp.Before), string(writers), cp.KeyID, cp.Signature)
+	_, err = p.tx.ExecContext(ctx, `INSERT INTO audit_checkpoint (`+storage.CheckpointColumns+`)
+		VALUES (?, ?, ?, ?, ?, ?)`, values...)
 	return err
 }

@@ -43,10 +43,10 @@ func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, er
 		add("outcome = ?", q.Outcome)
 	}
 	if !q.Since.IsZero() {
-		add("time_ns >= ?", clampNanos(q.Since))
+		add("time_ns >= ?", storage.ClampUnixNano(q.Since))
 	}
 	if !q.Until.IsZero() {
-		add("time_ns < ?", clampNanos(q.Until))
+		add("time_ns < ?", storage.ClampUnixNano(q.Until))
 	}
 	switch {
 	case q.AfterWriter != "":
@@ -72,30 +72,11 @@ func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, er
 		return nil, fmt.Errorf("embedded: list: %w", err)
 	}
 	defer rows.Close()
-	var out []storage.Record
-	for rows.Next() {
-		var r storage.Record
-		if err := scanRecord(rows, &r); err != nil {
-			return nil, fmt.Errorf("embedded: list: %w", err)
-		}
-		out = append(out, r)
-	}
-	if err := rows.Err(); err != nil {
+	out, err := storage.CollectRecords(rows, scanRecord)
+	if err != nil {
 		return nil, fmt.Errorf("embedded: list: %w", err)
 	}
 	return out, nil
-}
-
-// clampNanos converts a query bound to Unix nanoseconds, saturating instead
-// of overflowing for times outside 1678..2262.
-func clampNanos(t time.Time) int64 {
-	switch {
-	case t.Before(time.Unix(0, -1<<63)):
-		return -1 << 63
-	case t.After(time.Unix(0, 1<<63-1)):
-		return 1<<63 - 1
-	}
-	return t.UnixNano()
 }
 
 // Get returns the record at (writer, seq), or an error wrapping
@@ -139,7 +120,7 @@ func (s *Store) Verify(ctx context.Context) (storage.VerifyResult, error) {
 		return storage.VerifyResult{}, fmt.Errorf("embedded: verify: %w", err)
 	}
 	for i := range cps {
-		if err := v.AddCheckpoint(&cps[i], s.checkpointPub()); err != nil {
+		if err := v.AddCheckpoint(&cps[i], storage.CheckpointPublicKey(s.opts.CheckpointKey)); err != nil {
 			return v.Result(), nil
 		}
 	}
@@ -173,13 +154,8 @@ func (s *Store) Verify(ctx context.Context) (storage.VerifyResult, error) {
 	return v.Result(), nil
 }
 
-// scanner is the part of *sql.Row and *sql.Rows that scanRecord needs.
-type scanner interface {
-	Scan(dest ...any) error
-}
-
 // scanRecord reads one row selected with columns into r.
-func scanRecord(sc scanner, r *storage.Record) error {
+func scanRecord(sc storage.RowScanner, r *storage.Record) error {
 	var (
 		seq, timeNS         int64
 		notBefore, notAfter sql.NullString

@@ -5,7 +5,6 @@ import (
 	"crypto/ed25519"
 	"database/sql"
 	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
@@ -132,48 +131,25 @@ func TestWriterOption(t *testing.T) {
 
 // appendConcurrently runs n Appends at once and returns their errors.
 func appendConcurrently(s *Store, n int, prefix string) []error {
-	errs := make([]error, n)
-	var wg sync.WaitGroup
-	for i := range n {
-		wg.Go(func() { errs[i] = s.Append(context.Background(), record(fmt.Sprintf("%s-%d", prefix, i))) })
-	}
-	wg.Wait()
-	return errs
+	return storagetest.AppendConcurrently(s, n, prefix, record)
 }
 
 func TestGroupCommitBatches(t *testing.T) {
 	s := openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{MaxBatchDelay: 50 * time.Millisecond})
-	for i, err := range appendConcurrently(s, 100, "c") {
-		if err != nil {
-			t.Fatalf("append %d: %v", i, err)
-		}
-	}
-	st := s.Stats()
-	if st.Records != 100 || st.Batches == 0 || st.Batches > 20 {
-		t.Fatalf("stats %+v: want 100 records in far fewer than 100 transactions", st)
-	}
-	t.Logf("100 concurrent appends committed in %d transactions", st.Batches)
+	n := storagetest.GroupCommitBatches(t, s, func() (uint64, uint64) {
+		st := s.Stats()
+		return st.Records, st.Batches
+	}, record)
+	t.Logf("100 concurrent appends committed in %d transactions", n)
 }
 
 func TestMaxBatchCapsTransaction(t *testing.T) {
-	var largest atomic.Int64
-	s := openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{
-		MaxBatch: 8, MaxBatchDelay: 20 * time.Millisecond,
-		beforeCommit: func(n int) error {
-			if int64(n) > largest.Load() {
-				largest.Store(int64(n))
-			}
-			return nil
-		},
-	})
-	for _, err := range appendConcurrently(s, 50, "m") {
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	if l := largest.Load(); l > 8 || l < 2 {
-		t.Fatalf("largest batch %d, want 2..8", l)
-	}
+	storagetest.MaxBatchCapsTransaction(t, func(t *testing.T, onBatch func(int)) storagetest.Store {
+		return openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{
+			MaxBatch: 8, MaxBatchDelay: 20 * time.Millisecond,
+			beforeCommit: func(n int) error { onBatch(n); return nil },
+		})
+	}, record)
 }
 
 // TestCommitFailureFailsWholeBatch injects a failure at COMMIT into a batch

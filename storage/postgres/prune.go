@@ -2,8 +2,6 @@ package postgres
 
 import (
 	"context"
-	"crypto/ed25519"
-	"encoding/json"
 	"fmt"
 	"iter"
 	"time"
@@ -43,13 +41,6 @@ func (s *Store) Prune(ctx context.Context, before time.Time) (*storage.Checkpoin
 	return cp, nil
 }
 
-func (s *Store) checkpointPub() ed25519.PublicKey {
-	if s.opts.CheckpointKey == nil {
-		return nil
-	}
-	return s.opts.CheckpointKey.Public().(ed25519.PublicKey)
-}
-
 // pruneTx implements storage.PruneTx on one PostgreSQL transaction.
 type pruneTx struct{ tx pgx.Tx }
 
@@ -79,7 +70,7 @@ func (p pruneTx) Span(ctx context.Context, writer string, before time.Time) (uin
 	err := p.tx.QueryRow(ctx, `SELECT
 			(SELECT seq FROM audit_log WHERE writer = $1 AND time_ns >= $2 ORDER BY seq LIMIT 1),
 			(SELECT seq FROM audit_log WHERE writer = $1 ORDER BY seq DESC LIMIT 1)`,
-		writer, clampNanos(before)).Scan(&first, &newest)
+		writer, storage.ClampUnixNano(before)).Scan(&first, &newest)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -102,19 +93,7 @@ func (p pruneTx) Records(ctx context.Context, writer string, upTo uint64) iter.S
 			return
 		}
 		defer rows.Close()
-		var r storage.Record
-		for rows.Next() {
-			if err := scanRecord(rows, &r); err != nil {
-				yield(nil, err)
-				return
-			}
-			if !yield(&r, nil) {
-				return
-			}
-		}
-		if err := rows.Err(); err != nil {
-			yield(nil, err)
-		}
+		storage.YieldRecords(rows, scanRecord, yield)
 	}
 }
 
@@ -127,11 +106,11 @@ func (p pruneTx) Delete(ctx context.Context, writer string, upTo uint64) (uint64
 }
 
 func (p pruneTx) InsertCheckpoint(ctx context.Context, cp *storage.Checkpoint) error {
-	writers, err := json.Marshal(cp.Writers)
+	values, err := storage.CheckpointValues(cp)
 	if err != nil {
 		return err
 	}
-	_, err = p.tx.Exec(ctx, `INSERT INTO audit_checkpoint (id, time_ns, before_ns, writers, key_id, signature)
-		VALUES ($1, $2, $3, $4, $5, $6)`, int64(cp.ID), cp.Time.UnixNano(), clampNanos(cp.Before), string(writers), cp.KeyID, cp.Signature)
+	_, err = p.tx.Exec(ctx, `INSERT INTO audit_checkpoint (`+storage.CheckpointColumns+`)
+		VALUES ($1, $2, $3, $4, $5, $6)`, values...)
 	return err
 }

@@ -2,7 +2,6 @@ package postgres
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strconv"
@@ -44,10 +43,10 @@ func listSQL(q storage.Query) (string, []any) {
 		}
 	}
 	if !q.Since.IsZero() {
-		where = append(where, "time_ns >= "+arg(clampNanos(q.Since)))
+		where = append(where, "time_ns >= "+arg(storage.ClampUnixNano(q.Since)))
 	}
 	if !q.Until.IsZero() {
-		where = append(where, "time_ns < "+arg(clampNanos(q.Until)))
+		where = append(where, "time_ns < "+arg(storage.ClampUnixNano(q.Until)))
 	}
 	switch {
 	case q.AfterWriter != "":
@@ -74,30 +73,11 @@ func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, er
 		return nil, fmt.Errorf("postgres: list: %w", err)
 	}
 	defer rows.Close()
-	var out []storage.Record
-	for rows.Next() {
-		var r storage.Record
-		if err := scanRecord(rows, &r); err != nil {
-			return nil, fmt.Errorf("postgres: list: %w", err)
-		}
-		out = append(out, r)
-	}
-	if err := rows.Err(); err != nil {
+	out, err := storage.CollectRecords(rows, scanRecord)
+	if err != nil {
 		return nil, fmt.Errorf("postgres: list: %w", err)
 	}
 	return out, nil
-}
-
-// clampNanos converts a query bound to Unix nanoseconds, saturating instead
-// of overflowing for times outside 1678..2262.
-func clampNanos(t time.Time) int64 {
-	switch {
-	case t.Before(time.Unix(0, -1<<63)):
-		return -1 << 63
-	case t.After(time.Unix(0, 1<<63-1)):
-		return 1<<63 - 1
-	}
-	return t.UnixNano()
 }
 
 // Get returns the record at (writer, seq), or an error wrapping
@@ -140,7 +120,7 @@ func (s *Store) Verify(ctx context.Context) (storage.VerifyResult, error) {
 			return err
 		}
 		for i := range cps {
-			if err := v.AddCheckpoint(&cps[i], s.checkpointPub()); err != nil {
+			if err := v.AddCheckpoint(&cps[i], storage.CheckpointPublicKey(s.opts.CheckpointKey)); err != nil {
 				return nil // reported in the result
 			}
 		}
@@ -176,33 +156,16 @@ func (s *Store) Verify(ctx context.Context) (storage.VerifyResult, error) {
 
 // loadCheckpoints reads every checkpoint by ascending ID.
 func loadCheckpoints(ctx context.Context, q querier) ([]storage.Checkpoint, error) {
-	rows, err := q.Query(ctx, `SELECT id, time_ns, before_ns, writers, key_id, signature FROM audit_checkpoint ORDER BY id`)
+	rows, err := q.Query(ctx, `SELECT `+storage.CheckpointColumns+` FROM audit_checkpoint ORDER BY id`)
 	if err != nil {
 		return nil, fmt.Errorf("read checkpoints: %w", err)
 	}
 	defer rows.Close()
-	var out []storage.Checkpoint
-	for rows.Next() {
-		var (
-			cp               storage.Checkpoint
-			id, tNs, beforeN int64
-			writers          string
-		)
-		if err := rows.Scan(&id, &tNs, &beforeN, &writers, &cp.KeyID, &cp.Signature); err != nil {
-			return nil, fmt.Errorf("read checkpoints: %w", err)
-		}
-		cp.ID, cp.Time, cp.Before = uint64(id), time.Unix(0, tNs).UTC(), time.Unix(0, beforeN).UTC()
-		if err := json.Unmarshal([]byte(writers), &cp.Writers); err != nil {
-			// Not written by a store: let the signature check fail on it.
-			cp.Writers = []storage.CheckpointEntry{{Writer: "undecodable: " + err.Error()}}
-		}
-		out = append(out, cp)
-	}
-	return out, rows.Err()
+	return storage.CollectCheckpoints(rows)
 }
 
 // scanRecord reads one row selected with selectColumns into r.
-func scanRecord(row pgx.Row, r *storage.Record) error {
+func scanRecord(row storage.RowScanner, r *storage.Record) error {
 	var (
 		seq, timeNS  int64
 		nbS, naS     *int64

@@ -7,7 +7,6 @@ import (
 	"os"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -74,17 +73,6 @@ func record(id string) *storage.Record {
 		Serial: "5e71a1", CertSHA256: strings.Repeat("ab", 32), RequestID: "req-" + id}
 }
 
-// appendConcurrently runs n Appends at once and returns their errors.
-func appendConcurrently(s *Store, n int, prefix string) []error {
-	errs := make([]error, n)
-	var wg sync.WaitGroup
-	for i := range n {
-		wg.Go(func() { errs[i] = s.Append(context.Background(), record(fmt.Sprintf("%s-%d", prefix, i))) })
-	}
-	wg.Wait()
-	return errs
-}
-
 func mustList(t *testing.T, s *Store, q storage.Query) []storage.Record {
 	t.Helper()
 	if q.Limit == 0 {
@@ -114,35 +102,18 @@ func TestOpenRejectsBadDSN(t *testing.T) {
 
 func TestGroupCommitBatches(t *testing.T) {
 	s := openStore(t, pgtest.DSN(t), Options{MaxBatchDelay: 50 * time.Millisecond})
-	for i, err := range appendConcurrently(s, 100, "c") {
-		if err != nil {
-			t.Fatalf("append %d: %v", i, err)
-		}
-	}
-	st := s.Stats()
-	if st.Records != 100 || st.Batches == 0 || st.Batches > 20 {
-		t.Fatalf("stats %+v: want 100 records in far fewer than 100 transactions", st)
-	}
+	storagetest.GroupCommitBatches(t, s, func() (uint64, uint64) {
+		st := s.Stats()
+		return st.Records, st.Batches
+	}, record)
 	mustVerify(t, s, 100)
 }
 
 func TestMaxBatchCapsTransaction(t *testing.T) {
-	var largest atomic.Int64
-	s := openStore(t, pgtest.DSN(t), Options{MaxBatch: 8, MaxBatchDelay: 20 * time.Millisecond,
-		beforeCommit: func(_ context.Context, _ pgx.Tx, n int) error {
-			if int64(n) > largest.Load() {
-				largest.Store(int64(n))
-			}
-			return nil
-		}})
-	for _, err := range appendConcurrently(s, 50, "m") {
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	if l := largest.Load(); l > 8 || l < 2 {
-		t.Fatalf("largest batch %d, want 2..8", l)
-	}
+	storagetest.MaxBatchCapsTransaction(t, func(t *testing.T, onBatch func(int)) storagetest.Store {
+		return openStore(t, pgtest.DSN(t), Options{MaxBatch: 8, MaxBatchDelay: 20 * time.Millisecond,
+			beforeCommit: func(_ context.Context, _ pgx.Tx, n int) error { onBatch(n); return nil }})
+	}, record)
 }
 
 func TestWriterDefaultsToNewChainPerOpen(t *testing.T) {

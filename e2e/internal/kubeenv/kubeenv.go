@@ -5,8 +5,6 @@
 package kubeenv
 
 import (
-	"bytes"
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -23,7 +21,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -32,6 +29,8 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/castellan-ca/castellan/e2e/internal/testproc"
 )
 
 // BinDirEnv names the directory holding the kube-apiserver and etcd binaries.
@@ -91,23 +90,11 @@ func Start(t testing.TB) *Env {
 	bin := BinDir(t)
 	dir := t.TempDir()
 	p := newPKI(t, dir)
-	for attempt := 1; ; attempt++ {
-		env, err := start(t, bin, dir, p)
-		if err == nil {
-			return env
-		}
-		if attempt < startAttempts && errors.Is(err, errPortTaken) {
-			t.Logf("kube-apiserver attempt %d: %v; retrying on new ports", attempt, err)
-			continue
-		}
-		t.Fatalf("starting etcd + kube-apiserver: %v", err)
-	}
+	return testproc.Retry(t, "etcd + kube-apiserver", startAttempts, func() (*Env, error) { return start(t, bin, dir, p) })
 }
 
-var errPortTaken = errors.New("port taken between choosing and binding it")
-
 func start(t testing.TB, bin, dir string, p *pki) (*Env, error) {
-	etcdClient, etcdPeer, apiPort := freePort(t), freePort(t), freePort(t)
+	etcdClient, etcdPeer, apiPort := testproc.FreePort(t), testproc.FreePort(t), testproc.FreePort(t)
 	etcdDir := filepath.Join(dir, fmt.Sprintf("etcd-%d", etcdClient))
 	etcd, err := startProcess(t, filepath.Join(bin, "etcd"),
 		"--name", "e2e", "--data-dir", etcdDir,
@@ -173,16 +160,16 @@ func start(t testing.TB, bin, dir string, p *pki) (*Env, error) {
 		api.stop(t)
 		etcd.stop(t)
 		if strings.Contains(api.logs.String(), "address already in use") || strings.Contains(etcd.logs.String(), "address already in use") {
-			return nil, fmt.Errorf("%w: %v", errPortTaken, err)
+			return nil, fmt.Errorf("%w: %v", testproc.ErrPortTaken, err)
 		}
-		return nil, fmt.Errorf("kube-apiserver: %w\n%s", err, api.logs.tail(8<<10))
+		return nil, fmt.Errorf("kube-apiserver: %w\n%s", err, api.logs.Tail(8<<10))
 	}
 	t.Cleanup(func() {
 		// The apiserver first: with etcd gone, its shutdown hangs for over a minute.
 		api.stop(t)
 		etcd.stop(t)
 		if t.Failed() {
-			t.Logf("kube-apiserver logs (tail):\n%s", api.logs.tail(16<<10))
+			t.Logf("kube-apiserver logs (tail):\n%s", api.logs.Tail(16<<10))
 		}
 	})
 	return env, nil
@@ -192,12 +179,12 @@ func start(t testing.TB, bin, dir string, p *pki) (*Env, error) {
 type process struct {
 	name   string
 	cmd    *exec.Cmd
-	logs   *syncBuffer
+	logs   *testproc.SyncBuffer
 	exited chan struct{}
 }
 
 func startProcess(t testing.TB, path string, args ...string) (*process, error) {
-	p := &process{name: filepath.Base(path), logs: &syncBuffer{}, exited: make(chan struct{})}
+	p := &process{name: filepath.Base(path), logs: &testproc.SyncBuffer{}, exited: make(chan struct{})}
 	p.cmd = exec.Command(path, args...)
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
 	if err := p.cmd.Start(); err != nil {
@@ -213,29 +200,14 @@ func startProcess(t testing.TB, path string, args ...string) (*process, error) {
 
 // waitHTTP polls url until it answers 200, the process exits or startTimeout passes.
 func (p *process) waitHTTP(url string, client *http.Client) error {
-	deadline := time.Now().Add(startTimeout)
-	var last error
-	for time.Now().Before(deadline) {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		resp, err := client.Do(req)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				cancel()
-				return nil
-			}
-			err = fmt.Errorf("GET %s: %s", url, resp.Status)
-		}
-		cancel()
-		last = err
-		select {
-		case <-p.exited:
-			return fmt.Errorf("%s exited before ready: %v\n%s", p.name, last, p.logs.tail(4<<10))
-		case <-time.After(100 * time.Millisecond):
-		}
+	err := testproc.WaitOK(client, url, 2*time.Second, 100*time.Millisecond, startTimeout, p.exited)
+	switch {
+	case errors.Is(err, testproc.ErrExited):
+		return fmt.Errorf("%s %w\n%s", p.name, err, p.logs.Tail(4<<10))
+	case err != nil:
+		return fmt.Errorf("%s %w", p.name, err)
 	}
-	return fmt.Errorf("%s not ready after %v: %v", p.name, startTimeout, last)
+	return nil
 }
 
 // stop sends SIGTERM, then SIGKILL after stopTimeout.
@@ -398,43 +370,4 @@ func write(t testing.TB, dir, name string, data []byte) string {
 		t.Fatal(err)
 	}
 	return p
-}
-
-// freePort returns a loopback port that was free a moment ago.
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-// syncBuffer collects a process's output.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-// Write appends p.
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-// String returns everything written so far.
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-func (b *syncBuffer) tail(n int) string {
-	s := b.String()
-	if len(s) <= n {
-		return s
-	}
-	return "…" + s[len(s)-n:]
 }

@@ -150,6 +150,7 @@ vet:
 
 staticcheck: $(STATICCHECK)
 	$(STATICCHECK) ./...
+	cd e2e && $(STATICCHECK) ./...
 
 ## unit: the service module's tests, with the race detector
 unit: $(TEST_DEPS)

@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -155,10 +156,10 @@ func pathValidity(path []*x509.Certificate) validity {
 // the leaf with this authenticator's fixed trust domain and operators. The
 // zero value is ready to use.
 type clientCertCache struct {
-	mu           sync.Mutex
+	mu           sync.RWMutex   // read-locked on the hit path, which every request takes
 	pool         *x509.CertPool // held, so its address cannot be reused by a new pool
 	entries      map[[32]byte]clientCertEntry
-	hits, misses uint64
+	hits, misses atomic.Uint64
 }
 
 type clientCertEntry struct {
@@ -167,21 +168,31 @@ type clientCertEntry struct {
 }
 
 func (c *clientCertCache) get(key [32]byte, pool *x509.CertPool, now time.Time) (*Caller, bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if pool != c.pool {
-		c.pool, c.entries = pool, nil
-	}
+	c.mu.RLock()
 	e, ok := c.entries[key]
+	samePool := pool == c.pool
+	c.mu.RUnlock()
+	if !samePool { // a new trust bundle: nothing remembered for the old one applies
+		c.mu.Lock()
+		if pool != c.pool {
+			c.pool, c.entries = pool, nil
+		}
+		c.mu.Unlock()
+		ok = false
+	}
 	if ok && (now.Before(e.valid.notBefore) || now.After(e.valid.notAfter)) {
-		delete(c.entries, key)
+		c.mu.Lock()
+		if pool == c.pool {
+			delete(c.entries, key)
+		}
+		c.mu.Unlock()
 		ok = false
 	}
 	if !ok {
-		c.misses++
+		c.misses.Add(1)
 		return nil, false
 	}
-	c.hits++
+	c.hits.Add(1)
 	caller := *e.caller // callers may not share one Caller
 	return &caller, true
 }
@@ -206,9 +217,9 @@ func (c *clientCertCache) put(key [32]byte, pool *x509.CertPool, caller *Caller,
 }
 
 func (c *clientCertCache) stats() ClientCertCacheStats {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return ClientCertCacheStats{Hits: c.hits, Misses: c.misses, Entries: len(c.entries)}
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return ClientCertCacheStats{Hits: c.hits.Load(), Misses: c.misses.Load(), Entries: len(c.entries)}
 }
 
 // chainKey is the SHA-256 of a presented chain, each certificate's DER length

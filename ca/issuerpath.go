@@ -1,0 +1,162 @@
+package ca
+
+import (
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/binary"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// issuerPathCacheSize bounds the remembered issuer paths; a CA has one issuer
+// per active signer, a few more during rotation.
+const issuerPathCacheSize = 64
+
+// issuerPathCache remembers, per trust pool, the verified path from a leaf's
+// issuer to the bundle, so that checking the next leaf of the same issuer costs
+// one signature check instead of path building with a signature check per link.
+//
+// The first leaf of an issuer (by its Issuer name, AuthorityKeyId and the
+// intermediates presented) is verified in full with x509 Verify; its path
+// [issuer, …, root] is kept while the pool is the same (a CA swap builds a new
+// pool, which empties the cache) and now lies inside every certificate of the
+// path. A later leaf must then carry a valid signature by path[0]. Paths whose
+// CAs carry name or policy constraints are never kept, since those constrain
+// each leaf and only Verify applies them. The zero value is ready to use.
+type issuerPathCache struct {
+	mu      sync.RWMutex   // read-locked on the hit path, which every issuance takes
+	pool    *x509.CertPool // held, so its address cannot be reused by a new pool
+	entries map[[32]byte]issuerPath
+	// hits and misses count lookups, for tests.
+	hits, misses atomic.Uint64
+}
+
+type issuerPath struct {
+	path                []*x509.Certificate // issuer first, root last
+	notBefore, notAfter time.Time
+}
+
+// verify checks that chain.Leaf chains to roots at now and returns the path
+// above the leaf (its issuer first).
+func (c *issuerPathCache) verify(chain *Chain, roots *x509.CertPool, now time.Time) ([]*x509.Certificate, error) {
+	leaf := chain.Leaf
+	key := issuerKey(leaf, chain.Intermediates)
+	if p, ok := c.get(key, roots, now); ok {
+		if err := leaf.CheckSignatureFrom(p[0]); err == nil {
+			return p, nil
+		}
+		// Not signed by the remembered issuer: decide by the full check below.
+	}
+	inter := x509.NewCertPool()
+	for _, ic := range chain.Intermediates {
+		inter.AddCert(ic)
+	}
+	chains, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	if err != nil {
+		return nil, err
+	}
+	path := chains[0][1:]
+	if len(path) == 0 { // a self-signed leaf in the bundle: nothing above it to remember
+		return chains[0], nil
+	}
+	c.put(key, roots, path)
+	return path, nil
+}
+
+func (c *issuerPathCache) get(key [32]byte, pool *x509.CertPool, now time.Time) ([]*x509.Certificate, bool) {
+	c.mu.RLock()
+	e, ok := c.entries[key]
+	samePool := pool == c.pool
+	c.mu.RUnlock()
+	if !samePool { // a new trust bundle: nothing remembered for the old one applies
+		c.mu.Lock()
+		if pool != c.pool {
+			c.pool, c.entries = pool, nil
+		}
+		c.mu.Unlock()
+		ok = false
+	}
+	if ok && (now.Before(e.notBefore) || now.After(e.notAfter)) {
+		c.mu.Lock()
+		if pool == c.pool {
+			delete(c.entries, key)
+		}
+		c.mu.Unlock()
+		ok = false
+	}
+	if !ok {
+		c.misses.Add(1)
+		return nil, false
+	}
+	c.hits.Add(1)
+	return e.path, true
+}
+
+func (c *issuerPathCache) put(key [32]byte, pool *x509.CertPool, path []*x509.Certificate) {
+	e := issuerPath{path: path, notBefore: path[0].NotBefore, notAfter: path[0].NotAfter}
+	for _, p := range path {
+		if constrains(p) {
+			return
+		}
+		if p.NotBefore.After(e.notBefore) {
+			e.notBefore = p.NotBefore
+		}
+		if p.NotAfter.Before(e.notAfter) {
+			e.notAfter = p.NotAfter
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if pool != c.pool {
+		c.pool, c.entries = pool, nil
+	}
+	if c.entries == nil {
+		c.entries = make(map[[32]byte]issuerPath)
+	}
+	if _, ok := c.entries[key]; !ok && len(c.entries) >= issuerPathCacheSize {
+		for k := range c.entries { // full: drop an arbitrary entry
+			delete(c.entries, k)
+			break
+		}
+	}
+	c.entries[key] = e
+}
+
+func (c *issuerPathCache) stats() (hits, misses uint64, entries int) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.hits.Load(), c.misses.Load(), len(c.entries)
+}
+
+// constrains reports whether a CA certificate carries name or policy
+// constraints, which Verify applies to every leaf below it.
+func constrains(c *x509.Certificate) bool {
+	return len(c.PermittedDNSDomains)+len(c.ExcludedDNSDomains)+len(c.PermittedIPRanges)+len(c.ExcludedIPRanges)+
+		len(c.PermittedEmailAddresses)+len(c.ExcludedEmailAddresses)+len(c.PermittedURIDomains)+len(c.ExcludedURIDomains)+
+		len(c.PolicyMappings) != 0 ||
+		c.RequireExplicitPolicy > 0 || c.RequireExplicitPolicyZero ||
+		c.InhibitPolicyMapping > 0 || c.InhibitPolicyMappingZero ||
+		c.InhibitAnyPolicy > 0 || c.InhibitAnyPolicyZero
+}
+
+// issuerKey names the issuer a leaf claims and the intermediates it came with:
+// the SHA-256 of the leaf's Issuer and AuthorityKeyId and each intermediate,
+// every part length-prefixed so that different inputs never hash the same.
+func issuerKey(leaf *x509.Certificate, intermediates []*x509.Certificate) [32]byte {
+	h := sha256.New()
+	var n [4]byte
+	part := func(b []byte) {
+		binary.BigEndian.PutUint32(n[:], uint32(len(b)))
+		h.Write(n[:])
+		h.Write(b)
+	}
+	part(leaf.RawIssuer)
+	part(leaf.AuthorityKeyId)
+	for _, c := range intermediates {
+		part(c.Raw)
+	}
+	var sum [32]byte
+	h.Sum(sum[:0])
+	return sum
+}

@@ -73,6 +73,7 @@ func TestIssuerPathCache(t *testing.T) {
 		inter   []*x509.Certificate
 		pool    *x509.CertPool // nil: main
 		at      time.Duration  // clock offset from testNow
+		checked bool           // the backend says it verified the signature
 		wantErr string
 	}
 	chain2 := []*x509.Certificate{inter2.Cert, inter1.Cert}
@@ -111,6 +112,12 @@ func TestIssuerPathCache(t *testing.T) {
 			steps: []step{{leaf: day(inter2), inter: chain2},
 				{leaf: newLeaf(inter2, app, -3*time.Hour, time.Hour), inter: chain2, at: -2 * time.Hour, wantErr: "not yet valid"}},
 			wantMisses: 2, wantEntries: 0},
+		{name: "a backend's checked flag never spares the first leaf of an issuer the full check",
+			steps:      []step{{leaf: day(impostor), inter: chain2, checked: true, wantErr: "does not chain"}},
+			wantMisses: 1, wantEntries: 0},
+		{name: "a checked leaf of a remembered issuer hits",
+			steps:    []step{{leaf: day(inter2), inter: chain2}, {leaf: day(inter2), inter: chain2, checked: true}},
+			wantHits: 1, wantMisses: 1, wantEntries: 1},
 		{name: "name-constrained path is never remembered and still applies",
 			steps: []step{{leaf: day(constrained), inter: []*x509.Certificate{constrained.Cert}},
 				{leaf: newLeaf(constrained, "spiffe://evil.example/ns/default/sa/app", -time.Minute, time.Hour),
@@ -125,7 +132,7 @@ func TestIssuerPathCache(t *testing.T) {
 				if pool == nil {
 					pool = main
 				}
-				err := paths.CheckIssued(&ca.Chain{Leaf: s.leaf.cert, Intermediates: s.inter}, s.leaf.tmpl, key.Public(), pool, testNow.Add(s.at))
+				err := paths.CheckIssued(&ca.Chain{Leaf: s.leaf.cert, Intermediates: s.inter, SignatureChecked: s.checked}, s.leaf.tmpl, key.Public(), pool, testNow.Add(s.at))
 				if s.wantErr == "" && err != nil {
 					t.Fatalf("step %d: CheckIssued: %v", i, err)
 				}

@@ -49,6 +49,12 @@ type Chain struct {
 	Leaf *x509.Certificate
 	// Intermediates runs from the leaf's issuer upwards and excludes the root.
 	Intermediates []*x509.Certificate
+	// SignatureChecked is set by a backend that already verified Leaf's
+	// signature with its issuing CA's public key (crypto/x509 does when it
+	// signs in process). The result check then skips repeating that one
+	// signature verification once the issuer's path is known; every other
+	// check still runs. Remote backends leave it false.
+	SignatureChecked bool
 }
 
 // ErrSignerUnavailable marks a signing failure that a retry may cure.

@@ -32,7 +32,10 @@ type AuditConfig struct {
 }
 
 func auditDefaults() AuditConfig {
-	return AuditConfig{AuditMaxBatch: 256, AuditMaxConns: 8}
+	// A short batch delay lets concurrent issuances share one durable commit:
+	// it costs each request at most this much latency and saves an fsync per
+	// record under load (see BENCHMARKS.md).
+	return AuditConfig{AuditMaxBatch: 256, AuditMaxConns: 8, AuditBatchDelay: 300 * time.Microsecond}
 }
 
 func bindAuditFlags(fs *flag.FlagSet, c *AuditConfig) {

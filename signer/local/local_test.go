@@ -136,6 +136,13 @@ func TestSignChainAndClamp(t *testing.T) {
 			if !bytes.Equal(s.Certificate().Raw, tc.cfg.Cert.Raw) {
 				t.Error("Certificate() is not the issuing CA")
 			}
+			// The flag lets the result check skip one verification, so it must be true.
+			if !chain.SignatureChecked {
+				t.Error("SignatureChecked not set by the in-process signer")
+			}
+			if err := chain.Leaf.CheckSignatureFrom(tc.cfg.Cert); err != nil {
+				t.Errorf("leaf signature does not verify with the issuing CA: %v", err)
+			}
 		})
 	}
 }

@@ -6,10 +6,9 @@ import (
 	"crypto/x509"
 	"encoding/binary"
 	"fmt"
-	"sync"
-	"sync/atomic"
 	"time"
 
+	"github.com/castellan-ca/castellan/ca/poolcache"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
@@ -26,7 +25,7 @@ const DefaultClientCertCacheSize = 4096
 // The TLS layer only requests the certificate; verifying here means a bad
 // certificate becomes an audited Unauthenticated refusal, not an opaque handshake error.
 //
-// Successful verifications are cached (see clientCertCache), because a client
+// Successful verifications are cached (poolcache, per trust pool), because a client
 // sends the same chain on every request of a connection and path building with
 // its signature checks would otherwise cost as much as signing the certificate.
 type ClientCert struct {
@@ -42,7 +41,7 @@ type ClientCert struct {
 	// Now is the clock (tests); default time.Now.
 	Now func() time.Time
 
-	cache clientCertCache
+	cache poolcache.Cache[*Caller] // the caller derived with this authenticator's fixed trust domain and operators
 }
 
 // ClientCertCacheStats counts cache use, for tests and metrics.
@@ -75,8 +74,9 @@ func (a *ClientCert) Authenticate(ctx context.Context) (*Caller, error) {
 		return c, err
 	}
 	key := chainKey(certs)
-	if c, ok := a.cache.get(key, roots, now); ok {
-		return c, nil
+	if cached, ok := a.cache.Get(key, roots, now); ok {
+		caller := *cached // callers may not share one Caller
+		return &caller, nil
 	}
 	c, validity, err := a.verify(certs, roots, now)
 	if err != nil {
@@ -86,12 +86,16 @@ func (a *ClientCert) Authenticate(ctx context.Context) (*Caller, error) {
 	if size == 0 {
 		size = DefaultClientCertCacheSize
 	}
-	a.cache.put(key, roots, c, validity, size)
+	stored := *c
+	a.cache.Put(key, roots, &stored, validity.notBefore, validity.notAfter, size)
 	return c, nil
 }
 
 // CacheStats reports how the verification cache has been used.
-func (a *ClientCert) CacheStats() ClientCertCacheStats { return a.cache.stats() }
+func (a *ClientCert) CacheStats() ClientCertCacheStats {
+	hits, misses, entries := a.cache.Stats()
+	return ClientCertCacheStats{Hits: hits, Misses: misses, Entries: entries}
+}
 
 // verify checks a presented chain (leaf first) at now and returns the caller it
 // proves and the period in which every certificate of the verified path is valid.
@@ -120,7 +124,8 @@ func (a *ClientCert) verify(certs []*x509.Certificate, roots *x509.CertPool, now
 	if err != nil {
 		return nil, validity{}, fmt.Errorf("client certificate URI SAN: %w", err)
 	}
-	v := pathValidity(chains[0])
+	var v validity
+	v.notBefore, v.notAfter = poolcache.Window(chains[0])
 	for _, op := range a.Operators {
 		if id == op {
 			return &Caller{Method: MethodOperator, Name: id.String(), Operator: true}, v, nil
@@ -134,93 +139,6 @@ func (a *ClientCert) verify(certs []*x509.Certificate, roots *x509.CertPool, now
 
 // validity is the intersection of the validity periods of a verified path.
 type validity struct{ notBefore, notAfter time.Time }
-
-func pathValidity(path []*x509.Certificate) validity {
-	v := validity{notBefore: path[0].NotBefore, notAfter: path[0].NotAfter}
-	for _, c := range path[1:] {
-		if c.NotBefore.After(v.notBefore) {
-			v.notBefore = c.NotBefore
-		}
-		if c.NotAfter.Before(v.notAfter) {
-			v.notAfter = c.NotAfter
-		}
-	}
-	return v
-}
-
-// clientCertCache remembers callers proved by chains that verified, keyed by the
-// SHA-256 of the presented chain, for the trust pool they verified against:
-// the first lookup with another pool (a CA swap builds a new one) empties it.
-// An entry serves only while now is inside the validity of its whole path, the
-// same window in which Verify would accept it, and holds the caller derived from
-// the leaf with this authenticator's fixed trust domain and operators. The
-// zero value is ready to use.
-type clientCertCache struct {
-	mu           sync.RWMutex   // read-locked on the hit path, which every request takes
-	pool         *x509.CertPool // held, so its address cannot be reused by a new pool
-	entries      map[[32]byte]clientCertEntry
-	hits, misses atomic.Uint64
-}
-
-type clientCertEntry struct {
-	caller *Caller
-	valid  validity
-}
-
-func (c *clientCertCache) get(key [32]byte, pool *x509.CertPool, now time.Time) (*Caller, bool) {
-	c.mu.RLock()
-	e, ok := c.entries[key]
-	samePool := pool == c.pool
-	c.mu.RUnlock()
-	if !samePool { // a new trust bundle: nothing remembered for the old one applies
-		c.mu.Lock()
-		if pool != c.pool {
-			c.pool, c.entries = pool, nil
-		}
-		c.mu.Unlock()
-		ok = false
-	}
-	if ok && (now.Before(e.valid.notBefore) || now.After(e.valid.notAfter)) {
-		c.mu.Lock()
-		if pool == c.pool {
-			delete(c.entries, key)
-		}
-		c.mu.Unlock()
-		ok = false
-	}
-	if !ok {
-		c.misses.Add(1)
-		return nil, false
-	}
-	c.hits.Add(1)
-	caller := *e.caller // callers may not share one Caller
-	return &caller, true
-}
-
-func (c *clientCertCache) put(key [32]byte, pool *x509.CertPool, caller *Caller, v validity, size int) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if pool != c.pool {
-		c.pool, c.entries = pool, nil
-	}
-	if c.entries == nil {
-		c.entries = make(map[[32]byte]clientCertEntry)
-	}
-	if _, ok := c.entries[key]; !ok && len(c.entries) >= size {
-		for k := range c.entries { // full: drop an arbitrary entry, O(1)
-			delete(c.entries, k)
-			break
-		}
-	}
-	stored := *caller
-	c.entries[key] = clientCertEntry{caller: &stored, valid: v}
-}
-
-func (c *clientCertCache) stats() ClientCertCacheStats {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return ClientCertCacheStats{Hits: c.hits.Load(), Misses: c.misses.Load(), Entries: len(c.entries)}
-}
 
 // chainKey is the SHA-256 of a presented chain, each certificate's DER length
 // prefixed so that no two different chains hash the same input.

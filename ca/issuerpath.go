@@ -4,9 +4,9 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/binary"
-	"sync"
-	"sync/atomic"
 	"time"
+
+	"github.com/castellan-ca/castellan/ca/poolcache"
 )
 
 // issuerPathCacheSize bounds the remembered issuer paths; a CA has one issuer
@@ -25,16 +25,7 @@ const issuerPathCacheSize = 64
 // CAs carry name or policy constraints are never kept, since those constrain
 // each leaf and only Verify applies them. The zero value is ready to use.
 type issuerPathCache struct {
-	mu      sync.RWMutex   // read-locked on the hit path, which every issuance takes
-	pool    *x509.CertPool // held, so its address cannot be reused by a new pool
-	entries map[[32]byte]issuerPath
-	// hits and misses count lookups, for tests.
-	hits, misses atomic.Uint64
-}
-
-type issuerPath struct {
-	path                []*x509.Certificate // issuer first, root last
-	notBefore, notAfter time.Time
+	c poolcache.Cache[[]*x509.Certificate] // issuer first, root last
 }
 
 // verify checks that chain.Leaf chains to roots at now and returns the path
@@ -42,7 +33,7 @@ type issuerPath struct {
 func (c *issuerPathCache) verify(chain *Chain, roots *x509.CertPool, now time.Time) ([]*x509.Certificate, error) {
 	leaf := chain.Leaf
 	key := issuerKey(leaf, chain.Intermediates)
-	if p, ok := c.get(key, roots, now); ok {
+	if p, ok := c.c.Get(key, roots, now); ok {
 		if chain.SignatureChecked || leaf.CheckSignatureFrom(p[0]) == nil {
 			return p, nil
 		}
@@ -64,70 +55,17 @@ func (c *issuerPathCache) verify(chain *Chain, roots *x509.CertPool, now time.Ti
 	return path, nil
 }
 
-func (c *issuerPathCache) get(key [32]byte, pool *x509.CertPool, now time.Time) ([]*x509.Certificate, bool) {
-	c.mu.RLock()
-	e, ok := c.entries[key]
-	samePool := pool == c.pool
-	c.mu.RUnlock()
-	if !samePool { // a new trust bundle: nothing remembered for the old one applies
-		c.mu.Lock()
-		if pool != c.pool {
-			c.pool, c.entries = pool, nil
-		}
-		c.mu.Unlock()
-		ok = false
-	}
-	if ok && (now.Before(e.notBefore) || now.After(e.notAfter)) {
-		c.mu.Lock()
-		if pool == c.pool {
-			delete(c.entries, key)
-		}
-		c.mu.Unlock()
-		ok = false
-	}
-	if !ok {
-		c.misses.Add(1)
-		return nil, false
-	}
-	c.hits.Add(1)
-	return e.path, true
-}
-
 func (c *issuerPathCache) put(key [32]byte, pool *x509.CertPool, path []*x509.Certificate) {
-	e := issuerPath{path: path, notBefore: path[0].NotBefore, notAfter: path[0].NotAfter}
 	for _, p := range path {
 		if constrains(p) {
 			return
 		}
-		if p.NotBefore.After(e.notBefore) {
-			e.notBefore = p.NotBefore
-		}
-		if p.NotAfter.Before(e.notAfter) {
-			e.notAfter = p.NotAfter
-		}
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if pool != c.pool {
-		c.pool, c.entries = pool, nil
-	}
-	if c.entries == nil {
-		c.entries = make(map[[32]byte]issuerPath)
-	}
-	if _, ok := c.entries[key]; !ok && len(c.entries) >= issuerPathCacheSize {
-		for k := range c.entries { // full: drop an arbitrary entry
-			delete(c.entries, k)
-			break
-		}
-	}
-	c.entries[key] = e
+	notBefore, notAfter := poolcache.Window(path)
+	c.c.Put(key, pool, path, notBefore, notAfter, issuerPathCacheSize)
 }
 
-func (c *issuerPathCache) stats() (hits, misses uint64, entries int) {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return c.hits.Load(), c.misses.Load(), len(c.entries)
-}
+func (c *issuerPathCache) stats() (hits, misses uint64, entries int) { return c.c.Stats() }
 
 // constrains reports whether a CA certificate carries name or policy
 // constraints, which Verify applies to every leaf below it.

@@ -6,6 +6,7 @@ import (
 	"encoding/csv"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"iter"
@@ -32,23 +33,35 @@ func parseWhen(s string) (time.Time, error) {
 	return t, nil
 }
 
-// setTimeRange sets req's Since and Until from the --since and --until
-// flags, read with parse; an empty flag leaves its bound unset.
-func setTimeRange(req *adminpb.ListAuditRecordsRequest, since, until string, parse func(string) (time.Time, error)) error {
-	for _, t := range []struct {
-		s   string
-		dst **timestamppb.Timestamp
-	}{{since, &req.Since}, {until, &req.Until}} {
-		if t.s == "" {
-			continue
+// bindAuditFilters registers the record filters that audit list and audit
+// export share, and returns the function that builds the request once the
+// flags are parsed.
+func bindAuditFilters(fs *flag.FlagSet) func() (*adminpb.ListAuditRecordsRequest, error) {
+	req := &adminpb.ListAuditRecordsRequest{}
+	fs.StringVar(&req.Identity, "identity", "", "only records granting or requesting this SPIFFE ID")
+	fs.StringVar(&req.Serial, "serial", "", "only records of this serial (lowercase hex)")
+	fs.StringVar(&req.CertSha256, "fingerprint", "", "only records of this certificate SHA-256 (hex)")
+	fs.StringVar(&req.Outcome, "outcome", "", "issued | refused | failed | ok | undelivered")
+	fs.StringVar(&req.Writer, "writer", "", "only this writer's chain")
+	fs.StringVar(&req.IssuerKeyId, "issuer", "", "only certificates of this issuing CA key id (hex SubjectKeyId)")
+	since := fs.String("since", "", "only records at or after this time (RFC 3339 or YYYY-MM-DD)")
+	until := fs.String("until", "", "only records before this time (RFC 3339 or YYYY-MM-DD)")
+	return func() (*adminpb.ListAuditRecordsRequest, error) {
+		for _, t := range []struct {
+			s   string
+			dst **timestamppb.Timestamp
+		}{{*since, &req.Since}, {*until, &req.Until}} {
+			if t.s == "" {
+				continue
+			}
+			v, err := parseWhen(t.s)
+			if err != nil {
+				return nil, err
+			}
+			*t.dst = timestamppb.New(v)
 		}
-		v, err := parse(t.s)
-		if err != nil {
-			return err
-		}
-		*t.dst = timestamppb.New(v)
+		return req, nil
 	}
-	return nil
 }
 
 // auditPages yields the records matching req in (writer, seq) order, page
@@ -165,21 +178,14 @@ func cmdAuditShow(ctx context.Context, g *globals, args []string, stdout, stderr
 // SIEM ingests.
 func cmdAuditExport(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) (err error) {
 	fs := newFlagSet("audit export", stderr)
-	var req adminpb.ListAuditRecordsRequest
-	fs.StringVar(&req.Identity, "identity", "", "only records granting or requesting this SPIFFE ID")
-	fs.StringVar(&req.Serial, "serial", "", "only records of this serial (lowercase hex)")
-	fs.StringVar(&req.CertSha256, "fingerprint", "", "only records of this certificate SHA-256 (hex)")
-	fs.StringVar(&req.Outcome, "outcome", "", "issued | refused | failed | ok | undelivered")
-	fs.StringVar(&req.Writer, "writer", "", "only this writer's chain")
-	fs.StringVar(&req.IssuerKeyId, "issuer", "", "only certificates of this issuing CA key id (hex SubjectKeyId)")
-	since := fs.String("since", "", "only records at or after this time (RFC 3339 or YYYY-MM-DD)")
-	until := fs.String("until", "", "only records before this time (RFC 3339 or YYYY-MM-DD)")
+	filters := bindAuditFilters(fs)
 	format := fs.String("format", "jsonl", "jsonl | csv")
 	outPath := fs.String("out", "", "file to write (default: standard output)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if err := setTimeRange(&req, *since, *until, parseWhen); err != nil {
+	req, err := filters()
+	if err != nil {
 		return fmt.Errorf("audit export: %w", err)
 	}
 	if *format != "jsonl" && *format != "csv" {
@@ -212,7 +218,7 @@ func cmdAuditExport(ctx context.Context, g *globals, args []string, stdout, stde
 		}
 	}
 	total := 0
-	for p, err := range auditPages(ctx, client, &req, func(int) int { return storage.MaxLimit }) {
+	for p, err := range auditPages(ctx, client, req, func(int) int { return storage.MaxLimit }) {
 		if err != nil {
 			return fmt.Errorf("audit export: after %d records: %w", total, err)
 		}

@@ -106,21 +106,14 @@ func cmdIssue(ctx context.Context, g *globals, args []string, stdout, stderr io.
 
 func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("audit list", stderr)
-	var req adminpb.ListAuditRecordsRequest
-	fs.StringVar(&req.Identity, "identity", "", "only records granting or requesting this SPIFFE ID")
-	fs.StringVar(&req.Serial, "serial", "", "only the record of this serial (lowercase hex)")
-	fs.StringVar(&req.CertSha256, "fingerprint", "", "only the record of this certificate SHA-256 (hex)")
-	fs.StringVar(&req.Outcome, "outcome", "", "issued | refused | failed | ok")
-	fs.StringVar(&req.Writer, "writer", "", "only this writer's chain")
-	fs.StringVar(&req.IssuerKeyId, "issuer", "", "only certificates of this issuing CA key id (hex SubjectKeyId)")
-	since := fs.String("since", "", "only records at or after this RFC 3339 time")
-	until := fs.String("until", "", "only records before this RFC 3339 time")
+	filters := bindAuditFilters(fs)
 	limit := fs.Int("limit", 0, "at most this many records (default: all)")
 	output := fs.String("output", "table", "table | json (one object per line)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if err := setTimeRange(&req, *since, *until, func(s string) (time.Time, error) { return time.Parse(time.RFC3339, s) }); err != nil {
+	req, err := filters()
+	if err != nil {
 		return fmt.Errorf("audit list: %w", err)
 	}
 	if *output != "table" && *output != "json" {
@@ -144,7 +137,7 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 		}
 		return page
 	}
-	for p, err := range auditPages(ctx, client, &req, pageSize) {
+	for p, err := range auditPages(ctx, client, req, pageSize) {
 		if err != nil {
 			return fmt.Errorf("audit list: %w", err)
 		}

@@ -7,13 +7,15 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/castellan-ca/castellan/signer"
 )
 
 // State is one immutable snapshot of the CA: the active signer and the trust
 // bundle. Requests read it once, so a swap never mixes two CAs in one response.
 type State struct {
 	// Signer is the active signing backend.
-	Signer Signer
+	Signer signer.Signer
 	// Backend names the signer in audit records ("selfsigned", "intermediate", …).
 	Backend string
 	// Roots is the trust bundle: the signer's roots plus any retained ones.
@@ -42,7 +44,7 @@ func NewAuthority() *Authority {
 // Use makes s the active signer. The trust bundle becomes s's roots plus
 // retained (roots that must stay trusted while certificates chaining to them
 // live), deduplicated. Waiters on Changed are woken.
-func (a *Authority) Use(backend string, s Signer, retained ...*x509.Certificate) (*State, error) {
+func (a *Authority) Use(backend string, s signer.Signer, retained ...*x509.Certificate) (*State, error) {
 	roots := dedupe(append(append([]*x509.Certificate(nil), s.TrustBundle()...), retained...))
 	if len(roots) == 0 {
 		return nil, errors.New("signer has an empty trust bundle")
@@ -57,7 +59,7 @@ func (a *Authority) Use(backend string, s Signer, retained ...*x509.Certificate)
 	if old := a.cur.Load(); old != nil {
 		gen = old.Generation + 1
 	}
-	st := &State{Signer: s, Backend: backend, Roots: roots, Pool: pool, BundlePEM: EncodePEM(roots...), Generation: gen}
+	st := &State{Signer: s, Backend: backend, Roots: roots, Pool: pool, BundlePEM: signer.EncodePEM(roots...), Generation: gen}
 	a.cur.Store(st)
 	close(a.changed)
 	a.changed = make(chan struct{})

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 )
 
 func TestAuthorityUse(t *testing.T) {
@@ -25,7 +26,7 @@ func TestAuthorityUse(t *testing.T) {
 	default:
 		t.Error("Changed not closed by Use")
 	}
-	if st.Generation != 1 || len(st.Roots) != 2 || st.BundlePEM != ca.EncodePEM(rootA.Cert, rootB.Cert) || a.Current() != st {
+	if st.Generation != 1 || len(st.Roots) != 2 || st.BundlePEM != signer.EncodePEM(rootA.Cert, rootB.Cert) || a.Current() != st {
 		t.Errorf("state gen %d roots %d", st.Generation, len(st.Roots))
 	}
 	if !st.EarliestRootExpiry().Equal(rootB.Cert.NotAfter) {
@@ -39,6 +40,6 @@ func TestAuthorityUse(t *testing.T) {
 	}
 }
 
-type emptyBundle struct{ ca.Signer }
+type emptyBundle struct{ signer.Signer }
 
 func (emptyBundle) TrustBundle() []*x509.Certificate { return nil }

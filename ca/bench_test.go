@@ -10,6 +10,7 @@ import (
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/signer/signertest"
@@ -113,14 +114,14 @@ func BenchmarkSignOnly(b *testing.B) {
 				b.Errorf("ParseCSR: %v", err)
 				return
 			}
-			serial, err := ca.NewSerial(rand.Reader)
+			serial, err := signer.NewSerial(rand.Reader)
 			if err != nil {
 				b.Errorf("NewSerial: %v", err)
 				return
 			}
 			now := time.Now()
-			tmpl := ca.LeafTemplate(appID, csr.PublicKey, serial, now.Add(-ca.DefaultClockSkew), now.Add(ca.DefaultTTL))
-			if _, err := s.Sign(ctx, ca.SignRequest{Template: tmpl, PublicKey: csr.PublicKey, CSR: csr.Raw, Identity: appID, TTL: ca.DefaultTTL}); err != nil {
+			tmpl := ca.LeafTemplate(appID, csr.PublicKey, serial, now.Add(-signer.DefaultClockSkew), now.Add(ca.DefaultTTL))
+			if _, err := s.Sign(ctx, signer.SignRequest{Template: tmpl, PublicKey: csr.PublicKey, CSR: csr.Raw, Identity: appID, TTL: ca.DefaultTTL}); err != nil {
 				b.Errorf("Sign: %v", err)
 				return
 			}

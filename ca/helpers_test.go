@@ -26,6 +26,7 @@ import (
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/signertest"
 	"github.com/castellan-ca/castellan/storage"
@@ -170,7 +171,7 @@ func newLocalSigner(t testing.TB, issuing *signertest.CA, roots []*x509.Certific
 // presented to the authenticator), starting from ca.LeafTemplate.
 func signLeaf(t testing.TB, issuing *signertest.CA, key crypto.Signer, id *url.URL, modify func(*x509.Certificate)) *x509.Certificate {
 	t.Helper()
-	serial, err := ca.NewSerial(rand.Reader)
+	serial, err := signer.NewSerial(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,7 +206,7 @@ func peerCtx(certs ...*x509.Certificate) context.Context {
 type harness struct {
 	clock     *clock
 	root      *signertest.CA
-	signer    ca.Signer
+	signer    signer.Signer
 	authority *ca.Authority
 	store     *embedded.Store
 	authn     *authn.ClientCert
@@ -215,7 +216,7 @@ type harness struct {
 
 type harnessOpts struct {
 	// wrapSigner replaces the active signer (faults, blocking).
-	wrapSigner func(ca.Signer) ca.Signer
+	wrapSigner func(signer.Signer) signer.Signer
 	// wrapAudit replaces the audit log given to the issuer (faults).
 	wrapAudit func(ca.AuditLog) ca.AuditLog
 	// config adjusts the issuer configuration before NewIssuer.

@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/storage"
 )
 
@@ -25,7 +26,7 @@ import (
 // same result checks as workload issuance, and audits it as an operator action.
 // tmpl supplies SANs and usages; serial and validity are set here. key is the
 // certificate's private key: it signs a CSR, which remote backends (Vault) need.
-func (is *Issuer) IssueInternal(ctx context.Context, purpose string, tmpl *x509.Certificate, key crypto.Signer, ttl time.Duration) (*Chain, *State, error) {
+func (is *Issuer) IssueInternal(ctx context.Context, purpose string, tmpl *x509.Certificate, key crypto.Signer, ttl time.Duration) (*signer.Chain, *State, error) {
 	st := is.cfg.Authority.Current()
 	if st == nil {
 		return nil, nil, refuse(ErrUnavailable, ReasonNoSigner, errors.New("no active signer"))
@@ -43,7 +44,7 @@ func (is *Issuer) IssueInternal(ctx context.Context, purpose string, tmpl *x509.
 	if len(tmpl.URIs) == 1 {
 		rec.GrantedIdentity = tmpl.URIs[0].String()
 	}
-	chain, err := is.sign(ctx, st, SignRequest{PublicKey: key.Public(), CSR: csr, TTL: ttl}, tmpl)
+	chain, err := is.sign(ctx, st, signer.SignRequest{PublicKey: key.Public(), CSR: csr, TTL: ttl}, tmpl)
 	if err == nil {
 		fillRecord(rec, chain)
 		rec.Outcome = storage.OutcomeOK
@@ -177,7 +178,7 @@ func (s *ServingCert) issue(ctx context.Context) (*tls.Certificate, uint64, time
 }
 
 // TLSCertificate assembles a chain and its key for crypto/tls.
-func TLSCertificate(chain *Chain, key crypto.Signer) *tls.Certificate {
+func TLSCertificate(chain *signer.Chain, key crypto.Signer) *tls.Certificate {
 	c := &tls.Certificate{PrivateKey: key, Leaf: chain.Leaf, Certificate: [][]byte{chain.Leaf.Raw}}
 	for _, i := range chain.Intermediates {
 		c.Certificate = append(c.Certificate, i.Raw)

@@ -15,6 +15,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/castellan-ca/castellan/authn"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/storage"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
@@ -96,7 +97,7 @@ func NewIssuer(cfg Config) (*Issuer, error) {
 		return nil, errors.New("issuer: authority is required")
 	}
 	if cfg.ClockSkew == 0 {
-		cfg.ClockSkew = DefaultClockSkew
+		cfg.ClockSkew = signer.DefaultClockSkew
 	}
 	if cfg.MaxInFlight <= 0 {
 		cfg.MaxInFlight = 512
@@ -138,7 +139,7 @@ type Request struct {
 
 // Issued is a successful result: the chain and the response elements.
 type Issued struct {
-	Chain *Chain
+	Chain *signer.Chain
 	// Elements is [leaf, intermediates…, root bundle], one PEM certificate per
 	// element except the last, which is the whole bundle.
 	Elements []string
@@ -272,7 +273,7 @@ func (is *Issuer) issue(ctx context.Context, req Request, rec *storage.Record) (
 		return nil, refuse(ErrUnavailable, ReasonNoSigner, errors.New("no active signer"))
 	}
 	rec.Signer = st.Backend
-	chain, err := is.sign(ctx, st, SignRequest{PublicKey: csr.PublicKey, CSR: csr.Raw, Identity: grant, TTL: ttl}, nil)
+	chain, err := is.sign(ctx, st, signer.SignRequest{PublicKey: csr.PublicKey, CSR: csr.Raw, Identity: grant, TTL: ttl}, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -283,9 +284,9 @@ func (is *Issuer) issue(ctx context.Context, req Request, rec *storage.Record) (
 // sign builds the leaf profile (unless tmpl is given), has the backend sign it
 // and checks what came back. Shared by workload issuance and internal
 // certificates (serving, operator) so every certificate gets the same checks.
-func (is *Issuer) sign(ctx context.Context, st *State, sreq SignRequest, tmpl *x509.Certificate) (*Chain, error) {
+func (is *Issuer) sign(ctx context.Context, st *State, sreq signer.SignRequest, tmpl *x509.Certificate) (*signer.Chain, error) {
 	now := is.cfg.Now()
-	serial, err := NewSerial(is.cfg.Rand)
+	serial, err := signer.NewSerial(is.cfg.Rand)
 	if err != nil {
 		return nil, refuse(ErrInternal, ReasonSignerError, err)
 	}
@@ -299,7 +300,7 @@ func (is *Issuer) sign(ctx context.Context, st *State, sreq SignRequest, tmpl *x
 	sreq.Template = tmpl
 	chain, err := st.Signer.Sign(ctx, sreq)
 	if err != nil {
-		if errors.Is(err, ErrSignerUnavailable) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		if errors.Is(err, signer.ErrSignerUnavailable) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
 			return nil, refuse(ErrUnavailable, ReasonSignerDown, err)
 		}
 		return nil, refuse(ErrInternal, ReasonSignerError, err)
@@ -369,16 +370,16 @@ func requestedIdentity(req Request) (string, error) {
 
 // Elements lays out a response: one PEM certificate per element for the leaf and
 // each intermediate, then the whole root bundle, unsplit, as the last element.
-func Elements(chain *Chain, st *State) []string {
+func Elements(chain *signer.Chain, st *State) []string {
 	out := make([]string, 0, len(chain.Intermediates)+2)
-	out = append(out, EncodePEM(chain.Leaf))
+	out = append(out, signer.EncodePEM(chain.Leaf))
 	for _, c := range chain.Intermediates {
-		out = append(out, EncodePEM(c))
+		out = append(out, signer.EncodePEM(c))
 	}
 	return append(out, st.BundlePEM)
 }
 
-func fillRecord(rec *storage.Record, chain *Chain) {
+func fillRecord(rec *storage.Record, chain *signer.Chain) {
 	leaf := chain.Leaf
 	sum := sha256.Sum256(leaf.Raw)
 	rec.Serial = leaf.SerialNumber.Text(16)
@@ -387,7 +388,7 @@ func fillRecord(rec *storage.Record, chain *Chain) {
 	rec.IssuerKeyID = hex.EncodeToString(leaf.AuthorityKeyId)
 }
 
-func issuerNotAfter(chain *Chain, st *State) time.Time {
+func issuerNotAfter(chain *signer.Chain, st *State) time.Time {
 	if iss := chain.Issuer(); iss != nil {
 		return iss.NotAfter
 	}

@@ -23,6 +23,7 @@ import (
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/signertest"
 	"github.com/castellan-ca/castellan/storage"
 	"github.com/castellan-ca/castellan/storage/embedded"
@@ -35,18 +36,18 @@ const (
 
 // signerFunc overrides a real signer's Sign (fault injection); TrustBundle stays real.
 type signerFunc struct {
-	ca.Signer
-	sign func(ctx context.Context, req ca.SignRequest) (*ca.Chain, error)
+	signer.Signer
+	sign func(ctx context.Context, req signer.SignRequest) (*signer.Chain, error)
 }
 
-func (s signerFunc) Sign(ctx context.Context, req ca.SignRequest) (*ca.Chain, error) {
+func (s signerFunc) Sign(ctx context.Context, req signer.SignRequest) (*signer.Chain, error) {
 	return s.sign(ctx, req)
 }
 
 // tamper has the real signer sign a modified request: a backend that deviates.
-func tamper(mod func(req *ca.SignRequest, tmpl *x509.Certificate)) func(ca.Signer) ca.Signer {
-	return func(inner ca.Signer) ca.Signer {
-		return signerFunc{Signer: inner, sign: func(ctx context.Context, req ca.SignRequest) (*ca.Chain, error) {
+func tamper(mod func(req *signer.SignRequest, tmpl *x509.Certificate)) func(signer.Signer) signer.Signer {
+	return func(inner signer.Signer) signer.Signer {
+		return signerFunc{Signer: inner, sign: func(ctx context.Context, req signer.SignRequest) (*signer.Chain, error) {
 			tmpl := *req.Template
 			req.Template = &tmpl
 			mod(&req, &tmpl)
@@ -55,25 +56,25 @@ func tamper(mod func(req *ca.SignRequest, tmpl *x509.Certificate)) func(ca.Signe
 	}
 }
 
-func failSigner(err error) func(ca.Signer) ca.Signer {
-	return func(inner ca.Signer) ca.Signer {
-		return signerFunc{Signer: inner, sign: func(context.Context, ca.SignRequest) (*ca.Chain, error) { return nil, err }}
+func failSigner(err error) func(signer.Signer) signer.Signer {
+	return func(inner signer.Signer) signer.Signer {
+		return signerFunc{Signer: inner, sign: func(context.Context, signer.SignRequest) (*signer.Chain, error) { return nil, err }}
 	}
 }
 
 // blockingSigner signs with the real signer once release is closed, after
 // announcing on entered that a call is inside Sign.
 type blockingSigner struct {
-	ca.Signer
+	signer.Signer
 	entered chan struct{}
 	release chan struct{}
 }
 
-func newBlockingSigner(inner ca.Signer) *blockingSigner {
+func newBlockingSigner(inner signer.Signer) *blockingSigner {
 	return &blockingSigner{Signer: inner, entered: make(chan struct{}, 16), release: make(chan struct{})}
 }
 
-func (b *blockingSigner) Sign(ctx context.Context, req ca.SignRequest) (*ca.Chain, error) {
+func (b *blockingSigner) Sign(ctx context.Context, req signer.SignRequest) (*signer.Chain, error) {
 	b.entered <- struct{}{}
 	<-b.release
 	return b.Signer.Sign(ctx, req)
@@ -152,10 +153,10 @@ func checkIssued(t *testing.T, out *ca.Issued, roots []*x509.Certificate, id spi
 		}
 		parsed = append(parsed, c)
 	}
-	if want := ca.EncodePEM(roots...); els[len(els)-1] != want {
+	if want := signer.EncodePEM(roots...); els[len(els)-1] != want {
 		t.Fatalf("last element is not the whole bundle:\n%s\nwant\n%s", els[len(els)-1], want)
 	}
-	bundle, err := ca.ParseCertificatesPEM([]byte(els[len(els)-1]))
+	bundle, err := signer.ParseCertificatesPEM([]byte(els[len(els)-1]))
 	if err != nil {
 		t.Fatalf("bundle element: %v", err)
 	}
@@ -180,8 +181,8 @@ func checkIssued(t *testing.T, out *ca.Issued, roots []*x509.Certificate, id spi
 	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != id.String() {
 		t.Errorf("leaf URIs = %v, want [%s]", leaf.URIs, id)
 	}
-	if !leaf.NotBefore.Equal(now.Add(-ca.DefaultClockSkew)) {
-		t.Errorf("NotBefore = %s, want now-2m = %s", leaf.NotBefore, now.Add(-ca.DefaultClockSkew))
+	if !leaf.NotBefore.Equal(now.Add(-signer.DefaultClockSkew)) {
+		t.Errorf("NotBefore = %s, want now-2m = %s", leaf.NotBefore, now.Add(-signer.DefaultClockSkew))
 	}
 	if ttl > 0 && !leaf.NotAfter.Equal(now.Add(ttl)) {
 		t.Errorf("NotAfter = %s, want now+%s = %s", leaf.NotAfter, ttl, now.Add(ttl))
@@ -378,21 +379,21 @@ func TestIssue(t *testing.T) {
 			opts:     harnessOpts{wrapAudit: func(ca.AuditLog) ca.AuditLog { return failingAudit{errors.New("disk full")} }},
 			wantCode: codes.Unauthenticated, wantReason: ca.ReasonNoCredentials, noRecord: true},
 
-		{name: "signer signs another SAN", opts: harnessOpts{wrapSigner: tamper(func(_ *ca.SignRequest, c *x509.Certificate) { c.URIs = []*url.URL{otherID.URL()} })},
+		{name: "signer signs another SAN", opts: harnessOpts{wrapSigner: tamper(func(_ *signer.SignRequest, c *x509.Certificate) { c.URIs = []*url.URL{otherID.URL()} })},
 			wantCode: codes.Internal, wantReason: ca.ReasonSignerBadChain, wantKind: ca.ErrInternal, wantMsg: "CSR signing error (internal)", rec: badResult},
-		{name: "signer adds a DNS SAN", opts: harnessOpts{wrapSigner: tamper(func(_ *ca.SignRequest, c *x509.Certificate) { c.DNSNames = []string{"evil.example"} })},
+		{name: "signer adds a DNS SAN", opts: harnessOpts{wrapSigner: tamper(func(_ *signer.SignRequest, c *x509.Certificate) { c.DNSNames = []string{"evil.example"} })},
 			wantCode: codes.Internal, wantReason: ca.ReasonSignerBadChain, rec: badResult},
-		{name: "signer certifies another key", opts: harnessOpts{wrapSigner: tamper(func(r *ca.SignRequest, _ *x509.Certificate) { r.PublicKey = signertest.Key(9).Public() })},
+		{name: "signer certifies another key", opts: harnessOpts{wrapSigner: tamper(func(r *signer.SignRequest, _ *x509.Certificate) { r.PublicKey = signertest.Key(9).Public() })},
 			wantCode: codes.Internal, wantReason: ca.ReasonSignerBadChain, rec: badResult},
-		{name: "signer issues a CA certificate", opts: harnessOpts{wrapSigner: tamper(func(_ *ca.SignRequest, c *x509.Certificate) {
+		{name: "signer issues a CA certificate", opts: harnessOpts{wrapSigner: tamper(func(_ *signer.SignRequest, c *x509.Certificate) {
 			c.IsCA, c.KeyUsage = true, c.KeyUsage|x509.KeyUsageCertSign
 		})}, wantCode: codes.Internal, wantReason: ca.ReasonSignerBadChain, rec: badResult},
-		{name: "signer extends the lifetime", opts: harnessOpts{wrapSigner: tamper(func(_ *ca.SignRequest, c *x509.Certificate) { c.NotAfter = c.NotAfter.Add(time.Hour) })},
+		{name: "signer extends the lifetime", opts: harnessOpts{wrapSigner: tamper(func(_ *signer.SignRequest, c *x509.Certificate) { c.NotAfter = c.NotAfter.Add(time.Hour) })},
 			wantCode: codes.Internal, wantReason: ca.ReasonSignerBadChain, rec: badResult},
-		{name: "signer drops clientAuth", opts: harnessOpts{wrapSigner: tamper(func(_ *ca.SignRequest, c *x509.Certificate) {
+		{name: "signer drops clientAuth", opts: harnessOpts{wrapSigner: tamper(func(_ *signer.SignRequest, c *x509.Certificate) {
 			c.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
 		})}, wantCode: codes.Internal, wantReason: ca.ReasonSignerBadChain, rec: badResult},
-		{name: "signer chains to another root", opts: harnessOpts{wrapSigner: func(inner ca.Signer) ca.Signer {
+		{name: "signer chains to another root", opts: harnessOpts{wrapSigner: func(inner signer.Signer) signer.Signer {
 			return signerFunc{Signer: inner, sign: rogue.Sign}
 		}}, wantCode: codes.Internal, wantReason: ca.ReasonSignerBadChain, rec: badResult},
 		{name: "signer returns no chain", opts: harnessOpts{wrapSigner: failSigner(nil)},
@@ -400,8 +401,8 @@ func TestIssue(t *testing.T) {
 		{name: "signer error", opts: harnessOpts{wrapSigner: failSigner(errors.New("HSM says no"))},
 			wantCode: codes.Internal, wantReason: ca.ReasonSignerError, wantMsg: "CSR signing error (internal)",
 			rec: signed(mtls(storage.OutcomeFailed, "Internal", ca.ReasonSignerError, "", app))},
-		{name: "signer unavailable", opts: harnessOpts{wrapSigner: failSigner(fmt.Errorf("vault: %w", ca.ErrSignerUnavailable))},
-			wantCode: codes.Unavailable, wantReason: ca.ReasonSignerDown, wantKind: ca.ErrSignerUnavailable,
+		{name: "signer unavailable", opts: harnessOpts{wrapSigner: failSigner(fmt.Errorf("vault: %w", signer.ErrSignerUnavailable))},
+			wantCode: codes.Unavailable, wantReason: ca.ReasonSignerDown, wantKind: signer.ErrSignerUnavailable,
 			rec: signed(mtls(storage.OutcomeFailed, "Unavailable", ca.ReasonSignerDown, "", app))},
 		{name: "signer deadline", opts: harnessOpts{wrapSigner: failSigner(fmt.Errorf("cas: %w", context.DeadlineExceeded))},
 			wantCode: codes.Unavailable, wantReason: ca.ReasonSignerDown,
@@ -537,7 +538,7 @@ func TestIssueIntermediateChain(t *testing.T) {
 	}
 	rec := h.onlyRecord(t)
 	leaf := checkIssued(t, out, []*x509.Certificate{h.root.Cert}, appID, testNow, 0, rec)
-	if len(out.Elements) != 3 || out.Elements[1] != ca.EncodePEM(inter.Cert) {
+	if len(out.Elements) != 3 || out.Elements[1] != signer.EncodePEM(inter.Cert) {
 		t.Fatalf("elements = %d, want [leaf, intermediate, bundle]", len(out.Elements))
 	}
 	if !leaf.NotAfter.Equal(inter.Cert.NotAfter) {
@@ -551,7 +552,7 @@ func TestIssueIntermediateChain(t *testing.T) {
 func TestIssueOverload(t *testing.T) {
 	var blocker *blockingSigner
 	h := newHarness(t, harnessOpts{
-		wrapSigner: func(s ca.Signer) ca.Signer { blocker = newBlockingSigner(s); return blocker },
+		wrapSigner: func(s signer.Signer) signer.Signer { blocker = newBlockingSigner(s); return blocker },
 		config:     func(c *ca.Config) { c.MaxInFlight = 1 },
 	})
 	ctx := peerCtx(h.workloadCert(t, appID))
@@ -613,7 +614,7 @@ func TestIssueSlotsReleasedOnError(t *testing.T) {
 
 func TestIssueAuthoritySwap(t *testing.T) {
 	var blocker *blockingSigner
-	h := newHarness(t, harnessOpts{wrapSigner: func(s ca.Signer) ca.Signer { blocker = newBlockingSigner(s); return blocker }})
+	h := newHarness(t, harnessOpts{wrapSigner: func(s signer.Signer) signer.Signer { blocker = newBlockingSigner(s); return blocker }})
 	close(blocker.release) // not blocking until the mid-flight subtest re-arms it
 	rootB := newRoot(t, "Castellan Test Root B", time.Time{})
 	signerB := newLocalSigner(t, rootB, []*x509.Certificate{rootB.Cert}, nil, h.clock.Now)
@@ -650,7 +651,7 @@ func TestIssueAuthoritySwap(t *testing.T) {
 		if err := out.Chain.Leaf.CheckSignatureFrom(h.root.Cert); err != nil {
 			t.Errorf("in-flight leaf not signed by the old CA: %v", err)
 		}
-		if last := out.Elements[len(out.Elements)-1]; last != ca.EncodePEM(h.root.Cert) {
+		if last := out.Elements[len(out.Elements)-1]; last != signer.EncodePEM(h.root.Cert) {
 			t.Error("in-flight response mixes the old leaf with the new bundle")
 		}
 	}
@@ -681,7 +682,7 @@ func TestIssueAuthoritySwap(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if last := out.Elements[len(out.Elements)-1]; last != ca.EncodePEM(rootB.Cert) {
+	if last := out.Elements[len(out.Elements)-1]; last != signer.EncodePEM(rootB.Cert) {
 		t.Error("bundle still holds the retired root")
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca/poolcache"
+	"github.com/castellan-ca/castellan/signer"
 )
 
 // issuerPathCacheSize bounds the remembered issuer paths; a CA has one issuer
@@ -30,7 +31,7 @@ type issuerPathCache struct {
 
 // verify checks that chain.Leaf chains to roots at now and returns the path
 // above the leaf (its issuer first).
-func (c *issuerPathCache) verify(chain *Chain, roots *x509.CertPool, now time.Time) ([]*x509.Certificate, error) {
+func (c *issuerPathCache) verify(chain *signer.Chain, roots *x509.CertPool, now time.Time) ([]*x509.Certificate, error) {
 	leaf := chain.Leaf
 	key := issuerKey(leaf, chain.Intermediates)
 	if p, ok := c.c.Get(key, roots, now); ok {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/signertest"
 )
 
@@ -45,7 +46,7 @@ func TestIssuerPathCache(t *testing.T) {
 		tmpl *x509.Certificate
 	}
 	newLeaf := func(by *signertest.CA, id string, from, to time.Duration) leaf {
-		serial, err := ca.NewSerial(rand.Reader)
+		serial, err := signer.NewSerial(rand.Reader)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -132,7 +133,7 @@ func TestIssuerPathCache(t *testing.T) {
 				if pool == nil {
 					pool = main
 				}
-				err := paths.CheckIssued(&ca.Chain{Leaf: s.leaf.cert, Intermediates: s.inter, SignatureChecked: s.checked}, s.leaf.tmpl, key.Public(), pool, testNow.Add(s.at))
+				err := paths.CheckIssued(&signer.Chain{Leaf: s.leaf.cert, Intermediates: s.inter, SignatureChecked: s.checked}, s.leaf.tmpl, key.Public(), pool, testNow.Add(s.at))
 				if s.wantErr == "" && err != nil {
 					t.Fatalf("step %d: CheckIssued: %v", i, err)
 				}
@@ -152,7 +153,7 @@ func TestIssuerPathCache(t *testing.T) {
 		for i := range ca.IssuerPathCacheSize + 1 {
 			iss := root.NewIntermediate(t, fmt.Sprintf("Path Bound %d", i), opts(-time.Hour, 48*time.Hour, nil))
 			l := day(iss)
-			if err := paths.CheckIssued(&ca.Chain{Leaf: l.cert, Intermediates: []*x509.Certificate{iss.Cert}}, l.tmpl, key.Public(), main, testNow); err != nil {
+			if err := paths.CheckIssued(&signer.Chain{Leaf: l.cert, Intermediates: []*x509.Certificate{iss.Cert}}, l.tmpl, key.Public(), main, testNow); err != nil {
 				t.Fatalf("issuer %d: CheckIssued: %v", i, err)
 			}
 		}

@@ -8,7 +8,6 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"fmt"
-	"io"
 	"math/big"
 	"net/url"
 	"time"
@@ -18,9 +17,8 @@ import (
 
 // Profile defaults from DESIGN.md §4.
 const (
-	DefaultTTL       = 24 * time.Hour
-	DefaultMaxTTL    = 90 * 24 * time.Hour
-	DefaultClockSkew = 2 * time.Minute
+	DefaultTTL    = 24 * time.Hour
+	DefaultMaxTTL = 90 * 24 * time.Hour
 )
 
 // TTLMode says what happens to a requested lifetime above the maximum.
@@ -82,17 +80,6 @@ func CheckPublicKey(pub crypto.PublicKey) error {
 	default:
 		return fmt.Errorf("%w: %T", ErrKeyType, pub)
 	}
-}
-
-// NewSerial returns a random positive 128-bit serial with its top bit set, so
-// every serial has the same length and never collides in practice.
-func NewSerial(r io.Reader) (*big.Int, error) {
-	var b [16]byte
-	if _, err := io.ReadFull(r, b[:]); err != nil {
-		return nil, fmt.Errorf("read serial randomness: %w", err)
-	}
-	b[0] |= 0x80
-	return new(big.Int).SetBytes(b[:]), nil
 }
 
 // LeafTemplate builds the workload certificate profile of DESIGN.md §4: empty

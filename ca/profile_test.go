@@ -14,10 +14,10 @@ import (
 	"math/big"
 	"slices"
 	"testing"
-	"testing/iotest"
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 )
 
 func TestTTLPolicyGrant(t *testing.T) {
@@ -154,12 +154,12 @@ func extension(t *testing.T, c *x509.Certificate, oid asn1.ObjectIdentifier) (cr
 
 func TestLeafTemplateSigned(t *testing.T) {
 	root := newRoot(t, "Profile Test Root", time.Time{})
-	notBefore := testNow.Add(-ca.DefaultClockSkew)
+	notBefore := testNow.Add(-signer.DefaultClockSkew)
 	notAfter := testNow.Add(ca.DefaultTTL)
 	for _, name := range []string{"ecdsa-p256", "ecdsa-p384", "rsa-2048", "ed25519"} {
 		t.Run(name, func(t *testing.T) {
 			key := leafKey(name)
-			serial, err := ca.NewSerial(rand.Reader)
+			serial, err := signer.NewSerial(rand.Reader)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -223,40 +223,4 @@ func TestLeafTemplateSigned(t *testing.T) {
 			}
 		})
 	}
-}
-
-func TestNewSerial(t *testing.T) {
-	seen := make(map[string]bool)
-	for range 1000 {
-		s, err := ca.NewSerial(rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if s.BitLen() != 128 || s.Sign() <= 0 {
-			t.Fatalf("serial %x has %d bits (sign %d), want a positive 128-bit number", s, s.BitLen(), s.Sign())
-		}
-		if seen[s.String()] {
-			t.Fatalf("serial %x repeated", s)
-		}
-		seen[s.String()] = true
-	}
-
-	t.Run("all-zero randomness still 128 bits", func(t *testing.T) {
-		s, err := ca.NewSerial(bytes.NewReader(make([]byte, 16)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		want := new(big.Int).Lsh(big.NewInt(1), 127)
-		if s.Cmp(want) != 0 {
-			t.Errorf("serial = %x, want %x", s, want)
-		}
-	})
-	t.Run("short randomness is an error", func(t *testing.T) {
-		if _, err := ca.NewSerial(bytes.NewReader(make([]byte, 15))); err == nil {
-			t.Error("NewSerial with 15 bytes of randomness succeeded")
-		}
-		if _, err := ca.NewSerial(iotest.ErrReader(errors.New("no entropy"))); err == nil {
-			t.Error("NewSerial with a failing reader succeeded")
-		}
-	})
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/castellan-ca/castellan/ca"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/signertest"
 	"github.com/castellan-ca/castellan/storage"
 )
@@ -119,7 +120,7 @@ func TestServerCreateCertificate(t *testing.T) {
 		if err != nil || len(recs) != 1 {
 			t.Fatalf("audit records for %s: %d, %v", appID, len(recs), err)
 		}
-		checkIssued(t, &ca.Issued{Chain: &ca.Chain{Leaf: mustParsePEM(t, resp.CertChain[0])}, Elements: resp.CertChain},
+		checkIssued(t, &ca.Issued{Chain: &signer.Chain{Leaf: mustParsePEM(t, resp.CertChain[0])}, Elements: resp.CertChain},
 			[]*x509.Certificate{g.root.Cert}, appID, testNow, time.Hour, recs[0])
 		if recs[0].ClusterID != "Kubernetes" || !strings.HasPrefix(recs[0].Peer, "127.0.0.1:") || recs[0].Peer == p.Addr.String() {
 			// The audited peer is the client's address, not the server's.
@@ -183,7 +184,7 @@ func TestServerCreateCertificate(t *testing.T) {
 
 func mustParsePEM(t *testing.T, s string) *x509.Certificate {
 	t.Helper()
-	certs, err := ca.ParseCertificatesPEM([]byte(s))
+	certs, err := signer.ParseCertificatesPEM([]byte(s))
 	if err != nil || len(certs) != 1 {
 		t.Fatalf("element: %d certificates, %v", len(certs), err)
 	}
@@ -213,7 +214,7 @@ func TestServerAdmin(t *testing.T) {
 		if err != nil {
 			t.Fatalf("GetTrustBundle: %v", err)
 		}
-		if tb.BundlePem != ca.EncodePEM(g.root.Cert) || tb.TrustDomain != "cluster.local" {
+		if tb.BundlePem != signer.EncodePEM(g.root.Cert) || tb.TrustDomain != "cluster.local" {
 			t.Errorf("trust bundle %q for %q", tb.BundlePem, tb.TrustDomain)
 		}
 

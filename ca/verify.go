@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"slices"
 	"time"
+
+	"github.com/castellan-ca/castellan/signer"
 )
 
 // CheckIssued re-checks what a backend returned against what was asked for, so a
@@ -17,13 +19,13 @@ import (
 //
 // Each call builds and verifies the whole path; the issuer uses an
 // issuerPathCache, which checks the same things with one signature check per leaf.
-func CheckIssued(chain *Chain, tmpl *x509.Certificate, pub crypto.PublicKey, roots *x509.CertPool, now time.Time) error {
+func CheckIssued(chain *signer.Chain, tmpl *x509.Certificate, pub crypto.PublicKey, roots *x509.CertPool, now time.Time) error {
 	var paths issuerPathCache // empty: every call takes the full path
 	return paths.checkIssued(chain, tmpl, pub, roots, now)
 }
 
 // checkIssued is CheckIssued with paths remembering verified issuer paths.
-func (paths *issuerPathCache) checkIssued(chain *Chain, tmpl *x509.Certificate, pub crypto.PublicKey, roots *x509.CertPool, now time.Time) error {
+func (paths *issuerPathCache) checkIssued(chain *signer.Chain, tmpl *x509.Certificate, pub crypto.PublicKey, roots *x509.CertPool, now time.Time) error {
 	if chain == nil || chain.Leaf == nil {
 		return errors.New("backend returned no certificate")
 	}

@@ -3,12 +3,12 @@ package ca_test
 import (
 	"crypto/rand"
 	"crypto/x509"
-	"encoding/pem"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/signertest"
 )
 
@@ -25,11 +25,11 @@ func TestCheckIssued(t *testing.T) {
 	now := testNow
 
 	tmplFor := func(ttl time.Duration) *x509.Certificate {
-		serial, err := ca.NewSerial(rand.Reader)
+		serial, err := signer.NewSerial(rand.Reader)
 		if err != nil {
 			t.Fatal(err)
 		}
-		return ca.LeafTemplate(appID, key.Public(), serial, now.Add(-ca.DefaultClockSkew), now.Add(ttl))
+		return ca.LeafTemplate(appID, key.Public(), serial, now.Add(-signer.DefaultClockSkew), now.Add(ttl))
 	}
 	sign := func(tmpl *x509.Certificate, by *signertest.CA) *x509.Certificate {
 		return by.Sign(t, tmpl, key.Public())
@@ -39,24 +39,24 @@ func TestCheckIssued(t *testing.T) {
 	tooLong := tmplFor(72 * time.Hour) // beyond the intermediates' 48 h
 	tests := []struct {
 		name    string
-		chain   *ca.Chain
+		chain   *signer.Chain
 		tmpl    *x509.Certificate
 		now     time.Time
 		wantErr string
 	}{
-		{name: "two intermediates in order", chain: &ca.Chain{Leaf: sign(good, inter2), Intermediates: []*x509.Certificate{inter2.Cert, inter1.Cert}}, tmpl: good, now: now},
-		{name: "signed by the root", chain: &ca.Chain{Leaf: sign(good, root)}, tmpl: good, now: now},
+		{name: "two intermediates in order", chain: &signer.Chain{Leaf: sign(good, inter2), Intermediates: []*x509.Certificate{inter2.Cert, inter1.Cert}}, tmpl: good, now: now},
+		{name: "signed by the root", chain: &signer.Chain{Leaf: sign(good, root)}, tmpl: good, now: now},
 		{name: "nil chain", chain: nil, tmpl: good, now: now, wantErr: "no certificate"},
-		{name: "no leaf", chain: &ca.Chain{}, tmpl: good, now: now, wantErr: "no certificate"},
-		{name: "intermediates out of order", chain: &ca.Chain{Leaf: sign(good, inter2), Intermediates: []*x509.Certificate{inter1.Cert, inter2.Cert}},
+		{name: "no leaf", chain: &signer.Chain{}, tmpl: good, now: now, wantErr: "no certificate"},
+		{name: "intermediates out of order", chain: &signer.Chain{Leaf: sign(good, inter2), Intermediates: []*x509.Certificate{inter1.Cert, inter2.Cert}},
 			tmpl: good, now: now, wantErr: "first intermediate is not the leaf's issuer"},
-		{name: "intermediate missing", chain: &ca.Chain{Leaf: sign(good, inter2), Intermediates: []*x509.Certificate{inter1.Cert}},
+		{name: "intermediate missing", chain: &signer.Chain{Leaf: sign(good, inter2), Intermediates: []*x509.Certificate{inter1.Cert}},
 			tmpl: good, now: now, wantErr: "does not chain"},
-		{name: "leaf outlives its issuer", chain: &ca.Chain{Leaf: sign(tooLong, inter2), Intermediates: []*x509.Certificate{inter2.Cert, inter1.Cert}},
+		{name: "leaf outlives its issuer", chain: &signer.Chain{Leaf: sign(tooLong, inter2), Intermediates: []*x509.Certificate{inter2.Cert, inter1.Cert}},
 			tmpl: tooLong, now: now, wantErr: "outlives its issuer"},
-		{name: "leaf not yet valid", chain: &ca.Chain{Leaf: sign(good, root)}, tmpl: good, now: now.Add(-time.Hour), wantErr: "outside the granted"},
-		{name: "leaf already expired", chain: &ca.Chain{Leaf: sign(good, root)}, tmpl: good, now: now.Add(25 * time.Hour), wantErr: "outside the granted"},
-		{name: "leaf longer than granted", chain: &ca.Chain{Leaf: sign(good, root)}, tmpl: tmplFor(time.Hour), now: now, wantErr: "outside the granted"},
+		{name: "leaf not yet valid", chain: &signer.Chain{Leaf: sign(good, root)}, tmpl: good, now: now.Add(-time.Hour), wantErr: "outside the granted"},
+		{name: "leaf already expired", chain: &signer.Chain{Leaf: sign(good, root)}, tmpl: good, now: now.Add(25 * time.Hour), wantErr: "outside the granted"},
+		{name: "leaf longer than granted", chain: &signer.Chain{Leaf: sign(good, root)}, tmpl: tmplFor(time.Hour), now: now, wantErr: "outside the granted"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -69,41 +69,6 @@ func TestCheckIssued(t *testing.T) {
 			}
 			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 				t.Fatalf("CheckIssued error = %v, want one mentioning %q", err, tc.wantErr)
-			}
-		})
-	}
-}
-
-func TestParseCertificatesPEM(t *testing.T) {
-	a, b := newRoot(t, "A", time.Time{}).Cert, newRoot(t, "B", time.Time{}).Cert
-	tests := []struct {
-		name string
-		in   string
-		want int // certificates; 0 means an error
-	}{
-		{"one", ca.EncodePEM(a), 1},
-		{"several roots", ca.EncodePEM(a, b), 2},
-		{"surrounding whitespace", "\n" + ca.EncodePEM(a, b) + "\n\n", 2},
-		{"empty", "", 0},
-		{"whitespace only", " \n", 0},
-		{"trailing garbage", ca.EncodePEM(a) + "junk", 0},
-		{"key block", ca.EncodePEM(a) + string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: []byte{1}})), 0},
-		{"corrupt certificate", string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: a.Raw[:100]})), 0},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			got, err := ca.ParseCertificatesPEM([]byte(tc.in))
-			if tc.want == 0 {
-				if err == nil {
-					t.Fatalf("parsed %d certificates, want an error", len(got))
-				}
-				return
-			}
-			if err != nil || len(got) != tc.want {
-				t.Fatalf("got %d certificates, %v; want %d", len(got), err, tc.want)
-			}
-			if ca.EncodePEM(got...) != strings.TrimSpace(tc.in)+"\n" {
-				t.Error("EncodePEM does not round-trip")
 			}
 		})
 	}

@@ -8,7 +8,7 @@ import (
 	"net/url"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
@@ -19,7 +19,7 @@ const IntermediateCommonName = "Castellan Intermediate CA"
 
 // newRoot returns a prepared root for key, valid RootLifetime from now.
 func (m *Manager) newRoot(key crypto.Signer, now time.Time) (*entry, error) {
-	cert, err := selfsigned.NewRoot(m.cfg.TrustDomain, key, now.Add(-ca.DefaultClockSkew), now.Add(m.cfg.RootLifetime), m.cfg.Rand)
+	cert, err := selfsigned.NewRoot(m.cfg.TrustDomain, key, now.Add(-signer.DefaultClockSkew), now.Add(m.cfg.RootLifetime), m.cfg.Rand)
 	if err != nil {
 		return nil, fmt.Errorf("rotation: %w", err)
 	}
@@ -33,7 +33,7 @@ func (m *Manager) newIntermediate(root *entry, rootKey crypto.Signer, now time.T
 	if err != nil {
 		return nil, fmt.Errorf("rotation: %w", err)
 	}
-	serial, err := ca.NewSerial(m.cfg.Rand)
+	serial, err := signer.NewSerial(m.cfg.Rand)
 	if err != nil {
 		return nil, err
 	}
@@ -46,7 +46,7 @@ func (m *Manager) newIntermediate(root *entry, rootKey crypto.Signer, now time.T
 		Subject:      pkix.Name{Organization: []string{m.cfg.TrustDomain.Name()}, CommonName: IntermediateCommonName},
 		// The SPIFFE X.509 CA convention: the trust domain's ID.
 		URIs:                  []*url.URL{m.cfg.TrustDomain.ID().URL()},
-		NotBefore:             now.Add(-ca.DefaultClockSkew).UTC(),
+		NotBefore:             now.Add(-signer.DefaultClockSkew).UTC(),
 		NotAfter:              notAfter.UTC(),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
 		BasicConstraintsValid: true,

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
 	"github.com/castellan-ca/castellan/storage/cafile"
@@ -141,17 +142,17 @@ func (h *harness) mustRotate(t *testing.T, step, target string, force bool) *ca.
 
 // issue signs a workload leaf of leafTTL with the active signer and audits
 // it through the dependents tracker, as the issuer does.
-func (h *harness) issue(t *testing.T) *ca.Chain {
+func (h *harness) issue(t *testing.T) *signer.Chain {
 	t.Helper()
 	st := h.authority.Current()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
-	serial, _ := ca.NewSerial(rand.Reader)
+	serial, _ := signer.NewSerial(rand.Reader)
 	now := h.clock.Now()
 	tmpl := ca.LeafTemplate(spiffeid.RequireFromPath(td, "/ns/default/sa/app"), key.Public(), serial, now.Add(-time.Minute), now.Add(leafTTL))
-	chain, err := st.Signer.Sign(context.Background(), ca.SignRequest{Template: tmpl, PublicKey: key.Public()})
+	chain, err := st.Signer.Sign(context.Background(), signer.SignRequest{Template: tmpl, PublicKey: key.Public()})
 	if err != nil {
 		t.Fatalf("sign: %v", err)
 	}
@@ -168,7 +169,7 @@ func (h *harness) issue(t *testing.T) *ca.Chain {
 }
 
 // verifies reports whether chain verifies against the current trust bundle.
-func (h *harness) verifies(chain *ca.Chain) error {
+func (h *harness) verifies(chain *signer.Chain) error {
 	inter := x509.NewCertPool()
 	for _, c := range chain.Intermediates {
 		inter.AddCert(c)

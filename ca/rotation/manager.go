@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/intermediate"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
@@ -326,7 +327,7 @@ func (m *Manager) importRoot(keyPEM, certPEM []byte, now time.Time) (*entry, cry
 	if err != nil {
 		return nil, nil, err
 	}
-	certs, err := ca.ParseCertificatesPEM(certPEM)
+	certs, err := signer.ParseCertificatesPEM(certPEM)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -401,7 +402,7 @@ func (m *Manager) apply(v *view) error {
 	if fp == m.applied {
 		return nil
 	}
-	signer := m.external
+	issuing := m.external
 	if iss != nil {
 		root := v.byID(iss.RootID)
 		if root == nil {
@@ -411,11 +412,11 @@ func (m *Manager) apply(v *view) error {
 		if err != nil {
 			return err
 		}
-		if signer, err = local.New(local.Config{Cert: iss.cert, Key: key, Roots: []*x509.Certificate{root.cert}, Now: m.cfg.Now, Rand: m.cfg.Rand}); err != nil {
+		if issuing, err = local.New(local.Config{Cert: iss.cert, Key: key, Roots: []*x509.Certificate{root.cert}, Now: m.cfg.Now, Rand: m.cfg.Rand}); err != nil {
 			return fmt.Errorf("rotation: CA %s: %w", iss.KeyID, err)
 		}
 	}
-	st, err := m.cfg.Authority.Use(m.cfg.Backend, signer, roots...)
+	st, err := m.cfg.Authority.Use(m.cfg.Backend, issuing, roots...)
 	if err != nil {
 		return fmt.Errorf("rotation: %w", err)
 	}
@@ -429,7 +430,7 @@ func (m *Manager) apply(v *view) error {
 	}
 	m.keyMu.Unlock()
 	m.cfg.Logger.Info("CA state applied", "generation", st.Generation, "state_version", v.version,
-		"issuer", keyID(signer.Certificate()), "roots", len(st.Roots))
+		"issuer", keyID(issuing.Certificate()), "roots", len(st.Roots))
 	m.mirrorRoot(v)
 	return nil
 }
@@ -442,7 +443,7 @@ func (m *Manager) mirrorRoot(v *view) {
 		return
 	}
 	path := filepath.Join(m.cfg.LegacyDir, selfsigned.CertFile)
-	want := []byte(ca.EncodePEM(root.cert))
+	want := []byte(signer.EncodePEM(root.cert))
 	if b, err := os.ReadFile(path); err == nil && bytes.Equal(b, want) {
 		return
 	}
@@ -458,7 +459,7 @@ func (m *Manager) mirrorRoot(v *view) {
 // Follow reloads the shared state every PollInterval until ctx ends, so
 // this replica picks up steps run by others within seconds.
 func (m *Manager) Follow(ctx context.Context) {
-	ca.RefreshLoop(ctx, m.cfg.PollInterval, nil,
+	signer.RefreshLoop(ctx, m.cfg.PollInterval, nil,
 		func(ctx context.Context) (bool, error) { return false, m.refresh(ctx) },
 		func(err error) { m.cfg.Logger.Error("CA state refresh failed; keeping the current CA", "error", err) },
 		func() {})

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
 )
@@ -50,7 +51,7 @@ func TestBootstrap(t *testing.T) {
 			// The active root's certificate is kept where operators look for it.
 			root := only(t, st, storage.RoleRoot, storage.PhaseActive)
 			b, err := os.ReadFile(filepath.Join(h.dir, "ca", selfsigned.CertFile))
-			if err != nil || !strings.Contains(string(b), strings.TrimSpace(ca.EncodePEM(h.authority.Current().Roots[0]))) {
+			if err != nil || !strings.Contains(string(b), strings.TrimSpace(signer.EncodePEM(h.authority.Current().Roots[0]))) {
 				t.Errorf("ca-cert.pem does not hold the active root %s: %v", root.KeyID, err)
 			}
 			if got := h.audit.since(0); len(got) != 1 || got[0].Reason != ReasonBootstrap || got[0].Kind != storage.KindOperator {
@@ -89,7 +90,7 @@ func TestBootstrapImportsLegacyRoot(t *testing.T) {
 	if err := os.MkdirAll(filepath.Join(other, "ca"), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(other, "ca", selfsigned.CertFile), []byte(ca.EncodePEM(legacy.Certificate())), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(other, "ca", selfsigned.CertFile), []byte(signer.EncodePEM(legacy.Certificate())), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	m, _ := New(Config{Authority: ca.NewAuthority(), Store: openStore(t, other), Audit: &auditLog{}, TrustDomain: td, Backend: selfsigned.Backend,
@@ -180,9 +181,11 @@ func TestRootRotation(t *testing.T) {
 	}
 }
 
-func (h *harness) issuerIDOf(c *ca.Chain) string { return keyID(issuerCert(c, h.authority.Current())) }
+func (h *harness) issuerIDOf(c *signer.Chain) string {
+	return keyID(issuerCert(c, h.authority.Current()))
+}
 
-func issuerCert(c *ca.Chain, st *ca.State) *x509.Certificate {
+func issuerCert(c *signer.Chain, st *ca.State) *x509.Certificate {
 	if iss := c.Issuer(); iss != nil {
 		return iss
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"gopkg.in/yaml.v3"
@@ -72,7 +73,7 @@ func defaults() Config {
 		DefaultTTL:       ca.DefaultTTL,
 		MaxTTL:           ca.DefaultMaxTTL,
 		TTLPolicy:        string(ca.TTLRefuse),
-		ClockSkew:        ca.DefaultClockSkew,
+		ClockSkew:        signer.DefaultClockSkew,
 		MaxInFlight:      512,
 		MaxRecvBytes:     64 << 10,
 		AuditTimeout:     5 * time.Second,

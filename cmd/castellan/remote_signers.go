@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/googlecas"
 	"github.com/castellan-ca/castellan/signer/vault"
 	"github.com/castellan-ca/castellan/storage"
@@ -193,7 +194,7 @@ func startGoogleCAS(ctx context.Context, cfg Config, authority *ca.Authority, au
 
 // reuseSigner re-installs s after its trust bundle changed, keeping the
 // previous roots (certificates issued under them are still live), and audits it.
-func reuseSigner(ctx context.Context, authority *ca.Authority, audit ca.AuditLog, logger *slog.Logger, backend string, s ca.Signer, detail string) {
+func reuseSigner(ctx context.Context, authority *ca.Authority, audit ca.AuditLog, logger *slog.Logger, backend string, s signer.Signer, detail string) {
 	old := authority.Current()
 	st, err := authority.Use(backend, s, old.Roots...)
 	rec := &storage.Record{Time: time.Now().UTC(), Kind: storage.KindOperator, AuthMethod: "internal", Caller: "castellan",

@@ -21,6 +21,7 @@ import (
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/googlecas"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/vault"
@@ -228,7 +229,7 @@ func ensureOperatorCredential(ctx context.Context, issuer *ca.Issuer, authority 
 	dir := filepath.Join(cfg.DataDir, datadir.OperatorDir)
 	certPath, keyPath := filepath.Join(dir, datadir.OperatorCert), filepath.Join(dir, datadir.OperatorKey)
 	if b, err := os.ReadFile(certPath); err == nil {
-		if certs, err := ca.ParseCertificatesPEM(b); err == nil {
+		if certs, err := signer.ParseCertificatesPEM(b); err == nil {
 			leaf := certs[0]
 			inter := x509.NewCertPool()
 			for _, c := range certs[1:] {
@@ -259,7 +260,7 @@ func ensureOperatorCredential(ctx context.Context, issuer *ca.Issuer, authority 
 	if err := local.WriteFileAtomic(keyPath, keyPEM, 0o600); err != nil {
 		return fmt.Errorf("write operator key: %w", err)
 	}
-	if err := local.WriteFileAtomic(certPath, []byte(ca.EncodePEM(append([]*x509.Certificate{chain.Leaf}, chain.Intermediates...)...)), 0o644); err != nil {
+	if err := local.WriteFileAtomic(certPath, []byte(signer.EncodePEM(append([]*x509.Certificate{chain.Leaf}, chain.Intermediates...)...)), 0o644); err != nil {
 		return fmt.Errorf("write operator certificate: %w", err)
 	}
 	logger.Info("operator credential written", "identity", id.String(), "dir", dir, "not_after", chain.Leaf.NotAfter)

@@ -8,9 +8,9 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
+	"github.com/castellan-ca/castellan/signer"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 )
@@ -50,7 +50,7 @@ func (g *globals) dial() (adminpb.AdminServiceClient, func(), error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("trust bundle: %w", err)
 	}
-	roots, err := ca.ParseCertificatesPEM(b)
+	roots, err := signer.ParseCertificatesPEM(b)
 	if err != nil {
 		return nil, nil, fmt.Errorf("trust bundle %s: %w", caFile, err)
 	}

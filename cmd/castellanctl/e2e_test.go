@@ -26,9 +26,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
 	"github.com/castellan-ca/castellan/cmd/internal/servetest"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/storage"
 	"google.golang.org/grpc/codes"
@@ -73,13 +73,13 @@ func readIssued(dir string) (issuedFiles, error) {
 	if b, err = os.ReadFile(filepath.Join(dir, "cert-chain.pem")); err != nil {
 		return f, err
 	}
-	if f.chain, err = ca.ParseCertificatesPEM(b); err != nil {
+	if f.chain, err = signer.ParseCertificatesPEM(b); err != nil {
 		return f, fmt.Errorf("cert-chain.pem: %w", err)
 	}
 	if f.roots, err = os.ReadFile(filepath.Join(dir, "root-cert.pem")); err != nil {
 		return f, err
 	}
-	rootCerts, err := ca.ParseCertificatesPEM(f.roots)
+	rootCerts, err := signer.ParseCertificatesPEM(f.roots)
 	if err != nil {
 		return f, fmt.Errorf("root-cert.pem: %w", err)
 	}

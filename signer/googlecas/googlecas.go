@@ -26,6 +26,7 @@ import (
 
 	privateca "cloud.google.com/go/security/privateca/apiv1"
 	"cloud.google.com/go/security/privateca/apiv1/privatecapb"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/google/uuid"
 	"google.golang.org/api/option"
 	"google.golang.org/grpc/codes"
@@ -33,8 +34,6 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
-
-	"github.com/castellan-ca/castellan/ca"
 )
 
 // Backend names this signer in audit records and configuration.
@@ -69,7 +68,7 @@ type Config struct {
 	Rand io.Reader
 }
 
-// Signer is a ca.Signer backed by a CAS CA pool; safe for concurrent use.
+// Signer is a signer.Signer backed by a CAS CA pool; safe for concurrent use.
 type Signer struct {
 	cfg    Config
 	client *privateca.CertificateAuthorityClient
@@ -80,7 +79,7 @@ type Signer struct {
 	refreshc chan struct{}
 }
 
-var _ ca.Signer = (*Signer)(nil)
+var _ signer.Signer = (*Signer)(nil)
 
 // New connects to CAS and reads the pool's CA certificates, so that a wrong
 // pool or missing permission fails at start-up. Close releases the client.
@@ -119,8 +118,8 @@ func (s *Signer) Close() error { return s.client.Close() }
 // usages and validity. The request carries a fresh UUID request_id, which the
 // client library's retries reuse, so CAS issues at most one certificate per
 // call. Outages, timeouts and quota (ResourceExhausted) wrap
-// ca.ErrSignerUnavailable; refusals (InvalidArgument, PermissionDenied, …) do not.
-func (s *Signer) Sign(ctx context.Context, req ca.SignRequest) (*ca.Chain, error) {
+// signer.ErrSignerUnavailable; refusals (InvalidArgument, PermissionDenied, …) do not.
+func (s *Signer) Sign(ctx context.Context, req signer.SignRequest) (*signer.Chain, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("google CAS signer: %w", err)
 	}
@@ -144,7 +143,7 @@ func (s *Signer) Sign(ctx context.Context, req ca.SignRequest) (*ca.Chain, error
 	s.mu.RLock()
 	known := s.roots
 	s.mu.RUnlock()
-	if !slices.ContainsFunc(roots, func(r *x509.Certificate) bool { return ca.ContainsCertificate(known, r) }) {
+	if !slices.ContainsFunc(roots, func(r *x509.Certificate) bool { return signer.ContainsCertificate(known, r) }) {
 		// Issued under a root we do not know yet: re-read the pool now.
 		select {
 		case s.refreshc <- struct{}{}:
@@ -155,7 +154,7 @@ func (s *Signer) Sign(ctx context.Context, req ca.SignRequest) (*ca.Chain, error
 }
 
 // request translates the template into a config-mode CreateCertificateRequest.
-func (s *Signer) request(req ca.SignRequest) (*privatecapb.CreateCertificateRequest, error) {
+func (s *Signer) request(req signer.SignRequest) (*privatecapb.CreateCertificateRequest, error) {
 	tmpl := req.Template
 	pubDER, err := x509.MarshalPKIXPublicKey(req.PublicKey)
 	if err != nil {
@@ -208,7 +207,7 @@ func (s *Signer) request(req ca.SignRequest) (*privatecapb.CreateCertificateRequ
 }
 
 // classify maps a client error: the caller's own cancellation stays a context
-// error; our timeout and the codes a retry may cure wrap ca.ErrSignerUnavailable.
+// error; our timeout and the codes a retry may cure wrap signer.ErrSignerUnavailable.
 // Quota (ResourceExhausted) is the backend's, not Castellan's overload, so it
 // is an outage to our clients too (Unavailable, which Istio's agents retry).
 func classify(parent context.Context, err error) error {
@@ -216,31 +215,31 @@ func classify(parent context.Context, err error) error {
 		return fmt.Errorf("%w (%w)", perr, err)
 	}
 	if errors.Is(err, context.DeadlineExceeded) {
-		return fmt.Errorf("%w: %w", ca.ErrSignerUnavailable, err)
+		return fmt.Errorf("%w: %w", signer.ErrSignerUnavailable, err)
 	}
 	switch status.Code(err) {
 	case codes.Unavailable, codes.ResourceExhausted, codes.DeadlineExceeded, codes.Aborted:
-		return fmt.Errorf("%w: %w", ca.ErrSignerUnavailable, err)
+		return fmt.Errorf("%w: %w", signer.ErrSignerUnavailable, err)
 	}
 	return err
 }
 
 // parseCertificate reads the issued leaf and its chain (issuer to root): the
 // roots are split off, since they belong to the bundle, not the response chain.
-func parseCertificate(c *privatecapb.Certificate) (*ca.Chain, []*x509.Certificate, error) {
-	leaf, err := ca.ParseCertificatesPEM([]byte(c.GetPemCertificate()))
+func parseCertificate(c *privatecapb.Certificate) (*signer.Chain, []*x509.Certificate, error) {
+	leaf, err := signer.ParseCertificatesPEM([]byte(c.GetPemCertificate()))
 	if err != nil {
 		return nil, nil, fmt.Errorf("pem_certificate: %w", err)
 	}
 	if len(leaf) != 1 {
 		return nil, nil, fmt.Errorf("pem_certificate holds %d certificates, want 1", len(leaf))
 	}
-	chain, err := ca.ParseCertificatesPEMList(c.GetPemCertificateChain())
+	chain, err := signer.ParseCertificatesPEMList(c.GetPemCertificateChain())
 	if err != nil {
 		return nil, nil, fmt.Errorf("pem_certificate_chain: %w", err)
 	}
-	inter, roots := ca.SplitRoots(chain)
-	return &ca.Chain{Leaf: leaf[0], Intermediates: inter}, roots, nil
+	inter, roots := signer.SplitRoots(chain)
+	return &signer.Chain{Leaf: leaf[0], Intermediates: inter}, roots, nil
 }
 
 // TrustBundle returns the roots of the pool's CAs, as last read from CAS.
@@ -261,16 +260,16 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 	}
 	var roots []*x509.Certificate
 	for i, cc := range resp.GetCaCerts() {
-		chain, err := ca.ParseCertificatesPEMList(cc.GetCertificates())
+		chain, err := signer.ParseCertificatesPEMList(cc.GetCertificates())
 		if err != nil {
 			return false, fmt.Errorf("CA chain %d of %s: %w", i, s.cfg.CAPool, err)
 		}
-		_, rs := ca.SplitRoots(chain)
+		_, rs := signer.SplitRoots(chain)
 		if len(rs) == 0 {
 			return false, fmt.Errorf("CA chain %d of %s does not end at a root", i, s.cfg.CAPool)
 		}
 		for _, r := range rs {
-			if !ca.ContainsCertificate(roots, r) {
+			if !signer.ContainsCertificate(roots, r) {
 				roots = append(roots, r)
 			}
 		}
@@ -280,7 +279,7 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	changed = !ca.SameCertificates(s.roots, roots)
+	changed = !signer.SameCertificates(s.roots, roots)
 	s.roots = roots
 	return changed, nil
 }
@@ -289,7 +288,7 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 // when Sign saw an unknown root, and calls OnChange when the trust bundle
 // changed. It returns when ctx ends.
 func (s *Signer) Run(ctx context.Context) {
-	ca.RefreshLoop(ctx, s.cfg.RefreshInterval, s.refreshc, s.refresh,
+	signer.RefreshLoop(ctx, s.cfg.RefreshInterval, s.refreshc, s.refresh,
 		func(err error) { s.log.Warn("google CAS: CA certificate refresh failed", "error", err) },
 		func() {
 			s.log.Info("google CAS: trust bundle changed", "ca_pool", s.cfg.CAPool, "roots", len(s.TrustBundle()))

@@ -19,6 +19,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/catest"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/googlecas"
 	"github.com/castellan-ca/castellan/signer/googlecas/castest"
 	"github.com/castellan-ca/castellan/signer/signertest"
@@ -50,8 +52,8 @@ func newSigner(t *testing.T, fake *castest.Server, cfg googlecas.Config) *google
 func TestConformance(t *testing.T) {
 	fake := castest.Start(t)
 	signertest.Run(t, signertest.Factory{
-		New: func(t *testing.T) ca.Signer { return newSigner(t, fake, googlecas.Config{}) },
-		Outage: func(t *testing.T, _ ca.Signer) func() {
+		New: func(t *testing.T) signer.Signer { return newSigner(t, fake, googlecas.Config{}) },
+		Outage: func(t *testing.T, _ signer.Signer) func() {
 			fake.Stop()
 			return func() { fake.Restart(t) }
 		},
@@ -76,7 +78,7 @@ func TestRequestFields(t *testing.T) {
 			s := newSigner(t, fake, tc.cfg)
 			key := signertest.Key(tc.key)
 			now := time.Now().Truncate(time.Second)
-			serial, _ := ca.NewSerial(rand.Reader)
+			serial, _ := signer.NewSerial(rand.Reader)
 			tmpl := ca.LeafTemplate(workload, key.Public(), serial, now.Add(-2*time.Minute), now.Add(time.Hour))
 			n := len(fake.Requests())
 			if _, err := s.Sign(t.Context(), signertest.Request(t, tmpl, workload, key)); err != nil {
@@ -145,7 +147,7 @@ func TestRetryIsIdempotent(t *testing.T) {
 		return nil, false
 	}
 	n, issued := len(fake.Requests()), fake.Issued()
-	res := signertest.IssueThrough(t, googlecas.Backend, s, workload, signertest.Key(2), signertest.CSROptions{})
+	res := catest.IssueThrough(t, googlecas.Backend, s, workload, signertest.Key(2), catest.CSROptions{})
 	if res.Err != nil {
 		t.Fatalf("issue: %v", res.Err)
 	}
@@ -188,7 +190,7 @@ func TestErrorsThroughIssuer(t *testing.T) {
 			fake.Mutate = tc.mutate
 			t.Cleanup(func() { fake.Fail, fake.Mutate = nil, nil })
 			s := newSigner(t, fake, googlecas.Config{Timeout: 2 * time.Second})
-			res := signertest.IssueThrough(t, googlecas.Backend, s, workload, signertest.Key(3), signertest.CSROptions{})
+			res := catest.IssueThrough(t, googlecas.Backend, s, workload, signertest.Key(3), catest.CSROptions{})
 			if got := ca.Status(res.Err).Code(); got != tc.wantCode {
 				t.Fatalf("code = %v, want %v (error: %v)", got, tc.wantCode, res.Err)
 			}
@@ -209,7 +211,7 @@ func TestPoolPolicyRefusesNotBefore(t *testing.T) {
 	fake := castest.Start(t)
 	fake.AllowNotBefore = false
 	s := newSigner(t, fake, googlecas.Config{})
-	res := signertest.IssueThrough(t, googlecas.Backend, s, workload, signertest.Key(4), signertest.CSROptions{})
+	res := catest.IssueThrough(t, googlecas.Backend, s, workload, signertest.Key(4), catest.CSROptions{})
 	if ca.Status(res.Err).Code() != codes.Internal || status.Code(res.Err) != codes.FailedPrecondition {
 		t.Errorf("err = %v, want Internal from CAS's FailedPrecondition", res.Err)
 	}
@@ -233,7 +235,7 @@ func TestTrustBundleFollowsPool(t *testing.T) {
 			fake.Rotate(t)
 			if tc.sign {
 				key := signertest.Key(5)
-				serial, _ := ca.NewSerial(rand.Reader)
+				serial, _ := signer.NewSerial(rand.Reader)
 				tmpl := ca.LeafTemplate(workload, key.Public(), serial, time.Now().Add(-time.Minute), time.Now().Add(time.Hour))
 				if _, err := s.Sign(t.Context(), signertest.Request(t, tmpl, workload, key)); err != nil {
 					t.Fatal(err)

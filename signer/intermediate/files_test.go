@@ -6,7 +6,7 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/intermediate"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/signertest"
@@ -32,10 +32,10 @@ func keyPEM(t *testing.T, c *signertest.CA) []byte {
 func cacerts(t *testing.T, m material) map[string][]byte {
 	t.Helper()
 	return map[string][]byte{
-		intermediate.CACertFile:    []byte(ca.EncodePEM(m.issuing.Cert)),
+		intermediate.CACertFile:    []byte(signer.EncodePEM(m.issuing.Cert)),
 		intermediate.CAKeyFile:     keyPEM(t, m.issuing),
-		intermediate.CertChainFile: []byte(ca.EncodePEM(append([]*x509.Certificate{m.issuing.Cert}, m.above...)...)),
-		intermediate.RootCertFile:  []byte(ca.EncodePEM(m.roots...)),
+		intermediate.CertChainFile: []byte(signer.EncodePEM(append([]*x509.Certificate{m.issuing.Cert}, m.above...)...)),
+		intermediate.RootCertFile:  []byte(signer.EncodePEM(m.roots...)),
 	}
 }
 
@@ -43,9 +43,9 @@ func cacerts(t *testing.T, m material) map[string][]byte {
 func tlsSecret(t *testing.T, m material) map[string][]byte {
 	t.Helper()
 	return map[string][]byte{
-		intermediate.TLSCertFile: []byte(ca.EncodePEM(append([]*x509.Certificate{m.issuing.Cert}, m.above...)...)),
+		intermediate.TLSCertFile: []byte(signer.EncodePEM(append([]*x509.Certificate{m.issuing.Cert}, m.above...)...)),
 		intermediate.TLSKeyFile:  keyPEM(t, m.issuing),
-		intermediate.TLSCAFile:   []byte(ca.EncodePEM(m.roots...)),
+		intermediate.TLSCAFile:   []byte(signer.EncodePEM(m.roots...)),
 	}
 }
 

@@ -18,7 +18,7 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/local"
 )
 
@@ -116,7 +116,7 @@ func (s *snapshot) certs(name string) ([]*x509.Certificate, error) {
 	if err != nil {
 		return nil, err
 	}
-	certs, err := ca.ParseCertificatesPEM(b)
+	certs, err := signer.ParseCertificatesPEM(b)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", s.path(name), err)
 	}
@@ -224,7 +224,7 @@ func build(snap *snapshot, now func() time.Time) (*local.Signer, error) {
 	}
 	var intermediates []*x509.Certificate
 	for _, c := range above {
-		if !ca.ContainsCertificate(roots, c) {
+		if !signer.ContainsCertificate(roots, c) {
 			intermediates = append(intermediates, c)
 		}
 	}

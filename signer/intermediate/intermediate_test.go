@@ -19,6 +19,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/intermediate"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/signertest"
@@ -113,8 +114,8 @@ func TestLoad(t *testing.T) {
 			assertCerts(t, "trust bundle", s.TrustBundle(), tc.wantRoots)
 			key := signertest.Key(0)
 			now := time.Now()
-			serial, _ := ca.NewSerial(bytes.NewReader(make([]byte, 16)))
-			chain, err := s.Sign(t.Context(), ca.SignRequest{Template: ca.LeafTemplate(id, key.Public(), serial, now, now.Add(time.Hour)), PublicKey: key.Public(), Identity: id})
+			serial, _ := signer.NewSerial(bytes.NewReader(make([]byte, 16)))
+			chain, err := s.Sign(t.Context(), signer.SignRequest{Template: ca.LeafTemplate(id, key.Public(), serial, now, now.Add(time.Hour)), PublicKey: key.Public(), Identity: id})
 			if err != nil {
 				t.Fatalf("Sign: %v", err)
 			}
@@ -165,8 +166,8 @@ func TestLoadRefuses(t *testing.T) {
 		{"no certSign", cacerts(t, material{noCertSign, nil, certs(p.root)}), intermediate.CACertFile, local.ErrNotCA},
 		{"chain to another root", cacerts(t, material{p.issuing, certs(p.mid), certs(p.other)}), intermediate.RootCertFile, local.ErrUntrustedChain},
 		{"chain missing an intermediate", cacerts(t, material{p.issuing, nil, certs(p.root)}), intermediate.CertChainFile, local.ErrUntrustedChain},
-		{"cert-chain.pem not starting with ca-cert.pem", with(good(), intermediate.CertChainFile, []byte(ca.EncodePEM(p.mid.Cert))), intermediate.CertChainFile, nil},
-		{"ca-cert.pem with several certificates", with(good(), intermediate.CACertFile, []byte(ca.EncodePEM(p.issuing.Cert, p.mid.Cert))), intermediate.CACertFile, nil},
+		{"cert-chain.pem not starting with ca-cert.pem", with(good(), intermediate.CertChainFile, []byte(signer.EncodePEM(p.mid.Cert))), intermediate.CertChainFile, nil},
+		{"ca-cert.pem with several certificates", with(good(), intermediate.CACertFile, []byte(signer.EncodePEM(p.issuing.Cert, p.mid.Cert))), intermediate.CACertFile, nil},
 		{"expired CA", cacerts(t, material{expiredCA, nil, certs(p.root)}), intermediate.CACertFile, local.ErrExpired},
 		{"expired intermediate", cacerts(t, material{underExpiredMid, certs(expiredMid), certs(p.root)}), intermediate.CertChainFile, local.ErrExpired},
 		{"expired root", cacerts(t, material{p.issuing, certs(p.mid), certs(p.root, expiredRoot)}), intermediate.RootCertFile, local.ErrExpired},
@@ -356,7 +357,7 @@ func TestConformance(t *testing.T) {
 		t.Run(l.name, func(t *testing.T) {
 			dir := t.TempDir()
 			writeFiles(t, dir, l.files)
-			signertest.Run(t, signertest.Factory{New: func(t *testing.T) ca.Signer {
+			signertest.Run(t, signertest.Factory{New: func(t *testing.T) signer.Signer {
 				s, err := intermediate.Load(dir, nil)
 				if err != nil {
 					t.Fatal(err)

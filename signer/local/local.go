@@ -13,7 +13,7 @@ import (
 	"io"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 )
 
 // Validation errors of New, so backends can name the file at fault and tests can
@@ -48,7 +48,7 @@ type Config struct {
 	Now func() time.Time
 }
 
-// Signer is a ca.Signer backed by an in-memory CA key. It is immutable after New
+// Signer is a signer.Signer backed by an in-memory CA key. It is immutable after New
 // and safe for concurrent use; hot reload replaces the whole Signer.
 type Signer struct {
 	cert  *x509.Certificate
@@ -59,7 +59,7 @@ type Signer struct {
 	now   func() time.Time
 }
 
-var _ ca.Signer = (*Signer)(nil)
+var _ signer.Signer = (*Signer)(nil)
 
 // New validates cfg and returns a Signer: Key matches Cert, Cert is a CA with
 // certSign and a SubjectKeyId, nothing is expired at Now, and Cert followed by
@@ -98,7 +98,7 @@ func New(cfg Config) (*Signer, error) {
 	}
 
 	var chain []*x509.Certificate
-	if !ca.ContainsCertificate(cfg.Roots, cfg.Cert) {
+	if !signer.ContainsCertificate(cfg.Roots, cfg.Cert) {
 		chain = append(chain, cfg.Cert)
 	}
 	chain = append(chain, cfg.Intermediates...)
@@ -131,12 +131,12 @@ func checkIssuingCA(c *x509.Certificate) error {
 // verifyChain checks that Intermediates are in issuing order and that the whole
 // chain verifies to one of Roots, so responses are always well-formed chains.
 func verifyChain(cfg Config, now time.Time) error {
-	if ca.ContainsCertificate(cfg.Roots, cfg.Cert) && len(cfg.Intermediates) > 0 {
+	if signer.ContainsCertificate(cfg.Roots, cfg.Cert) && len(cfg.Intermediates) > 0 {
 		return fmt.Errorf("%w: the CA certificate is a root but intermediates were given", ErrUntrustedChain)
 	}
 	child := cfg.Cert
 	for i, parent := range cfg.Intermediates {
-		if ca.ContainsCertificate(cfg.Roots, parent) {
+		if signer.ContainsCertificate(cfg.Roots, parent) {
 			return fmt.Errorf("%w: intermediate %d (%q) is a root; roots do not belong in the chain", ErrUntrustedChain, i+1, parent.Subject.String())
 		}
 		if err := child.CheckSignatureFrom(parent); err != nil {
@@ -176,7 +176,7 @@ func KeyMatches(cert *x509.Certificate, key crypto.Signer) error {
 // Sign signs a copy of req.Template with the CA key, with NotAfter clamped to the
 // CA's NotAfter so leaves never outlive their issuer. It refuses when the CA is
 // expired at Now or clamping leaves no validity, and checks ctx before signing.
-func (s *Signer) Sign(ctx context.Context, req ca.SignRequest) (*ca.Chain, error) {
+func (s *Signer) Sign(ctx context.Context, req signer.SignRequest) (*signer.Chain, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("local signer: %w", err)
 	}
@@ -204,7 +204,7 @@ func (s *Signer) Sign(ctx context.Context, req ca.SignRequest) (*ca.Chain, error
 	}
 	// CreateCertificate refuses a key that does not match s.cert and verifies
 	// the signature it made, so the leaf's signature is already checked.
-	return &ca.Chain{Leaf: leaf, Intermediates: append([]*x509.Certificate(nil), s.chain...), SignatureChecked: true}, nil
+	return &signer.Chain{Leaf: leaf, Intermediates: append([]*x509.Certificate(nil), s.chain...), SignatureChecked: true}, nil
 }
 
 // TrustBundle returns the roots that chains from Sign verify to.

@@ -21,6 +21,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/signertest"
 )
@@ -115,10 +116,10 @@ func TestSignChainAndClamp(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			serial, _ := ca.NewSerial(bytes.NewReader(make([]byte, 16)))
+			serial, _ := signer.NewSerial(bytes.NewReader(make([]byte, 16)))
 			now := time.Now().Truncate(time.Second)
 			tmpl := ca.LeafTemplate(id, key.Public(), serial, now, now.Add(50*365*24*time.Hour))
-			chain, err := s.Sign(t.Context(), ca.SignRequest{Template: tmpl, PublicKey: key.Public(), Identity: id})
+			chain, err := s.Sign(t.Context(), signer.SignRequest{Template: tmpl, PublicKey: key.Public(), Identity: id})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -151,7 +152,7 @@ func TestSignRefuses(t *testing.T) {
 	root := signertest.NewRoot(t, "root", signertest.CertOptions{})
 	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/a/sa/b")
 	key := signertest.Key(0)
-	serial, _ := ca.NewSerial(bytes.NewReader(make([]byte, 16)))
+	serial, _ := signer.NewSerial(bytes.NewReader(make([]byte, 16)))
 	clock := time.Now()
 	s, err := local.New(local.Config{Cert: root.Cert, Key: root.Key, Roots: []*x509.Certificate{root.Cert}, Now: func() time.Time { return clock }})
 	if err != nil {
@@ -170,7 +171,7 @@ func TestSignRefuses(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			clock = tc.now
 			tmpl := ca.LeafTemplate(id, key.Public(), serial, tc.notBefore, tc.notBefore.Add(time.Hour))
-			chain, err := s.Sign(context.Background(), ca.SignRequest{Template: tmpl, PublicKey: key.Public(), Identity: id})
+			chain, err := s.Sign(context.Background(), signer.SignRequest{Template: tmpl, PublicKey: key.Public(), Identity: id})
 			if err == nil || chain != nil {
 				t.Fatalf("Sign = %v, %v; want an error and no certificate", chain, err)
 			}
@@ -181,7 +182,7 @@ func TestSignRefuses(t *testing.T) {
 func TestConformance(t *testing.T) {
 	root := signertest.NewRoot(t, "root", signertest.CertOptions{})
 	issuing := root.NewIntermediate(t, "issuing", signertest.CertOptions{})
-	signertest.Run(t, signertest.Factory{New: func(t *testing.T) ca.Signer {
+	signertest.Run(t, signertest.Factory{New: func(t *testing.T) signer.Signer {
 		s, err := local.New(local.Config{Cert: issuing.Cert, Key: issuing.Key, Roots: []*x509.Certificate{root.Cert}})
 		if err != nil {
 			t.Fatal(err)

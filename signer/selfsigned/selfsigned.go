@@ -18,7 +18,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/local"
 )
 
@@ -123,7 +123,7 @@ func load(opts Options, keyPath, certPath string) (*local.Signer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("selfsigned: %w", err)
 	}
-	certs, err := ca.ParseCertificatesPEM(certPEM)
+	certs, err := signer.ParseCertificatesPEM(certPEM)
 	if err != nil {
 		return nil, fmt.Errorf("selfsigned: %s: %w", certPath, err)
 	}
@@ -161,7 +161,7 @@ func generate(opts Options, keyPath, certPath string) (*local.Signer, error) {
 		lifetime = DefaultLifetime
 	}
 	now := opts.Now()
-	root, err := NewRoot(opts.TrustDomain, key, now.Add(-ca.DefaultClockSkew), now.Add(lifetime), opts.Rand)
+	root, err := NewRoot(opts.TrustDomain, key, now.Add(-signer.DefaultClockSkew), now.Add(lifetime), opts.Rand)
 	if err != nil {
 		return nil, fmt.Errorf("selfsigned: %w", err)
 	}
@@ -179,7 +179,7 @@ func generate(opts Options, keyPath, certPath string) (*local.Signer, error) {
 	if err := local.WriteFileAtomic(keyPath, keyPEM, 0o600); err != nil {
 		return nil, fmt.Errorf("selfsigned: %w", err)
 	}
-	if err := local.WriteFileAtomic(certPath, []byte(ca.EncodePEM(root)), 0o644); err != nil {
+	if err := local.WriteFileAtomic(certPath, []byte(signer.EncodePEM(root)), 0o644); err != nil {
 		return nil, fmt.Errorf("selfsigned: %w", err)
 	}
 	return s, nil
@@ -203,7 +203,7 @@ func NewRoot(td spiffeid.TrustDomain, key crypto.Signer, notBefore, notAfter tim
 	if random == nil {
 		random = rand.Reader
 	}
-	serial, err := ca.NewSerial(random)
+	serial, err := signer.NewSerial(random)
 	if err != nil {
 		return nil, err
 	}

@@ -13,7 +13,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/signer/signertest"
@@ -61,7 +61,7 @@ func TestFirstStartThenReload(t *testing.T) {
 		{"key usage", root.KeyUsage == x509.KeyUsageCertSign|x509.KeyUsageCRLSign|x509.KeyUsageDigitalSignature},
 		{"SubjectKeyId", len(root.SubjectKeyId) > 0},
 		{"128-bit serial", root.SerialNumber.BitLen() == 128},
-		{"NotBefore", root.NotBefore.Equal(now.Add(-ca.DefaultClockSkew))},
+		{"NotBefore", root.NotBefore.Equal(now.Add(-signer.DefaultClockSkew))},
 		{"NotAfter", root.NotAfter.Equal(now.Add(selfsigned.DefaultLifetime))},
 		{"self-signed", root.CheckSignatureFrom(root) == nil},
 		{"default key type", isECDSA(root, 256)},
@@ -92,7 +92,7 @@ func TestKeyTypeSelectable(t *testing.T) {
 	if !ok || k.N.BitLen() != 2048 {
 		t.Fatalf("root key = %T, want RSA-2048", s.Certificate().PublicKey)
 	}
-	if got := s.Certificate().NotAfter.Sub(s.Certificate().NotBefore); got != 24*time.Hour+ca.DefaultClockSkew {
+	if got := s.Certificate().NotAfter.Sub(s.Certificate().NotBefore); got != 24*time.Hour+signer.DefaultClockSkew {
 		t.Errorf("validity = %s, want the configured lifetime plus the skew allowance", got)
 	}
 }
@@ -189,7 +189,7 @@ func TestConformance(t *testing.T) {
 	load(t, selfsigned.Options{Dir: dir, TrustDomain: td})
 	signertest.Run(t, signertest.Factory{
 		TrustDomain: td,
-		New: func(t *testing.T) ca.Signer {
+		New: func(t *testing.T) signer.Signer {
 			return load(t, selfsigned.Options{Dir: dir, TrustDomain: td})
 		},
 	})

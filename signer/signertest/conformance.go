@@ -5,11 +5,13 @@ import (
 	"context"
 	"crypto"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
 	"errors"
 	"fmt"
+	"math/big"
 	"net/url"
 	"slices"
 	"sync"
@@ -18,16 +20,16 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 )
 
 // Factory builds the signers under test.
 type Factory struct {
 	// New returns a fresh, ready signer; it is called once per subtest.
-	New func(t *testing.T) ca.Signer
+	New func(t *testing.T) signer.Signer
 	// Outage makes s's backend unavailable until restore is called; nil when
 	// the backend cannot have an outage (local keys).
-	Outage func(t *testing.T, s ca.Signer) (restore func())
+	Outage func(t *testing.T, s signer.Signer) (restore func())
 	// TrustDomain of the identities requested; zero means cluster.local.
 	TrustDomain spiffeid.TrustDomain
 	// ServerSerial marks a remote backend whose server picks the serial number
@@ -45,7 +47,7 @@ const concurrentSigners = 64
 
 var oidSubjectAltName = asn1.ObjectIdentifier{2, 5, 29, 17}
 
-// Run is the conformance suite of ca.Signer: every backend must pass it.
+// Run is the conformance suite of signer.Signer: every backend must pass it.
 func Run(t *testing.T, f Factory) {
 	td := f.TrustDomain
 	if td.IsZero() {
@@ -92,7 +94,7 @@ func Run(t *testing.T, f Factory) {
 	t.Run("ConcurrentSigning", func(t *testing.T) {
 		s := f.New(t)
 		bundle := s.TrustBundle()
-		chains := make([]*ca.Chain, concurrentSigners)
+		chains := make([]*signer.Chain, concurrentSigners)
 		errs := make([]error, concurrentSigners)
 		var wg sync.WaitGroup
 		for i := range concurrentSigners {
@@ -144,8 +146,8 @@ func Run(t *testing.T, f Factory) {
 		key := Key(4)
 		restore := f.Outage(t, s)
 		chain, err := s.Sign(t.Context(), Request(t, newTemplate(t, id, key.Public(), time.Hour), id, key))
-		if !errors.Is(err, ca.ErrSignerUnavailable) {
-			t.Errorf("Sign during an outage: err = %v, want one wrapping ca.ErrSignerUnavailable", err)
+		if !errors.Is(err, signer.ErrSignerUnavailable) {
+			t.Errorf("Sign during an outage: err = %v, want one wrapping signer.ErrSignerUnavailable", err)
 		}
 		if chain != nil {
 			t.Errorf("Sign during an outage returned a certificate")
@@ -159,8 +161,8 @@ func Run(t *testing.T, f Factory) {
 			if err == nil && chain != nil && chain.Leaf != nil {
 				break
 			}
-			if !errors.Is(err, ca.ErrSignerUnavailable) {
-				t.Fatalf("Sign after the outage: err = %v, want success or a retryable ca.ErrSignerUnavailable", err)
+			if !errors.Is(err, signer.ErrSignerUnavailable) {
+				t.Fatalf("Sign after the outage: err = %v, want success or a retryable signer.ErrSignerUnavailable", err)
 			}
 			if time.Now().After(deadline) {
 				t.Fatalf("Sign did not recover within 30s after the outage: %v", err)
@@ -174,21 +176,36 @@ func Run(t *testing.T, f Factory) {
 // certificates carry no fractions and fields are compared exactly.
 func newTemplate(t *testing.T, id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration) *x509.Certificate {
 	t.Helper()
-	serial, err := ca.NewSerial(rand.Reader)
+	serial, err := signer.NewSerial(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
 	now := time.Now().Truncate(time.Second)
-	return ca.LeafTemplate(id, pub, serial, now.Add(-ca.DefaultClockSkew), now.Add(ttl))
+	return Template(id, pub, serial, now.Add(-signer.DefaultClockSkew), now.Add(ttl))
+}
+
+// Template is a workload leaf as the issuer asks backends to sign it
+// (DESIGN.md §4): empty subject, id as the only URI SAN, digitalSignature
+// (+keyEncipherment for RSA keys), serverAuth and clientAuth, CA:false. The
+// suite states the profile itself rather than importing the pipeline's, so
+// that the suite, like the backends, never links package ca.
+func Template(id spiffeid.ID, pub crypto.PublicKey, serial *big.Int, notBefore, notAfter time.Time) *x509.Certificate {
+	usage := x509.KeyUsageDigitalSignature
+	if _, isRSA := pub.(*rsa.PublicKey); isRSA {
+		usage |= x509.KeyUsageKeyEncipherment
+	}
+	return &x509.Certificate{SerialNumber: serial, NotBefore: notBefore.UTC(), NotAfter: notAfter.UTC(),
+		URIs: []*url.URL{id.URL()}, KeyUsage: usage, BasicConstraintsValid: true,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
 }
 
 // Request is what the issuer passes a backend for tmpl: the key to certify and
 // the verified CSR in DER, made with key as Istio's agents make it (empty
 // subject, one critical URI SAN), since remote backends sign the CSR.
-func Request(t testing.TB, tmpl *x509.Certificate, id spiffeid.ID, key crypto.Signer) ca.SignRequest {
+func Request(t testing.TB, tmpl *x509.Certificate, id spiffeid.ID, key crypto.Signer) signer.SignRequest {
 	t.Helper()
 	csr := CSR(t, key, pkix.Name{}, id.URL())
-	return ca.SignRequest{
+	return signer.SignRequest{
 		Template:  tmpl,
 		PublicKey: key.Public(),
 		CSR:       csr,
@@ -216,7 +233,7 @@ func CSR(t testing.TB, key crypto.Signer, subject pkix.Name, uri *url.URL) []byt
 	return csr
 }
 
-func sign(t *testing.T, s ca.Signer, tmpl *x509.Certificate, id spiffeid.ID, key crypto.Signer) *ca.Chain {
+func sign(t *testing.T, s signer.Signer, tmpl *x509.Certificate, id spiffeid.ID, key crypto.Signer) *signer.Chain {
 	t.Helper()
 	chain, err := s.Sign(t.Context(), Request(t, tmpl, id, key))
 	if err != nil {
@@ -229,7 +246,7 @@ func sign(t *testing.T, s ca.Signer, tmpl *x509.Certificate, id spiffeid.ID, key
 }
 
 // checkProfile asserts that the leaf carries exactly the template's profile.
-func checkProfile(t *testing.T, f Factory, chain *ca.Chain, bundle []*x509.Certificate, tmpl *x509.Certificate, id spiffeid.ID, pub crypto.PublicKey) {
+func checkProfile(t *testing.T, f Factory, chain *signer.Chain, bundle []*x509.Certificate, tmpl *x509.Certificate, id spiffeid.ID, pub crypto.PublicKey) {
 	t.Helper()
 	leaf := chain.Leaf
 	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != id.String() {
@@ -283,7 +300,7 @@ func checkProfile(t *testing.T, f Factory, chain *ca.Chain, bundle []*x509.Certi
 
 // checkChain asserts the chain runs from the leaf's issuer upwards, holds no
 // root, and verifies to the trust bundle.
-func checkChain(t *testing.T, chain *ca.Chain, bundle []*x509.Certificate) {
+func checkChain(t *testing.T, chain *signer.Chain, bundle []*x509.Certificate) {
 	t.Helper()
 	if len(bundle) == 0 {
 		t.Fatal("TrustBundle is empty")
@@ -316,7 +333,7 @@ func checkChain(t *testing.T, chain *ca.Chain, bundle []*x509.Certificate) {
 
 // issuerOf returns the certificate that signed the leaf: Intermediates[0], or
 // the root that signed it directly.
-func issuerOf(t *testing.T, chain *ca.Chain, bundle []*x509.Certificate) *x509.Certificate {
+func issuerOf(t *testing.T, chain *signer.Chain, bundle []*x509.Certificate) *x509.Certificate {
 	t.Helper()
 	if len(chain.Intermediates) > 0 {
 		return chain.Intermediates[0]
@@ -341,7 +358,7 @@ func inBundle(bundle []*x509.Certificate, c *x509.Certificate) bool {
 	return slices.ContainsFunc(bundle, func(r *x509.Certificate) bool { return bytes.Equal(r.Raw, c.Raw) })
 }
 
-func verify(chain *ca.Chain, bundle []*x509.Certificate) error {
+func verify(chain *signer.Chain, bundle []*x509.Certificate) error {
 	roots := x509.NewCertPool()
 	for _, r := range bundle {
 		roots.AddCert(r)

@@ -1,4 +1,4 @@
-// Package signertest holds the conformance suite every ca.Signer backend runs and
+// Package signertest holds the conformance suite every signer.Signer backend runs and
 // the test PKI (keys, roots, intermediates) the signer packages share.
 package signertest
 
@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 )
 
 // testKeys are generated once per test binary: key generation (RSA above all)
@@ -115,7 +115,7 @@ func issue(t testing.TB, cn string, opts CertOptions, parent *CA) *CA {
 	if opts.NotAfter.IsZero() {
 		opts.NotAfter = now.Add(365 * 24 * time.Hour)
 	}
-	serial, err := ca.NewSerial(rand.Reader)
+	serial, err := signer.NewSerial(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/castellan-ca/castellan/ca/catest"
 	"github.com/castellan-ca/castellan/signer/signertest"
 	"github.com/castellan-ca/castellan/signer/vault"
 	"github.com/castellan-ca/castellan/signer/vault/vaulttest"
@@ -108,7 +109,7 @@ func TestAuthMethods(t *testing.T) {
 
 func sign(t *testing.T, s *vault.Signer) {
 	t.Helper()
-	if res := signertest.IssueThrough(t, vault.Backend, s, workload, signertest.Key(9), signertest.CSROptions{}); res.Err != nil {
+	if res := catest.IssueThrough(t, vault.Backend, s, workload, signertest.Key(9), catest.CSROptions{}); res.Err != nil {
 		t.Fatalf("issue: %v", res.Err)
 	}
 }

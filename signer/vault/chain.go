@@ -5,9 +5,8 @@ import (
 	"crypto/x509"
 	"fmt"
 
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/hashicorp/vault/api"
-
-	"github.com/castellan-ca/castellan/ca"
 )
 
 // refresh reads the configured issuer's certificate and chain from Vault and
@@ -23,7 +22,7 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 		return false, fmt.Errorf("read issuer: %w", err)
 	}
 	certPEM, _ := secret.Data["certificate"].(string)
-	issuing, err := ca.ParseCertificatesPEM([]byte(certPEM))
+	issuing, err := signer.ParseCertificatesPEM([]byte(certPEM))
 	if err != nil {
 		return false, fmt.Errorf("%s: certificate: %w", path, err)
 	}
@@ -35,7 +34,7 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 	if len(chain) == 0 {
 		chain = issuing[:1]
 	}
-	_, roots := ca.SplitRoots(chain)
+	_, roots := signer.SplitRoots(chain)
 	if len(roots) == 0 {
 		top := chain[len(chain)-1]
 		return false, fmt.Errorf("%s: the issuer's chain ends at %q, which is not a root: import the root certificate into mount %s (e.g. intermediate/set-signed with the intermediate and its root)",
@@ -46,7 +45,7 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	changed = !ca.SameCertificates(s.roots, roots)
+	changed = !signer.SameCertificates(s.roots, roots)
 	s.issuer, s.roots = issuing[0], roots
 	return changed, nil
 }
@@ -67,7 +66,7 @@ func checkOrder(chain []*x509.Certificate) error {
 // A failed refresh keeps the chain we have: issuance goes on, and the next
 // poll retries.
 func (s *Signer) refreshLoop(ctx context.Context) {
-	ca.RefreshLoop(ctx, s.cfg.RefreshInterval, s.refreshc, s.refresh,
+	signer.RefreshLoop(ctx, s.cfg.RefreshInterval, s.refreshc, s.refresh,
 		func(err error) { s.log.Warn("vault: issuer chain refresh failed", "error", err) },
 		func() {
 			s.log.Info("vault: trust bundle changed", "issuer", s.cfg.Issuer, "roots", len(s.TrustBundle()))

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/catest"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/signertest"
 	"github.com/castellan-ca/castellan/signer/vault"
@@ -68,7 +70,7 @@ func TestTrustBundleFollowsIssuer(t *testing.T) {
 			if got := s.TrustBundle(); len(got) != 1 || !got[0].Equal(root) {
 				t.Fatalf("TrustBundle = %d certificates, want the new root only", len(got))
 			}
-			if res := signertest.IssueThrough(t, vault.Backend, s, workload, signertest.Key(12), signertest.CSROptions{}); res.Err != nil {
+			if res := catest.IssueThrough(t, vault.Backend, s, workload, signertest.Key(12), catest.CSROptions{}); res.Err != nil {
 				t.Fatalf("issue under the new root: %v", res.Err)
 			}
 		})
@@ -96,12 +98,12 @@ func TestTLS(t *testing.T) {
 			s, err := vault.New(t.Context(), vault.Config{Address: srv.Addr, Mount: vaulttest.IntMount, Role: vaulttest.Role,
 				Auth: token, CAFile: tc.caFile, ServerName: tc.serverName, Timeout: 3 * time.Second})
 			switch {
-			case tc.wantErr && !errors.Is(err, ca.ErrSignerUnavailable):
+			case tc.wantErr && !errors.Is(err, signer.ErrSignerUnavailable):
 				t.Fatalf("New: %v, want an error wrapping ErrSignerUnavailable", err)
 			case !tc.wantErr && err != nil:
 				t.Fatalf("New: %v", err)
 			case !tc.wantErr:
-				if res := signertest.IssueThrough(t, vault.Backend, s, workload, signertest.Key(13), signertest.CSROptions{}); res.Err != nil {
+				if res := catest.IssueThrough(t, vault.Backend, s, workload, signertest.Key(13), catest.CSROptions{}); res.Err != nil {
 					t.Fatalf("issue: %v", res.Err)
 				}
 			}
@@ -136,5 +138,5 @@ func serverCert(t *testing.T, dir, name string) (caFile, certFile, keyFile strin
 		return p
 	}
 	leaf, _ := x509.ParseCertificate(der)
-	return write("ca.pem", []byte(ca.EncodePEM(root.Cert))), write("tls.crt", []byte(ca.EncodePEM(leaf))), write("tls.key", keyPEM)
+	return write("ca.pem", []byte(signer.EncodePEM(root.Cert))), write("tls.crt", []byte(signer.EncodePEM(leaf))), write("tls.key", keyPEM)
 }

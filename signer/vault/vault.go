@@ -21,9 +21,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/hashicorp/vault/api"
-
-	"github.com/castellan-ca/castellan/ca"
 )
 
 // Backend names this signer in audit records and configuration.
@@ -102,7 +101,7 @@ type Auth struct {
 	SecretIDFile string
 }
 
-// Signer is a ca.Signer backed by a Vault PKI mount. It is safe for
+// Signer is a signer.Signer backed by a Vault PKI mount. It is safe for
 // concurrent use; Run keeps its token and trust bundle current.
 type Signer struct {
 	cfg    Config
@@ -117,7 +116,7 @@ type Signer struct {
 	refreshc chan struct{} // asks Run for an immediate chain refresh
 }
 
-var _ ca.Signer = (*Signer)(nil)
+var _ signer.Signer = (*Signer)(nil)
 
 // New checks cfg, logs in and reads the issuer's chain, so a misconfiguration
 // fails at start-up. Call Run to keep the token and the chain current.
@@ -208,9 +207,9 @@ func newClient(cfg Config) (*api.Client, error) {
 
 // Sign asks Vault to sign req's CSR for exactly the granted SANs, with NotAfter
 // clamped to the issuing CA's. Outages and Vault's 5xx wrap
-// ca.ErrSignerUnavailable; Vault's refusals (4xx) do not, since a retry will
+// signer.ErrSignerUnavailable; Vault's refusals (4xx) do not, since a retry will
 // not change them.
-func (s *Signer) Sign(ctx context.Context, req ca.SignRequest) (*ca.Chain, error) {
+func (s *Signer) Sign(ctx context.Context, req signer.SignRequest) (*signer.Chain, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("vault signer: %w", err)
 	}
@@ -245,7 +244,7 @@ func (s *Signer) Sign(ctx context.Context, req ca.SignRequest) (*ca.Chain, error
 
 // request builds the sign call for req: the path by mode and key type, and a
 // body that names the granted SANs and NotAfter and nothing else.
-func (s *Signer) request(req ca.SignRequest) (string, map[string]any, error) {
+func (s *Signer) request(req signer.SignRequest) (string, map[string]any, error) {
 	tmpl := req.Template
 	notAfter := tmpl.NotAfter
 	s.mu.RLock()
@@ -337,7 +336,7 @@ func (s *Signer) write(ctx context.Context, path string, body map[string]any) (*
 
 // call runs fn under Timeout and classifies its error: the caller's own
 // cancellation stays a context error; no answer, a timeout, 429, 412 (a
-// standby not yet caught up) or 5xx wrap ca.ErrSignerUnavailable; other
+// standby not yet caught up) or 5xx wrap signer.ErrSignerUnavailable; other
 // answers (4xx: Vault refused) are returned as they are.
 func (s *Signer) call(ctx context.Context, what string, fn func(context.Context) (*api.Secret, error)) (*api.Secret, error) {
 	cctx, cancel := context.WithTimeout(ctx, s.cfg.Timeout)
@@ -345,7 +344,7 @@ func (s *Signer) call(ctx context.Context, what string, fn func(context.Context)
 	secret, err := fn(cctx)
 	switch {
 	case err == nil && secret == nil:
-		return nil, fmt.Errorf("%s: %w: empty response", what, ca.ErrSignerUnavailable)
+		return nil, fmt.Errorf("%s: %w: empty response", what, signer.ErrSignerUnavailable)
 	case err == nil:
 		return secret, nil
 	case ctx.Err() != nil:
@@ -355,15 +354,15 @@ func (s *Signer) call(ctx context.Context, what string, fn func(context.Context)
 	if errors.As(err, &re) && re.StatusCode < 500 && re.StatusCode != http.StatusTooManyRequests && re.StatusCode != http.StatusPreconditionFailed {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	return nil, fmt.Errorf("%s: %w: %w", what, ca.ErrSignerUnavailable, err)
+	return nil, fmt.Errorf("%s: %w: %w", what, signer.ErrSignerUnavailable, err)
 }
 
 // parseSigned reads a sign response: the leaf, the chain Vault reports for
 // its issuer (roots dropped: they belong to the bundle, not the chain) and the
 // issuing CA.
-func parseSigned(secret *api.Secret) (*ca.Chain, *x509.Certificate, error) {
+func parseSigned(secret *api.Secret) (*signer.Chain, *x509.Certificate, error) {
 	leafPEM, _ := secret.Data["certificate"].(string)
-	certs, err := ca.ParseCertificatesPEM([]byte(leafPEM))
+	certs, err := signer.ParseCertificatesPEM([]byte(leafPEM))
 	if err != nil {
 		return nil, nil, fmt.Errorf("certificate: %w", err)
 	}
@@ -371,7 +370,7 @@ func parseSigned(secret *api.Secret) (*ca.Chain, *x509.Certificate, error) {
 		return nil, nil, fmt.Errorf("certificate holds %d certificates, want 1 (format pem)", len(certs))
 	}
 	issuingPEM, _ := secret.Data["issuing_ca"].(string)
-	issuing, err := ca.ParseCertificatesPEM([]byte(issuingPEM))
+	issuing, err := signer.ParseCertificatesPEM([]byte(issuingPEM))
 	if err != nil {
 		return nil, nil, fmt.Errorf("issuing_ca: %w", err)
 	}
@@ -381,8 +380,8 @@ func parseSigned(secret *api.Secret) (*ca.Chain, *x509.Certificate, error) {
 			return nil, nil, fmt.Errorf("ca_chain: %w", err)
 		}
 	}
-	inter, _ := ca.SplitRoots(chain)
-	return &ca.Chain{Leaf: certs[0], Intermediates: inter}, issuing[0], nil
+	inter, _ := signer.SplitRoots(chain)
+	return &signer.Chain{Leaf: certs[0], Intermediates: inter}, issuing[0], nil
 }
 
 // pemList parses a JSON list of PEM strings, each holding certificates.
@@ -395,7 +394,7 @@ func pemList(raw []any) ([]*x509.Certificate, error) {
 		}
 		pems[i] = p
 	}
-	return ca.ParseCertificatesPEMList(pems)
+	return signer.ParseCertificatesPEMList(pems)
 }
 
 // TrustBundle returns the roots of the issuer's chain, as last read from Vault.

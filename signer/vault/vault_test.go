@@ -14,6 +14,8 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/catest"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/signertest"
 	"github.com/castellan-ca/castellan/signer/vault"
 	"github.com/castellan-ca/castellan/signer/vault/vaulttest"
@@ -69,14 +71,14 @@ func TestConformance(t *testing.T) {
 		{"intermediate verbatim", vault.Config{Mount: vaulttest.IntMount, Role: vaulttest.Role, Verbatim: true}, []*x509.Certificate{pki.Intermediate}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			newS := func(t *testing.T) ca.Signer {
+			newS := func(t *testing.T) signer.Signer {
 				cfg := tc.cfg
 				cfg.Timeout = 5 * time.Second
 				return newSigner(t, srv, cfg)
 			}
 			signertest.Run(t, signertest.Factory{
 				New: newS,
-				Outage: func(t *testing.T, _ ca.Signer) func() {
+				Outage: func(t *testing.T, _ signer.Signer) func() {
 					srv.Stop(t)
 					return func() { srv.Restart(t) }
 				},
@@ -89,7 +91,7 @@ func TestConformance(t *testing.T) {
 					t.Errorf("TrustBundle = %d certificates, want exactly the Vault root", len(got))
 				}
 				key := signertest.Key(5)
-				res := signertest.IssueThrough(t, vault.Backend, s, workload, key, signertest.CSROptions{})
+				res := catest.IssueThrough(t, vault.Backend, s, workload, key, catest.CSROptions{})
 				if res.Err != nil {
 					t.Fatalf("Issue: %v", res.Err)
 				}
@@ -115,29 +117,29 @@ func TestIssuerChecksVaultResult(t *testing.T) {
 	csrSANs["use_csr_sans"] = true
 	srv.Write(t, vaulttest.IntMount+"/roles/csr-sans", csrSANs)
 
-	pilotAgent := signertest.CSROptions{Subject: pkix.Name{Organization: []string{""}}}
+	pilotAgent := catest.CSROptions{Subject: pkix.Name{Organization: []string{""}}}
 	for _, tc := range []struct {
 		name       string
 		role       string
 		verbatim   bool
-		csr        signertest.CSROptions
+		csr        catest.CSROptions
 		wantCode   codes.Code
 		wantReason string
 	}{
 		{"pilot-agent CSR (O=, URI SAN)", vaulttest.Role, false, pilotAgent, codes.OK, ""},
-		{"CSR without SAN", vaulttest.Role, false, signertest.CSROptions{NoSAN: true}, codes.OK, ""},
-		{"role copies the CSR's CN into the subject", "copies-cn", false, signertest.CSROptions{Subject: pkix.Name{CommonName: "localhost"}}, codes.Internal, ca.ReasonSignerBadChain},
-		{"role takes SANs from a CSR without SAN", "csr-sans", false, signertest.CSROptions{NoSAN: true}, codes.Internal, ca.ReasonSignerBadChain},
-		{"verbatim, ztunnel CSR", vaulttest.Role, true, signertest.CSROptions{}, codes.OK, ""},
+		{"CSR without SAN", vaulttest.Role, false, catest.CSROptions{NoSAN: true}, codes.OK, ""},
+		{"role copies the CSR's CN into the subject", "copies-cn", false, catest.CSROptions{Subject: pkix.Name{CommonName: "localhost"}}, codes.Internal, ca.ReasonSignerBadChain},
+		{"role takes SANs from a CSR without SAN", "csr-sans", false, catest.CSROptions{NoSAN: true}, codes.Internal, ca.ReasonSignerBadChain},
+		{"verbatim, ztunnel CSR", vaulttest.Role, true, catest.CSROptions{}, codes.OK, ""},
 		// Vault would copy O= into the certificate: refused before asking it.
 		{"verbatim, pilot-agent CSR", vaulttest.Role, true, pilotAgent, codes.Internal, ca.ReasonSignerError},
-		{"verbatim, CSR without SAN", vaulttest.Role, true, signertest.CSROptions{NoSAN: true}, codes.Internal, ca.ReasonSignerError},
-		{"verbatim, non-critical SAN", vaulttest.Role, true, signertest.CSROptions{NonCriticalSAN: true}, codes.Internal, ca.ReasonSignerError},
-		{"role, non-critical SAN in the CSR", vaulttest.Role, false, signertest.CSROptions{NonCriticalSAN: true}, codes.OK, ""},
+		{"verbatim, CSR without SAN", vaulttest.Role, true, catest.CSROptions{NoSAN: true}, codes.Internal, ca.ReasonSignerError},
+		{"verbatim, non-critical SAN", vaulttest.Role, true, catest.CSROptions{NonCriticalSAN: true}, codes.Internal, ca.ReasonSignerError},
+		{"role, non-critical SAN in the CSR", vaulttest.Role, false, catest.CSROptions{NonCriticalSAN: true}, codes.OK, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := newSigner(t, srv, vault.Config{Mount: vaulttest.IntMount, Role: tc.role, Verbatim: tc.verbatim})
-			res := signertest.IssueThrough(t, vault.Backend, s, workload, signertest.Key(6), tc.csr)
+			res := catest.IssueThrough(t, vault.Backend, s, workload, signertest.Key(6), tc.csr)
 			if got := ca.Status(res.Err).Code(); got != tc.wantCode {
 				t.Fatalf("code = %v, want %v (error: %v)", got, tc.wantCode, res.Err)
 			}
@@ -167,8 +169,8 @@ func TestVaultRefusalIsNotRetryable(t *testing.T) {
 	srv := vaulttest.Start(t)
 	srv.SetupPKI(t, trustDomain)
 	s := newSigner(t, srv, vault.Config{Mount: vaulttest.IntMount, Role: "no-such-role"})
-	res := signertest.IssueThrough(t, vault.Backend, s, workload, signertest.Key(7), signertest.CSROptions{})
-	if errors.Is(res.Err, ca.ErrSignerUnavailable) || ca.Status(res.Err).Code() != codes.Internal || ca.ReasonOf(res.Err) != ca.ReasonSignerError {
+	res := catest.IssueThrough(t, vault.Backend, s, workload, signertest.Key(7), catest.CSROptions{})
+	if errors.Is(res.Err, signer.ErrSignerUnavailable) || ca.Status(res.Err).Code() != codes.Internal || ca.ReasonOf(res.Err) != ca.ReasonSignerError {
 		t.Errorf("unknown role: code %v reason %q (%v), want Internal %s", ca.Status(res.Err).Code(), ca.ReasonOf(res.Err), res.Err, ca.ReasonSignerError)
 	}
 }
@@ -180,12 +182,12 @@ func TestOutageThroughIssuer(t *testing.T) {
 	srv.SetupPKI(t, trustDomain)
 	s := newSigner(t, srv, vault.Config{Mount: vaulttest.IntMount, Role: vaulttest.Role, Timeout: 3 * time.Second})
 	srv.Stop(t)
-	res := signertest.IssueThrough(t, vault.Backend, s, workload, signertest.Key(8), signertest.CSROptions{})
+	res := catest.IssueThrough(t, vault.Backend, s, workload, signertest.Key(8), catest.CSROptions{})
 	if ca.Status(res.Err).Code() != codes.Unavailable || res.Record.Reason != ca.ReasonSignerDown {
 		t.Errorf("during outage: code %v, audited reason %q (%v); want Unavailable, %s", ca.Status(res.Err).Code(), res.Record.Reason, res.Err, ca.ReasonSignerDown)
 	}
 	srv.Restart(t)
-	if res := signertest.IssueThrough(t, vault.Backend, s, workload, signertest.Key(8), signertest.CSROptions{}); res.Err != nil {
+	if res := catest.IssueThrough(t, vault.Backend, s, workload, signertest.Key(8), catest.CSROptions{}); res.Err != nil {
 		t.Errorf("after restart: %v", res.Err)
 	}
 }

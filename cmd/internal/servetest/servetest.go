@@ -12,8 +12,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
+	"github.com/castellan-ca/castellan/signer"
 )
 
 // SyncBuffer is an io.Writer safe for the server's log writes and the test's
@@ -81,7 +81,7 @@ func ReadFile(t testing.TB, path string) []byte {
 // ParseCerts parses the PEM certificates in b, failing the test on error.
 func ParseCerts(t testing.TB, b []byte) []*x509.Certificate {
 	t.Helper()
-	certs, err := ca.ParseCertificatesPEM(b)
+	certs, err := signer.ParseCertificatesPEM(b)
 	if err != nil {
 		t.Fatalf("parse certificates: %v", err)
 	}

@@ -25,14 +25,13 @@ import (
 	"time"
 
 	"cloud.google.com/go/security/privateca/apiv1/privatecapb"
+	"github.com/castellan-ca/castellan/signer"
 	"google.golang.org/api/option"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
-
-	"github.com/castellan-ca/castellan/ca"
 )
 
 // Resource names of the fake pool.
@@ -108,7 +107,7 @@ func newCAs(name string) (root, issuing *KeyPair, err error) {
 		if err != nil {
 			return nil, err
 		}
-		serial, err := ca.NewSerial(rand.Reader)
+		serial, err := signer.NewSerial(rand.Reader)
 		if err != nil {
 			return nil, err
 		}
@@ -116,11 +115,11 @@ func newCAs(name string) (root, issuing *KeyPair, err error) {
 		tmpl := &x509.Certificate{SerialNumber: serial, Subject: pkix.Name{Organization: []string{"Castellan test"}, CommonName: cn},
 			NotBefore: now.Add(-time.Hour), NotAfter: now.Add(365 * 24 * time.Hour),
 			KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature, BasicConstraintsValid: true, IsCA: true}
-		signer, signerKey := tmpl, crypto.Signer(key)
+		issuer, issuerKey := tmpl, crypto.Signer(key)
 		if parent != nil {
-			signer, signerKey = parent.Cert, parent.Key
+			issuer, issuerKey = parent.Cert, parent.Key
 		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, key.Public(), signerKey)
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer, key.Public(), issuerKey)
 		if err != nil {
 			return nil, err
 		}
@@ -210,7 +209,7 @@ func (s *Server) Rotate(t testing.TB) {
 func (s *Server) Chain() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return ca.EncodePEM(s.CA.Cert, s.Root.Cert)
+	return signer.EncodePEM(s.CA.Cert, s.Root.Cert)
 }
 
 // FetchCaCerts returns the pool's one CA chain, issuer to root.
@@ -221,7 +220,7 @@ func (s *Server) FetchCaCerts(_ context.Context, req *privatecapb.FetchCaCertsRe
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return &privatecapb.FetchCaCertsResponse{CaCerts: []*privatecapb.FetchCaCertsResponse_CertChain{
-		{Certificates: []string{ca.EncodePEM(s.CA.Cert), ca.EncodePEM(s.Root.Cert)}},
+		{Certificates: []string{signer.EncodePEM(s.CA.Cert), signer.EncodePEM(s.Root.Cert)}},
 	}}, nil
 }
 
@@ -310,8 +309,8 @@ func (s *Server) issue(req *privatecapb.CreateCertificateRequest) (*privatecapb.
 		CertificateConfig:          cert.GetCertificateConfig(),
 		Lifetime:                   cert.GetLifetime(),
 		IssuerCertificateAuthority: Pool + "/certificateAuthorities/" + CAID,
-		PemCertificate:             ca.EncodePEM(leaf),
-		PemCertificateChain:        []string{ca.EncodePEM(s.CA.Cert), ca.EncodePEM(s.Root.Cert)},
+		PemCertificate:             signer.EncodePEM(leaf),
+		PemCertificateChain:        []string{signer.EncodePEM(s.CA.Cert), signer.EncodePEM(s.Root.Cert)},
 	}, nil
 }
 

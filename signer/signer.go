@@ -1,4 +1,9 @@
-package ca
+// Package signer is the contract between the issuance pipeline (package ca)
+// and its signing backends (one package per backend below this folder): the
+// Signer interface, what it is asked and what it returns, its errors, and the
+// certificate helpers every backend shares. It imports no other Castellan
+// package, so a backend never links the pipeline, authentication or storage.
+package signer
 
 import (
 	"bytes"
@@ -8,6 +13,8 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
+	"math/big"
 	"slices"
 	"strings"
 	"time"
@@ -59,6 +66,21 @@ type Chain struct {
 
 // ErrSignerUnavailable marks a signing failure that a retry may cure.
 var ErrSignerUnavailable = errors.New("signer unavailable")
+
+// DefaultClockSkew is how far certificates are backdated (NotBefore = now −
+// skew) so that relying parties whose clocks run behind accept them at once.
+const DefaultClockSkew = 2 * time.Minute
+
+// NewSerial returns a random positive 128-bit serial with its top bit set, so
+// every serial has the same length and never collides in practice.
+func NewSerial(r io.Reader) (*big.Int, error) {
+	var b [16]byte
+	if _, err := io.ReadFull(r, b[:]); err != nil {
+		return nil, fmt.Errorf("read serial randomness: %w", err)
+	}
+	b[0] |= 0x80
+	return new(big.Int).SetBytes(b[:]), nil
+}
 
 // Issuer returns the certificate that signed the leaf: the first intermediate, or
 // nil when the leaf was signed by a root directly (self-signed backend).

@@ -1,4 +1,7 @@
-package signertest
+// Package catest runs requests through a real issuance pipeline for the tests
+// of the signing backends: a backend's test sees what a client and the audit
+// log would, while the backend packages themselves never link package ca.
+package catest
 
 import (
 	"context"
@@ -15,6 +18,8 @@ import (
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
+	"github.com/castellan-ca/castellan/signer/signertest"
 	"github.com/castellan-ca/castellan/storage"
 )
 
@@ -41,12 +46,12 @@ type CSROptions struct {
 // real ca.Issuer whose only signer is s, so a test sees what a client and the
 // audit log would: the issuer re-checks the backend's result (ca.CheckIssued)
 // and maps errors to codes. The caller is authenticated as id itself.
-func IssueThrough(t testing.TB, backend string, s ca.Signer, id spiffeid.ID, key crypto.Signer, opts CSROptions) Issued {
+func IssueThrough(t testing.TB, backend string, s signer.Signer, id spiffeid.ID, key crypto.Signer, opts CSROptions) Issued {
 	t.Helper()
 	var der []byte
 	switch {
 	case opts.NoSAN:
-		der = CSR(t, key, opts.Subject, nil)
+		der = signertest.CSR(t, key, opts.Subject, nil)
 	case opts.NonCriticalSAN:
 		var err error
 		der, err = x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: opts.Subject, URIs: []*url.URL{id.URL()}}, key)
@@ -54,7 +59,7 @@ func IssueThrough(t testing.TB, backend string, s ca.Signer, id spiffeid.ID, key
 			t.Fatalf("create CSR: %v", err)
 		}
 	default:
-		der = CSR(t, key, opts.Subject, id.URL())
+		der = signertest.CSR(t, key, opts.Subject, id.URL())
 	}
 	authority := ca.NewAuthority()
 	if _, err := authority.Use(backend, s); err != nil {

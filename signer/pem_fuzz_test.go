@@ -1,11 +1,11 @@
-package ca_test
+package signer_test
 
 import (
 	"bytes"
 	"encoding/pem"
 	"testing"
 
-	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/signertest"
 )
 
@@ -16,14 +16,14 @@ import (
 func FuzzParseCertificatesPEM(f *testing.F) {
 	root := signertest.NewRoot(f, "Fuzz Root", signertest.CertOptions{})
 	inter := root.NewIntermediate(f, "Fuzz Inter", signertest.CertOptions{})
-	f.Add([]byte(ca.EncodePEM(root.Cert)))
-	f.Add([]byte(ca.EncodePEM(inter.Cert, root.Cert)))
-	f.Add([]byte(ca.EncodePEM(root.Cert) + "trailing"))
+	f.Add([]byte(signer.EncodePEM(root.Cert)))
+	f.Add([]byte(signer.EncodePEM(inter.Cert, root.Cert)))
+	f.Add([]byte(signer.EncodePEM(root.Cert) + "trailing"))
 	f.Add([]byte("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"))
 	f.Add([]byte("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, data []byte) {
-		certs, err := ca.ParseCertificatesPEM(data)
+		certs, err := signer.ParseCertificatesPEM(data)
 		if err != nil {
 			if certs != nil {
 				t.Fatalf("error %v returned certificates too", err)

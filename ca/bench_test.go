@@ -10,6 +10,7 @@ import (
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
@@ -30,7 +31,7 @@ func benchCSRs(b *testing.B) []string {
 
 func benchSigner(b *testing.B) *local.Signer {
 	b.Helper()
-	s, err := selfsigned.Load(selfsigned.Options{Dir: filepath.Join(b.TempDir(), "ca"), TrustDomain: td, KeyType: local.KeyTypeECDSAP256})
+	s, err := selfsigned.Load(selfsigned.Options{Dir: filepath.Join(b.TempDir(), "ca"), TrustDomain: td, KeyType: keyfile.KeyTypeECDSAP256})
 	if err != nil {
 		b.Fatal(err)
 	}

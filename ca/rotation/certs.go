@@ -8,8 +8,8 @@ import (
 	"net/url"
 	"time"
 
+	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
-	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
 )
@@ -29,7 +29,7 @@ func (m *Manager) newRoot(key crypto.Signer, now time.Time) (*entry, error) {
 // newIntermediate returns a prepared intermediate with a new key, signed by
 // root, valid IntermediateLifetime from now but never past the root.
 func (m *Manager) newIntermediate(root *entry, rootKey crypto.Signer, now time.Time) (*entry, error) {
-	key, err := local.GenerateKey(m.cfg.KeyType)
+	key, err := keyfile.GenerateKey(m.cfg.KeyType)
 	if err != nil {
 		return nil, fmt.Errorf("rotation: %w", err)
 	}

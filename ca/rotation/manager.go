@@ -29,6 +29,8 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/internal/atomicfile"
+	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/intermediate"
 	"github.com/castellan-ca/castellan/signer/local"
@@ -78,7 +80,7 @@ type Config struct {
 	// Sealer encrypts keys at rest; nil stores them unencrypted (allowed
 	// only for a store that is a local file).
 	Sealer *Sealer
-	// KeyType of generated keys (local.GenerateKey).
+	// KeyType of generated keys (keyfile.GenerateKey).
 	KeyType string
 	// RootLifetime of generated roots; zero means selfsigned.DefaultLifetime.
 	RootLifetime time.Duration
@@ -135,7 +137,7 @@ func New(cfg Config) (*Manager, error) {
 	case cfg.ScheduleFraction < 0 || cfg.ScheduleFraction >= 1:
 		return nil, fmt.Errorf("rotation: schedule fraction %v is not in (0, 1)", cfg.ScheduleFraction)
 	}
-	if err := local.CheckKeyType(cfg.KeyType); err != nil {
+	if err := keyfile.CheckKeyType(cfg.KeyType); err != nil {
 		return nil, fmt.Errorf("rotation: %w", err)
 	}
 	if cfg.RootLifetime <= 0 {
@@ -314,7 +316,7 @@ func (m *Manager) firstRoot(now time.Time) (*entry, crypto.Signer, string, error
 			return nil, nil, "", fmt.Errorf("rotation: %w", kerr)
 		}
 	}
-	key, err := local.GenerateKey(m.cfg.KeyType)
+	key, err := keyfile.GenerateKey(m.cfg.KeyType)
 	if err != nil {
 		return nil, nil, "", fmt.Errorf("rotation: %w", err)
 	}
@@ -323,7 +325,7 @@ func (m *Manager) firstRoot(now time.Time) (*entry, crypto.Signer, string, error
 }
 
 func (m *Manager) importRoot(keyPEM, certPEM []byte, now time.Time) (*entry, crypto.Signer, error) {
-	key, err := local.ParsePrivateKeyPEM(keyPEM)
+	key, err := keyfile.ParsePrivateKeyPEM(keyPEM)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -449,7 +451,7 @@ func (m *Manager) mirrorRoot(v *view) {
 	}
 	err := os.MkdirAll(m.cfg.LegacyDir, 0o700)
 	if err == nil {
-		err = local.WriteFileAtomic(path, want, 0o644)
+		err = atomicfile.Write(path, want, 0o644)
 	}
 	if err != nil {
 		m.cfg.Logger.Warn("could not write the active root certificate", "path", path, "error", err)

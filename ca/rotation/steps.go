@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
-	"github.com/castellan-ca/castellan/signer/local"
+	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
 )
@@ -278,7 +278,7 @@ func (m *Manager) retire(v *view, target, only string, force bool, now time.Time
 }
 
 func (m *Manager) newKey() (crypto.Signer, error) {
-	k, err := local.GenerateKey(m.cfg.KeyType)
+	k, err := keyfile.GenerateKey(m.cfg.KeyType)
 	if err != nil {
 		return nil, fmt.Errorf("rotation: %w", err)
 	}

@@ -15,7 +15,8 @@ import (
 
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
-	"github.com/castellan-ca/castellan/signer/local"
+	"github.com/castellan-ca/castellan/internal/atomicfile"
+	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/storage/embedded"
 	"github.com/castellan-ca/castellan/storage/postgres"
 )
@@ -102,14 +103,14 @@ func loadCheckpointKey(path string, logger *slog.Logger) (ed25519.PrivateKey, er
 		if err != nil {
 			return nil, fmt.Errorf("audit checkpoint key: %w", err)
 		}
-		pemBytes, err := local.MarshalPrivateKeyPEM(key)
+		pemBytes, err := keyfile.MarshalPrivateKeyPEM(key)
 		if err != nil {
 			return nil, fmt.Errorf("audit checkpoint key: %w", err)
 		}
 		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 			return nil, fmt.Errorf("audit checkpoint key: %w", err)
 		}
-		if err := local.WriteFileAtomic(path, pemBytes, 0o600); err != nil {
+		if err := atomicfile.Write(path, pemBytes, 0o600); err != nil {
 			return nil, fmt.Errorf("audit checkpoint key: %w", err)
 		}
 		logger.Info("audit checkpoint key generated", "path", path)
@@ -118,7 +119,7 @@ func loadCheckpointKey(path string, logger *slog.Logger) (ed25519.PrivateKey, er
 	if err != nil {
 		return nil, fmt.Errorf("audit checkpoint key: %w", err)
 	}
-	k, err := local.ParsePrivateKeyPEM(b)
+	k, err := keyfile.ParsePrivateKeyPEM(b)
 	if err != nil {
 		return nil, fmt.Errorf("audit checkpoint key %s: %w", path, err)
 	}

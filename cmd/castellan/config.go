@@ -14,8 +14,8 @@ import (
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
+	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
-	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"gopkg.in/yaml.v3"
 )
@@ -203,7 +203,7 @@ func (c Config) Validate() error {
 	}
 	switch c.Signer {
 	case "selfsigned":
-		if err := local.CheckKeyType(c.RootKeyType); err != nil {
+		if err := keyfile.CheckKeyType(c.RootKeyType); err != nil {
 			bad("rootKeyType", "%v", err)
 		}
 	case "intermediate":

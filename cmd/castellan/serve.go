@@ -19,11 +19,12 @@ import (
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/ca/rotation"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
+	"github.com/castellan-ca/castellan/internal/atomicfile"
+	"github.com/castellan-ca/castellan/internal/keyfile"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
 	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/googlecas"
-	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/vault"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -123,7 +124,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	// Written once before serving, so castellanctl (which reads it as soon as
 	// server.json exists) never finds it missing; then kept current.
 	bundlePath := filepath.Join(cfg.DataDir, datadir.RootCert)
-	if err := local.WriteFileAtomic(bundlePath, []byte(authority.Current().BundlePEM), 0o644); err != nil {
+	if err := atomicfile.Write(bundlePath, []byte(authority.Current().BundlePEM), 0o644); err != nil {
 		return fmt.Errorf("write trust bundle: %w", err)
 	}
 	go publishBundle(ctx, authority, bundlePath, logger)
@@ -245,7 +246,7 @@ func ensureOperatorCredential(ctx context.Context, issuer *ca.Issuer, authority 
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("operator credential dir: %w", err)
 	}
-	key, err := local.GenerateKey("ecdsa-p256")
+	key, err := keyfile.GenerateKey("ecdsa-p256")
 	if err != nil {
 		return err
 	}
@@ -253,14 +254,14 @@ func ensureOperatorCredential(ctx context.Context, issuer *ca.Issuer, authority 
 	if err != nil {
 		return err
 	}
-	keyPEM, err := local.MarshalPrivateKeyPEM(key)
+	keyPEM, err := keyfile.MarshalPrivateKeyPEM(key)
 	if err != nil {
 		return err
 	}
-	if err := local.WriteFileAtomic(keyPath, keyPEM, 0o600); err != nil {
+	if err := atomicfile.Write(keyPath, keyPEM, 0o600); err != nil {
 		return fmt.Errorf("write operator key: %w", err)
 	}
-	if err := local.WriteFileAtomic(certPath, []byte(signer.EncodePEM(append([]*x509.Certificate{chain.Leaf}, chain.Intermediates...)...)), 0o644); err != nil {
+	if err := atomicfile.Write(certPath, []byte(signer.EncodePEM(append([]*x509.Certificate{chain.Leaf}, chain.Intermediates...)...)), 0o644); err != nil {
 		return fmt.Errorf("write operator certificate: %w", err)
 	}
 	logger.Info("operator credential written", "identity", id.String(), "dir", dir, "not_after", chain.Leaf.NotAfter)
@@ -272,7 +273,7 @@ func publishBundle(ctx context.Context, authority *ca.Authority, path string, lo
 	for {
 		changed := authority.Changed()
 		if st := authority.Current(); st != nil {
-			if err := local.WriteFileAtomic(path, []byte(st.BundlePEM), 0o644); err != nil {
+			if err := atomicfile.Write(path, []byte(st.BundlePEM), 0o644); err != nil {
 				logger.Error("write trust bundle", "path", path, "error", err)
 			}
 		}
@@ -298,7 +299,7 @@ func writeServerInfo(path string, cfg Config, addr net.Addr) error {
 	if err != nil {
 		return err
 	}
-	return local.WriteFileAtomic(path, append(b, '\n'), 0o644)
+	return atomicfile.Write(path, append(b, '\n'), 0o644)
 }
 
 type monitoring struct {

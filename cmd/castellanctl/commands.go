@@ -14,8 +14,9 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/internal/atomicfile"
+	"github.com/castellan-ca/castellan/internal/keyfile"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
-	"github.com/castellan-ca/castellan/signer/local"
 )
 
 func cmdBundle(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
@@ -48,7 +49,7 @@ func cmdIssue(ctx context.Context, g *globals, args []string, stdout, stderr io.
 	if *identity == "" {
 		return fmt.Errorf("issue: --identity is required")
 	}
-	key, err := local.GenerateKey(*keyType)
+	key, err := keyfile.GenerateKey(*keyType)
 	if err != nil {
 		return err
 	}
@@ -74,7 +75,7 @@ func cmdIssue(ctx context.Context, g *globals, args []string, stdout, stderr io.
 	if len(elems) < 2 {
 		return fmt.Errorf("issue: server returned %d elements, want at least 2", len(elems))
 	}
-	keyPEM, err := local.MarshalPrivateKeyPEM(key)
+	keyPEM, err := keyfile.MarshalPrivateKeyPEM(key)
 	if err != nil {
 		return err
 	}
@@ -96,7 +97,7 @@ func cmdIssue(ctx context.Context, g *globals, args []string, stdout, stderr io.
 	}
 	for _, f := range files {
 		p := filepath.Join(*outDir, f.name)
-		if err := local.WriteFileAtomic(p, []byte(f.data), f.mode); err != nil {
+		if err := atomicfile.Write(p, []byte(f.data), f.mode); err != nil {
 			return fmt.Errorf("write %s: %w", p, err)
 		}
 		fmt.Fprintln(stdout, p)

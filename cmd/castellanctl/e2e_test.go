@@ -28,8 +28,8 @@ import (
 
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
 	"github.com/castellan-ca/castellan/cmd/internal/servetest"
+	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
-	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/storage"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -67,7 +67,7 @@ func readIssued(dir string) (issuedFiles, error) {
 	if err != nil {
 		return f, err
 	}
-	if f.key, err = local.ParsePrivateKeyPEM(b); err != nil {
+	if f.key, err = keyfile.ParsePrivateKeyPEM(b); err != nil {
 		return f, fmt.Errorf("key.pem: %w", err)
 	}
 	if b, err = os.ReadFile(filepath.Join(dir, "cert-chain.pem")); err != nil {

@@ -6,9 +6,10 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/castellan-ca/castellan/internal/atomicfile"
+	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/intermediate"
-	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/signertest"
 )
 
@@ -21,7 +22,7 @@ type material struct {
 
 func keyPEM(t *testing.T, c *signertest.CA) []byte {
 	t.Helper()
-	b, err := local.MarshalPrivateKeyPEM(c.Key)
+	b, err := keyfile.MarshalPrivateKeyPEM(c.Key)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,7 +58,7 @@ func writeFiles(t *testing.T, dir string, files map[string][]byte) {
 		if name == intermediate.CAKeyFile || name == intermediate.TLSKeyFile {
 			mode = 0o600
 		}
-		if err := local.WriteFileAtomic(filepath.Join(dir, name), data, mode); err != nil {
+		if err := atomicfile.Write(filepath.Join(dir, name), data, mode); err != nil {
 			t.Fatal(err)
 		}
 	}

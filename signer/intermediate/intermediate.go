@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/local"
 )
@@ -128,7 +129,7 @@ func (s *snapshot) key(name string) (crypto.Signer, error) {
 	if err != nil {
 		return nil, err
 	}
-	k, err := local.ParsePrivateKeyPEM(b)
+	k, err := keyfile.ParsePrivateKeyPEM(b)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", s.path(name), err)
 	}

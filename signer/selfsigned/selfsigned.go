@@ -18,6 +18,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/castellan-ca/castellan/internal/atomicfile"
+	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/local"
 )
@@ -45,7 +47,7 @@ type Options struct {
 	Dir string
 	// TrustDomain names the root (O=<trust domain>, URI SAN spiffe://<trust domain>).
 	TrustDomain spiffeid.TrustDomain
-	// KeyType of a generated root (see local.GenerateKey); an existing key is kept whatever its type.
+	// KeyType of a generated root (see keyfile.GenerateKey); an existing key is kept whatever its type.
 	KeyType string
 	// Lifetime of a generated root; zero means DefaultLifetime.
 	Lifetime time.Duration
@@ -68,7 +70,7 @@ func Load(opts Options) (*local.Signer, error) {
 		return nil, errors.New("selfsigned: trust domain is required")
 	}
 	// Checked even when a key exists, so a typo fails at every start, not only the first.
-	if err := local.CheckKeyType(opts.KeyType); err != nil {
+	if err := keyfile.CheckKeyType(opts.KeyType); err != nil {
 		return nil, fmt.Errorf("selfsigned: %w", err)
 	}
 	if opts.Now == nil {
@@ -115,7 +117,7 @@ func load(opts Options, keyPath, certPath string) (*local.Signer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("selfsigned: %w", err)
 	}
-	key, err := local.ParsePrivateKeyPEM(keyPEM)
+	key, err := keyfile.ParsePrivateKeyPEM(keyPEM)
 	if err != nil {
 		return nil, fmt.Errorf("selfsigned: %s: %w", keyPath, err)
 	}
@@ -152,7 +154,7 @@ func generate(opts Options, keyPath, certPath string) (*local.Signer, error) {
 	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("selfsigned: create %s: %w", opts.Dir, err)
 	}
-	key, err := local.GenerateKey(opts.KeyType)
+	key, err := keyfile.GenerateKey(opts.KeyType)
 	if err != nil {
 		return nil, fmt.Errorf("selfsigned: %w", err)
 	}
@@ -170,16 +172,16 @@ func generate(opts Options, keyPath, certPath string) (*local.Signer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("selfsigned: generated root: %w", err)
 	}
-	keyPEM, err := local.MarshalPrivateKeyPEM(key)
+	keyPEM, err := keyfile.MarshalPrivateKeyPEM(key)
 	if err != nil {
 		return nil, fmt.Errorf("selfsigned: %w", err)
 	}
 	// Key first: a crash between the two writes leaves a key without a
 	// certificate, which Load reports instead of using a root with a lost key.
-	if err := local.WriteFileAtomic(keyPath, keyPEM, 0o600); err != nil {
+	if err := atomicfile.Write(keyPath, keyPEM, 0o600); err != nil {
 		return nil, fmt.Errorf("selfsigned: %w", err)
 	}
-	if err := local.WriteFileAtomic(certPath, []byte(signer.EncodePEM(root)), 0o644); err != nil {
+	if err := atomicfile.Write(certPath, []byte(signer.EncodePEM(root)), 0o644); err != nil {
 		return nil, fmt.Errorf("selfsigned: %w", err)
 	}
 	return s, nil

@@ -13,6 +13,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
@@ -75,7 +76,7 @@ func TestFirstStartThenReload(t *testing.T) {
 		t.Error("trust bundle is not the root")
 	}
 
-	second := load(t, selfsigned.Options{Dir: dir, TrustDomain: td, KeyType: local.KeyTypeRSA2048})
+	second := load(t, selfsigned.Options{Dir: dir, TrustDomain: td, KeyType: keyfile.KeyTypeRSA2048})
 	if !bytes.Equal(second.Certificate().Raw, root.Raw) {
 		t.Error("second start did not load the same root")
 	}
@@ -87,7 +88,7 @@ func isECDSA(c *x509.Certificate, bits int) bool {
 }
 
 func TestKeyTypeSelectable(t *testing.T) {
-	s := load(t, selfsigned.Options{Dir: t.TempDir(), TrustDomain: td, KeyType: local.KeyTypeRSA2048, Lifetime: 24 * time.Hour})
+	s := load(t, selfsigned.Options{Dir: t.TempDir(), TrustDomain: td, KeyType: keyfile.KeyTypeRSA2048, Lifetime: 24 * time.Hour})
 	k, ok := s.Certificate().PublicKey.(*rsa.PublicKey)
 	if !ok || k.N.BitLen() != 2048 {
 		t.Fatalf("root key = %T, want RSA-2048", s.Certificate().PublicKey)
@@ -112,7 +113,7 @@ func TestLoadRefuses(t *testing.T) {
 			write(t, filepath.Join(dir, selfsigned.CertFile), "garbage")
 		}, selfsigned.CertFile},
 		{"mismatched key", nil, func(t *testing.T, dir string) {
-			pemKey, err := local.MarshalPrivateKeyPEM(signertest.Key(5))
+			pemKey, err := keyfile.MarshalPrivateKeyPEM(signertest.Key(5))
 			if err != nil {
 				t.Fatal(err)
 			}

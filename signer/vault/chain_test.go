@@ -13,8 +13,8 @@ import (
 
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/ca/catest"
+	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
-	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/signertest"
 	"github.com/castellan-ca/castellan/signer/vault"
 	"github.com/castellan-ca/castellan/signer/vault/vaulttest"
@@ -126,7 +126,7 @@ func serverCert(t *testing.T, dir, name string) (caFile, certFile, keyFile strin
 	if err != nil {
 		t.Fatal(err)
 	}
-	keyPEM, err := local.MarshalPrivateKeyPEM(key)
+	keyPEM, err := keyfile.MarshalPrivateKeyPEM(key)
 	if err != nil {
 		t.Fatal(err)
 	}

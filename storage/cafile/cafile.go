@@ -15,7 +15,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/castellan-ca/castellan/signer/local"
+	"github.com/castellan-ca/castellan/internal/atomicfile"
 	"github.com/castellan-ca/castellan/storage"
 )
 
@@ -102,7 +102,7 @@ func (s *Store) write(st *storage.CAState) error {
 		return fmt.Errorf("cafile: %w", err)
 	}
 	// Sealed keys are in the file: 0600, like every key file.
-	if err := local.WriteFileAtomic(s.path, append(b, '\n'), 0o600); err != nil {
+	if err := atomicfile.Write(s.path, append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("cafile: %w", err)
 	}
 	return nil

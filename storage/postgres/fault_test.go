@@ -15,8 +15,8 @@ import (
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/internal/keyfile"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
-	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/signer/signertest"
 	"github.com/castellan-ca/castellan/storage"
@@ -45,7 +45,7 @@ func (workload) Authenticate(context.Context) (*authn.Caller, error) {
 // newIssuer builds the real pipeline (self-signed P-256 root) over audit.
 func newIssuer(t testing.TB, audit ca.AuditLog, auditTimeout time.Duration) *ca.Issuer {
 	t.Helper()
-	signer, err := selfsigned.Load(selfsigned.Options{Dir: filepath.Join(t.TempDir(), "ca"), TrustDomain: td, KeyType: local.KeyTypeECDSAP256})
+	signer, err := selfsigned.Load(selfsigned.Options{Dir: filepath.Join(t.TempDir(), "ca"), TrustDomain: td, KeyType: keyfile.KeyTypeECDSAP256})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,7 +8,7 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca/poolcache"
+	"github.com/castellan-ca/castellan/internal/poolcache"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"

@@ -6,7 +6,7 @@ import (
 	"encoding/binary"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca/poolcache"
+	"github.com/castellan-ca/castellan/internal/poolcache"
 	"github.com/castellan-ca/castellan/signer"
 )
 

@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca/poolcache"
+	"github.com/castellan-ca/castellan/internal/poolcache"
 	"github.com/castellan-ca/castellan/signer/signertest"
 )
 

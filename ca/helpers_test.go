@@ -195,7 +195,12 @@ func signLeaf(t testing.TB, issuing *signertest.CA, key crypto.Signer, id *url.U
 // peerCtx is the context gRPC gives a handler for a TLS connection on which the
 // client presented certs (none: TLS without a client certificate).
 func peerCtx(certs ...*x509.Certificate) context.Context {
-	return peer.NewContext(context.Background(), &peer.Peer{
+	return peerCtxFrom(context.Background(), certs...)
+}
+
+// peerCtxFrom is peerCtx derived from parent.
+func peerCtxFrom(parent context.Context, certs ...*x509.Certificate) context.Context {
+	return peer.NewContext(parent, &peer.Peer{
 		Addr:     &net.TCPAddr{IP: net.IPv4(10, 1, 2, 3), Port: 40000},
 		AuthInfo: credentials.TLSInfo{State: tls.ConnectionState{Version: tls.VersionTLS13, PeerCertificates: certs}},
 	})

@@ -10,7 +10,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net/url"
@@ -18,7 +17,6 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/signer"
-	"github.com/castellan-ca/castellan/storage"
 )
 
 // IssueInternal signs a certificate Castellan needs for itself (its serving
@@ -27,9 +25,9 @@ import (
 // tmpl supplies SANs and usages; serial and validity are set here. key is the
 // certificate's private key: it signs a CSR, which remote backends (Vault) need.
 func (is *Issuer) IssueInternal(ctx context.Context, purpose string, tmpl *x509.Certificate, key crypto.Signer, ttl time.Duration) (*signer.Chain, *State, error) {
-	st := is.cfg.Authority.Current()
-	if st == nil {
-		return nil, nil, refuse(ErrUnavailable, ReasonNoSigner, errors.New("no active signer"))
+	st, err := is.State()
+	if err != nil {
+		return nil, nil, err
 	}
 	san, err := criticalSAN(tmpl.DNSNames, tmpl.URIs)
 	if err != nil {
@@ -39,24 +37,18 @@ func (is *Issuer) IssueInternal(ctx context.Context, purpose string, tmpl *x509.
 	if err != nil {
 		return nil, nil, fmt.Errorf("issue %s: create CSR: %w", purpose, err)
 	}
-	rec := &storage.Record{Time: is.cfg.Now().UTC(), Kind: storage.KindOperator, RequestID: newRequestID(is.cfg.Rand),
-		AuthMethod: "internal", Caller: "castellan", Signer: st.Backend, Detail: purpose}
+	act := Action{Signer: st.Backend, Detail: purpose}
 	if len(tmpl.URIs) == 1 {
-		rec.GrantedIdentity = tmpl.URIs[0].String()
+		act.Identity = tmpl.URIs[0].String()
 	}
 	chain, err := is.sign(ctx, st, signer.SignRequest{PublicKey: key.Public(), CSR: csr, TTL: ttl}, tmpl)
 	if err == nil {
-		fillRecord(rec, chain)
-		rec.Outcome = storage.OutcomeOK
+		act.Chain = chain
 	} else {
-		rec.Outcome, rec.Reason = storage.OutcomeFailed, ReasonOf(err)
-		rec.Detail = clip(purpose+": "+err.Error(), 1024)
+		act.Err, act.Detail = err, purpose+": "+err.Error()
 	}
-	rec.Code = Status(err).Code().String()
-	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), is.cfg.AuditTimeout)
-	defer cancel()
-	if aerr := is.cfg.Audit.Append(actx, rec); aerr != nil && err == nil {
-		err = refuse(ErrUnavailable, ReasonAuditDown, fmt.Errorf("audit append: %w", aerr))
+	if _, aerr := is.audit.Record(ctx, act); aerr != nil && err == nil {
+		err = Refuse(ErrUnavailable, ReasonAuditDown, fmt.Errorf("audit append: %w", aerr))
 	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("issue %s: %w", purpose, err)

@@ -37,6 +37,9 @@ const (
 	ReasonSignerError    = "signer.error"
 	ReasonSignerBadChain = "signer.bad_result"
 	ReasonAuditDown      = "audit.unavailable"
+	// ReasonCallerGone: the caller hung up (or its deadline passed) before
+	// the answer; not a failure of the CA, nor counted as a signing error.
+	ReasonCallerGone = "request.cancelled"
 )
 
 // Authenticator proves who the caller is (implemented in package authn).
@@ -69,7 +72,8 @@ type Config struct {
 	// MaxInFlight bounds concurrent calls; beyond it callers get ResourceExhausted
 	// at once instead of queueing (Istio's client sets no deadline). Default 512.
 	MaxInFlight int
-	// AuditTimeout bounds the audit write, which outlives a caller that hung up. Default 5 s.
+	// AuditTimeout bounds each audit write, which outlives a caller that hung
+	// up (see Auditor). Default DefaultAuditTimeout.
 	AuditTimeout time.Duration
 	Now          func() time.Time
 	Rand         io.Reader
@@ -79,6 +83,7 @@ type Config struct {
 // profile → sign → verify the result → audit → respond.
 type Issuer struct {
 	cfg   Config
+	audit *Auditor
 	slots chan struct{}
 	// paths remembers verified issuer paths for CheckIssued's work on each leaf.
 	paths issuerPathCache
@@ -103,7 +108,7 @@ func NewIssuer(cfg Config) (*Issuer, error) {
 		cfg.MaxInFlight = 512
 	}
 	if cfg.AuditTimeout <= 0 {
-		cfg.AuditTimeout = 5 * time.Second
+		cfg.AuditTimeout = DefaultAuditTimeout
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -117,7 +122,24 @@ func NewIssuer(cfg Config) (*Issuer, error) {
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(nil)
 	}
-	return &Issuer{cfg: cfg, slots: make(chan struct{}, cfg.MaxInFlight)}, nil
+	audit := &Auditor{Log: cfg.Audit, Timeout: cfg.AuditTimeout, Now: cfg.Now, Rand: cfg.Rand, Logger: cfg.Logger, Metrics: cfg.Metrics}
+	return &Issuer{cfg: cfg, audit: audit, slots: make(chan struct{}, cfg.MaxInFlight)}, nil
+}
+
+// Auditor returns the auditor of this issuer's audit log, for the operator
+// actions of the admin API.
+func (is *Issuer) Auditor() *Auditor { return is.audit }
+
+// TrustDomain returns the trust domain the issuer grants identities in.
+func (is *Issuer) TrustDomain() spiffeid.TrustDomain { return is.cfg.TrustDomain }
+
+// State returns the CA state requests use now, or a refusal (Unavailable)
+// before the first signer is in use.
+func (is *Issuer) State() (*State, error) {
+	if st := is.cfg.Authority.Current(); st != nil {
+		return st, nil
+	}
+	return nil, Refuse(ErrUnavailable, ReasonNoSigner, errors.New("no active signer"))
 }
 
 // Request is one certificate request, from Istio's API or the admin API.
@@ -167,11 +189,12 @@ func (is *Issuer) Issue(ctx context.Context, req Request) (*Issued, error) {
 	case is.slots <- struct{}{}:
 		m.inFlight.Inc()
 		out, err = is.issue(ctx, req, rec)
+		err = callerGone(ctx, err)
 		<-is.slots
 		m.inFlight.Dec()
 	default:
 		m.overloadRefused.Inc()
-		err = refuse(ErrOverloaded, ReasonOverload, fmt.Errorf("%d requests in flight", is.cfg.MaxInFlight))
+		err = Refuse(ErrOverloaded, ReasonOverload, fmt.Errorf("%d requests in flight", is.cfg.MaxInFlight))
 	}
 	if err == nil {
 		rec.Outcome = storage.OutcomeIssued
@@ -186,14 +209,10 @@ func (is *Issuer) Issue(ctx context.Context, req Request) (*Issued, error) {
 	}
 	rec.Code = Status(err).Code().String()
 
-	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), is.cfg.AuditTimeout)
-	aerr := is.cfg.Audit.Append(actx, rec)
-	cancel()
-	if aerr != nil {
-		m.auditFailures.Inc()
+	if aerr := is.audit.Append(ctx, rec); aerr != nil {
 		is.cfg.Logger.Error("audit append failed; certificate withheld", "request_id", rec.RequestID, "error", aerr)
 		if err == nil {
-			err = refuse(ErrUnavailable, ReasonAuditDown, fmt.Errorf("audit append: %w", aerr))
+			err = Refuse(ErrUnavailable, ReasonAuditDown, fmt.Errorf("audit append: %w", aerr))
 			out = nil
 		}
 	}
@@ -221,6 +240,8 @@ func (is *Issuer) observe(rec *storage.Record, err error, start time.Time) {
 		return
 	case code == codes.Unauthenticated:
 		m.authnFailures.Inc()
+	case code == codes.Canceled || code == codes.DeadlineExceeded:
+		// The caller hung up: no dependency and no signer failed.
 	default:
 		m.signErrors.WithLabelValues(reason).Inc()
 	}
@@ -230,23 +251,18 @@ func (is *Issuer) observe(rec *storage.Record, err error, start time.Time) {
 
 // issue does the work of Issue between admission and audit, filling rec.
 func (is *Issuer) issue(ctx context.Context, req Request, rec *storage.Record) (*Issued, error) {
-	caller, err := is.cfg.Authenticator.Authenticate(ctx)
+	caller, err := is.authenticate(ctx)
 	if err != nil {
 		if f := (*authn.Failure)(nil); errors.As(err, &f) {
 			rec.AuthMethod = f.Method
 		}
-		switch {
-		case errors.Is(err, authn.ErrNoCredentials):
-			return nil, refuse(ErrUnauthenticated, ReasonNoCredentials, err)
-		case errors.Is(err, authn.ErrUnavailable):
-			return nil, refuse(ErrUnavailable, ReasonAuthnDown, err)
-		default:
-			return nil, refuse(ErrUnauthenticated, ReasonAuthnFailed, err)
-		}
+		return nil, err
 	}
 	rec.AuthMethod, rec.Caller = caller.Method, caller.Name
-	if req.OperatorOnly && !caller.Operator {
-		return nil, refuse(ErrPermissionDenied, ReasonNotOperator, fmt.Errorf("%s is not an operator", caller.Name))
+	if req.OperatorOnly {
+		if err := requireOperator(caller); err != nil {
+			return nil, err
+		}
 	}
 
 	requested, err := requestedIdentity(req)
@@ -266,11 +282,11 @@ func (is *Issuer) issue(ctx context.Context, req Request, rec *storage.Record) (
 	}
 	ttl, err := is.cfg.TTL.Grant(req.ValiditySeconds)
 	if err != nil {
-		return nil, refuse(ErrInvalidRequest, ReasonTTL, err)
+		return nil, Refuse(ErrInvalidRequest, ReasonTTL, err)
 	}
-	st := is.cfg.Authority.Current()
-	if st == nil {
-		return nil, refuse(ErrUnavailable, ReasonNoSigner, errors.New("no active signer"))
+	st, err := is.State()
+	if err != nil {
+		return nil, err
 	}
 	rec.Signer = st.Backend
 	chain, err := is.sign(ctx, st, signer.SignRequest{PublicKey: csr.PublicKey, CSR: csr.Raw, Identity: grant, TTL: ttl}, nil)
@@ -288,7 +304,7 @@ func (is *Issuer) sign(ctx context.Context, st *State, sreq signer.SignRequest, 
 	now := is.cfg.Now()
 	serial, err := signer.NewSerial(is.cfg.Rand)
 	if err != nil {
-		return nil, refuse(ErrInternal, ReasonSignerError, err)
+		return nil, Refuse(ErrInternal, ReasonSignerError, err)
 	}
 	if tmpl == nil {
 		tmpl = LeafTemplate(sreq.Identity, sreq.PublicKey, serial, now.Add(-is.cfg.ClockSkew), now.Add(sreq.TTL))
@@ -301,12 +317,12 @@ func (is *Issuer) sign(ctx context.Context, st *State, sreq signer.SignRequest, 
 	chain, err := st.Signer.Sign(ctx, sreq)
 	if err != nil {
 		if errors.Is(err, signer.ErrSignerUnavailable) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
-			return nil, refuse(ErrUnavailable, ReasonSignerDown, err)
+			return nil, Refuse(ErrUnavailable, ReasonSignerDown, err)
 		}
-		return nil, refuse(ErrInternal, ReasonSignerError, err)
+		return nil, Refuse(ErrInternal, ReasonSignerError, err)
 	}
 	if err := is.paths.checkIssued(chain, tmpl, sreq.PublicKey, st.Pool, now); err != nil {
-		return nil, refuse(ErrInternal, ReasonSignerBadChain, err)
+		return nil, Refuse(ErrInternal, ReasonSignerBadChain, err)
 	}
 	is.cfg.Metrics.observeState(st, issuerNotAfter(chain, st))
 	return chain, nil
@@ -316,28 +332,28 @@ func (is *Issuer) sign(ctx context.Context, st *State, sreq signer.SignRequest, 
 func (is *Issuer) scope(ctx context.Context, caller *authn.Caller, requested string) (spiffeid.ID, error) {
 	if requested == "" {
 		if caller.Operator || caller.Identity.IsZero() {
-			return spiffeid.ID{}, refuse(ErrInvalidRequest, ReasonBadIdentity, errors.New("operator credentials must name the identity to issue"))
+			return spiffeid.ID{}, Refuse(ErrInvalidRequest, ReasonBadIdentity, errors.New("operator credentials must name the identity to issue"))
 		}
 		return caller.Identity, nil
 	}
 	id, err := authn.ParseWorkloadID(is.cfg.TrustDomain, requested)
 	if err != nil {
 		if caller.Operator {
-			return spiffeid.ID{}, refuse(ErrInvalidRequest, ReasonBadIdentity, err)
+			return spiffeid.ID{}, Refuse(ErrInvalidRequest, ReasonBadIdentity, err)
 		}
-		return spiffeid.ID{}, refuse(ErrUnauthenticated, ReasonImpersonation, err)
+		return spiffeid.ID{}, Refuse(ErrUnauthenticated, ReasonImpersonation, err)
 	}
 	switch {
 	case caller.Operator, id == caller.Identity:
 		return id, nil
 	case is.cfg.NodeAuthorizer == nil:
-		return spiffeid.ID{}, refuse(ErrUnauthenticated, ReasonImpersonation, fmt.Errorf("caller %s may not impersonate %s", caller.Name, id))
+		return spiffeid.ID{}, Refuse(ErrUnauthenticated, ReasonImpersonation, fmt.Errorf("caller %s may not impersonate %s", caller.Name, id))
 	}
 	if err := is.cfg.NodeAuthorizer.Authorize(ctx, caller, id); err != nil {
 		if errors.Is(err, authn.ErrUnavailable) {
-			return spiffeid.ID{}, refuse(ErrUnavailable, ReasonAuthnDown, err)
+			return spiffeid.ID{}, Refuse(ErrUnavailable, ReasonAuthnDown, err)
 		}
-		return spiffeid.ID{}, refuse(ErrUnauthenticated, ReasonImpersonation, err)
+		return spiffeid.ID{}, Refuse(ErrUnauthenticated, ReasonImpersonation, err)
 	}
 	return id, nil
 }
@@ -354,14 +370,14 @@ func requestedIdentity(req Request) (string, error) {
 	for _, k := range []string{MetaImpersonatedIdentity, MetaCertSigner} {
 		if v, ok := req.Metadata[k]; ok {
 			if _, isString := v.(string); !isString {
-				return "", refuse(ErrInvalidRequest, ReasonMetadata, fmt.Errorf("metadata %q must be a string, got %T", k, v))
+				return "", Refuse(ErrInvalidRequest, ReasonMetadata, fmt.Errorf("metadata %q must be a string, got %T", k, v))
 			}
 		}
 	}
 	imp, _ := req.Metadata[MetaImpersonatedIdentity].(string)
 	switch {
 	case imp != "" && req.Identity != "" && imp != req.Identity:
-		return "", refuse(ErrInvalidRequest, ReasonMetadata, errors.New("two different identities requested"))
+		return "", Refuse(ErrInvalidRequest, ReasonMetadata, errors.New("two different identities requested"))
 	case imp != "":
 		return imp, nil
 	}
@@ -395,17 +411,21 @@ func issuerNotAfter(chain *signer.Chain, st *State) time.Time {
 	return st.EarliestRootExpiry()
 }
 
+// callerGone reclassifies a failure to reach a dependency (signer,
+// authenticator) while the caller's context had already ended: the caller
+// hung up, and that is neither the dependency's fault nor a signing error.
+func callerGone(ctx context.Context, err error) error {
+	var r *Refusal
+	cerr := ctx.Err()
+	if cerr == nil || !errors.As(err, &r) || r.Kind != ErrUnavailable {
+		return err
+	}
+	return Refuse(cerr, ReasonCallerGone, r.Err)
+}
+
 func isTransient(err error) bool {
 	return errors.Is(err, ErrUnavailable) || errors.Is(err, ErrOverloaded) || errors.Is(err, ErrInternal) ||
 		errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
-}
-
-func newRequestID(r io.Reader) string {
-	var b [12]byte
-	if _, err := io.ReadFull(r, b[:]); err != nil {
-		return "unknown"
-	}
-	return hex.EncodeToString(b[:])
 }
 
 // clip bounds attacker-controlled strings before they reach logs and the audit log.

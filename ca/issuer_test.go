@@ -23,6 +23,7 @@ import (
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/adminapi"
 	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/signertest"
 	"github.com/castellan-ca/castellan/storage"
@@ -411,14 +412,15 @@ func TestIssue(t *testing.T) {
 			wantCode: codes.Unavailable, wantReason: ca.ReasonNoSigner,
 			rec: storage.Record{AuthMethod: authn.MethodMTLS, Caller: app, Outcome: storage.OutcomeFailed, Code: "Unavailable",
 				Reason: ca.ReasonNoSigner, GrantedIdentity: app}},
+		// The caller's doing, not the signer's: a reason of its own, and Canceled.
 		{name: "caller hung up: refused but still audited",
 			ctx: func(t *testing.T, h *harness) context.Context {
 				ctx, cancel := context.WithCancel(peerCtx(h.workloadCert(t, appID)))
 				cancel()
 				return ctx
 			},
-			wantCode: codes.Unavailable, wantReason: ca.ReasonSignerDown, wantKind: context.Canceled,
-			rec: signed(mtls(storage.OutcomeFailed, "Unavailable", ca.ReasonSignerDown, "", app))},
+			wantCode: codes.Canceled, wantReason: ca.ReasonCallerGone, wantKind: context.Canceled,
+			rec: signed(mtls(storage.OutcomeFailed, "Canceled", ca.ReasonCallerGone, "", app))},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -715,7 +717,7 @@ func TestIssueAuditFieldsValidUTF8(t *testing.T) {
 	if len(rec.ClusterID) > 253 || len(rec.ClusterID) < 252 {
 		t.Errorf("cluster id clipped to %d bytes", len(rec.ClusterID))
 	}
-	if _, err := proto.Marshal(ca.RecordToProto(&rec)); err != nil {
+	if _, err := proto.Marshal(adminapi.RecordToProto(&rec)); err != nil {
 		t.Errorf("record cannot be served by the admin API: %v", err)
 	}
 }

@@ -21,6 +21,8 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/admin"
+	"github.com/castellan-ca/castellan/ca/adminapi"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
 	"github.com/castellan-ca/castellan/signer"
@@ -44,9 +46,8 @@ func startServer(t *testing.T) *grpcCA {
 		grpc.Creds(credentials.NewTLS(&tls.Config{GetCertificate: sc.GetCertificate, ClientAuth: tls.RequestClientCert, MinVersion: tls.VersionTLS12})),
 		grpc.MaxRecvMsgSize(64<<10),
 	)
-	s := &ca.Server{Issuer: h.issuer, Audit: h.store}
-	authpb.RegisterIstioCertificateServiceServer(srv, s)
-	adminpb.RegisterAdminServiceServer(srv, s)
+	authpb.RegisterIstioCertificateServiceServer(srv, &ca.Server{Issuer: h.issuer})
+	adminpb.RegisterAdminServiceServer(srv, &admin.Server{Issuer: h.issuer, Audit: h.store})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -232,7 +233,7 @@ func TestServerAdmin(t *testing.T) {
 				want = r
 			}
 		}
-		if got := ca.RecordFromProto(list.Records[0]); got.Hash != want.Hash || got.ComputeHash() != want.Hash {
+		if got := adminapi.RecordFromProto(list.Records[0]); got.Hash != want.Hash || got.ComputeHash() != want.Hash {
 			t.Errorf("record does not survive the admin API intact: hash %q recomputed %q, stored %q", got.Hash, got.ComputeHash(), want.Hash)
 		}
 

@@ -23,7 +23,9 @@ func (r *Refusal) Error() string { return r.Reason + ": " + r.Err.Error() }
 // Unwrap exposes both the kind and the cause to errors.Is/As.
 func (r *Refusal) Unwrap() []error { return []error{r.Kind, r.Err} }
 
-func refuse(kind error, reason string, err error) error {
+// Refuse classifies err: kind (one of the Err* sentinels) picks the gRPC code
+// and reason is the audit reason code.
+func Refuse(kind error, reason string, err error) error {
 	return &Refusal{Kind: kind, Reason: reason, Err: err}
 }
 
@@ -37,7 +39,7 @@ func ReasonOf(err error) string {
 		return r.Reason
 	}
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
-		return "request.cancelled"
+		return ReasonCallerGone
 	}
 	return "internal"
 }

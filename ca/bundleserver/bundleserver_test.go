@@ -17,6 +17,7 @@ import (
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/adminapi"
 	"github.com/castellan-ca/castellan/ca/rotation"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
@@ -101,7 +102,7 @@ func TestSPIFFEAuth(t *testing.T) {
 	}{
 		{"current root", func(*testing.T) {}},
 		{"prepared root is served as soon as it exists", func(t *testing.T) {
-			if _, err := m.Rotate(ctx, ca.RotateRequest{Step: ca.StepPrepare, Target: ca.TargetRoot, Caller: "test"}); err != nil {
+			if _, err := m.Rotate(ctx, adminapi.RotateRequest{Step: adminapi.StepPrepare, Target: adminapi.TargetRoot, Caller: "test"}); err != nil {
 				t.Fatal(err)
 			}
 		}},

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/adminapi"
 	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
@@ -127,11 +128,11 @@ func newHarnessIn(t *testing.T, dir string, store Store, clk *clock, opts ...opt
 }
 
 // rotate runs one operator step.
-func (h *harness) rotate(step, target string, force bool) (*ca.RotationStatus, error) {
-	return h.m.Rotate(context.Background(), ca.RotateRequest{Step: step, Target: target, Force: force, Caller: "spiffe://example.org/castellan/operator"})
+func (h *harness) rotate(step, target string, force bool) (*adminapi.RotationStatus, error) {
+	return h.m.Rotate(context.Background(), adminapi.RotateRequest{Step: step, Target: target, Force: force, Caller: "spiffe://example.org/castellan/operator"})
 }
 
-func (h *harness) mustRotate(t *testing.T, step, target string, force bool) *ca.RotationStatus {
+func (h *harness) mustRotate(t *testing.T, step, target string, force bool) *adminapi.RotationStatus {
 	t.Helper()
 	st, err := h.rotate(step, target, force)
 	if err != nil {
@@ -195,7 +196,7 @@ func (h *harness) issuerID(t *testing.T) string {
 }
 
 // ca returns the status of the CA with key id, failing if absent.
-func findCA(t *testing.T, st *ca.RotationStatus, id string) ca.CAStatus {
+func findCA(t *testing.T, st *adminapi.RotationStatus, id string) adminapi.CAStatus {
 	t.Helper()
 	for _, c := range st.CAs {
 		if c.KeyID == id {
@@ -203,13 +204,13 @@ func findCA(t *testing.T, st *ca.RotationStatus, id string) ca.CAStatus {
 		}
 	}
 	t.Fatalf("CA %s not in status", id)
-	return ca.CAStatus{}
+	return adminapi.CAStatus{}
 }
 
 // only returns the single CA of role in phase.
-func only(t *testing.T, st *ca.RotationStatus, role, phase string) ca.CAStatus {
+func only(t *testing.T, st *adminapi.RotationStatus, role, phase string) adminapi.CAStatus {
 	t.Helper()
-	var out []ca.CAStatus
+	var out []adminapi.CAStatus
 	for _, c := range st.CAs {
 		if c.Role == role && c.Phase == phase {
 			out = append(out, c)
@@ -221,7 +222,7 @@ func only(t *testing.T, st *ca.RotationStatus, role, phase string) ca.CAStatus {
 	return out[0]
 }
 
-func (h *harness) status(t *testing.T) *ca.RotationStatus {
+func (h *harness) status(t *testing.T) *adminapi.RotationStatus {
 	t.Helper()
 	st, err := h.m.Status(context.Background())
 	if err != nil {

@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/adminapi"
 	"github.com/castellan-ca/castellan/internal/atomicfile"
 	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
@@ -72,6 +73,8 @@ type Config struct {
 	Store Store
 	// Audit records every phase change, refusal and forced step.
 	Audit ca.AuditLog
+	// AuditTimeout bounds each audit write; zero means ca.DefaultAuditTimeout.
+	AuditTimeout time.Duration
 	// TrustDomain names generated CAs (O=<td>, URI SAN spiffe://<td>).
 	TrustDomain spiffeid.TrustDomain
 	// Backend is selfsigned.Backend (Castellan holds the keys and rotates
@@ -107,9 +110,10 @@ type Config struct {
 	Rand io.Reader
 }
 
-// Manager runs the rotation workflow of one replica. It implements ca.Rotation.
+// Manager runs the rotation workflow of one replica. It implements admin.Rotation.
 type Manager struct {
-	cfg Config
+	cfg   Config
+	audit *ca.Auditor
 
 	mu          sync.Mutex    // serialises apply and the fields below
 	applied     string        // fingerprint of what the Authority uses
@@ -122,8 +126,6 @@ type Manager struct {
 	depMu    sync.Mutex
 	reserved map[string]time.Time // dependents bounds this replica has stored
 }
-
-var _ ca.Rotation = (*Manager)(nil)
 
 // New checks cfg and fills defaults.
 func New(cfg Config) (*Manager, error) {
@@ -161,7 +163,8 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.Rand == nil {
 		cfg.Rand = rand.Reader
 	}
-	return &Manager{cfg: cfg, keys: map[string]crypto.Signer{}, reserved: map[string]time.Time{}}, nil
+	audit := &ca.Auditor{Log: cfg.Audit, Timeout: cfg.AuditTimeout, Now: cfg.Now, Rand: cfg.Rand, Logger: cfg.Logger}
+	return &Manager{cfg: cfg, audit: audit, keys: map[string]crypto.Signer{}, reserved: map[string]time.Time{}}, nil
 }
 
 // now is the clock, in UTC at the store's precision (PostgreSQL keeps
@@ -468,7 +471,7 @@ func (m *Manager) Follow(ctx context.Context) {
 }
 
 // Status reports the shared rotation state.
-func (m *Manager) Status(ctx context.Context) (*ca.RotationStatus, error) {
+func (m *Manager) Status(ctx context.Context) (*adminapi.RotationStatus, error) {
 	v, err := m.load(ctx)
 	if err != nil {
 		return nil, err

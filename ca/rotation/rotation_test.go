@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/adminapi"
 	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
@@ -117,7 +118,7 @@ func TestRootRotation(t *testing.T) {
 			before := h.issue(t)
 
 			n := h.audit.len()
-			st := h.mustRotate(t, ca.StepPrepare, ca.TargetRoot, false)
+			st := h.mustRotate(t, adminapi.StepPrepare, adminapi.TargetRoot, false)
 			newRoot := only(t, st, storage.RoleRoot, storage.PhasePrepared)
 			if got := h.bundleIDs(); !slices.Equal(got, []string{oldRoot, newRoot.KeyID}) {
 				t.Errorf("bundle after prepare %v, want [old, new]", got)
@@ -134,7 +135,7 @@ func TestRootRotation(t *testing.T) {
 			}
 
 			h.clock.Advance(window)
-			st = h.mustRotate(t, ca.StepActivate, ca.TargetRoot, false)
+			st = h.mustRotate(t, adminapi.StepActivate, adminapi.TargetRoot, false)
 			issuing := issuingCA(t, st)
 			if issuing.RootKeyID != newRoot.KeyID || issuing.KeyID == oldIssuer {
 				t.Errorf("issuing CA %s under root %s, want a new CA under %s", issuing.KeyID, issuing.RootKeyID, newRoot.KeyID)
@@ -152,10 +153,10 @@ func TestRootRotation(t *testing.T) {
 			}
 
 			// Retirement waits for the old root's last leaf.
-			_, err := h.rotate(ca.StepRetire, ca.TargetRoot, false)
+			_, err := h.rotate(adminapi.StepRetire, adminapi.TargetRoot, false)
 			wantRefused(t, err, "has certificates chaining to it until")
 			h.clock.Advance(leafTTL + time.Hour)
-			st = h.mustRotate(t, ca.StepRetire, ca.TargetRoot, false)
+			st = h.mustRotate(t, adminapi.StepRetire, adminapi.TargetRoot, false)
 			if got := h.bundleIDs(); !slices.Equal(got, []string{newRoot.KeyID}) {
 				t.Errorf("bundle after retire %v, want only the new root %s", got, newRoot.KeyID)
 			}
@@ -197,7 +198,7 @@ func issuerCert(c *signer.Chain, st *ca.State) *x509.Certificate {
 	return nil
 }
 
-func issuingCA(t *testing.T, st *ca.RotationStatus) ca.CAStatus {
+func issuingCA(t *testing.T, st *adminapi.RotationStatus) adminapi.CAStatus {
 	t.Helper()
 	for _, c := range st.CAs {
 		if c.Issuing {
@@ -205,7 +206,7 @@ func issuingCA(t *testing.T, st *ca.RotationStatus) ca.CAStatus {
 		}
 	}
 	t.Fatalf("no issuing CA in %+v", st.CAs)
-	return ca.CAStatus{}
+	return adminapi.CAStatus{}
 }
 
 // TestIntermediateRotation rotates the intermediate under the same root: the
@@ -216,15 +217,15 @@ func TestIntermediateRotation(t *testing.T) {
 	oldInter := h.issuerID(t)
 	before := h.issue(t)
 
-	st := h.mustRotate(t, ca.StepPrepare, ca.TargetIntermediate, false)
+	st := h.mustRotate(t, adminapi.StepPrepare, adminapi.TargetIntermediate, false)
 	next := only(t, st, storage.RoleIntermediate, storage.PhasePrepared)
 	if next.RootKeyID != bundle[0] {
 		t.Errorf("new intermediate under %s, want the active root %s", next.RootKeyID, bundle[0])
 	}
-	_, err := h.rotate(ca.StepActivate, ca.TargetIntermediate, false)
+	_, err := h.rotate(adminapi.StepActivate, adminapi.TargetIntermediate, false)
 	wantRefused(t, err, "propagation window")
 	h.clock.Advance(window)
-	h.mustRotate(t, ca.StepActivate, ca.TargetIntermediate, false)
+	h.mustRotate(t, adminapi.StepActivate, adminapi.TargetIntermediate, false)
 	after := h.issue(t)
 	if got := h.issuerIDOf(after); got != next.KeyID {
 		t.Errorf("issued by %s, want the new intermediate %s", got, next.KeyID)
@@ -235,10 +236,10 @@ func TestIntermediateRotation(t *testing.T) {
 	if err := h.verifies(before); err != nil {
 		t.Errorf("leaf of the old intermediate stopped verifying: %v", err)
 	}
-	_, err = h.rotate(ca.StepRetire, ca.TargetIntermediate, false)
+	_, err = h.rotate(adminapi.StepRetire, adminapi.TargetIntermediate, false)
 	wantRefused(t, err, "intermediate "+oldInter)
 	h.clock.Advance(leafTTL + time.Hour)
-	st = h.mustRotate(t, ca.StepRetire, ca.TargetIntermediate, false)
+	st = h.mustRotate(t, adminapi.StepRetire, adminapi.TargetIntermediate, false)
 	if c := findCA(t, st, oldInter); c.Phase != storage.PhaseRetired {
 		t.Errorf("old intermediate is %s, want retired", c.Phase)
 	}
@@ -249,10 +250,10 @@ func TestNewKeysEveryTime(t *testing.T) {
 	h := newHarness(t, nil, nil, withIntermediates)
 	seen := map[string]bool{}
 	for range 3 {
-		for _, target := range []string{ca.TargetRoot, ca.TargetIntermediate} {
-			h.mustRotate(t, ca.StepPrepare, target, false)
+		for _, target := range []string{adminapi.TargetRoot, adminapi.TargetIntermediate} {
+			h.mustRotate(t, adminapi.StepPrepare, target, false)
 			h.clock.Advance(window)
-			h.mustRotate(t, ca.StepActivate, target, false)
+			h.mustRotate(t, adminapi.StepActivate, target, false)
 		}
 	}
 	st := h.status(t)
@@ -276,33 +277,33 @@ func TestRefusals(t *testing.T) {
 		step, target string
 		want         string
 	}{
-		{"activate with nothing prepared", nil, nil, ca.StepActivate, ca.TargetRoot, "no root is prepared"},
+		{"activate with nothing prepared", nil, nil, adminapi.StepActivate, adminapi.TargetRoot, "no root is prepared"},
 		{"activate before the propagation window", nil, func(t *testing.T, h *harness) {
-			h.mustRotate(t, ca.StepPrepare, ca.TargetRoot, false)
+			h.mustRotate(t, adminapi.StepPrepare, adminapi.TargetRoot, false)
 			h.clock.Advance(window - time.Second)
-		}, ca.StepActivate, ca.TargetRoot, "propagation window 1h0m0s"},
+		}, adminapi.StepActivate, adminapi.TargetRoot, "propagation window 1h0m0s"},
 		{"prepare twice", nil, func(t *testing.T, h *harness) {
-			h.mustRotate(t, ca.StepPrepare, ca.TargetRoot, false)
-		}, ca.StepPrepare, ca.TargetRoot, "is already prepared"},
-		{"retire with nothing previous", nil, nil, ca.StepRetire, ca.TargetRoot, "no previous root"},
+			h.mustRotate(t, adminapi.StepPrepare, adminapi.TargetRoot, false)
+		}, adminapi.StepPrepare, adminapi.TargetRoot, "is already prepared"},
+		{"retire with nothing previous", nil, nil, adminapi.StepRetire, adminapi.TargetRoot, "no previous root"},
 		{"retire while leaves live", nil, func(t *testing.T, h *harness) {
 			h.issue(t)
-			h.mustRotate(t, ca.StepPrepare, ca.TargetRoot, false)
+			h.mustRotate(t, adminapi.StepPrepare, adminapi.TargetRoot, false)
 			h.clock.Advance(window)
-			h.mustRotate(t, ca.StepActivate, ca.TargetRoot, false)
-		}, ca.StepRetire, ca.TargetRoot, "retiring now breaks them"},
+			h.mustRotate(t, adminapi.StepActivate, adminapi.TargetRoot, false)
+		}, adminapi.StepRetire, adminapi.TargetRoot, "retiring now breaks them"},
 		{"retire right after activation, before followers catch up", nil, func(t *testing.T, h *harness) {
-			h.mustRotate(t, ca.StepPrepare, ca.TargetRoot, false)
+			h.mustRotate(t, adminapi.StepPrepare, adminapi.TargetRoot, false)
 			h.clock.Advance(window)
-			h.mustRotate(t, ca.StepActivate, ca.TargetRoot, false)
-		}, ca.StepRetire, ca.TargetRoot, "replicas may still be issuing under it"},
-		{"intermediate without an intermediate layer", nil, nil, ca.StepPrepare, ca.TargetIntermediate, "no intermediate layer"},
+			h.mustRotate(t, adminapi.StepActivate, adminapi.TargetRoot, false)
+		}, adminapi.StepRetire, adminapi.TargetRoot, "replicas may still be issuing under it"},
+		{"intermediate without an intermediate layer", nil, nil, adminapi.StepPrepare, adminapi.TargetIntermediate, "no intermediate layer"},
 		{"intermediate under a prepared root", []option{withIntermediates}, func(t *testing.T, h *harness) {
-			h.mustRotate(t, ca.StepPrepare, ca.TargetRoot, false)
+			h.mustRotate(t, adminapi.StepPrepare, adminapi.TargetRoot, false)
 			h.clock.Advance(window)
-		}, ca.StepActivate, ca.TargetIntermediate, "activate the root"},
-		{"unknown target", nil, nil, ca.StepPrepare, "leaf", `unknown target "leaf"`},
-		{"unknown step", nil, nil, "rollback", ca.TargetRoot, `unknown step "rollback"`},
+		}, adminapi.StepActivate, adminapi.TargetIntermediate, "activate the root"},
+		{"unknown target", nil, nil, adminapi.StepPrepare, "leaf", `unknown target "leaf"`},
+		{"unknown step", nil, nil, "rollback", adminapi.TargetRoot, `unknown step "rollback"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := newHarness(t, nil, nil, tc.opts...)
@@ -320,7 +321,7 @@ func TestRefusals(t *testing.T) {
 				t.Errorf("a refused step changed the bundle")
 			}
 			recs := h.audit.since(n)
-			if len(recs) != 1 || recs[0].Outcome != storage.OutcomeRefused || recs[0].Reason != ca.ReasonRotationRefused ||
+			if len(recs) != 1 || recs[0].Outcome != storage.OutcomeRefused || recs[0].Reason != adminapi.ReasonRotationRefused ||
 				recs[0].Code != "FailedPrecondition" || !strings.Contains(recs[0].Detail, tc.want) {
 				t.Errorf("audit of the refusal: %+v", recs)
 			}
@@ -331,8 +332,8 @@ func TestRefusals(t *testing.T) {
 // TestRefusedForIntermediateBackend: the operator's files decide the chain.
 func TestRefusedForIntermediateBackend(t *testing.T) {
 	h := newExternal(t, nil)
-	for _, step := range []string{ca.StepPrepare, ca.StepActivate} {
-		_, err := h.rotate(step, ca.TargetRoot, true)
+	for _, step := range []string{adminapi.StepPrepare, adminapi.StepActivate} {
+		_, err := h.rotate(step, adminapi.TargetRoot, true)
 		wantRefused(t, err, "comes from its files")
 	}
 }
@@ -341,10 +342,10 @@ func TestRefusedForIntermediateBackend(t *testing.T) {
 func TestForce(t *testing.T) {
 	h := newHarness(t, nil, nil)
 	before := h.issue(t)
-	h.mustRotate(t, ca.StepPrepare, ca.TargetRoot, false)
+	h.mustRotate(t, adminapi.StepPrepare, adminapi.TargetRoot, false)
 
 	n := h.audit.len()
-	st := h.mustRotate(t, ca.StepActivate, ca.TargetRoot, true)
+	st := h.mustRotate(t, adminapi.StepActivate, adminapi.TargetRoot, true)
 	if !strings.Contains(st.Summary, "forced past") {
 		t.Errorf("summary %q does not say it was forced", st.Summary)
 	}
@@ -356,7 +357,7 @@ func TestForce(t *testing.T) {
 	}
 
 	n = h.audit.len()
-	h.mustRotate(t, ca.StepRetire, ca.TargetRoot, true)
+	h.mustRotate(t, adminapi.StepRetire, adminapi.TargetRoot, true)
 	recs = h.audit.since(n)
 	if len(recs) != 1 || recs[0].Reason != ReasonForced || !strings.Contains(recs[0].Detail, "retiring now breaks them") {
 		t.Errorf("audit of a forced retirement: %+v", recs)
@@ -371,7 +372,7 @@ func TestAuditFailureStopsTheStep(t *testing.T) {
 	h := newHarness(t, nil, nil)
 	h.audit.fail = errors.New("audit store down")
 	before, _ := h.store.Load(context.Background())
-	if _, err := h.rotate(ca.StepPrepare, ca.TargetRoot, false); err == nil || errors.Is(err, ca.ErrPrecondition) {
+	if _, err := h.rotate(adminapi.StepPrepare, adminapi.TargetRoot, false); err == nil || errors.Is(err, ca.ErrPrecondition) {
 		t.Fatalf("prepare with the audit log down: %v, want a storage error", err)
 	}
 	if after, _ := h.store.Load(context.Background()); after.Version != before.Version {

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/adminapi"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
 )
@@ -73,33 +74,33 @@ func (m *Manager) Tick(ctx context.Context) error {
 }
 
 // due returns the first step due at now, or nil.
-func (m *Manager) due(v *view, now time.Time) (*ca.RotateRequest, string) {
-	step := func(s, target string) *ca.RotateRequest {
-		return &ca.RotateRequest{Step: s, Target: target, Caller: scheduleCaller}
+func (m *Manager) due(v *view, now time.Time) (*adminapi.RotateRequest, string) {
+	step := func(s, target string) *adminapi.RotateRequest {
+		return &adminapi.RotateRequest{Step: s, Target: target, Caller: scheduleCaller}
 	}
 	for _, e := range v.all("", "", storage.PhasePrevious) {
 		// Managed CAs follow the schedule; external ones always leave once
 		// unused: the operator already replaced them in the files.
 		if at, _ := m.retireAt(v, e); (m.cfg.Schedule || e.Source == storage.SourceExternal) && !now.Before(at) {
-			return step(ca.StepRetire, e.Role), e.KeyID
+			return step(adminapi.StepRetire, e.Role), e.KeyID
 		}
 	}
 	if !m.cfg.Schedule || m.cfg.Backend != selfsigned.Backend {
 		return nil, ""
 	}
-	for _, target := range []string{ca.TargetRoot, ca.TargetIntermediate} {
-		if target == ca.TargetIntermediate && m.cfg.IntermediateLifetime == 0 {
+	for _, target := range []string{adminapi.TargetRoot, adminapi.TargetIntermediate} {
+		if target == adminapi.TargetIntermediate && m.cfg.IntermediateLifetime == 0 {
 			continue
 		}
 		if p := v.managed(target, storage.PhasePrepared); p != nil {
 			root := v.byID(p.RootID)
-			if !now.Before(m.activateAt(p)) && (target == ca.TargetRoot || (root != nil && root.Phase == storage.PhaseActive)) {
-				return step(ca.StepActivate, target), ""
+			if !now.Before(m.activateAt(p)) && (target == adminapi.TargetRoot || (root != nil && root.Phase == storage.PhaseActive)) {
+				return step(adminapi.StepActivate, target), ""
 			}
 			continue
 		}
 		if a := v.managed(target, storage.PhaseActive); a != nil && !now.Before(m.prepareAt(a)) {
-			return step(ca.StepPrepare, target), ""
+			return step(adminapi.StepPrepare, target), ""
 		}
 	}
 	return nil, ""

@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/adminapi"
 	"github.com/castellan-ca/castellan/signer/intermediate"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/storage"
@@ -34,7 +34,7 @@ func TestSchedule(t *testing.T) {
 	if !root.NextStepAt.Equal(prepareAt) {
 		t.Errorf("status NextStepAt %v, want the scheduled prepare %v", root.NextStepAt, prepareAt)
 	}
-	tick := func() *ca.RotationStatus {
+	tick := func() *adminapi.RotationStatus {
 		t.Helper()
 		if err := h.m.Tick(ctx); err != nil {
 			t.Fatalf("Tick: %v", err)
@@ -79,7 +79,7 @@ func TestSchedule(t *testing.T) {
 			reasons = append(reasons, strings.Fields(r.Detail)[2])
 		}
 	}
-	if !slices.Equal(reasons, []string{ca.StepPrepare, ca.StepActivate, ca.StepRetire}) {
+	if !slices.Equal(reasons, []string{adminapi.StepPrepare, adminapi.StepActivate, adminapi.StepRetire}) {
 		t.Errorf("scheduled steps audited: %v", reasons)
 	}
 }
@@ -94,9 +94,9 @@ func TestFollower(t *testing.T) {
 	}
 	ctx := context.Background()
 	for _, s := range []struct{ step, target string }{
-		{ca.StepPrepare, ca.TargetRoot}, {ca.StepActivate, ca.TargetRoot},
-		{ca.StepPrepare, ca.TargetIntermediate}, {ca.StepActivate, ca.TargetIntermediate},
-		{ca.StepRetire, ca.TargetIntermediate}, {ca.StepRetire, ca.TargetRoot},
+		{adminapi.StepPrepare, adminapi.TargetRoot}, {adminapi.StepActivate, adminapi.TargetRoot},
+		{adminapi.StepPrepare, adminapi.TargetIntermediate}, {adminapi.StepActivate, adminapi.TargetIntermediate},
+		{adminapi.StepRetire, adminapi.TargetIntermediate}, {adminapi.StepRetire, adminapi.TargetRoot},
 	} {
 		leader.clock.Advance(leafTTL + window) // past the window and the leaves issuerID makes
 		leader.mustRotate(t, s.step, s.target, false)
@@ -110,7 +110,7 @@ func TestFollower(t *testing.T) {
 		if f, l := follower.issuerID(t), leader.issuerID(t); f != l {
 			t.Errorf("after %s %s: follower issues with %s, leader with %s", s.step, s.target, f, l)
 		}
-		if s.target == ca.TargetRoot || s.step == ca.StepActivate {
+		if s.target == adminapi.TargetRoot || s.step == adminapi.StepActivate {
 			if follower.authority.Current().Generation == gen {
 				t.Errorf("after %s %s: follower authority unchanged", s.step, s.target)
 			}
@@ -277,7 +277,7 @@ func TestExternalChainChange(t *testing.T) {
 		t.Errorf("reloading the same chain: %v, %d new records", err, h.audit.len()-n)
 	}
 
-	_, err := h.rotate(ca.StepRetire, ca.TargetRoot, false)
+	_, err := h.rotate(adminapi.StepRetire, adminapi.TargetRoot, false)
 	wantRefused(t, err, "root "+keyID(a.root)+" has certificates chaining to it")
 	if err := h.m.Tick(ctx); err != nil {
 		t.Fatal(err)

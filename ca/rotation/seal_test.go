@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/adminapi"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
 )
@@ -133,7 +134,7 @@ func TestKeysEncryptedAtRest(t *testing.T) {
 	if recs := h.audit.since(0); len(recs) != 1 || !strings.Contains(recs[0].Detail, "sealed key of") {
 		t.Errorf("setting a KEK did not reseal the stored keys: %+v", recs)
 	}
-	h.mustRotate(t, ca.StepPrepare, ca.TargetRoot, false)
+	h.mustRotate(t, adminapi.StepPrepare, adminapi.TargetRoot, false)
 	h.issue(t)
 
 	st, err := h.store.Load(context.Background())

@@ -6,7 +6,7 @@ import (
 	"slices"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/adminapi"
 	"github.com/castellan-ca/castellan/storage"
 )
 
@@ -163,8 +163,8 @@ func (m *Manager) prepareAt(e *entry) time.Time {
 }
 
 // status renders v for operators.
-func (m *Manager) status(v *view) *ca.RotationStatus {
-	st := &ca.RotationStatus{Backend: m.cfg.Backend, Version: v.version, PropagationWindow: m.cfg.PropagationWindow, Schedule: m.cfg.Schedule}
+func (m *Manager) status(v *view) *adminapi.RotationStatus {
+	st := &adminapi.RotationStatus{Backend: m.cfg.Backend, Version: v.version, PropagationWindow: m.cfg.PropagationWindow, Schedule: m.cfg.Schedule}
 	issuer := m.issuerKeyID(v)
 	order := slices.Clone(v.cas)
 	slices.SortStableFunc(order, func(a, b *entry) int {
@@ -177,7 +177,7 @@ func (m *Manager) status(v *view) *ca.RotationStatus {
 		return a.cert.NotBefore.Compare(b.cert.NotBefore)
 	})
 	for _, e := range order {
-		cs := ca.CAStatus{KeyID: e.KeyID, RootKeyID: e.RootID, Role: e.Role, Source: e.Source, Phase: e.Phase,
+		cs := adminapi.CAStatus{KeyID: e.KeyID, RootKeyID: e.RootID, Role: e.Role, Source: e.Source, Phase: e.Phase,
 			Subject: e.cert.Subject.String(), NotBefore: e.cert.NotBefore, NotAfter: e.cert.NotAfter,
 			PreparedAt: e.PreparedAt, ActivatedAt: e.ActivatedAt, DeactivatedAt: e.DeactivatedAt, RetiredAt: e.RetiredAt,
 			DependentsUntil: v.dependentsUntil(e), Issuing: e.KeyID == issuer && e.Phase == storage.PhaseActive}

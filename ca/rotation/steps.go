@@ -3,14 +3,13 @@ package rotation
 import (
 	"context"
 	"crypto"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"strings"
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/adminapi"
 	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
@@ -24,11 +23,8 @@ const (
 	ReasonReload    = "ca.reload"        // the cacerts files changed
 )
 
-// Callers named in audit records of steps Castellan takes itself.
-const (
-	internalCaller = "castellan"
-	scheduleCaller = "castellan (schedule)"
-)
+// scheduleCaller names the schedule in the audit records of its steps.
+const scheduleCaller = "castellan (schedule)"
 
 // refusal is a step refused in the current state; it matches ca.ErrPrecondition
 // and its message is shown to the operator as is.
@@ -50,12 +46,12 @@ type change struct {
 // Rotate runs one step for an operator (ca.Rotation). The step is audited
 // before it is saved, so no phase changes without a record; a refusal is
 // audited too.
-func (m *Manager) Rotate(ctx context.Context, req ca.RotateRequest) (*ca.RotationStatus, error) {
+func (m *Manager) Rotate(ctx context.Context, req adminapi.RotateRequest) (*adminapi.RotationStatus, error) {
 	return m.rotate(ctx, req, "")
 }
 
 // rotate runs req; keyID limits a retire to one CA (the schedule's use).
-func (m *Manager) rotate(ctx context.Context, req ca.RotateRequest, keyID string) (*ca.RotationStatus, error) {
+func (m *Manager) rotate(ctx context.Context, req adminapi.RotateRequest, keyID string) (*adminapi.RotationStatus, error) {
 	method := "operator"
 	if req.Caller == scheduleCaller {
 		method = "internal"
@@ -68,8 +64,8 @@ func (m *Manager) rotate(ctx context.Context, req ca.RotateRequest, keyID string
 		ch, err := m.plan(v, req, keyID, m.now())
 		if err != nil {
 			if errors.Is(err, ca.ErrPrecondition) {
-				m.record(ctx, auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeRefused,
-					reason: ca.ReasonRotationRefused, detail: describe(req) + ": refused: " + err.Error()})
+				_ = m.record(ctx, auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeRefused,
+					reason: adminapi.ReasonRotationRefused, detail: describe(req) + ": refused: " + err.Error(), err: err})
 			}
 			return nil, err
 		}
@@ -97,7 +93,7 @@ func (m *Manager) rotate(ctx context.Context, req ca.RotateRequest, keyID string
 	return nil, fmt.Errorf("rotation: %s: %w", req.Step, storage.ErrConflict)
 }
 
-func describe(req ca.RotateRequest) string {
+func describe(req adminapi.RotateRequest) string {
 	s := "ca rotate " + req.Step + " " + req.Target
 	if req.Force {
 		s += " --force"
@@ -106,26 +102,26 @@ func describe(req ca.RotateRequest) string {
 }
 
 // plan decides a step on v without side effects beyond generating keys.
-func (m *Manager) plan(v *view, req ca.RotateRequest, keyID string, now time.Time) (*change, error) {
-	if req.Target != ca.TargetRoot && req.Target != ca.TargetIntermediate {
-		return nil, refused("unknown target %q: want %s or %s", req.Target, ca.TargetRoot, ca.TargetIntermediate)
+func (m *Manager) plan(v *view, req adminapi.RotateRequest, keyID string, now time.Time) (*change, error) {
+	if req.Target != adminapi.TargetRoot && req.Target != adminapi.TargetIntermediate {
+		return nil, refused("unknown target %q: want %s or %s", req.Target, adminapi.TargetRoot, adminapi.TargetIntermediate)
 	}
 	switch req.Step {
-	case ca.StepPrepare, ca.StepActivate:
+	case adminapi.StepPrepare, adminapi.StepActivate:
 		if m.cfg.Backend != selfsigned.Backend {
 			return nil, refused("the %s backend's CA comes from its files: put the new chain into cacerts (add a new root to root-cert.pem first, so that it propagates before the chain under it is used); old roots stay trusted until their certificates expire", m.cfg.Backend)
 		}
-		if req.Target == ca.TargetIntermediate && m.cfg.IntermediateLifetime == 0 {
+		if req.Target == adminapi.TargetIntermediate && m.cfg.IntermediateLifetime == 0 {
 			return nil, refused("there is no intermediate layer: the root signs workload certificates (set intermediateLifetime to issue through an intermediate)")
 		}
-		if req.Step == ca.StepPrepare {
+		if req.Step == adminapi.StepPrepare {
 			return m.prepare(v, req.Target, now)
 		}
 		return m.activate(v, req.Target, req.Force, now)
-	case ca.StepRetire:
+	case adminapi.StepRetire:
 		return m.retire(v, req.Target, keyID, req.Force, now)
 	}
-	return nil, refused("unknown step %q: want %s, %s or %s", req.Step, ca.StepPrepare, ca.StepActivate, ca.StepRetire)
+	return nil, refused("unknown step %q: want %s, %s or %s", req.Step, adminapi.StepPrepare, adminapi.StepActivate, adminapi.StepRetire)
 }
 
 func (m *Manager) prepare(v *view, target string, now time.Time) (*change, error) {
@@ -137,7 +133,7 @@ func (m *Manager) prepare(v *view, target string, now time.Time) (*change, error
 	if root == nil {
 		return nil, refused("there is no active root")
 	}
-	if target == ca.TargetIntermediate {
+	if target == adminapi.TargetIntermediate {
 		rootKey, err := m.key(root)
 		if err != nil {
 			return nil, err
@@ -177,7 +173,7 @@ func (m *Manager) activate(v *view, target string, force bool, now time.Time) (*
 		return nil, refused("no %s is prepared: run prepare first", target)
 	}
 	root := n.byID(p.RootID)
-	if target == ca.TargetIntermediate && (root == nil || root.Phase != storage.PhaseActive) {
+	if target == adminapi.TargetIntermediate && (root == nil || root.Phase != storage.PhaseActive) {
 		return nil, refused("intermediate %s is under root %s, which is not active: activate the root", p.KeyID, p.RootID)
 	}
 	ch := &change{next: n}
@@ -201,7 +197,7 @@ func (m *Manager) activate(v *view, target string, force bool, now time.Time) (*
 		}
 	}
 	oldInter := n.managed(storage.RoleIntermediate, storage.PhaseActive)
-	if target == ca.TargetRoot {
+	if target == adminapi.TargetRoot {
 		oldRoot := n.managed(storage.RoleRoot, storage.PhaseActive)
 		demote(oldRoot)
 		promote(p)
@@ -271,7 +267,7 @@ func (m *Manager) retire(v *view, target, only string, force bool, now time.Time
 		}
 	}
 	ch.summary = "retired " + strings.Join(did, ", ")
-	if target == ca.TargetRoot {
+	if target == adminapi.TargetRoot {
 		ch.summary += " (removed from the trust bundle)"
 	}
 	return ch, nil
@@ -294,51 +290,28 @@ func (m *Manager) commit(ctx context.Context, v, next *view, e auditEntry) error
 	}
 	if err := m.cfg.Store.Save(ctx, v.version, next.records()); err != nil {
 		e.outcome, e.detail = storage.OutcomeFailed, e.detail+": not applied: "+err.Error()
-		m.record(ctx, e)
+		e.err = ca.Refuse(ca.ErrUnavailable, adminapi.ReasonCAStateDown, err)
+		_ = m.record(ctx, e)
 		return fmt.Errorf("rotation: save CA state: %w", err)
 	}
 	next.version = v.version + 1
 	return nil
 }
 
-// auditEntry is the variable part of a rotation audit record.
+// auditEntry is the variable part of a rotation audit record; method and
+// caller are empty for steps Castellan takes itself.
 type auditEntry struct {
 	method, caller, outcome, reason, detail string
+	// err is why the step was refused or failed; nil when it was done.
+	err error
 }
 
-// record appends a Kind operator audit record; a failure is logged and returned.
+// record appends a Kind operator audit record through the CA's one
+// operator-action path; a failure is logged there and returned.
 func (m *Manager) record(ctx context.Context, e auditEntry) error {
-	if e.method == "" {
-		e.method = "internal"
-	}
-	if e.caller == "" {
-		e.caller = internalCaller
-	}
-	code := "OK"
-	switch e.outcome {
-	case storage.OutcomeRefused:
-		code = "FailedPrecondition"
-	case storage.OutcomeFailed:
-		code = "Unavailable"
-	}
-	rec := &storage.Record{Time: m.cfg.Now().UTC(), Kind: storage.KindOperator, RequestID: requestID(m.cfg.Rand),
-		AuthMethod: e.method, Caller: e.caller, Outcome: e.outcome, Reason: e.reason, Code: code, Signer: m.cfg.Backend,
-		Detail: e.detail}
-	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-	defer cancel()
-	if err := m.cfg.Audit.Append(actx, rec); err != nil {
-		m.cfg.Logger.Error("audit of a CA rotation record failed", "detail", e.detail, "error", err)
-		return err
-	}
-	return nil
-}
-
-func requestID(r io.Reader) string {
-	var b [12]byte
-	if _, err := io.ReadFull(r, b[:]); err != nil {
-		return "unknown"
-	}
-	return hex.EncodeToString(b[:])
+	_, err := m.audit.Record(ctx, ca.Action{Method: e.method, Caller: e.caller, Outcome: e.outcome, Reason: e.reason,
+		Signer: m.cfg.Backend, Detail: e.detail, Err: e.err})
+	return err
 }
 
 // stamp formats t for messages.

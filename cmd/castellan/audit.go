@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/admin"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
 	"github.com/castellan-ca/castellan/internal/atomicfile"
 	"github.com/castellan-ca/castellan/internal/keyfile"
@@ -69,7 +70,7 @@ func (c AuditConfig) validate(bad func(key, format string, a ...any)) {
 // auditStore is what serve needs of either store.
 type auditStore interface {
 	ca.AuditLog
-	ca.AuditReader
+	admin.AuditReader
 	Ping(ctx context.Context) error
 	Close() error
 }

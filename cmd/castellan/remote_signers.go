@@ -16,7 +16,6 @@ import (
 	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/googlecas"
 	"github.com/castellan-ca/castellan/signer/vault"
-	"github.com/castellan-ca/castellan/storage"
 )
 
 // VaultConfig is the `vault:` section, used with signer vault.
@@ -130,7 +129,7 @@ func (g GoogleCASConfig) validate(bad func(key, format string, a ...any)) {
 }
 
 // startVault signs through Vault and keeps the trust bundle following Vault's issuer.
-func startVault(ctx context.Context, cfg Config, authority *ca.Authority, audit ca.AuditLog, logger *slog.Logger) error {
+func startVault(ctx context.Context, cfg Config, authority *ca.Authority, audit *ca.Auditor, logger *slog.Logger) error {
 	v := cfg.Vault
 	auth := vault.Auth{Method: v.AuthMethod, Mount: v.AuthMount, TokenFile: v.TokenFile, JWTFile: v.JWTFile, SecretIDFile: v.SecretIDFile}
 	switch v.AuthMethod {
@@ -160,7 +159,7 @@ func startVault(ctx context.Context, cfg Config, authority *ca.Authority, audit 
 
 // startGoogleCAS signs through a CAS pool and keeps the trust bundle
 // following the pool's CAs.
-func startGoogleCAS(ctx context.Context, cfg Config, authority *ca.Authority, audit ca.AuditLog, logger *slog.Logger) error {
+func startGoogleCAS(ctx context.Context, cfg Config, authority *ca.Authority, audit *ca.Auditor, logger *slog.Logger) error {
 	g := cfg.GoogleCAS
 	var opts []option.ClientOption
 	if g.Endpoint != "" {
@@ -194,18 +193,14 @@ func startGoogleCAS(ctx context.Context, cfg Config, authority *ca.Authority, au
 
 // reuseSigner re-installs s after its trust bundle changed, keeping the
 // previous roots (certificates issued under them are still live), and audits it.
-func reuseSigner(ctx context.Context, authority *ca.Authority, audit ca.AuditLog, logger *slog.Logger, backend string, s signer.Signer, detail string) {
+func reuseSigner(ctx context.Context, authority *ca.Authority, audit *ca.Auditor, logger *slog.Logger, backend string, s signer.Signer, detail string) {
 	old := authority.Current()
-	st, err := authority.Use(backend, s, old.Roots...)
-	rec := &storage.Record{Time: time.Now().UTC(), Kind: storage.KindOperator, AuthMethod: "internal", Caller: "castellan",
-		Outcome: storage.OutcomeOK, Signer: backend, Detail: detail}
-	if err != nil {
-		rec.Outcome, rec.Detail = storage.OutcomeFailed, fmt.Sprintf("%s: %v", detail, err)
+	act := ca.Action{Signer: backend, Detail: detail}
+	if st, err := authority.Use(backend, s, old.Roots...); err != nil {
+		act.Err, act.Detail = err, fmt.Sprintf("%s: %v", detail, err)
 		logger.Error("trust bundle update failed", "signer", backend, "error", err)
 	} else {
 		logger.Info("trust bundle updated", "signer", backend, "roots", len(st.Roots), "generation", st.Generation)
 	}
-	if aerr := audit.Append(context.WithoutCancel(ctx), rec); aerr != nil {
-		logger.Error("audit of trust bundle update failed", "error", aerr)
-	}
+	_, _ = audit.Record(ctx, act) // a failure is logged there; the bundle change stands
 }

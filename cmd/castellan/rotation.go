@@ -150,7 +150,7 @@ func startRotation(ctx context.Context, cfg Config, td spiffeid.TrustDomain, aut
 		logger.Info("CA keys sealed under a key-encryption key", "kek_id", sealer.ID())
 	}
 	m, err := rotation.New(rotation.Config{
-		Authority: authority, Store: store, Audit: audit, TrustDomain: td, Backend: cfg.Signer, Sealer: sealer,
+		Authority: authority, Store: store, Audit: audit, AuditTimeout: cfg.AuditTimeout, TrustDomain: td, Backend: cfg.Signer, Sealer: sealer,
 		KeyType: cfg.RootKeyType, RootLifetime: cfg.RootLifetime, IntermediateLifetime: cfg.IntermediateLifetime,
 		PropagationWindow: cfg.PropagationWindow, Schedule: cfg.RotationSchedule, ScheduleFraction: cfg.ScheduleFraction,
 		PollInterval: cfg.CAStatePoll, LegacyDir: filepath.Join(cfg.DataDir, datadir.SelfSignedDir),

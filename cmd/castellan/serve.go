@@ -17,6 +17,7 @@ import (
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/admin"
 	"github.com/castellan-ca/castellan/ca/rotation"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
 	"github.com/castellan-ca/castellan/internal/atomicfile"
@@ -67,7 +68,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	// issued; remote backends (Vault, CAS) rotate their own keys.
 	var (
 		issuerAudit ca.AuditLog = store
-		rotationAPI ca.Rotation
+		rotationAPI admin.Rotation
 	)
 	if rot != nil {
 		issuerAudit, rotationAPI = rot.TrackDependents(store), rot
@@ -152,9 +153,8 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 2 * time.Minute, Timeout: 20 * time.Second}),
 	)
-	api := &ca.Server{Issuer: issuer, Audit: store, Rotation: rotationAPI}
-	authpb.RegisterIstioCertificateServiceServer(srv, api)
-	adminpb.RegisterAdminServiceServer(srv, api)
+	authpb.RegisterIstioCertificateServiceServer(srv, &ca.Server{Issuer: issuer})
+	adminpb.RegisterAdminServiceServer(srv, &admin.Server{Issuer: issuer, Audit: store, Rotation: rotationAPI, Logger: logger})
 
 	// Ready means able to issue: each component that can stop issuance adds a check.
 	ready := []readyCheck{
@@ -216,9 +216,9 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 func startSigner(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, store auditStore, logger *slog.Logger) (*rotation.Manager, error) {
 	switch cfg.Signer {
 	case vault.Backend:
-		return nil, startVault(ctx, cfg, authority, store, logger)
+		return nil, startVault(ctx, cfg, authority, &ca.Auditor{Log: store, Timeout: cfg.AuditTimeout, Logger: logger}, logger)
 	case googlecas.Backend:
-		return nil, startGoogleCAS(ctx, cfg, authority, store, logger)
+		return nil, startGoogleCAS(ctx, cfg, authority, &ca.Auditor{Log: store, Timeout: cfg.AuditTimeout, Logger: logger}, logger)
 	}
 	return startRotation(ctx, cfg, td, authority, store, logger)
 }

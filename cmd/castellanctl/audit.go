@@ -15,7 +15,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/adminapi"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	"github.com/castellan-ca/castellan/storage"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -153,7 +153,7 @@ func cmdAuditShow(ctx context.Context, g *globals, args []string, stdout, stderr
 	}
 	enc := json.NewEncoder(stdout)
 	for i, p := range recs {
-		r := ca.RecordFromProto(p)
+		r := adminapi.RecordFromProto(p)
 		if *output == "json" {
 			if err := enc.Encode(&r); err != nil {
 				return err
@@ -222,7 +222,7 @@ func cmdAuditExport(ctx context.Context, g *globals, args []string, stdout, stde
 		if err != nil {
 			return fmt.Errorf("audit export: after %d records: %w", total, err)
 		}
-		r := ca.RecordFromProto(p)
+		r := adminapi.RecordFromProto(p)
 		if *format == "csv" {
 			err = cw.Write(csvRow(&r))
 		} else {

@@ -9,7 +9,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/adminapi"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 )
 
@@ -48,21 +48,21 @@ func cmdCAStatus(ctx context.Context, g *globals, args []string, stdout, stderr 
 	if err != nil {
 		return fmt.Errorf("ca status: %w", err)
 	}
-	return printCAStatus(stdout, ca.RotationStatusFromProto(resp.GetStatus()), *output)
+	return printCAStatus(stdout, adminapi.RotationStatusFromProto(resp.GetStatus()), *output)
 }
 
 func cmdCARotate(ctx context.Context, g *globals, step string, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("ca rotate "+step, stderr)
-	target := fs.String("target", ca.TargetRoot, "root | intermediate")
+	target := fs.String("target", adminapi.TargetRoot, "root | intermediate")
 	force := fs.Bool("force", false, "skip the safety check (propagation window, certificates still chaining to the CA); audited")
 	output := fs.String("output", "table", "table | json")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	switch {
-	case step != ca.StepPrepare && step != ca.StepActivate && step != ca.StepRetire:
+	case step != adminapi.StepPrepare && step != adminapi.StepActivate && step != adminapi.StepRetire:
 		return fmt.Errorf("ca rotate: unknown step %q: want prepare, activate or retire", step)
-	case *target != ca.TargetRoot && *target != ca.TargetIntermediate:
+	case *target != adminapi.TargetRoot && *target != adminapi.TargetIntermediate:
 		return fmt.Errorf("ca rotate: --target must be root or intermediate")
 	case *output != "table" && *output != "json":
 		return fmt.Errorf("ca rotate: --output must be table or json")
@@ -78,7 +78,7 @@ func cmdCARotate(ctx context.Context, g *globals, step string, args []string, st
 	if err != nil {
 		return fmt.Errorf("ca rotate %s: %w", step, err)
 	}
-	st := ca.RotationStatusFromProto(resp.GetStatus())
+	st := adminapi.RotationStatusFromProto(resp.GetStatus())
 	if *output == "table" {
 		fmt.Fprintln(stdout, st.Summary)
 	}
@@ -104,7 +104,7 @@ type caJSON struct {
 	NextStepAt      time.Time `json:"next_step_at,omitzero"`
 }
 
-func printCAStatus(w io.Writer, st *ca.RotationStatus, output string) error {
+func printCAStatus(w io.Writer, st *adminapi.RotationStatus, output string) error {
 	if output == "json" {
 		out := struct {
 			Backend           string   `json:"backend"`
@@ -145,7 +145,7 @@ func printCAStatus(w io.Writer, st *ca.RotationStatus, output string) error {
 }
 
 // nextStep describes what happens next to c and from when.
-func nextStep(c ca.CAStatus) string {
+func nextStep(c adminapi.CAStatus) string {
 	if c.NextStepAt.IsZero() {
 		return "-"
 	}

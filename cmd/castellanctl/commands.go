@@ -13,7 +13,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/adminapi"
 	"github.com/castellan-ca/castellan/internal/atomicfile"
 	"github.com/castellan-ca/castellan/internal/keyfile"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
@@ -142,7 +142,7 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 		if err != nil {
 			return fmt.Errorf("audit list: %w", err)
 		}
-		r := ca.RecordFromProto(p)
+		r := adminapi.RecordFromProto(p)
 		if *output == "json" {
 			if err := enc.Encode(&r); err != nil {
 				return err

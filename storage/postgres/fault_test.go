@@ -72,14 +72,14 @@ func csrPEM(t testing.TB, i int) string {
 }
 
 // serveGRPC serves Istio's CA API for is on a loopback port.
-func serveGRPC(t testing.TB, is *ca.Issuer, audit ca.AuditReader) authpb.IstioCertificateServiceClient {
+func serveGRPC(t testing.TB, is *ca.Issuer) authpb.IstioCertificateServiceClient {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	srv := grpc.NewServer()
-	authpb.RegisterIstioCertificateServiceServer(srv, &ca.Server{Issuer: is, Audit: audit})
+	authpb.RegisterIstioCertificateServiceServer(srv, &ca.Server{Issuer: is})
 	go srv.Serve(lis)
 	t.Cleanup(srv.Stop)
 	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -207,7 +207,7 @@ func TestFaultDatabaseStoppedUnderLoad(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer store.Close()
-	client := serveGRPC(t, newIssuer(t, store, 500*time.Millisecond), store)
+	client := serveGRPC(t, newIssuer(t, store, 500*time.Millisecond))
 	l := startLoad(t, client, 8)
 	defer func() { close(l.stop); l.wg.Wait() }()
 
@@ -306,7 +306,7 @@ func TestClientGoneIsMarkedUndelivered(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer store.Close()
-	client := serveGRPC(t, newIssuer(t, store, time.Minute), store)
+	client := serveGRPC(t, newIssuer(t, store, time.Minute))
 
 	pg.Freeze(t) // the audit commit hangs
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)

@@ -48,8 +48,11 @@ func newCA(t *testing.T) (*rotation.Manager, *ca.Authority, *ca.Issuer) {
 		t.Fatal(err)
 	}
 	authority := ca.NewAuthority()
-	m, err := rotation.New(rotation.Config{Authority: authority, Store: store, Audit: discardAudit{}, TrustDomain: td,
-		Backend: selfsigned.Backend, PropagationWindow: time.Hour})
+	gen, err := selfsigned.NewGenerator(selfsigned.Options{TrustDomain: td})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := rotation.New(rotation.Config{Authority: authority, Store: store, Audit: discardAudit{}, Backend: gen, PropagationWindow: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,25 +1,19 @@
 package rotation
 
 import (
+	"context"
 	"crypto"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"fmt"
-	"net/url"
 	"time"
 
-	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
-	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
 )
 
-// IntermediateCommonName is the subject CN of generated intermediates.
-const IntermediateCommonName = "Castellan Intermediate CA"
-
 // newRoot returns a prepared root for key, valid RootLifetime from now.
 func (m *Manager) newRoot(key crypto.Signer, now time.Time) (*entry, error) {
-	cert, err := selfsigned.NewRoot(m.cfg.TrustDomain, key, now.Add(-signer.DefaultClockSkew), now.Add(m.cfg.RootLifetime), m.cfg.Rand)
+	cert, err := m.generator.NewRoot(key, now.Add(-signer.DefaultClockSkew), now.Add(m.cfg.RootLifetime))
 	if err != nil {
 		return nil, fmt.Errorf("rotation: %w", err)
 	}
@@ -28,12 +22,8 @@ func (m *Manager) newRoot(key crypto.Signer, now time.Time) (*entry, error) {
 
 // newIntermediate returns a prepared intermediate with a new key, signed by
 // root, valid IntermediateLifetime from now but never past the root.
-func (m *Manager) newIntermediate(root *entry, rootKey crypto.Signer, now time.Time) (*entry, error) {
-	key, err := keyfile.GenerateKey(m.cfg.KeyType)
-	if err != nil {
-		return nil, fmt.Errorf("rotation: %w", err)
-	}
-	serial, err := signer.NewSerial(m.cfg.Rand)
+func (m *Manager) newIntermediate(ctx context.Context, root *entry, rootKey crypto.Signer, now time.Time) (*entry, error) {
+	key, err := m.newKey(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -41,27 +31,21 @@ func (m *Manager) newIntermediate(root *entry, rootKey crypto.Signer, now time.T
 	if notAfter.After(root.cert.NotAfter) {
 		notAfter = root.cert.NotAfter
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial,
-		Subject:      pkix.Name{Organization: []string{m.cfg.TrustDomain.Name()}, CommonName: IntermediateCommonName},
-		// The SPIFFE X.509 CA convention: the trust domain's ID.
-		URIs:                  []*url.URL{m.cfg.TrustDomain.ID().URL()},
-		NotBefore:             now.Add(-signer.DefaultClockSkew).UTC(),
-		NotAfter:              notAfter.UTC(),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-		MaxPathLenZero:        true, // it signs leaves only
-	}
-	der, err := x509.CreateCertificate(m.cfg.Rand, tmpl, root.cert, key.Public(), rootKey)
+	cert, err := m.generator.NewIntermediate(key, root.cert, rootKey, now.Add(-signer.DefaultClockSkew), notAfter)
 	if err != nil {
-		return nil, fmt.Errorf("rotation: create intermediate: %w", err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, fmt.Errorf("rotation: parse intermediate: %w", err)
+		return nil, fmt.Errorf("rotation: %w", err)
 	}
 	return m.managedEntry(cert, key, storage.RoleIntermediate, root.KeyID, now)
+}
+
+// newKey has the Generator create the key of a new CA: every CA key comes
+// from here.
+func (m *Manager) newKey(ctx context.Context) (crypto.Signer, error) {
+	k, err := m.generator.NewKey(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("rotation: %w", err)
+	}
+	return k, nil
 }
 
 // managedEntry seals key and returns a prepared managed CA record for cert.

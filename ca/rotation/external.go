@@ -8,20 +8,19 @@ import (
 	"strings"
 	"time"
 
-	"github.com/castellan-ca/castellan/signer/intermediate"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/storage"
 )
 
-// UseExternal makes s, loaded from the operator's cacerts files, the issuing
-// CA (intermediate backend), and records its chain in the shared state: CAs
+// UseExternal makes s, the operator's CA (an External backend), the issuing
+// CA, and records its chain in the shared state: CAs
 // of the previous files become previous, so their roots stay in the trust
 // bundle until every certificate issued under them has expired and the
 // schedule retires them. detail describes the change for the audit record,
 // written when the state changed.
 func (m *Manager) UseExternal(ctx context.Context, s *local.Signer, detail string) error {
-	if m.cfg.Backend != intermediate.Backend {
-		return fmt.Errorf("rotation: external CAs are for the %s backend", intermediate.Backend)
+	if m.generator != nil {
+		return fmt.Errorf("rotation: the %s backend generates its CAs: it takes no external CA", m.cfg.Backend.Name())
 	}
 	current, err := externalEntries(s, m.cfg.Now())
 	if err != nil {

@@ -108,9 +108,8 @@ func newHarnessIn(t *testing.T, dir string, store Store, clk *clock, opts ...opt
 		clk = &clock{t: epoch}
 	}
 	h := &harness{authority: ca.NewAuthority(), audit: &auditLog{}, clock: clk, store: store, dir: dir}
-	cfg := Config{Authority: h.authority, Store: store, Audit: h.audit, TrustDomain: td, Backend: selfsigned.Backend,
-		RootLifetime: 100 * 24 * time.Hour, PropagationWindow: window, PollInterval: time.Second,
-		LegacyDir: filepath.Join(dir, "ca"), Now: clk.Now}
+	cfg := Config{Authority: h.authority, Store: store, Audit: h.audit, Backend: generator(t, filepath.Join(dir, "ca")),
+		RootLifetime: 100 * 24 * time.Hour, PropagationWindow: window, PollInterval: time.Second, Now: clk.Now}
 	for _, o := range opts {
 		o(&cfg)
 	}
@@ -119,12 +118,23 @@ func newHarnessIn(t *testing.T, dir string, store Store, clk *clock, opts ...opt
 		t.Fatal(err)
 	}
 	h.m = m
-	if cfg.Backend == selfsigned.Backend {
+	if _, generated := cfg.Backend.(Generator); generated {
 		if err := m.Bootstrap(context.Background()); err != nil {
 			t.Fatalf("Bootstrap: %v", err)
 		}
 	}
 	return h
+}
+
+// generator is the selfsigned backend with the root of earlier versions in
+// dir ("" for none).
+func generator(t testing.TB, dir string) *selfsigned.Generator {
+	t.Helper()
+	g, err := selfsigned.NewGenerator(selfsigned.Options{Dir: dir, TrustDomain: td})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return g
 }
 
 // rotate runs one operator step.

@@ -12,7 +12,6 @@
 package rotation
 
 import (
-	"bytes"
 	"context"
 	"crypto"
 	"crypto/rand"
@@ -22,22 +21,16 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/ca/adminapi"
-	"github.com/castellan-ca/castellan/internal/atomicfile"
-	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
-	"github.com/castellan-ca/castellan/signer/intermediate"
 	"github.com/castellan-ca/castellan/signer/local"
-	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
 )
 
 // Store persists the rotation state shared by every replica
@@ -63,6 +56,8 @@ const (
 	DefaultScheduleFraction = 2.0 / 3
 	// DefaultPollInterval is how often replicas reload the shared state.
 	DefaultPollInterval = 2 * time.Second
+	// DefaultRootLifetime is the validity of a generated root.
+	DefaultRootLifetime = 10 * 365 * 24 * time.Hour
 )
 
 // Config wires a Manager.
@@ -71,21 +66,21 @@ type Config struct {
 	Authority *ca.Authority
 	// Store holds the state shared by every replica.
 	Store Store
+	// Backend is the signing backend whose CAs the manager runs: a Generator
+	// (Castellan holds the keys and rotates them) or an External (the
+	// operator's CA).
+	Backend Backend
+	// Leader elects the replica that runs the schedule; nil means Always (a
+	// store shared with nobody).
+	Leader Leader
 	// Audit records every phase change, refusal and forced step.
 	Audit ca.AuditLog
 	// AuditTimeout bounds each audit write; zero means ca.DefaultAuditTimeout.
 	AuditTimeout time.Duration
-	// TrustDomain names generated CAs (O=<td>, URI SAN spiffe://<td>).
-	TrustDomain spiffeid.TrustDomain
-	// Backend is selfsigned.Backend (Castellan holds the keys and rotates
-	// them) or intermediate.Backend (the keys are the operator's files).
-	Backend string
 	// Sealer encrypts keys at rest; nil stores them unencrypted (allowed
 	// only for a store that is a local file).
 	Sealer *Sealer
-	// KeyType of generated keys (keyfile.GenerateKey).
-	KeyType string
-	// RootLifetime of generated roots; zero means selfsigned.DefaultLifetime.
+	// RootLifetime of generated roots; zero means DefaultRootLifetime.
 	RootLifetime time.Duration
 	// IntermediateLifetime of generated intermediates; zero means roots sign
 	// leaves directly (no intermediate layer).
@@ -99,11 +94,7 @@ type Config struct {
 	ScheduleFraction float64
 	// PollInterval is how often replicas reload the shared state.
 	PollInterval time.Duration
-	// LegacyDir holds the self-signed root of earlier versions (ca-cert.pem,
-	// ca-key.pem), imported on first start; the active root's certificate
-	// is kept in its ca-cert.pem for operators.
-	LegacyDir string
-	Logger    *slog.Logger
+	Logger       *slog.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 	// Rand supplies serials and signing randomness; nil means crypto/rand.
@@ -114,10 +105,13 @@ type Config struct {
 type Manager struct {
 	cfg   Config
 	audit *ca.Auditor
+	// generator is Backend when Castellan makes the CAs, nil when an
+	// External supplies them.
+	generator Generator
 
 	mu          sync.Mutex    // serialises apply and the fields below
 	applied     string        // fingerprint of what the Authority uses
-	external    *local.Signer // the cacerts signer (intermediate backend)
+	external    *local.Signer // the External backend's CA
 	externalGen int
 
 	keyMu sync.Mutex
@@ -130,20 +124,20 @@ type Manager struct {
 // New checks cfg and fills defaults.
 func New(cfg Config) (*Manager, error) {
 	switch {
-	case cfg.Authority == nil || cfg.Store == nil || cfg.Audit == nil:
-		return nil, errors.New("rotation: authority, store and audit log are required")
-	case cfg.TrustDomain.IsZero():
-		return nil, errors.New("rotation: trust domain is required")
-	case cfg.Backend != selfsigned.Backend && cfg.Backend != intermediate.Backend:
-		return nil, fmt.Errorf("rotation: backend %q cannot be rotated", cfg.Backend)
+	case cfg.Authority == nil || cfg.Store == nil || cfg.Audit == nil || cfg.Backend == nil:
+		return nil, errors.New("rotation: authority, store, audit log and backend are required")
 	case cfg.ScheduleFraction < 0 || cfg.ScheduleFraction >= 1:
 		return nil, fmt.Errorf("rotation: schedule fraction %v is not in (0, 1)", cfg.ScheduleFraction)
 	}
-	if err := keyfile.CheckKeyType(cfg.KeyType); err != nil {
-		return nil, fmt.Errorf("rotation: %w", err)
+	gen, isGenerator := cfg.Backend.(Generator)
+	if _, isExternal := cfg.Backend.(External); !isGenerator && !isExternal {
+		return nil, fmt.Errorf("rotation: backend %q cannot be rotated", cfg.Backend.Name())
+	}
+	if cfg.Leader == nil {
+		cfg.Leader = Always{}
 	}
 	if cfg.RootLifetime <= 0 {
-		cfg.RootLifetime = selfsigned.DefaultLifetime
+		cfg.RootLifetime = DefaultRootLifetime
 	}
 	if cfg.PropagationWindow <= 0 {
 		cfg.PropagationWindow = DefaultPropagationWindow
@@ -164,7 +158,7 @@ func New(cfg Config) (*Manager, error) {
 		cfg.Rand = rand.Reader
 	}
 	audit := &ca.Auditor{Log: cfg.Audit, Timeout: cfg.AuditTimeout, Now: cfg.Now, Rand: cfg.Rand, Logger: cfg.Logger}
-	return &Manager{cfg: cfg, audit: audit, keys: map[string]crypto.Signer{}, reserved: map[string]time.Time{}}, nil
+	return &Manager{cfg: cfg, audit: audit, generator: gen, keys: map[string]crypto.Signer{}, reserved: map[string]time.Time{}}, nil
 }
 
 // now is the clock, in UTC at the store's precision (PostgreSQL keeps
@@ -183,20 +177,20 @@ func (m *Manager) load(ctx context.Context) (*view, error) {
 const maxAttempts = 8
 
 // Bootstrap brings the managed state to a usable shape and applies it: on
-// first start it imports the root of earlier versions from LegacyDir or
+// first start it imports the root of earlier versions (Generator.ImportRoot) or
 // generates a root (and an intermediate when configured); it adds or drops
 // the intermediate layer when the configuration changed, and seals keys
-// stored without the configured KEK. Only for the selfsigned backend.
+// stored without the configured KEK. Only for a Generator backend.
 func (m *Manager) Bootstrap(ctx context.Context) error {
-	if m.cfg.Backend != selfsigned.Backend {
-		return fmt.Errorf("rotation: bootstrap is for the %s backend", selfsigned.Backend)
+	if m.generator == nil {
+		return fmt.Errorf("rotation: the %s backend's CA is not generated: nothing to bootstrap", m.cfg.Backend.Name())
 	}
 	for range maxAttempts {
 		v, err := m.load(ctx)
 		if err != nil {
 			return err
 		}
-		next, detail, err := m.bootstrapPlan(v)
+		next, detail, err := m.bootstrapPlan(ctx, v)
 		if err != nil {
 			return err
 		}
@@ -216,7 +210,7 @@ func (m *Manager) Bootstrap(ctx context.Context) error {
 }
 
 // bootstrapPlan returns the state to save (nil when v is fine as it is).
-func (m *Manager) bootstrapPlan(v *view) (*view, string, error) {
+func (m *Manager) bootstrapPlan(ctx context.Context, v *view) (*view, string, error) {
 	n := v.clone()
 	now := m.now()
 	var did []string
@@ -235,7 +229,7 @@ func (m *Manager) bootstrapPlan(v *view) (*view, string, error) {
 	did = append(did, deactivate(n, storage.SourceExternal, now)...)
 	root := n.managed(storage.RoleRoot, storage.PhaseActive)
 	if root == nil {
-		e, key, how, err := m.firstRoot(now)
+		e, key, how, err := m.firstRoot(ctx, now)
 		if err != nil {
 			return nil, "", err
 		}
@@ -252,7 +246,7 @@ func (m *Manager) bootstrapPlan(v *view) (*view, string, error) {
 		if err != nil {
 			return nil, "", err
 		}
-		e, err := m.newIntermediate(root, rootKey, now)
+		e, err := m.newIntermediate(ctx, root, rootKey, now)
 		if err != nil {
 			return nil, "", err
 		}
@@ -295,55 +289,29 @@ func retire(e *entry, now time.Time) {
 	e.Phase, e.RetiredAt, e.SealedKey = storage.PhaseRetired, now, nil
 }
 
-// firstRoot imports the root of LegacyDir or generates one.
-func (m *Manager) firstRoot(now time.Time) (*entry, crypto.Signer, string, error) {
-	if m.cfg.LegacyDir != "" {
-		keyPath, certPath := filepath.Join(m.cfg.LegacyDir, selfsigned.KeyFile), filepath.Join(m.cfg.LegacyDir, selfsigned.CertFile)
-		keyPEM, kerr := os.ReadFile(keyPath)
-		certPEM, cerr := os.ReadFile(certPath)
-		switch {
-		case kerr == nil && cerr == nil:
-			e, key, err := m.importRoot(keyPEM, certPEM, now)
-			if err != nil {
-				return nil, nil, "", fmt.Errorf("rotation: import %s: %w", m.cfg.LegacyDir, err)
-			}
-			if m.cfg.Sealer != nil {
-				m.cfg.Logger.Warn("the imported root key is sealed in the CA state; its plaintext file is no longer read: remove it once backed up", "path", keyPath)
-			}
-			return e, key, "imported " + certPath + " as", nil
-		case cerr == nil:
-			// The certificate alone is what we keep for operators; the key
-			// lived in the state, which is gone: never replace the root silently.
-			return nil, nil, "", fmt.Errorf("rotation: %s exists but the CA state is empty: restore the state (or remove %s to start a new root, which every workload must then learn)", certPath, certPath)
-		case !errors.Is(kerr, os.ErrNotExist):
-			return nil, nil, "", fmt.Errorf("rotation: %w", kerr)
-		}
-	}
-	key, err := keyfile.GenerateKey(m.cfg.KeyType)
+// firstRoot imports the root an earlier version kept outside the state, or
+// generates one.
+func (m *Manager) firstRoot(ctx context.Context, now time.Time) (*entry, crypto.Signer, string, error) {
+	cert, key, from, err := m.generator.ImportRoot()
 	if err != nil {
 		return nil, nil, "", fmt.Errorf("rotation: %w", err)
 	}
+	if cert != nil {
+		e, err := m.managedEntry(cert, key, storage.RoleRoot, "", now)
+		if err != nil {
+			return nil, nil, "", fmt.Errorf("rotation: import %s: %w", from, err)
+		}
+		if m.cfg.Sealer != nil {
+			m.cfg.Logger.Warn("the imported root key is sealed in the CA state; its plaintext file is no longer read: remove it once backed up", "from", from)
+		}
+		return e, key, "imported " + from + " as", nil
+	}
+	key, err = m.newKey(ctx)
+	if err != nil {
+		return nil, nil, "", err
+	}
 	e, err := m.newRoot(key, now)
 	return e, key, "generated", err
-}
-
-func (m *Manager) importRoot(keyPEM, certPEM []byte, now time.Time) (*entry, crypto.Signer, error) {
-	key, err := keyfile.ParsePrivateKeyPEM(keyPEM)
-	if err != nil {
-		return nil, nil, err
-	}
-	certs, err := signer.ParseCertificatesPEM(certPEM)
-	if err != nil {
-		return nil, nil, err
-	}
-	if len(certs) != 1 {
-		return nil, nil, fmt.Errorf("%s holds %d certificates, want the root only", selfsigned.CertFile, len(certs))
-	}
-	if err := local.KeyMatches(certs[0], key); err != nil {
-		return nil, nil, err
-	}
-	e, err := m.managedEntry(certs[0], key, storage.RoleRoot, "", now)
-	return e, key, err
 }
 
 // key returns e's private key, opening (and caching) it.
@@ -386,16 +354,15 @@ func (m *Manager) apply(v *view) error {
 	defer m.mu.Unlock()
 	var iss *entry
 	ids := []string{}
-	switch m.cfg.Backend {
-	case selfsigned.Backend:
+	switch {
+	case m.generator != nil:
 		if iss = v.issuing(); iss == nil {
 			return errors.New("rotation: the CA state has no active CA")
 		}
 		ids = append(ids, iss.KeyID)
-	case intermediate.Backend:
-		if m.external == nil {
-			return errors.New("rotation: no intermediate CA loaded")
-		}
+	case m.external == nil:
+		return fmt.Errorf("rotation: no %s CA loaded", m.cfg.Backend.Name())
+	default:
 		ids = append(ids, fmt.Sprintf("%s#%d", keyID(m.external.Certificate()), m.externalGen))
 	}
 	var roots []*x509.Certificate
@@ -421,7 +388,7 @@ func (m *Manager) apply(v *view) error {
 			return fmt.Errorf("rotation: CA %s: %w", iss.KeyID, err)
 		}
 	}
-	st, err := m.cfg.Authority.Use(m.cfg.Backend, issuing, roots...)
+	st, err := m.cfg.Authority.Use(m.cfg.Backend.Name(), issuing, roots...)
 	if err != nil {
 		return fmt.Errorf("rotation: %w", err)
 	}
@@ -440,25 +407,64 @@ func (m *Manager) apply(v *view) error {
 	return nil
 }
 
-// mirrorRoot keeps LegacyDir/ca-cert.pem equal to the active managed root,
-// for operators and backups (the key stays in the store).
+// mirrorRoot has the Generator publish the active managed root, for
+// operators and backups (the key stays in the store).
 func (m *Manager) mirrorRoot(v *view) {
 	root := v.managed(storage.RoleRoot, storage.PhaseActive)
-	if m.cfg.LegacyDir == "" || root == nil || m.cfg.Backend != selfsigned.Backend {
+	if m.generator == nil || root == nil {
 		return
 	}
-	path := filepath.Join(m.cfg.LegacyDir, selfsigned.CertFile)
-	want := []byte(signer.EncodePEM(root.cert))
-	if b, err := os.ReadFile(path); err == nil && bytes.Equal(b, want) {
-		return
+	if err := m.generator.PublishRoot(root.cert); err != nil {
+		m.cfg.Logger.Warn("could not write the active root certificate", "error", err)
 	}
-	err := os.MkdirAll(m.cfg.LegacyDir, 0o700)
+}
+
+// Start puts the backend's CA to use: a Generator's state is brought to a
+// usable shape (Bootstrap), an External's CA is loaded (UseExternal).
+func (m *Manager) Start(ctx context.Context) error {
+	name := m.cfg.Backend.Name()
+	if m.generator != nil {
+		if err := m.Bootstrap(ctx); err != nil {
+			return fmt.Errorf("%s CA: %w", name, err)
+		}
+		return nil
+	}
+	s, detail, err := m.cfg.Backend.(External).Load()
 	if err == nil {
-		err = atomicfile.Write(path, want, 0o644)
+		err = m.UseExternal(ctx, s, detail)
 	}
 	if err != nil {
-		m.cfg.Logger.Warn("could not write the active root certificate", "path", path, "error", err)
+		return fmt.Errorf("%s CA: %w", name, err)
 	}
+	return nil
+}
+
+// Run keeps this replica's CA current until ctx ends: it follows the shared
+// state (Follow), runs the schedule while this replica leads (Leader), and
+// for an External backend takes each new CA of the operator's. It returns
+// once all of them have stopped.
+func (m *Manager) Run(ctx context.Context) error {
+	var g errgroup.Group
+	g.Go(func() error { m.Follow(ctx); return nil })
+	g.Go(func() error {
+		if err := m.cfg.Leader.Run(ctx, m.RunSchedule); err != nil && ctx.Err() == nil {
+			m.cfg.Logger.Error("CA rotation leader election stopped", "error", err)
+		}
+		return nil
+	})
+	if ext, ok := m.cfg.Backend.(External); ok && m.generator == nil {
+		g.Go(func() error {
+			ext.Watch(ctx, func(s *local.Signer, detail string) {
+				// The previous chain's roots stay in the bundle until the
+				// certificates issued under them expire; the schedule retires them.
+				if err := m.UseExternal(ctx, s, detail); err != nil {
+					m.cfg.Logger.Error("CA reload failed; keeping the current CA", "signer", ext.Name(), "error", err)
+				}
+			})
+			return nil
+		})
+	}
+	return g.Wait()
 }
 
 // Follow reloads the shared state every PollInterval until ctx ends, so
@@ -481,7 +487,7 @@ func (m *Manager) Status(ctx context.Context) (*adminapi.RotationStatus, error) 
 
 // issuerKeyID is the key id of the CA that signs leaves on this replica.
 func (m *Manager) issuerKeyID(v *view) string {
-	if m.cfg.Backend == intermediate.Backend {
+	if m.generator == nil {
 		m.mu.Lock()
 		defer m.mu.Unlock()
 		if m.external != nil {

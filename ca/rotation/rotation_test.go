@@ -94,8 +94,8 @@ func TestBootstrapImportsLegacyRoot(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(other, "ca", selfsigned.CertFile), []byte(signer.EncodePEM(legacy.Certificate())), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	m, _ := New(Config{Authority: ca.NewAuthority(), Store: openStore(t, other), Audit: &auditLog{}, TrustDomain: td, Backend: selfsigned.Backend,
-		LegacyDir: filepath.Join(other, "ca"), Now: clk.Now})
+	m, _ := New(Config{Authority: ca.NewAuthority(), Store: openStore(t, other), Audit: &auditLog{}, Backend: generator(t, filepath.Join(other, "ca")),
+		Now: clk.Now})
 	if err := m.Bootstrap(context.Background()); err == nil || !strings.Contains(err.Error(), "CA state is empty") {
 		t.Errorf("Bootstrap with a certificate and no state: %v, want a refusal", err)
 	}

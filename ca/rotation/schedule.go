@@ -8,7 +8,6 @@ import (
 
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/ca/adminapi"
-	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
 )
 
@@ -85,7 +84,7 @@ func (m *Manager) due(v *view, now time.Time) (*adminapi.RotateRequest, string) 
 			return step(adminapi.StepRetire, e.Role), e.KeyID
 		}
 	}
-	if !m.cfg.Schedule || m.cfg.Backend != selfsigned.Backend {
+	if !m.cfg.Schedule || m.generator == nil {
 		return nil, ""
 	}
 	for _, target := range []string{adminapi.TargetRoot, adminapi.TargetIntermediate} {

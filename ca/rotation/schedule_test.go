@@ -235,7 +235,7 @@ func (p *testPKI) signer(t *testing.T, now func() time.Time) *local.Signer {
 // newExternal is a harness for the intermediate backend, loaded with a new PKI.
 func newExternal(t *testing.T, store Store, opts ...option) *harness {
 	t.Helper()
-	h := newHarness(t, store, nil, append(opts, func(c *Config) { c.Backend = intermediate.Backend })...)
+	h := newHarness(t, store, nil, append(opts, func(c *Config) { c.Backend = &intermediate.Source{} })...)
 	if err := h.m.UseExternal(context.Background(), newPKI(t, "A", epoch).signer(t, h.clock.Now), "loaded A"); err != nil {
 		t.Fatal(err)
 	}
@@ -247,7 +247,7 @@ func newExternal(t *testing.T, store Store, opts ...option) *harness {
 // by itself; its return in the files makes it active again.
 func TestExternalChainChange(t *testing.T) {
 	ctx := context.Background()
-	h := newHarness(t, nil, nil, func(c *Config) { c.Backend = intermediate.Backend })
+	h := newHarness(t, nil, nil, func(c *Config) { c.Backend = &intermediate.Source{} })
 	a, b := newPKI(t, "A", epoch), newPKI(t, "B", epoch)
 	if err := h.m.UseExternal(ctx, a.signer(t, h.clock.Now), "loaded A"); err != nil {
 		t.Fatal(err)

@@ -196,8 +196,8 @@ func TestKeysEncryptedAtRest(t *testing.T) {
 		{"no KEK", nil, ErrNoKEK},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			cfg := Config{Authority: ca.NewAuthority(), Store: h.store, Audit: &auditLog{}, TrustDomain: td,
-				Backend: selfsigned.Backend, IntermediateLifetime: 48 * time.Hour, Now: h.clock.Now}
+			cfg := Config{Authority: ca.NewAuthority(), Store: h.store, Audit: &auditLog{}, Backend: generator(t, ""),
+				IntermediateLifetime: 48 * time.Hour, Now: h.clock.Now}
 			for _, o := range tc.opts {
 				o(&cfg)
 			}

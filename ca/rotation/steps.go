@@ -2,7 +2,6 @@ package rotation
 
 import (
 	"context"
-	"crypto"
 	"errors"
 	"fmt"
 	"strings"
@@ -10,8 +9,6 @@ import (
 
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/ca/adminapi"
-	"github.com/castellan-ca/castellan/internal/keyfile"
-	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
 )
 
@@ -61,7 +58,7 @@ func (m *Manager) rotate(ctx context.Context, req adminapi.RotateRequest, keyID 
 		if err != nil {
 			return nil, err
 		}
-		ch, err := m.plan(v, req, keyID, m.now())
+		ch, err := m.plan(ctx, v, req, keyID, m.now())
 		if err != nil {
 			if errors.Is(err, ca.ErrPrecondition) {
 				_ = m.record(ctx, auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeRefused,
@@ -102,20 +99,20 @@ func describe(req adminapi.RotateRequest) string {
 }
 
 // plan decides a step on v without side effects beyond generating keys.
-func (m *Manager) plan(v *view, req adminapi.RotateRequest, keyID string, now time.Time) (*change, error) {
+func (m *Manager) plan(ctx context.Context, v *view, req adminapi.RotateRequest, keyID string, now time.Time) (*change, error) {
 	if req.Target != adminapi.TargetRoot && req.Target != adminapi.TargetIntermediate {
 		return nil, refused("unknown target %q: want %s or %s", req.Target, adminapi.TargetRoot, adminapi.TargetIntermediate)
 	}
 	switch req.Step {
 	case adminapi.StepPrepare, adminapi.StepActivate:
-		if m.cfg.Backend != selfsigned.Backend {
-			return nil, refused("the %s backend's CA comes from its files: put the new chain into cacerts (add a new root to root-cert.pem first, so that it propagates before the chain under it is used); old roots stay trusted until their certificates expire", m.cfg.Backend)
+		if m.generator == nil {
+			return nil, refused("the %s backend's CA comes from its files: put the new chain into cacerts (add a new root to root-cert.pem first, so that it propagates before the chain under it is used); old roots stay trusted until their certificates expire", m.cfg.Backend.Name())
 		}
 		if req.Target == adminapi.TargetIntermediate && m.cfg.IntermediateLifetime == 0 {
 			return nil, refused("there is no intermediate layer: the root signs workload certificates (set intermediateLifetime to issue through an intermediate)")
 		}
 		if req.Step == adminapi.StepPrepare {
-			return m.prepare(v, req.Target, now)
+			return m.prepare(ctx, v, req.Target, now)
 		}
 		return m.activate(v, req.Target, req.Force, now)
 	case adminapi.StepRetire:
@@ -124,7 +121,7 @@ func (m *Manager) plan(v *view, req adminapi.RotateRequest, keyID string, now ti
 	return nil, refused("unknown step %q: want %s, %s or %s", req.Step, adminapi.StepPrepare, adminapi.StepActivate, adminapi.StepRetire)
 }
 
-func (m *Manager) prepare(v *view, target string, now time.Time) (*change, error) {
+func (m *Manager) prepare(ctx context.Context, v *view, target string, now time.Time) (*change, error) {
 	n := v.clone()
 	if p := n.managed(target, storage.PhasePrepared); p != nil {
 		return nil, refused("%s %s is already prepared: activate it first", target, p.KeyID)
@@ -138,14 +135,14 @@ func (m *Manager) prepare(v *view, target string, now time.Time) (*change, error
 		if err != nil {
 			return nil, err
 		}
-		e, err := m.newIntermediate(root, rootKey, now)
+		e, err := m.newIntermediate(ctx, root, rootKey, now)
 		if err != nil {
 			return nil, err
 		}
 		n.cas = append(n.cas, e)
 		return &change{next: n, summary: fmt.Sprintf("prepared intermediate %s under root %s", e.KeyID, root.KeyID)}, nil
 	}
-	key, err := m.newKey()
+	key, err := m.newKey(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -156,7 +153,7 @@ func (m *Manager) prepare(v *view, target string, now time.Time) (*change, error
 	n.cas = append(n.cas, e)
 	summary := fmt.Sprintf("prepared root %s (in the trust bundle from now on)", e.KeyID)
 	if m.cfg.IntermediateLifetime > 0 {
-		ie, err := m.newIntermediate(e, key, now)
+		ie, err := m.newIntermediate(ctx, e, key, now)
 		if err != nil {
 			return nil, err
 		}
@@ -273,14 +270,6 @@ func (m *Manager) retire(v *view, target, only string, force bool, now time.Time
 	return ch, nil
 }
 
-func (m *Manager) newKey() (crypto.Signer, error) {
-	k, err := keyfile.GenerateKey(m.cfg.KeyType)
-	if err != nil {
-		return nil, fmt.Errorf("rotation: %w", err)
-	}
-	return k, nil
-}
-
 // commit saves next in place of v, audited by e: the record is written
 // first, so that no state change goes unrecorded; if the save then fails, a
 // second record says so. On success next carries the new version.
@@ -310,7 +299,7 @@ type auditEntry struct {
 // operator-action path; a failure is logged there and returned.
 func (m *Manager) record(ctx context.Context, e auditEntry) error {
 	_, err := m.audit.Record(ctx, ca.Action{Method: e.method, Caller: e.caller, Outcome: e.outcome, Reason: e.reason,
-		Signer: m.cfg.Backend, Detail: e.detail, Err: e.err})
+		Signer: m.cfg.Backend.Name(), Detail: e.detail, Err: e.err})
 	return err
 }
 

@@ -13,6 +13,7 @@ import (
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/ca/rotation"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
 	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
@@ -69,7 +70,7 @@ func defaults() Config {
 		Signer:           "selfsigned",
 		CACertsPoll:      5 * time.Second,
 		RootKeyType:      "ecdsa-p256",
-		RootLifetime:     10 * 365 * 24 * time.Hour,
+		RootLifetime:     rotation.DefaultRootLifetime,
 		DefaultTTL:       ca.DefaultTTL,
 		MaxTTL:           ca.DefaultMaxTTL,
 		TTLPolicy:        string(ca.TTLRefuse),

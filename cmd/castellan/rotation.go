@@ -17,7 +17,6 @@ import (
 	"github.com/castellan-ca/castellan/ca/rotation"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
 	"github.com/castellan-ca/castellan/signer/intermediate"
-	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage/cafile"
 	"github.com/castellan-ca/castellan/storage/postgres"
@@ -120,16 +119,18 @@ func inside(path, dir string) bool {
 
 // startRotation builds the CA rotation manager on the store the
 // configuration selects (the PostgreSQL audit database when several replicas
-// share one, else a file in the data directory), puts the configured CA to
-// use, and starts following the shared state and, on the leader, the schedule.
+// share one, else a file in the data directory) and puts the configured CA
+// to use. The caller runs the manager (Manager.Run): it follows the shared
+// state and, on the leader, the schedule.
 func startRotation(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, audit auditStore, logger *slog.Logger) (*rotation.Manager, error) {
+	logger = logger.With("component", "ca-rotation")
 	var (
 		store  rotation.Store
 		leader rotation.Leader = rotation.Always{}
 	)
 	if pg, ok := audit.(*postgres.Store); ok {
 		store = pg.CAStore()
-		leader = &postgres.Leader{Store: pg, Interval: cfg.CAStatePoll, Logger: logger.With("component", "ca-rotation")}
+		leader = &postgres.Leader{Store: pg, Interval: cfg.CAStatePoll, Logger: logger}
 	} else {
 		fs, err := cafile.Open(filepath.Join(cfg.DataDir, datadir.SelfSignedDir, datadir.CAState))
 		if err != nil {
@@ -137,59 +138,59 @@ func startRotation(ctx context.Context, cfg Config, td spiffeid.TrustDomain, aut
 		}
 		store = fs
 	}
-	var sealer *rotation.Sealer
-	if cfg.CAKEKFile != "" {
-		kek, err := rotation.ReadKEKFile(cfg.CAKEKFile)
-		if err != nil {
-			return nil, err
-		}
-		if sealer, err = rotation.NewSealer(kek); err != nil {
-			return nil, err
-		}
-		clear(kek)
-		logger.Info("CA keys sealed under a key-encryption key", "kek_id", sealer.ID())
+	sealer, err := openSealer(cfg, logger)
+	if err != nil {
+		return nil, err
+	}
+	backend, err := rotationBackend(cfg, td, logger)
+	if err != nil {
+		return nil, err
 	}
 	m, err := rotation.New(rotation.Config{
-		Authority: authority, Store: store, Audit: audit, AuditTimeout: cfg.AuditTimeout, TrustDomain: td, Backend: cfg.Signer, Sealer: sealer,
-		KeyType: cfg.RootKeyType, RootLifetime: cfg.RootLifetime, IntermediateLifetime: cfg.IntermediateLifetime,
+		Authority: authority, Store: store, Backend: backend, Leader: leader, Audit: audit, AuditTimeout: cfg.AuditTimeout,
+		Sealer: sealer, RootLifetime: cfg.RootLifetime, IntermediateLifetime: cfg.IntermediateLifetime,
 		PropagationWindow: cfg.PropagationWindow, Schedule: cfg.RotationSchedule, ScheduleFraction: cfg.ScheduleFraction,
-		PollInterval: cfg.CAStatePoll, LegacyDir: filepath.Join(cfg.DataDir, datadir.SelfSignedDir),
-		Logger: logger.With("component", "ca-rotation"),
+		PollInterval: cfg.CAStatePoll, Logger: logger,
 	})
 	if err != nil {
 		return nil, err
 	}
+	if err := m.Start(ctx); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// rotationBackend is the configured local backend: selfsigned (generated
+// CAs, the root of earlier versions in the data directory) or intermediate
+// (the operator's cacerts directory).
+func rotationBackend(cfg Config, td spiffeid.TrustDomain, logger *slog.Logger) (rotation.Backend, error) {
 	switch cfg.Signer {
 	case selfsigned.Backend:
-		if err := m.Bootstrap(ctx); err != nil {
-			return nil, fmt.Errorf("self-signed CA: %w", err)
-		}
+		return selfsigned.NewGenerator(selfsigned.Options{Dir: filepath.Join(cfg.DataDir, datadir.SelfSignedDir), TrustDomain: td,
+			KeyType: cfg.RootKeyType})
 	case intermediate.Backend:
-		s, err := intermediate.Load(cfg.CACertsDir, nil)
-		if err != nil {
-			return nil, fmt.Errorf("intermediate CA: %w", err)
-		}
-		if err := m.UseExternal(ctx, s, "intermediate CA loaded from "+cfg.CACertsDir+": "+s.Certificate().Subject.String()); err != nil {
-			return nil, fmt.Errorf("intermediate CA: %w", err)
-		}
-		go intermediate.Watch(ctx, cfg.CACertsDir, cfg.CACertsPoll, logger, func(n *local.Signer) {
-			// The previous chain's roots stay in the bundle until the
-			// certificates issued under them expire; the schedule retires them.
-			detail := "intermediate CA reloaded from " + cfg.CACertsDir + ": " + n.Certificate().Subject.String()
-			if err := m.UseExternal(ctx, n, detail); err != nil {
-				logger.Error("intermediate CA reload failed; keeping the current CA", "error", err)
-			}
-		})
-	default:
-		return nil, fmt.Errorf("signer: unknown backend %q", cfg.Signer)
+		return &intermediate.Source{Dir: cfg.CACertsDir, Interval: cfg.CACertsPoll, Logger: logger}, nil
 	}
-	go m.Follow(ctx)
-	go func() {
-		if err := leader.Run(ctx, m.RunSchedule); err != nil {
-			logger.Error("CA rotation leader election stopped", "error", err)
-		}
-	}()
-	return m, nil
+	return nil, fmt.Errorf("signer: unknown backend %q", cfg.Signer)
+}
+
+// openSealer reads the key-encryption key, when one is configured.
+func openSealer(cfg Config, logger *slog.Logger) (*rotation.Sealer, error) {
+	if cfg.CAKEKFile == "" {
+		return nil, nil
+	}
+	kek, err := rotation.ReadKEKFile(cfg.CAKEKFile)
+	if err != nil {
+		return nil, err
+	}
+	defer clear(kek)
+	sealer, err := rotation.NewSealer(kek)
+	if err != nil {
+		return nil, err
+	}
+	logger.Info("CA keys sealed under a key-encryption key", "kek_id", sealer.ID())
+	return sealer, nil
 }
 
 // startBundleEndpoint serves the SPIFFE bundle endpoint when configured.

@@ -220,7 +220,12 @@ func startSigner(ctx context.Context, cfg Config, td spiffeid.TrustDomain, autho
 	case googlecas.Backend:
 		return nil, startGoogleCAS(ctx, cfg, authority, &ca.Auditor{Log: store, Timeout: cfg.AuditTimeout, Logger: logger}, logger)
 	}
-	return startRotation(ctx, cfg, td, authority, store, logger)
+	m, err := startRotation(ctx, cfg, td, authority, store, logger)
+	if err != nil {
+		return nil, err
+	}
+	go m.Run(ctx)
+	return m, nil
 }
 
 // ensureOperatorCredential writes castellanctl's client certificate on first

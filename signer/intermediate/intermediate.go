@@ -307,3 +307,36 @@ func warnKeyMode(logger *slog.Logger, snap *snapshot) {
 		}
 	}
 }
+
+// Source is the intermediate backend as the CA rotation manager runs it (it
+// implements ca/rotation.External): the operator's CA in Dir, reloaded when
+// the files change.
+type Source struct {
+	// Dir holds the CA in Istio's cacerts layout or the kubernetes.io/tls layout.
+	Dir string
+	// Interval is the polling period of Watch; zero means DefaultWatchInterval.
+	Interval time.Duration
+	// Logger reports reloads and invalid files; nil discards.
+	Logger *slog.Logger
+	// Now is the clock of Load; nil means time.Now.
+	Now func() time.Time
+}
+
+// Name returns Backend.
+func (s *Source) Name() string { return Backend }
+
+// Load reads and validates the CA in Dir (see Load); detail names it.
+func (s *Source) Load() (*local.Signer, string, error) {
+	ca, err := Load(s.Dir, s.Now)
+	if err != nil {
+		return nil, "", err
+	}
+	return ca, "intermediate CA loaded from " + s.Dir + ": " + ca.Certificate().Subject.String(), nil
+}
+
+// Watch calls onChange with each new valid CA in Dir until ctx ends (see Watch).
+func (s *Source) Watch(ctx context.Context, onChange func(ca *local.Signer, detail string)) {
+	Watch(ctx, s.Dir, s.Interval, s.Logger, func(ca *local.Signer) {
+		onChange(ca, "intermediate CA reloaded from "+s.Dir+": "+ca.Certificate().Subject.String())
+	})
+}

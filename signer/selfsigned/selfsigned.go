@@ -1,5 +1,8 @@
-// Package selfsigned is the default signing backend: a root CA that Castellan
-// generates on first start and keeps in a directory, signing leaves directly.
+// Package selfsigned is the default signing backend: a root CA (and, when
+// configured, an intermediate under it) that Castellan generates and rotates
+// itself. Generator is the backend as the CA rotation manager (ca/rotation)
+// runs it, with the keys in the rotation state; Load is the stand-alone form
+// of earlier versions, a root kept in a directory, which Generator imports.
 package selfsigned
 
 import (
@@ -38,8 +41,13 @@ const (
 // DefaultLifetime is the validity of a generated root.
 const DefaultLifetime = 10 * 365 * 24 * time.Hour
 
-// RootCommonName is the subject CN of generated roots.
-const RootCommonName = "Castellan Root CA"
+// Subject CNs of generated CAs.
+const (
+	// RootCommonName is the subject CN of generated roots.
+	RootCommonName = "Castellan Root CA"
+	// IntermediateCommonName is the subject CN of generated intermediates.
+	IntermediateCommonName = "Castellan Intermediate CA"
+)
 
 // Options configures Load.
 type Options struct {
@@ -113,26 +121,10 @@ func exists(path string) (bool, error) {
 }
 
 func load(opts Options, keyPath, certPath string) (*local.Signer, error) {
-	keyPEM, err := os.ReadFile(keyPath)
+	root, key, err := readRoot(keyPath, certPath)
 	if err != nil {
 		return nil, fmt.Errorf("selfsigned: %w", err)
 	}
-	key, err := keyfile.ParsePrivateKeyPEM(keyPEM)
-	if err != nil {
-		return nil, fmt.Errorf("selfsigned: %s: %w", keyPath, err)
-	}
-	certPEM, err := os.ReadFile(certPath)
-	if err != nil {
-		return nil, fmt.Errorf("selfsigned: %w", err)
-	}
-	certs, err := signer.ParseCertificatesPEM(certPEM)
-	if err != nil {
-		return nil, fmt.Errorf("selfsigned: %s: %w", certPath, err)
-	}
-	if len(certs) != 1 {
-		return nil, fmt.Errorf("selfsigned: %s: holds %d certificates, want the root only", certPath, len(certs))
-	}
-	root := certs[0]
 	// A root made for another trust domain would sign IDs its own SAN disowns.
 	want := opts.TrustDomain.ID().String()
 	for _, u := range root.URIs {
@@ -140,14 +132,38 @@ func load(opts Options, keyPath, certPath string) (*local.Signer, error) {
 			return nil, fmt.Errorf("selfsigned: %s: root belongs to %s, not the configured trust domain %s", certPath, u, want)
 		}
 	}
-	if err := local.KeyMatches(root, key); err != nil {
-		return nil, fmt.Errorf("selfsigned: %s does not match %s: %w", keyPath, certPath, err)
-	}
 	s, err := newSigner(opts, root, key)
 	if err != nil {
 		return nil, fmt.Errorf("selfsigned: %s: %w", certPath, err)
 	}
 	return s, nil
+}
+
+// readRoot reads a root and its key from their files; errors name the file.
+func readRoot(keyPath, certPath string) (*x509.Certificate, crypto.Signer, error) {
+	keyPEM, err := os.ReadFile(keyPath)
+	if err != nil {
+		return nil, nil, err
+	}
+	key, err := keyfile.ParsePrivateKeyPEM(keyPEM)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", keyPath, err)
+	}
+	certPEM, err := os.ReadFile(certPath)
+	if err != nil {
+		return nil, nil, err
+	}
+	certs, err := signer.ParseCertificatesPEM(certPEM)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", certPath, err)
+	}
+	if len(certs) != 1 {
+		return nil, nil, fmt.Errorf("%s: holds %d certificates, want the root only", certPath, len(certs))
+	}
+	if err := local.KeyMatches(certs[0], key); err != nil {
+		return nil, nil, fmt.Errorf("%s does not match %s: %w", keyPath, certPath, err)
+	}
+	return certs[0], key, nil
 }
 
 func generate(opts Options, keyPath, certPath string) (*local.Signer, error) {

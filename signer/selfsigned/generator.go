@@ -1,0 +1,147 @@
+package selfsigned
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/castellan-ca/castellan/internal/atomicfile"
+	"github.com/castellan-ca/castellan/internal/keyfile"
+	"github.com/castellan-ca/castellan/signer"
+)
+
+// Generator makes the CAs of the selfsigned backend for the CA rotation
+// manager (it implements ca/rotation.Generator): new keys, roots and
+// intermediates. The manager keeps keys and certificates in its shared state;
+// Dir only holds the root of earlier versions, imported once, and a copy of
+// the active root's certificate for operators and backups.
+type Generator struct {
+	dir     string
+	td      spiffeid.TrustDomain
+	keyType string
+	rand    io.Reader
+}
+
+// NewGenerator returns the Generator for opts.Dir and opts.TrustDomain,
+// making keys of opts.KeyType with randomness from opts.Rand. Validity is the
+// rotation manager's to decide: opts.Lifetime and opts.Now are not used.
+func NewGenerator(opts Options) (*Generator, error) {
+	if opts.TrustDomain.IsZero() {
+		return nil, errors.New("selfsigned: trust domain is required")
+	}
+	if err := keyfile.CheckKeyType(opts.KeyType); err != nil {
+		return nil, fmt.Errorf("selfsigned: %w", err)
+	}
+	if opts.Rand == nil {
+		opts.Rand = rand.Reader
+	}
+	return &Generator{dir: opts.Dir, td: opts.TrustDomain, keyType: opts.KeyType, rand: opts.Rand}, nil
+}
+
+// Name returns Backend.
+func (g *Generator) Name() string { return Backend }
+
+// NewKey creates the private key of a new CA, of the configured type.
+func (g *Generator) NewKey(ctx context.Context) (crypto.Signer, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	return keyfile.GenerateKey(g.keyType)
+}
+
+// NewRoot certifies key as a root of the trust domain (see NewRoot).
+func (g *Generator) NewRoot(key crypto.Signer, notBefore, notAfter time.Time) (*x509.Certificate, error) {
+	return NewRoot(g.td, key, notBefore, notAfter, g.rand)
+}
+
+// NewIntermediate certifies key as a CA under root, signed with rootKey:
+// O=<trust domain>, CN=IntermediateCommonName, URI SAN spiffe://<trust
+// domain> (the SPIFFE X.509 CA convention), path length zero since it signs
+// leaves only.
+func (g *Generator) NewIntermediate(key crypto.Signer, root *x509.Certificate, rootKey crypto.Signer, notBefore, notAfter time.Time) (*x509.Certificate, error) {
+	serial, err := signer.NewSerial(g.rand)
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{Organization: []string{g.td.Name()}, CommonName: IntermediateCommonName},
+		URIs:                  []*url.URL{g.td.ID().URL()},
+		NotBefore:             notBefore.UTC(),
+		NotAfter:              notAfter.UTC(),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		MaxPathLenZero:        true,
+	}
+	der, err := x509.CreateCertificate(g.rand, tmpl, root, key.Public(), rootKey)
+	if err != nil {
+		return nil, fmt.Errorf("create intermediate: %w", err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("parse intermediate: %w", err)
+	}
+	return cert, nil
+}
+
+// ImportRoot returns the root that earlier versions kept in Dir (CertFile and
+// KeyFile) and the file it came from; a nil root when there is none. The
+// certificate without its key is an error: the key lived in a rotation state
+// that is gone, and replacing the root silently would cut off every workload
+// that trusts it.
+func (g *Generator) ImportRoot() (*x509.Certificate, crypto.Signer, string, error) {
+	if g.dir == "" {
+		return nil, nil, "", nil
+	}
+	keyPath, certPath := filepath.Join(g.dir, KeyFile), filepath.Join(g.dir, CertFile)
+	_, kerr := os.Stat(keyPath)
+	_, cerr := os.Stat(certPath)
+	switch {
+	case kerr == nil && cerr == nil:
+		root, key, err := readRoot(keyPath, certPath)
+		if err != nil {
+			return nil, nil, "", fmt.Errorf("import %s: %w", g.dir, err)
+		}
+		return root, key, certPath, nil
+	case cerr == nil:
+		return nil, nil, "", fmt.Errorf("%s exists but the CA state is empty: restore the state (or remove %s to start a new root, which every workload must then learn)", certPath, certPath)
+	case kerr == nil:
+		return nil, nil, "", fmt.Errorf("%s exists but %s is missing: restore it, or remove both to start a new root", keyPath, certPath)
+	case !errors.Is(kerr, fs.ErrNotExist):
+		return nil, nil, "", kerr
+	case !errors.Is(cerr, fs.ErrNotExist):
+		return nil, nil, "", cerr
+	}
+	return nil, nil, "", nil
+}
+
+// PublishRoot keeps Dir's CertFile equal to root, for operators and backups
+// (the key stays in the rotation state).
+func (g *Generator) PublishRoot(root *x509.Certificate) error {
+	if g.dir == "" {
+		return nil
+	}
+	path := filepath.Join(g.dir, CertFile)
+	want := []byte(signer.EncodePEM(root))
+	if b, err := os.ReadFile(path); err == nil && bytes.Equal(b, want) {
+		return nil
+	}
+	if err := os.MkdirAll(g.dir, 0o700); err != nil {
+		return err
+	}
+	return atomicfile.Write(path, want, 0o644)
+}

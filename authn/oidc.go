@@ -15,6 +15,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -186,6 +187,7 @@ type OIDC struct {
 	keyMin    time.Duration
 	keyMaxAge time.Duration
 	logger    *slog.Logger
+	discovery sync.WaitGroup // the background discovery NewOIDC starts
 }
 
 // oidcIssuer is one configured issuer; verifier is nil until its keys are known.
@@ -256,10 +258,14 @@ func NewOIDC(ctx context.Context, o OIDCOptions) (*OIDC, error) {
 	// Started only once the whole configuration is known good, so a start-up
 	// error leaves nothing running.
 	for _, iss := range pending {
-		go a.discover(ctx, iss, retryMin, retryMax)
+		a.discovery.Go(func() { a.discover(ctx, iss, retryMin, retryMax) })
 	}
 	return a, nil
 }
+
+// Stopped returns once the background discovery NewOIDC started has
+// stopped: every issuer's keys are known, or NewOIDC's context has ended.
+func (a *OIDC) Stopped() { a.discovery.Wait() }
 
 func orDefault(d, def time.Duration) time.Duration {
 	if d <= 0 {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"k8s.io/client-go/informers"
@@ -75,7 +76,7 @@ type Cluster struct {
 	logger   *slog.Logger
 }
 
-// NewCluster builds a cluster; Start starts its informers.
+// NewCluster builds a cluster; Run runs its informers.
 func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	switch {
 	case cfg.ID == "":
@@ -129,25 +130,34 @@ func (c *Cluster) ID() string { return c.id }
 // Pods returns the cluster's pod cache.
 func (c *Cluster) Pods() *Pods { return c.pods }
 
-// Start starts the informers (and, in jwks mode, loads the issuer keys,
-// retrying until it succeeds or ctx ends). It does not wait for them.
-func (c *Cluster) Start(ctx context.Context) {
+// Run runs the informers (and, in jwks mode, loads the issuer keys,
+// retrying until it succeeds) until ctx ends, and returns once they have
+// stopped.
+func (c *Cluster) Run(ctx context.Context) {
 	c.factory.Start(ctx.Done())
+	var wg sync.WaitGroup
 	if c.keys != nil {
-		go func() {
-			for delay := jwksMinRefresh; ; delay = min(2*delay, 5*time.Minute) {
-				_, err := c.keys.refresh(ctx, nil)
-				if c.keys.ready() == nil || ctx.Err() != nil {
-					return
-				}
-				c.logger.Warn("service-account issuer keys not loaded; retrying", "error", err, "retry_in", delay)
-				select {
-				case <-ctx.Done():
-					return
-				case <-time.After(delay):
-				}
-			}
-		}()
+		wg.Go(func() { c.loadKeys(ctx) })
+	}
+	<-ctx.Done()
+	wg.Wait()
+	c.factory.Shutdown()
+}
+
+// loadKeys loads the issuer keys, retrying with back-off until it succeeds
+// or ctx ends.
+func (c *Cluster) loadKeys(ctx context.Context) {
+	for delay := jwksMinRefresh; ; delay = min(2*delay, 5*time.Minute) {
+		_, err := c.keys.refresh(ctx, nil)
+		if c.keys.ready() == nil || ctx.Err() != nil {
+			return
+		}
+		c.logger.Warn("service-account issuer keys not loaded; retrying", "error", err, "retry_in", delay)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(delay):
+		}
 	}
 }
 
@@ -229,11 +239,14 @@ func (cs *Clusters) All() []*Cluster {
 	return out
 }
 
-// Start starts every cluster's informers.
-func (cs *Clusters) Start(ctx context.Context) {
+// Run runs every cluster (Cluster.Run) until ctx ends, and returns once all
+// have stopped.
+func (cs *Clusters) Run(ctx context.Context) {
+	var wg sync.WaitGroup
 	for _, c := range cs.All() {
-		c.Start(ctx)
+		wg.Go(func() { c.Run(ctx) })
 	}
+	wg.Wait()
 }
 
 // Ready reports whether every cluster is ready.

@@ -59,14 +59,17 @@ type Config struct {
 	Logger      *slog.Logger
 }
 
-// Server is a running bundle endpoint.
+// Server is a bundle endpoint: New listens, Serve serves until Close.
 type Server struct {
-	srv *http.Server
-	lis net.Listener
+	srv    *http.Server
+	lis    net.Listener
+	logger *slog.Logger
+	auth   string
 }
 
-// Start listens on cfg.Addr and serves until Close.
-func Start(ctx context.Context, cfg Config) (*Server, error) {
+// New checks cfg, prepares the TLS identity (issuing the SPIFFE
+// authentication's certificate with ctx) and listens on cfg.Addr.
+func New(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -102,21 +105,31 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("bundle endpoint: %w", err)
 	}
-	s := &Server{lis: lis, srv: &http.Server{Handler: handler, TLSConfig: tlsCfg, ReadHeaderTimeout: 5 * time.Second}}
-	go func() {
-		if err := s.srv.ServeTLS(lis, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			cfg.Logger.Error("bundle endpoint stopped", "error", err)
-		}
-	}()
-	cfg.Logger.Info("SPIFFE bundle endpoint serving", "listen", lis.Addr().String(), "auth", cfg.Auth)
-	return s, nil
+	return &Server{lis: lis, logger: cfg.Logger, auth: cfg.Auth,
+		srv: &http.Server{Handler: handler, TLSConfig: tlsCfg, ReadHeaderTimeout: 5 * time.Second}}, nil
+}
+
+// Serve serves the endpoint until Close, then returns nil.
+func (s *Server) Serve() error {
+	s.logger.Info("SPIFFE bundle endpoint serving", "listen", s.lis.Addr().String(), "auth", s.auth)
+	if err := s.srv.ServeTLS(s.lis, "", ""); !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("bundle endpoint: %w", err)
+	}
+	return nil
 }
 
 // Addr returns the address the endpoint listens on.
 func (s *Server) Addr() string { return s.lis.Addr().String() }
 
-// Close stops the endpoint, letting requests in flight finish within ctx.
-func (s *Server) Close(ctx context.Context) error { return s.srv.Shutdown(ctx) }
+// Close stops the endpoint, letting requests in flight finish within ctx; a
+// Server never served closes its listener.
+func (s *Server) Close(ctx context.Context) error {
+	err := s.srv.Shutdown(ctx)
+	if cerr := s.lis.Close(); err == nil && cerr != nil && !errors.Is(cerr, net.ErrClosed) {
+		err = cerr
+	}
+	return err
+}
 
 // source is the spiffebundle.Source of the handler: the Authority's roots.
 type source struct{ cfg Config }

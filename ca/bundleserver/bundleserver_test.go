@@ -69,11 +69,20 @@ func newCA(t *testing.T) (*rotation.Manager, *ca.Authority, *ca.Issuer) {
 func start(t *testing.T, cfg Config) string {
 	t.Helper()
 	cfg.Addr = "127.0.0.1:0"
-	s, err := Start(context.Background(), cfg)
+	s, err := New(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	served := make(chan error, 1)
+	go func() { served <- s.Serve() }()
+	t.Cleanup(func() {
+		if err := s.Close(context.Background()); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+		if err := <-served; err != nil {
+			t.Errorf("Serve after Close: %v", err)
+		}
+	})
 	return "https://" + s.Addr() + "/"
 }
 
@@ -185,8 +194,8 @@ func TestStartErrors(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tc.cfg.Addr = "127.0.0.1:0"
-			if _, err := Start(context.Background(), tc.cfg); err == nil {
-				t.Errorf("Start succeeded")
+			if _, err := New(context.Background(), tc.cfg); err == nil {
+				t.Errorf("New succeeded")
 			}
 		})
 	}

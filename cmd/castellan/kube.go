@@ -135,10 +135,10 @@ const inClusterNamespaceFile = "/var/run/secrets/kubernetes.io/serviceaccount/na
 // leaseName is the Lease the replicas elect the ConfigMap writer on.
 const leaseName = "castellan-root-configmaps"
 
-// startKube connects to the configured clusters and starts their informers
-// and, on the elected replica, the root ConfigMap controller. It returns nil
-// when Kubernetes is off (no kubeconfig, not in a pod).
-func startKube(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, logger *slog.Logger) (*kubeParts, error) {
+// startKube connects to the configured clusters and runs, in c, their
+// informers and, on the elected replica, the root ConfigMap controller. It
+// returns nil when Kubernetes is off (no kubeconfig, not in a pod).
+func startKube(ctx context.Context, c *component, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, logger *slog.Logger) (*kubeParts, error) {
 	restCfg, ownNS, err := loadKubeconfig(cfg.Kubeconfig)
 	if err != nil || restCfg == nil {
 		return nil, err
@@ -174,13 +174,12 @@ func startKube(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authori
 		}
 		trusted = append(trusted, na)
 	}
-	clusters.Start(ctx)
-
 	if cfg.RootConfigMaps {
-		if err := startRootConfigMaps(ctx, cfg, restCfg, ownNS, authority, logger); err != nil {
+		if err := startRootConfigMaps(c, cfg, restCfg, ownNS, authority, logger); err != nil {
 			return nil, err
 		}
 	}
+	c.Go(func(ctx context.Context) error { clusters.Run(ctx); return nil })
 	logger.Info("kubernetes authentication on", "cluster_id", cfg.ClusterID, "remote_clusters", len(remotes),
 		"token_verification", cfg.TokenVerification, "trusted_node_accounts", strings.Join(cfg.TrustedNodeAccounts, ","))
 	return &kubeParts{
@@ -211,8 +210,9 @@ func newKubeClient(cfg Config, restCfg *rest.Config) (kubernetes.Interface, erro
 	return kubernetes.NewForConfig(rc)
 }
 
-// startRootConfigMaps runs the root ConfigMap controller on the elected replica.
-func startRootConfigMaps(ctx context.Context, cfg Config, restCfg *rest.Config, ownNS string, authority *ca.Authority, logger *slog.Logger) error {
+// startRootConfigMaps runs, in c, the root ConfigMap controller on the
+// elected replica.
+func startRootConfigMaps(c *component, cfg Config, restCfg *rest.Config, ownNS string, authority *ca.Authority, logger *slog.Logger) error {
 	client, err := newKubeClient(cfg, restCfg)
 	if err != nil {
 		return err
@@ -237,7 +237,7 @@ func startRootConfigMaps(ctx context.Context, cfg Config, restCfg *rest.Config, 
 	election := &publish.Election{Client: client, Namespace: ns, Name: leaseName,
 		Identity: host + "_" + hex.EncodeToString(suffix[:]), Logger: logger}
 	controller := &publish.ConfigMaps{Client: client, Bundle: authority, NamespaceSelector: sel, Logger: logger}
-	go func() {
+	c.Go(func(ctx context.Context) error {
 		err := election.Run(ctx, func(ctx context.Context) {
 			if err := controller.Run(ctx); err != nil {
 				logger.Error("root configmap controller stopped", "error", err)
@@ -246,7 +246,8 @@ func startRootConfigMaps(ctx context.Context, cfg Config, restCfg *rest.Config, 
 		if err != nil {
 			logger.Error("leader election stopped", "error", err)
 		}
-	}()
+		return nil
+	})
 	return nil
 }
 

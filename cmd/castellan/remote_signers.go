@@ -128,8 +128,9 @@ func (g GoogleCASConfig) validate(bad func(key, format string, a ...any)) {
 	}
 }
 
-// startVault signs through Vault and keeps the trust bundle following Vault's issuer.
-func startVault(ctx context.Context, cfg Config, authority *ca.Authority, audit *ca.Auditor, logger *slog.Logger) error {
+// startVault signs through Vault and keeps the trust bundle following Vault's
+// issuer, in c.
+func startVault(ctx context.Context, c *component, cfg Config, authority *ca.Authority, audit *ca.Auditor, logger *slog.Logger) error {
 	v := cfg.Vault
 	auth := vault.Auth{Method: v.AuthMethod, Mount: v.AuthMount, TokenFile: v.TokenFile, JWTFile: v.JWTFile, SecretIDFile: v.SecretIDFile}
 	switch v.AuthMethod {
@@ -144,7 +145,7 @@ func startVault(ctx context.Context, cfg Config, authority *ca.Authority, audit 
 		Auth: auth, CAFile: v.CAFile, ServerName: v.ServerName, Timeout: v.Timeout, RefreshInterval: v.RefreshInterval,
 		Logger: logger,
 		OnChange: func() {
-			reuseSigner(ctx, authority, audit, logger, vault.Backend, s, "Vault issuer "+v.Mount+"/"+v.Issuer+" changed")
+			reuseSigner(c.ctx, authority, audit, logger, vault.Backend, s, "Vault issuer "+v.Mount+"/"+v.Issuer+" changed")
 		},
 	})
 	if err != nil {
@@ -153,13 +154,13 @@ func startVault(ctx context.Context, cfg Config, authority *ca.Authority, audit 
 	if _, err := authority.Use(vault.Backend, s); err != nil {
 		return err
 	}
-	go s.Run(ctx)
+	c.Go(func(ctx context.Context) error { s.Run(ctx); return nil })
 	return nil
 }
 
 // startGoogleCAS signs through a CAS pool and keeps the trust bundle
-// following the pool's CAs.
-func startGoogleCAS(ctx context.Context, cfg Config, authority *ca.Authority, audit *ca.Auditor, logger *slog.Logger) error {
+// following the pool's CAs, in c.
+func startGoogleCAS(ctx context.Context, c *component, cfg Config, authority *ca.Authority, audit *ca.Auditor, logger *slog.Logger) error {
 	g := cfg.GoogleCAS
 	var opts []option.ClientOption
 	if g.Endpoint != "" {
@@ -174,7 +175,7 @@ func startGoogleCAS(ctx context.Context, cfg Config, authority *ca.Authority, au
 		CAPool: g.CAPool, CertificateAuthority: g.CertificateAuthority, Timeout: g.Timeout, RefreshInterval: g.RefreshInterval,
 		ClientOptions: opts, Logger: logger,
 		OnChange: func() {
-			reuseSigner(ctx, authority, audit, logger, googlecas.Backend, s, "Google CAS pool "+g.CAPool+" changed")
+			reuseSigner(c.ctx, authority, audit, logger, googlecas.Backend, s, "Google CAS pool "+g.CAPool+" changed")
 		},
 	})
 	if err != nil {
@@ -184,10 +185,10 @@ func startGoogleCAS(ctx context.Context, cfg Config, authority *ca.Authority, au
 		s.Close()
 		return err
 	}
-	go func() {
+	c.Go(func(ctx context.Context) error {
 		s.Run(ctx)
-		s.Close()
-	}()
+		return s.Close()
+	})
 	return nil
 }
 

@@ -1,10 +1,7 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"crypto/x509"
-	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -191,47 +188,4 @@ func openSealer(cfg Config, logger *slog.Logger) (*rotation.Sealer, error) {
 	}
 	logger.Info("CA keys sealed under a key-encryption key", "kek_id", sealer.ID())
 	return sealer, nil
-}
-
-// startBundleEndpoint serves the SPIFFE bundle endpoint when configured.
-func startBundleEndpoint(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, issuer *ca.Issuer, logger *slog.Logger) (func(), error) {
-	if cfg.BundleEndpointListen == "" {
-		return func() {}, nil
-	}
-	s, err := bundleserver.Start(ctx, bundleserver.Config{Authority: authority, TrustDomain: td, Addr: cfg.BundleEndpointListen,
-		Auth: cfg.BundleEndpointAuth, Issuer: issuer, CertFile: cfg.BundleEndpointCertFile, KeyFile: cfg.BundleEndpointKeyFile,
-		RefreshHint: cfg.BundleRefreshHint, Logger: logger.With("component", "bundle-endpoint")})
-	if err != nil {
-		return nil, err
-	}
-	return func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = s.Close(sctx)
-	}, nil
-}
-
-// keepOperatorCredential reissues castellanctl's credential whenever the CA
-// changes so that it is never left under a CA about to be retired.
-func keepOperatorCredential(ctx context.Context, issuer *ca.Issuer, authority *ca.Authority, cfg Config, id spiffeid.ID, logger *slog.Logger) {
-	for {
-		changed := authority.Changed()
-		select {
-		case <-ctx.Done():
-			return
-		case <-changed:
-		}
-		if err := ensureOperatorCredential(ctx, issuer, authority, cfg, id, logger); err != nil && !errors.Is(err, context.Canceled) {
-			logger.Error("operator credential refresh failed", "error", err)
-		}
-	}
-}
-
-// issuedByActive reports whether leaf was signed by the CA that issues now.
-func issuedByActive(leaf *x509.Certificate, authority *ca.Authority) bool {
-	c, ok := authority.Current().Signer.(interface{ Certificate() *x509.Certificate })
-	if !ok {
-		return true // a remote backend: its CA is not ours to compare
-	}
-	return bytes.Equal(leaf.AuthorityKeyId, c.Certificate().SubjectKeyId)
 }

@@ -3,8 +3,6 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,13 +16,11 @@ import (
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/ca/admin"
-	"github.com/castellan-ca/castellan/ca/rotation"
+	"github.com/castellan-ca/castellan/ca/bundleserver"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
 	"github.com/castellan-ca/castellan/internal/atomicfile"
-	"github.com/castellan-ca/castellan/internal/keyfile"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
-	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/googlecas"
 	"github.com/castellan-ca/castellan/signer/vault"
 	"github.com/prometheus/client_golang/prometheus"
@@ -47,96 +43,203 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	logger := newLogger(cfg, stderr)
-	td := spiffeid.RequireTrustDomainFromString(cfg.TrustDomain)
-	operatorID := spiffeid.RequireFromPath(td, operatorPath)
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
+	s := newServer(ctx, cfg, logger)
+	if err := s.start(ctx); err != nil {
+		_ = s.lc.shutdown() // stop what started; the start error is the one to report
+		return err
+	}
+	logger.Info("castellan serving", "listen", s.grpcAddr, "monitoring", s.monitoringAddr, "trust_domain", s.td.Name(),
+		"signer", s.authority.Current().Backend, "data_dir", cfg.DataDir)
+	return s.lc.wait(ctx)
+}
 
-	store, err := openAuditStore(ctx, cfg, logger)
+// server is what serve builds, one component after the other; each start
+// step adds a component to the lifecycle and fills the fields later ones use.
+type server struct {
+	cfg        Config
+	logger     *slog.Logger
+	td         spiffeid.TrustDomain
+	operatorID spiffeid.ID
+	lc         *lifecycle
+	registry   *prometheus.Registry
+
+	store     auditStore
+	authority *ca.Authority
+	// issuerAudit is the workload audit log: the store, through the rotation
+	// manager's dependents tracker when local CAs rotate.
+	issuerAudit ca.AuditLog
+	rotation    admin.Rotation
+	authn       authn.Chain
+	nodes       ca.NodeAuthorizer
+	ready       []readyCheck // what /readyz checks beyond signer, store and serving certificate
+	issuer      *ca.Issuer
+	serving     *ca.ServingCert
+
+	grpcAddr, monitoringAddr string
+}
+
+func newServer(ctx context.Context, cfg Config, logger *slog.Logger) *server {
+	td := spiffeid.RequireTrustDomainFromString(cfg.TrustDomain)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return &server{cfg: cfg, logger: logger, td: td, operatorID: spiffeid.RequireFromPath(td, operatorPath),
+		lc: newLifecycle(ctx, logger), registry: reg, authority: ca.NewAuthority()}
+}
+
+// start starts the components in order: the audit store first (it closes
+// last, after every writer), the listeners last (they stop first).
+func (s *server) start(ctx context.Context) error {
+	for _, step := range []func(context.Context) error{
+		s.startStore, s.startSigner, s.startAuthn, s.startIssuer, s.startTrustFiles, s.startBundleEndpoint,
+		s.startGRPC, s.startMonitoring,
+	} {
+		if err := step(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// startStore opens the audit store.
+func (s *server) startStore(ctx context.Context) error {
+	store, err := openAuditStore(ctx, s.cfg, s.logger)
 	if err != nil {
 		return fmt.Errorf("open audit store: %w", err)
 	}
-	defer store.Close()
+	s.lc.start("audit store").onStop(func() {
+		if err := store.Close(); err != nil {
+			s.logger.Error("audit store close", "error", err)
+		}
+	})
+	s.store, s.issuerAudit = store, store
+	return nil
+}
 
-	authority := ca.NewAuthority()
-	rot, err := startSigner(ctx, cfg, td, authority, store, logger)
+// startSigner puts the configured backend to use. The local backends
+// (selfsigned, intermediate) run through the CA rotation manager, which
+// tracks what each CA issued; the remote ones (Vault, CAS) rotate their own
+// keys and only report bundle changes.
+func (s *server) startSigner(ctx context.Context) error {
+	c := s.lc.start("signer")
+	audit := &ca.Auditor{Log: s.store, Timeout: s.cfg.AuditTimeout, Logger: s.logger}
+	switch s.cfg.Signer {
+	case vault.Backend:
+		return startVault(ctx, c, s.cfg, s.authority, audit, s.logger)
+	case googlecas.Backend:
+		return startGoogleCAS(ctx, c, s.cfg, s.authority, audit, s.logger)
+	}
+	m, err := startRotation(ctx, s.cfg, s.td, s.authority, s.store, s.logger)
 	if err != nil {
 		return err
 	}
-	// Local CAs run through the rotation manager, which tracks what each CA
-	// issued; remote backends (Vault, CAS) rotate their own keys.
-	var (
-		issuerAudit ca.AuditLog = store
-		rotationAPI admin.Rotation
-	)
-	if rot != nil {
-		issuerAudit, rotationAPI = rot.TrackDependents(store), rot
-	}
+	c.Go(m.Run)
+	s.issuerAudit, s.rotation = m.TrackDependents(s.store), m
+	return nil
+}
 
-	chain := authn.Chain{
-		&authn.ClientCert{TrustDomain: td, Roots: authority.Roots, Operators: []spiffeid.ID{operatorID}},
+// startAuthn builds the authenticator chain: client certificates (the
+// operator's among them), OIDC, then Kubernetes service-account tokens.
+func (s *server) startAuthn(ctx context.Context) error {
+	c := s.lc.start("authentication")
+	s.authn = authn.Chain{
+		&authn.ClientCert{TrustDomain: s.td, Roots: s.authority.Roots, Operators: []spiffeid.ID{s.operatorID}},
 	}
 	// OIDC goes before Kubernetes tokens: it claims only tokens whose iss is
 	// one of its issuers and passes every other token on.
-	if len(cfg.OIDC.Issuers) > 0 {
-		oidcAuthn, err := authn.NewOIDC(ctx, authn.OIDCOptions{TrustDomain: td, Config: cfg.OIDC, Logger: logger})
+	if len(s.cfg.OIDC.Issuers) > 0 {
+		oidcAuthn, err := authn.NewOIDC(c.ctx, authn.OIDCOptions{TrustDomain: s.td, Config: s.cfg.OIDC, Logger: s.logger})
 		if err != nil {
 			return err
 		}
-		chain = append(chain, oidcAuthn)
+		c.onStop(oidcAuthn.Stopped)
+		s.authn = append(s.authn, oidcAuthn)
 	}
 	// Kubernetes service-account tokens come last: they claim every bearer token left.
-	kubeParts, err := startKube(ctx, cfg, td, authority, logger)
-	if err != nil {
+	kubeParts, err := startKube(ctx, c, s.cfg, s.td, s.authority, s.logger)
+	if err != nil || kubeParts == nil {
 		return err
 	}
-	var nodeAuthz ca.NodeAuthorizer
-	if kubeParts != nil {
-		chain = append(chain, kubeParts.authenticator)
-		nodeAuthz = kubeParts.nodes
-	}
+	s.authn = append(s.authn, kubeParts.authenticator)
+	s.nodes = kubeParts.nodes
+	s.ready = append(s.ready, kubeParts.ready)
+	return nil
+}
 
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+// startIssuer builds the pipeline, its serving certificate and the operator
+// credential, which it keeps under the active CA.
+func (s *server) startIssuer(ctx context.Context) error {
+	c := s.lc.start("issuer")
 	issuer, err := ca.NewIssuer(ca.Config{
-		TrustDomain:    td,
-		TTL:            ca.TTLPolicy{Default: cfg.DefaultTTL, Max: cfg.MaxTTL, Mode: ca.TTLMode(cfg.TTLPolicy)},
-		ClockSkew:      cfg.ClockSkew,
-		Authenticator:  chain,
-		NodeAuthorizer: nodeAuthz,
-		Audit:          issuerAudit,
-		Authority:      authority,
-		Metrics:        ca.NewMetrics(reg),
-		Logger:         logger,
-		MaxInFlight:    cfg.MaxInFlight,
-		AuditTimeout:   cfg.AuditTimeout,
+		TrustDomain:    s.td,
+		TTL:            ca.TTLPolicy{Default: s.cfg.DefaultTTL, Max: s.cfg.MaxTTL, Mode: ca.TTLMode(s.cfg.TTLPolicy)},
+		ClockSkew:      s.cfg.ClockSkew,
+		Authenticator:  s.authn,
+		NodeAuthorizer: s.nodes,
+		Audit:          s.issuerAudit,
+		Authority:      s.authority,
+		Metrics:        ca.NewMetrics(s.registry),
+		Logger:         s.logger,
+		MaxInFlight:    s.cfg.MaxInFlight,
+		AuditTimeout:   s.cfg.AuditTimeout,
 	})
 	if err != nil {
 		return err
 	}
-	serving := &ca.ServingCert{Issuer: issuer, DNSNames: cfg.ServingDNSNames, TTL: cfg.ServingCertTTL, Logger: logger}
-	if _, err := serving.Current(ctx); err != nil {
+	s.issuer = issuer
+	s.serving = &ca.ServingCert{Issuer: issuer, DNSNames: s.cfg.ServingDNSNames, TTL: s.cfg.ServingCertTTL, Logger: s.logger}
+	if _, err := s.serving.Current(ctx); err != nil {
 		return fmt.Errorf("serving certificate: %w", err)
 	}
-	if err := ensureOperatorCredential(ctx, issuer, authority, cfg, operatorID, logger); err != nil {
+	if err := ensureOperatorCredential(ctx, issuer, s.authority, s.cfg, s.operatorID, s.logger); err != nil {
 		return err
 	}
-	// Written once before serving, so castellanctl (which reads it as soon as
-	// server.json exists) never finds it missing; then kept current.
-	bundlePath := filepath.Join(cfg.DataDir, datadir.RootCert)
-	if err := atomicfile.Write(bundlePath, []byte(authority.Current().BundlePEM), 0o644); err != nil {
+	c.Go(func(ctx context.Context) error {
+		keepOperatorCredential(ctx, issuer, s.authority, s.cfg, s.operatorID, s.logger)
+		return nil
+	})
+	return nil
+}
+
+// startTrustFiles writes the trust bundle into the data directory and keeps
+// it current. It is written once before serving, so castellanctl (which
+// reads it as soon as server.json exists) never finds it missing.
+func (s *server) startTrustFiles(context.Context) error {
+	path := filepath.Join(s.cfg.DataDir, datadir.RootCert)
+	if err := atomicfile.Write(path, []byte(s.authority.Current().BundlePEM), 0o644); err != nil {
 		return fmt.Errorf("write trust bundle: %w", err)
 	}
-	go publishBundle(ctx, authority, bundlePath, logger)
-	go keepOperatorCredential(ctx, issuer, authority, cfg, operatorID, logger)
-	stopBundleEndpoint, err := startBundleEndpoint(ctx, cfg, td, authority, issuer, logger)
+	s.lc.start("trust bundle file").Go(func(ctx context.Context) error {
+		publishBundle(ctx, s.authority, path, s.logger)
+		return nil
+	})
+	return nil
+}
+
+// startBundleEndpoint serves the SPIFFE bundle endpoint when configured.
+func (s *server) startBundleEndpoint(ctx context.Context) error {
+	if s.cfg.BundleEndpointListen == "" {
+		return nil
+	}
+	srv, err := bundleserver.New(ctx, bundleserver.Config{Authority: s.authority, TrustDomain: s.td, Addr: s.cfg.BundleEndpointListen,
+		Auth: s.cfg.BundleEndpointAuth, Issuer: s.issuer, CertFile: s.cfg.BundleEndpointCertFile, KeyFile: s.cfg.BundleEndpointKeyFile,
+		RefreshHint: s.cfg.BundleRefreshHint, Logger: s.logger.With("component", "bundle-endpoint")})
 	if err != nil {
 		return err
 	}
-	defer stopBundleEndpoint()
+	c := s.lc.start("bundle endpoint")
+	c.Go(func(context.Context) error { return srv.Serve() })
+	c.onStop(func() { closeWithin(5*time.Second, srv.Close) })
+	return nil
+}
 
-	lis, err := net.Listen("tcp", cfg.Listen)
+// startGRPC serves Istio's CA API and the admin API, and tells castellanctl
+// where (server.json, removed again at shutdown: a stale one would send
+// castellanctl to a dead address).
+func (s *server) startGRPC(context.Context) error {
+	lis, err := net.Listen("tcp", s.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
@@ -146,170 +249,79 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 			// Requested, not required: only VMs renewing with an existing certificate
 			// send one; authn.ClientCert verifies it so that failures are audited.
 			ClientAuth:     tls.RequestClientCert,
-			GetCertificate: serving.GetCertificate,
+			GetCertificate: s.serving.GetCertificate,
 		})),
-		grpc.MaxRecvMsgSize(cfg.MaxRecvBytes),
+		grpc.MaxRecvMsgSize(s.cfg.MaxRecvBytes),
 		// Istio's clients ping after 30 s idle; allow down to 10 s so they are never cut off.
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 2 * time.Minute, Timeout: 20 * time.Second}),
+		// Stop returns only once every handler has: none still writes to the audit store.
+		grpc.WaitForHandlers(true),
 	)
-	authpb.RegisterIstioCertificateServiceServer(srv, &ca.Server{Issuer: issuer})
-	adminpb.RegisterAdminServiceServer(srv, &admin.Server{Issuer: issuer, Audit: store, Rotation: rotationAPI, Logger: logger})
+	authpb.RegisterIstioCertificateServiceServer(srv, &ca.Server{Issuer: s.issuer})
+	adminpb.RegisterAdminServiceServer(srv, &admin.Server{Issuer: s.issuer, Audit: s.store, Rotation: s.rotation, Logger: s.logger})
+	c := s.lc.start("grpc")
+	c.Go(func(context.Context) error {
+		if err := srv.Serve(lis); err != nil {
+			return fmt.Errorf("grpc server: %w", err)
+		}
+		return nil
+	})
+	c.onStop(func() { gracefulStop(srv, 10*time.Second) })
+	s.grpcAddr = lis.Addr().String()
+	// server.json before /readyz answers: whoever waits for readiness (the
+	// e2e harness, a readiness gate) may run castellanctl at once.
+	infoPath := filepath.Join(s.cfg.DataDir, datadir.ServerInfo)
+	if err := writeServerInfo(infoPath, s.cfg, lis.Addr()); err != nil {
+		return err
+	}
+	c.onStop(func() { _ = os.Remove(infoPath) })
+	return nil
+}
 
-	// Ready means able to issue: each component that can stop issuance adds a check.
-	ready := []readyCheck{
+// gracefulStop lets calls in flight finish for up to timeout, then cancels them.
+func gracefulStop(srv *grpc.Server, timeout time.Duration) {
+	t := time.AfterFunc(timeout, srv.Stop)
+	defer t.Stop()
+	srv.GracefulStop()
+	srv.Stop() // waits for the handlers a timed-out graceful stop cancelled
+}
+
+// closeWithin calls closeFn with a context that gives it timeout.
+func closeWithin(timeout time.Duration, closeFn func(context.Context) error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	_ = closeFn(ctx)
+}
+
+// startMonitoring serves /metrics, /healthz (process alive) and /readyz (can
+// issue: each component that can stop issuance added a check).
+func (s *server) startMonitoring(context.Context) error {
+	ready := append([]readyCheck{
 		{"signer", func(context.Context) error {
-			if authority.Current() == nil {
+			if s.authority.Current() == nil {
 				return errors.New("no active signer")
 			}
 			return nil
 		}},
-		{"audit store", store.Ping},
-		{"serving certificate", func(ctx context.Context) error { _, err := serving.Current(ctx); return err }},
-	}
-	if kubeParts != nil {
-		ready = append(ready, kubeParts.ready)
-	}
-	// server.json before /readyz answers: whoever waits for readiness (the
-	// e2e harness, a readiness gate) may run castellanctl at once.
-	infoPath := filepath.Join(cfg.DataDir, datadir.ServerInfo)
-	if err := writeServerInfo(infoPath, cfg, lis.Addr()); err != nil {
-		lis.Close()
-		return err
-	}
-	// A stale server.json would send castellanctl to a dead address.
-	defer os.Remove(infoPath)
-	mon, err := startMonitoring(cfg.MonitoringListen, reg, ready, logger)
+		{"audit store", s.store.Ping},
+		{"serving certificate", func(ctx context.Context) error { _, err := s.serving.Current(ctx); return err }},
+	}, s.ready...)
+	lis, err := net.Listen("tcp", s.cfg.MonitoringListen)
 	if err != nil {
-		lis.Close()
-		return err
+		return fmt.Errorf("monitoring listen: %w", err)
 	}
-	defer func() {
-		shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		mon.srv.Shutdown(shutCtx)
-	}()
-	logger.Info("castellan serving", "listen", lis.Addr().String(), "monitoring", mon.addr, "trust_domain", td.Name(),
-		"signer", authority.Current().Backend, "data_dir", cfg.DataDir)
-
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(lis) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("grpc server: %w", err)
-	case <-ctx.Done():
-	}
-	logger.Info("shutting down")
-	stopped := make(chan struct{})
-	go func() { srv.GracefulStop(); close(stopped) }()
-	select {
-	case <-stopped:
-	case <-time.After(10 * time.Second):
-		srv.Stop()
-	}
+	srv := &http.Server{Handler: monitoringHandler(s.registry, ready), ReadHeaderTimeout: 5 * time.Second}
+	c := s.lc.start("monitoring")
+	c.Go(func(context.Context) error {
+		if err := srv.Serve(lis); !errors.Is(err, http.ErrServerClosed) {
+			s.logger.Error("monitoring server", "error", err)
+		}
+		return nil
+	})
+	c.onStop(func() { closeWithin(5*time.Second, srv.Shutdown) })
+	s.monitoringAddr = lis.Addr().String()
 	return nil
-}
-
-// startSigner loads the configured backend into authority. The local
-// backends (selfsigned, intermediate) run through the CA rotation manager,
-// which it returns; the remote ones (vault, googlecas) return nil.
-func startSigner(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, store auditStore, logger *slog.Logger) (*rotation.Manager, error) {
-	switch cfg.Signer {
-	case vault.Backend:
-		return nil, startVault(ctx, cfg, authority, &ca.Auditor{Log: store, Timeout: cfg.AuditTimeout, Logger: logger}, logger)
-	case googlecas.Backend:
-		return nil, startGoogleCAS(ctx, cfg, authority, &ca.Auditor{Log: store, Timeout: cfg.AuditTimeout, Logger: logger}, logger)
-	}
-	m, err := startRotation(ctx, cfg, td, authority, store, logger)
-	if err != nil {
-		return nil, err
-	}
-	go m.Run(ctx)
-	return m, nil
-}
-
-// ensureOperatorCredential writes castellanctl's client certificate on first
-// start, and replaces it when it no longer chains to the trust bundle or is
-// past two thirds of its life.
-func ensureOperatorCredential(ctx context.Context, issuer *ca.Issuer, authority *ca.Authority, cfg Config, id spiffeid.ID, logger *slog.Logger) error {
-	dir := filepath.Join(cfg.DataDir, datadir.OperatorDir)
-	certPath, keyPath := filepath.Join(dir, datadir.OperatorCert), filepath.Join(dir, datadir.OperatorKey)
-	if b, err := os.ReadFile(certPath); err == nil {
-		if certs, err := signer.ParseCertificatesPEM(b); err == nil {
-			leaf := certs[0]
-			inter := x509.NewCertPool()
-			for _, c := range certs[1:] {
-				inter.AddCert(c)
-			}
-			_, verr := leaf.Verify(x509.VerifyOptions{Roots: authority.Roots(), Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
-			renewAt := leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) * 2 / 3)
-			if _, kerr := os.Stat(keyPath); verr == nil && kerr == nil && time.Now().Before(renewAt) && issuedByActive(leaf, authority) {
-				return nil
-			}
-		}
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("operator credential dir: %w", err)
-	}
-	key, err := keyfile.GenerateKey("ecdsa-p256")
-	if err != nil {
-		return err
-	}
-	chain, _, err := issuer.IssueInternal(ctx, "operator credential", ca.ClientTemplate(id.URL()), key, cfg.OperatorCertTTL)
-	if err != nil {
-		return err
-	}
-	keyPEM, err := keyfile.MarshalPrivateKeyPEM(key)
-	if err != nil {
-		return err
-	}
-	if err := atomicfile.Write(keyPath, keyPEM, 0o600); err != nil {
-		return fmt.Errorf("write operator key: %w", err)
-	}
-	if err := atomicfile.Write(certPath, []byte(signer.EncodePEM(append([]*x509.Certificate{chain.Leaf}, chain.Intermediates...)...)), 0o644); err != nil {
-		return fmt.Errorf("write operator certificate: %w", err)
-	}
-	logger.Info("operator credential written", "identity", id.String(), "dir", dir, "not_after", chain.Leaf.NotAfter)
-	return nil
-}
-
-// publishBundle keeps path equal to the current trust bundle.
-func publishBundle(ctx context.Context, authority *ca.Authority, path string, logger *slog.Logger) {
-	for {
-		changed := authority.Changed()
-		if st := authority.Current(); st != nil {
-			if err := atomicfile.Write(path, []byte(st.BundlePEM), 0o644); err != nil {
-				logger.Error("write trust bundle", "path", path, "error", err)
-			}
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-changed:
-		}
-	}
-}
-
-// writeServerInfo tells castellanctl where to connect.
-func writeServerInfo(path string, cfg Config, addr net.Addr) error {
-	host, port, err := net.SplitHostPort(addr.String())
-	if err != nil {
-		return err
-	}
-	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
-		host = "localhost"
-	}
-	b, err := json.MarshalIndent(datadir.Server{Address: net.JoinHostPort(host, port), ServerName: cfg.ServingDNSNames[0],
-		TrustDomain: cfg.TrustDomain}, "", "  ")
-	if err != nil {
-		return err
-	}
-	return atomicfile.Write(path, append(b, '\n'), 0o644)
-}
-
-type monitoring struct {
-	srv  *http.Server
-	addr string
 }
 
 // readyCheck is one condition of /readyz.
@@ -318,8 +330,9 @@ type readyCheck struct {
 	check func(context.Context) error
 }
 
-// startMonitoring serves /metrics, /healthz (process alive) and /readyz (can issue).
-func startMonitoring(addr string, reg *prometheus.Registry, ready []readyCheck, logger *slog.Logger) (*monitoring, error) {
+// monitoringHandler serves /metrics, /healthz (process alive) and /readyz
+// (every check passes).
+func monitoringHandler(reg *prometheus.Registry, ready []readyCheck) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
@@ -334,17 +347,7 @@ func startMonitoring(addr string, reg *prometheus.Registry, ready []readyCheck, 
 		}
 		io.WriteString(w, "ok\n")
 	})
-	lis, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("monitoring listen: %w", err)
-	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() {
-		if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			logger.Error("monitoring server", "error", err)
-		}
-	}()
-	return &monitoring{srv: srv, addr: lis.Addr().String()}, nil
+	return mux
 }
 
 func newLogger(cfg Config, w io.Writer) *slog.Logger {

@@ -1,0 +1,55 @@
+// Package ca is Castellan's issuance pipeline: the one path every workload
+// certificate takes, the certificate profile, and the trust bundle
+// (Authority). The signing backends are behind the signer.Signer contract
+// (package signer), the admin API is package ca/admin, CA rotation is package
+// ca/rotation.
+//
+// One CSR, from the wire to the answer:
+//
+//  1. Edge. Server.CreateCertificate (Istio's IstioCertificateService)
+//     turns the gRPC request into a Request and calls Issuer.Answer, which
+//     adds the peer address and the clusterid header (withConn) and runs
+//     Issuer.Issue. Issue takes an in-flight slot or refuses at once with
+//     ErrOverloaded (ResourceExhausted): Istio's clients set no deadline, so
+//     a CA that queues would stall them.
+//  2. Authentication. Issuer.authenticate asks the Authenticator (an
+//     authn.Chain: client certificate, OIDC, Kubernetes token) who the
+//     caller is and classifies a failure: no or bad credentials are the
+//     caller's (ErrUnauthenticated), an authenticator that cannot answer is
+//     ours (ErrUnavailable).
+//  3. Scope. requestedIdentity reads an explicitly requested identity (the
+//     ImpersonatedIdentity metadata, or the admin API's), and Issuer.scope
+//     decides the one SPIFFE ID the caller may receive: its own, or one the
+//     NodeAuthorizer grants (ztunnel asking for a pod on its node). The CSR's
+//     own SANs are never trusted.
+//  4. CSR checks. ParseCSR decodes the untrusted PEM, verifies its
+//     signature, accepts the key (CheckPublicKey) and refuses any SAN other
+//     than the granted identity.
+//  5. Profile. TTLPolicy.Grant turns the requested lifetime into the granted
+//     one, and Issuer.sign builds the leaf template (LeafTemplate): empty
+//     subject, the granted URI SAN, usages, NotBefore backdated by the
+//     clock-skew allowance, a random serial.
+//  6. Signing. Issuer.sign hands the template to the active signer of the
+//     Authority's State (signer.Signer.Sign); a backend that cannot answer
+//     is ErrUnavailable, a caller that hung up meanwhile is its own reason
+//     (ReasonCallerGone, callerGone), any other failure ErrInternal.
+//  7. Result check. CheckIssued (with the issuer's path cache) re-checks
+//     what the backend returned against what was asked for: key, SANs,
+//     subject, lifetime, usages, and a chain to the trust bundle, so a
+//     misbehaving backend never reaches a client.
+//  8. Audit. Issue fills the record (fillRecord) and appends it through the
+//     Auditor, under the one audit timeout and detached from the caller's
+//     context; every outcome is recorded, and a certificate whose record is
+//     not committed is withheld (ErrUnavailable). Issue then counts the
+//     outcome in the Metrics (Istio's citadel_* names and Castellan's own).
+//  9. Response. Elements lays out [leaf, intermediates…, root bundle];
+//     Issuer.Answer returns them, or marks the issuance undelivered
+//     (Issuer.Undelivered) when the client has already gone. Every error
+//     leaves through Status, the one place that maps an error kind (the Err*
+//     sentinels, wrapped in a Refusal with its audit reason) to a gRPC code.
+//
+// Certificates Castellan needs for itself (its serving certificate,
+// ServingCert; the operator credential) take steps 5 to 8 through
+// Issuer.IssueInternal. Operator actions are authenticated by
+// Issuer.Operator and recorded by Auditor.Record.
+package ca

@@ -91,7 +91,9 @@ func TestClientCert(t *testing.T) {
 		want       *authn.Caller
 		noCreds    bool
 		errContain string
-		badID      bool
+		// kind, when set, is the crypto/x509 error the refusal must wrap.
+		kind  func(error) bool
+		badID bool
 	}{
 		{name: "workload certificate", ctx: tlsPeer(issueCert(t, root, key, []string{app}, nil)),
 			want: &authn.Caller{Method: authn.MethodMTLS, Identity: appID, Name: app}},
@@ -103,19 +105,19 @@ func TestClientCert(t *testing.T) {
 		{name: "operator certificate", ctx: tlsPeer(issueCert(t, root, key, []string{operatorID.String()}, nil)),
 			want: &authn.Caller{Method: authn.MethodOperator, Name: operatorID.String(), Operator: true}},
 
-		{name: "intermediate not presented", ctx: tlsPeer(leafOnInter), errContain: "client certificate"},
-		{name: "another CA", ctx: tlsPeer(issueCert(t, otherRoot, key, []string{app}, nil)), errContain: "unknown authority"},
-		{name: "operator ID from another CA", ctx: tlsPeer(issueCert(t, otherRoot, key, []string{operatorID.String()}, nil)), errContain: "unknown authority"},
-		{name: "self-signed leaf", ctx: tlsPeer(selfSigned(t, key, app)), errContain: "unknown authority"},
+		{name: "intermediate not presented", ctx: tlsPeer(leafOnInter), kind: unknownAuthority},
+		{name: "another CA", ctx: tlsPeer(issueCert(t, otherRoot, key, []string{app}, nil)), kind: unknownAuthority},
+		{name: "operator ID from another CA", ctx: tlsPeer(issueCert(t, otherRoot, key, []string{operatorID.String()}, nil)), kind: unknownAuthority},
+		{name: "self-signed leaf", ctx: tlsPeer(selfSigned(t, key, app)), kind: unknownAuthority},
 		{name: "expired", ctx: tlsPeer(issueCert(t, root, key, []string{app}, func(c *x509.Certificate) {
 			c.NotBefore, c.NotAfter = time.Now().Add(-2*time.Hour), time.Now().Add(-time.Minute)
-		})), errContain: "expired"},
+		})), kind: invalidCert(x509.Expired)},
 		{name: "not yet valid", ctx: tlsPeer(issueCert(t, root, key, []string{app}, func(c *x509.Certificate) {
 			c.NotBefore, c.NotAfter = time.Now().Add(time.Hour), time.Now().Add(2*time.Hour)
-		})), errContain: "expired or is not yet valid"},
+		})), kind: invalidCert(x509.Expired)},
 		{name: "serverAuth-only EKU", ctx: tlsPeer(issueCert(t, root, key, []string{app}, func(c *x509.Certificate) {
 			c.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
-		})), errContain: "key usage"},
+		})), kind: invalidCert(x509.IncompatibleUsage)},
 		{name: "two URI SANs", ctx: tlsPeer(issueCert(t, root, key, []string{app, "spiffe://cluster.local/ns/prod/sa/db"}, nil)), errContain: "exactly one URI SAN"},
 		{name: "operator plus workload URI", ctx: tlsPeer(issueCert(t, root, key, []string{operatorID.String(), app}, nil)), errContain: "exactly one URI SAN"},
 		{name: "no URI SAN", ctx: tlsPeer(issueCert(t, root, key, nil, nil)), errContain: "exactly one URI SAN"},
@@ -162,6 +164,11 @@ func TestClientCert(t *testing.T) {
 				if tc.badID != errors.Is(err, authn.ErrBadIdentity) {
 					t.Errorf("errors.Is(err, ErrBadIdentity) = %v, want %v (err %v)", !tc.badID, tc.badID, err)
 				}
+				if tc.kind != nil && !tc.kind(err) {
+					t.Errorf("error %v does not wrap the expected crypto/x509 error", err)
+				}
+				// Refusals without a kind of their own are told apart by the
+				// detail they leave in the audit record.
 				if !strings.Contains(err.Error(), tc.errContain) {
 					t.Errorf("error %q does not mention %q", err, tc.errContain)
 				}
@@ -347,5 +354,20 @@ func stubs(s ...*stubAuthn) func() (authn.Chain, []*stubAuthn) {
 			c[i] = s[i]
 		}
 		return c, s
+	}
+}
+
+// unknownAuthority reports whether err wraps x509.UnknownAuthorityError.
+func unknownAuthority(err error) bool {
+	var e x509.UnknownAuthorityError
+	return errors.As(err, &e)
+}
+
+// invalidCert returns a check that err wraps an x509.CertificateInvalidError
+// for reason.
+func invalidCert(reason x509.InvalidReason) func(error) bool {
+	return func(err error) bool {
+		var e x509.CertificateInvalidError
+		return errors.As(err, &e) && e.Reason == reason
 	}
 }

@@ -262,14 +262,7 @@ func Watch(ctx context.Context, dir string, interval time.Duration, logger *slog
 	if interval <= 0 {
 		interval = DefaultWatchInterval
 	}
-	if logger == nil {
-		logger = slog.New(slog.DiscardHandler)
-	}
-	snap := readSnapshot(dir)
-	last := snap.hash
-	warnKeyMode(logger, snap)
-	logger.Debug("watching intermediate CA files", logDir, dir, logInterval, interval.String())
-
+	w := newWatcher(dir, interval.String(), logger, onChange)
 	ticker := time.NewTicker(interval)
 	defer ticker.Stop()
 	for {
@@ -277,24 +270,48 @@ func Watch(ctx context.Context, dir string, interval time.Duration, logger *slog
 		case <-ctx.Done():
 			return
 		case <-ticker.C:
+			w.poll()
 		}
-		snap := readSnapshot(dir)
-		if snap.hash == last {
-			continue
-		}
-		// Remember even an invalid set, so it is reported once, not every tick,
-		// and any later change (e.g. the second half of a non-atomic update) is retried.
-		last = snap.hash
-		s, err := build(snap, time.Now)
-		if err != nil {
-			logger.Error("intermediate CA changed but the new material is invalid; keeping the current CA", logDir, dir, logError, err.Error())
-			continue
-		}
-		warnKeyMode(logger, snap)
-		logger.Info("intermediate CA reloaded", logDir, dir, logSubject, s.Certificate().Subject.String(),
-			logNotAfter, s.Certificate().NotAfter.UTC().Format(time.RFC3339))
-		onChange(s)
 	}
+}
+
+// watcher is the state of Watch between polls.
+type watcher struct {
+	dir      string
+	logger   *slog.Logger
+	onChange func(*local.Signer)
+	last     [sha256.Size]byte
+}
+
+// newWatcher reads the baseline of dir and warns about its key's mode.
+func newWatcher(dir, interval string, logger *slog.Logger, onChange func(*local.Signer)) *watcher {
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	snap := readSnapshot(dir)
+	warnKeyMode(logger, snap)
+	logger.Debug("watching intermediate CA files", logDir, dir, logInterval, interval)
+	return &watcher{dir: dir, logger: logger, onChange: onChange, last: snap.hash}
+}
+
+// poll reads dir once and hands over a changed set that validates.
+func (w *watcher) poll() {
+	snap := readSnapshot(w.dir)
+	if snap.hash == w.last {
+		return
+	}
+	// Remember even an invalid set, so it is reported once, not every tick,
+	// and any later change (e.g. the second half of a non-atomic update) is retried.
+	w.last = snap.hash
+	s, err := build(snap, time.Now)
+	if err != nil {
+		w.logger.Error("intermediate CA changed but the new material is invalid; keeping the current CA", logDir, w.dir, logError, err.Error())
+		return
+	}
+	warnKeyMode(w.logger, snap)
+	w.logger.Info("intermediate CA reloaded", logDir, w.dir, logSubject, s.Certificate().Subject.String(),
+		logNotAfter, s.Certificate().NotAfter.UTC().Format(time.RFC3339))
+	w.onChange(s)
 }
 
 // warnKeyMode warns about a key readable by group or others. It does not
@@ -320,6 +337,10 @@ type Source struct {
 	Logger *slog.Logger
 	// Now is the clock of Load; nil means time.Now.
 	Now func() time.Time
+	// Polls, if set, replaces the Interval ticker of Watch: Watch polls once
+	// for each channel it receives and closes the channel when that poll is
+	// done (tests drive the polls and wait for each).
+	Polls <-chan chan struct{}
 }
 
 // Name returns Backend.
@@ -336,7 +357,21 @@ func (s *Source) Load() (*local.Signer, string, error) {
 
 // Watch calls onChange with each new valid CA in Dir until ctx ends (see Watch).
 func (s *Source) Watch(ctx context.Context, onChange func(ca *local.Signer, detail string)) {
-	Watch(ctx, s.Dir, s.Interval, s.Logger, func(ca *local.Signer) {
+	reloaded := func(ca *local.Signer) {
 		onChange(ca, "intermediate CA reloaded from "+s.Dir+": "+ca.Certificate().Subject.String())
-	})
+	}
+	if s.Polls == nil {
+		Watch(ctx, s.Dir, s.Interval, s.Logger, reloaded)
+		return
+	}
+	w := newWatcher(s.Dir, "driven", s.Logger, reloaded)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case done := <-s.Polls:
+			w.poll()
+			close(done)
+		}
+	}
 }

@@ -223,34 +223,27 @@ func (h *logRecorder) count(level slog.Level, msg string) int {
 	return n
 }
 
-const (
-	watchInterval = 10 * time.Millisecond
-	waitTimeout   = 10 * time.Second
-	// settle is long enough for many polls, to show that nothing else happens.
-	settle = 30 * watchInterval
-)
+// waitTimeout only turns a hang into a failure.
+const waitTimeout = 10 * time.Second
 
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(waitTimeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(watchInterval / 2)
-	}
+// watcher runs a Watch whose polls the test drives.
+type watcher struct {
+	got   chan *local.Signer
+	rec   *logRecorder
+	polls chan chan struct{}
 }
 
-// startWatch runs Watch on dir until the test ends and returns its callbacks.
-func startWatch(t *testing.T, dir string) (<-chan *local.Signer, *logRecorder) {
+// startWatch runs Watch on dir until the test ends. It returns once Watch
+// has read its baseline (and warned about the key's mode) and polled once.
+func startWatch(t *testing.T, dir string) *watcher {
 	t.Helper()
-	rec := &logRecorder{}
-	got := make(chan *local.Signer, 16)
+	w := &watcher{got: make(chan *local.Signer, 16), rec: &logRecorder{}, polls: make(chan chan struct{})}
+	src := &intermediate.Source{Dir: dir, Logger: slog.New(w.rec), Polls: w.polls}
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		intermediate.Watch(ctx, dir, watchInterval, slog.New(rec), func(s *local.Signer) { got <- s })
+		src.Watch(ctx, func(s *local.Signer, _ string) { w.got <- s })
 	}()
 	t.Cleanup(func() {
 		cancel()
@@ -260,28 +253,46 @@ func startWatch(t *testing.T, dir string) (<-chan *local.Signer, *logRecorder) {
 			t.Error("Watch did not return after its context ended")
 		}
 	})
-	eventually(t, "Watch to start", func() bool { return rec.count(slog.LevelDebug, "watching") == 1 })
-	return got, rec
+	w.poll(t)
+	return w
 }
 
-func expectSigner(t *testing.T, got <-chan *local.Signer, want *signertest.CA) {
+// poll has Watch poll once and returns when that poll is done.
+func (w *watcher) poll(t *testing.T) {
 	t.Helper()
+	done := make(chan struct{})
 	select {
-	case s := <-got:
+	case w.polls <- done:
+	case <-time.After(waitTimeout):
+		t.Fatal("Watch does not poll")
+	}
+	<-done
+}
+
+// expectSigner polls once and requires a callback with want.
+func (w *watcher) expectSigner(t *testing.T, want *signertest.CA) {
+	t.Helper()
+	w.poll(t)
+	select {
+	case s := <-w.got:
 		if !bytes.Equal(s.Certificate().Raw, want.Cert.Raw) {
 			t.Fatalf("onChange got %q, want %q", s.Certificate().Subject, want.Cert.Subject)
 		}
-	case <-time.After(waitTimeout):
+	default:
 		t.Fatalf("no onChange for %q", want.Cert.Subject)
 	}
 }
 
-func expectNoCallback(t *testing.T, got <-chan *local.Signer) {
+// expectNoCallback polls twice (a change, then no change) and requires that
+// nothing was handed over.
+func (w *watcher) expectNoCallback(t *testing.T) {
 	t.Helper()
+	w.poll(t)
+	w.poll(t)
 	select {
-	case s := <-got:
+	case s := <-w.got:
 		t.Fatalf("unexpected onChange with %q", s.Certificate().Subject)
-	case <-time.After(settle):
+	default:
 	}
 }
 
@@ -293,37 +304,41 @@ func TestWatchSymlinkSwap(t *testing.T) {
 	if _, err := intermediate.Load(dir, nil); err != nil {
 		t.Fatal(err)
 	}
-	got, rec := startWatch(t, dir)
-	expectNoCallback(t, got)
+	w := startWatch(t, dir)
+	w.expectNoCallback(t)
 
 	swapFiles(t, dir, cacerts(t, material{next, nil, certs(p.root)}), 0o600)
-	expectSigner(t, got, next)
-	expectNoCallback(t, got)
+	w.expectSigner(t, next)
+	w.expectNoCallback(t)
 
 	// A certificate with the wrong key: refused, logged once, no callback.
 	swapFiles(t, dir, with(cacerts(t, material{p.direct, nil, certs(p.root)}), intermediate.CAKeyFile, keyPEM(t, next)), 0o600)
-	eventually(t, "the invalid set to be logged", func() bool { return rec.count(slog.LevelError, "invalid") == 1 })
-	expectNoCallback(t, got)
-	if n := rec.count(slog.LevelError, "invalid"); n != 1 {
+	w.expectNoCallback(t)
+	if n := w.rec.count(slog.LevelError, "invalid"); n != 1 {
 		t.Errorf("invalid set logged %d times, want once", n)
 	}
 
 	swapFiles(t, dir, cacerts(t, material{p.issuing, certs(p.mid, p.root), certs(p.root)}), 0o600)
-	expectSigner(t, got, p.issuing)
-	expectNoCallback(t, got)
+	w.expectSigner(t, p.issuing)
+	w.expectNoCallback(t)
 }
 
 func TestWatchInPlaceRewrite(t *testing.T) {
 	p := newPKI(t)
 	dir := t.TempDir()
 	writeFiles(t, dir, tlsSecret(t, material{p.direct, nil, certs(p.root)}))
-	got, _ := startWatch(t, dir)
+	w := startWatch(t, dir)
 
-	// Files are rewritten one by one: the half-written states do not validate,
-	// so only the complete new set is handed over.
-	writeFiles(t, dir, tlsSecret(t, material{p.issuing, certs(p.mid), certs(p.root)}))
-	expectSigner(t, got, p.issuing)
-	expectNoCallback(t, got)
+	// Files are rewritten one by one, with a poll after each: the
+	// half-written state does not validate, so only the complete new set is
+	// handed over.
+	next := tlsSecret(t, material{p.issuing, certs(p.mid), certs(p.root)})
+	writeFiles(t, dir, map[string][]byte{intermediate.TLSCertFile: next[intermediate.TLSCertFile]})
+	w.expectNoCallback(t)
+	writeFiles(t, dir, map[string][]byte{intermediate.TLSKeyFile: next[intermediate.TLSKeyFile]})
+	w.expectSigner(t, p.issuing)
+	writeFiles(t, dir, map[string][]byte{intermediate.TLSCAFile: next[intermediate.TLSCAFile]})
+	w.expectNoCallback(t)
 }
 
 func TestWatchWarnsAboutKeyMode(t *testing.T) {
@@ -336,8 +351,8 @@ func TestWatchWarnsAboutKeyMode(t *testing.T) {
 		t.Run(tc.mode.String(), func(t *testing.T) {
 			dir := t.TempDir()
 			swapFiles(t, dir, cacerts(t, material{p.direct, nil, certs(p.root)}), tc.mode)
-			_, rec := startWatch(t, dir)
-			if n := rec.count(slog.LevelWarn, "readable by group or others"); n != tc.wantWarn {
+			w := startWatch(t, dir)
+			if n := w.rec.count(slog.LevelWarn, "readable by group or others"); n != tc.wantWarn {
 				t.Errorf("%d warnings, want %d", n, tc.wantWarn)
 			}
 		})

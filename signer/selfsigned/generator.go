@@ -23,6 +23,11 @@ import (
 	"github.com/castellan-ca/castellan/signer"
 )
 
+// ErrRootWithoutKey: a root certificate of earlier versions is present but
+// its key is gone with the rotation state; replacing the root silently would
+// cut off every workload that trusts it.
+var ErrRootWithoutKey = errors.New("root certificate without its key")
+
 // Generator makes the CAs of the selfsigned backend for the CA rotation
 // manager (it implements ca/rotation.Generator): new keys, roots and
 // intermediates. The manager keeps keys and certificates in its shared state;
@@ -100,9 +105,7 @@ func (g *Generator) NewIntermediate(key crypto.Signer, root *x509.Certificate, r
 
 // ImportRoot returns the root that earlier versions kept in Dir (CertFile and
 // KeyFile) and the file it came from; a nil root when there is none. The
-// certificate without its key is an error: the key lived in a rotation state
-// that is gone, and replacing the root silently would cut off every workload
-// that trusts it.
+// certificate without its key is ErrRootWithoutKey.
 func (g *Generator) ImportRoot() (*x509.Certificate, crypto.Signer, string, error) {
 	if g.dir == "" {
 		return nil, nil, "", nil
@@ -118,7 +121,8 @@ func (g *Generator) ImportRoot() (*x509.Certificate, crypto.Signer, string, erro
 		}
 		return root, key, certPath, nil
 	case cerr == nil:
-		return nil, nil, "", fmt.Errorf("%s exists but the CA state is empty: restore the state (or remove %s to start a new root, which every workload must then learn)", certPath, certPath)
+		return nil, nil, "", fmt.Errorf("%w: %s exists but the CA state is empty: restore the state (or remove %s to start a new root, which every workload must then learn)",
+			ErrRootWithoutKey, certPath, certPath)
 	case kerr == nil:
 		return nil, nil, "", fmt.Errorf("%s exists but %s is missing: restore it, or remove both to start a new root", keyPath, certPath)
 	case !errors.Is(kerr, fs.ErrNotExist):

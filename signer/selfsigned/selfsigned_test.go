@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/rsa"
 	"crypto/x509"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -104,40 +105,41 @@ func TestLoadRefuses(t *testing.T) {
 		name     string
 		opts     func(dir string) selfsigned.Options
 		damage   func(t *testing.T, dir string)
-		wantText string
+		wantText string // the error names the file (or value) at fault
+		wantErr  error  // and wraps this kind, where one exists
 	}{
 		{"corrupt key file", nil, func(t *testing.T, dir string) {
 			write(t, filepath.Join(dir, selfsigned.KeyFile), "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
-		}, selfsigned.KeyFile},
+		}, selfsigned.KeyFile, nil},
 		{"corrupt cert file", nil, func(t *testing.T, dir string) {
 			write(t, filepath.Join(dir, selfsigned.CertFile), "garbage")
-		}, selfsigned.CertFile},
+		}, selfsigned.CertFile, nil},
 		{"mismatched key", nil, func(t *testing.T, dir string) {
 			pemKey, err := keyfile.MarshalPrivateKeyPEM(signertest.Key(5))
 			if err != nil {
 				t.Fatal(err)
 			}
 			write(t, filepath.Join(dir, selfsigned.KeyFile), string(pemKey))
-		}, selfsigned.KeyFile},
+		}, selfsigned.KeyFile, local.ErrKeyMismatch},
 		{"key without certificate", nil, func(t *testing.T, dir string) {
 			if err := os.Remove(filepath.Join(dir, selfsigned.CertFile)); err != nil {
 				t.Fatal(err)
 			}
-		}, selfsigned.CertFile + " is missing"},
+		}, selfsigned.CertFile + " is missing", nil},
 		{"certificate without key", nil, func(t *testing.T, dir string) {
 			if err := os.Remove(filepath.Join(dir, selfsigned.KeyFile)); err != nil {
 				t.Fatal(err)
 			}
-		}, selfsigned.KeyFile + " is missing"},
+		}, selfsigned.KeyFile + " is missing", nil},
 		{"other trust domain", func(dir string) selfsigned.Options {
 			return selfsigned.Options{Dir: dir, TrustDomain: otherTD}
-		}, func(*testing.T, string) {}, "not the configured trust domain"},
+		}, func(*testing.T, string) {}, "not the configured trust domain", nil},
 		{"unknown key type", func(dir string) selfsigned.Options {
 			return selfsigned.Options{Dir: dir, TrustDomain: td, KeyType: "dsa-1024"}
-		}, func(*testing.T, string) {}, "dsa-1024"},
+		}, func(*testing.T, string) {}, "dsa-1024", nil},
 		{"expired root", func(dir string) selfsigned.Options {
 			return selfsigned.Options{Dir: dir, TrustDomain: td, Now: func() time.Time { return time.Now().Add(11 * 365 * 24 * time.Hour) }}
-		}, func(*testing.T, string) {}, selfsigned.CertFile},
+		}, func(*testing.T, string) {}, selfsigned.CertFile, local.ErrExpired},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -155,6 +157,9 @@ func TestLoadRefuses(t *testing.T) {
 			}
 			if !strings.Contains(err.Error(), tc.wantText) {
 				t.Errorf("err = %v, want it to mention %q", err, tc.wantText)
+			}
+			if tc.wantErr != nil && !errors.Is(err, tc.wantErr) {
+				t.Errorf("err = %v, want one wrapping %v", err, tc.wantErr)
 			}
 			if after := dirContent(t, dir); after != before {
 				t.Error("Load changed the directory instead of refusing")

@@ -196,6 +196,9 @@ func (s *Signer) watch(ctx context.Context, w *api.LifetimeWatcher) (next *api.S
 			return secret, false
 		case r := <-w.RenewCh():
 			s.log.Debug("vault: token renewed", "lease_seconds", r.Secret.Auth.LeaseDuration)
+			if s.cfg.OnTokenRenewed != nil {
+				s.cfg.OnTokenRenewed()
+			}
 		case err := <-w.DoneCh():
 			if err != nil {
 				s.log.Warn("vault: token renewal failed; logging in again", "error", err)

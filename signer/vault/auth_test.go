@@ -9,6 +9,7 @@ import (
 	"encoding/pem"
 	"net/http"
 	"net/http/httptest"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -47,10 +48,14 @@ func TestAuthMethods(t *testing.T) {
 	t.Run("token renewed", func(t *testing.T) {
 		tok := srv.Write(t, "auth/token/create", map[string]any{"policies": []string{"castellan"}, "period": "2s", "no_default_policy": false})
 		token := tok.Auth.ClientToken
+		var renewals atomic.Int32
 		s := newSigner(t, srv, vault.Config{Mount: vaulttest.IntMount, Role: vaulttest.Role,
-			Auth: vault.Auth{Method: vault.AuthToken, TokenFile: writeFile(t, "token", token)}})
-		// Three periods without a request: only renewal keeps the token alive.
-		time.Sleep(6 * time.Second)
+			Auth:           vault.Auth{Method: vault.AuthToken, TokenFile: writeFile(t, "token", token)},
+			OnTokenRenewed: func() { renewals.Add(1) }})
+		// Renewals without a request, past the token's period: only renewal
+		// keeps it alive.
+		created := time.Now()
+		waitFor(t, "token renewals past its period", func() bool { return renewals.Load() >= 3 && time.Since(created) > 2*time.Second })
 		if _, err := srv.Client(t).Auth().Token().LookupWithContext(t.Context(), token); err != nil {
 			t.Fatalf("token expired although the signer should renew it: %v", err)
 		}

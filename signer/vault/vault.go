@@ -81,6 +81,9 @@ type Config struct {
 	RefreshInterval time.Duration
 	// OnChange is called (from Run's goroutine) after TrustBundle changed.
 	OnChange func()
+	// OnTokenRenewed, if set, is called (from Run's goroutine) after each
+	// renewal of the token: an event for metrics and tests.
+	OnTokenRenewed func()
 	// Logger gets renewal and refresh events; never tokens or keys.
 	Logger *slog.Logger
 }

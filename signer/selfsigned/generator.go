@@ -6,12 +6,10 @@ import (
 	"crypto"
 	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
-	"net/url"
 	"os"
 	"path/filepath"
 	"time"
@@ -77,30 +75,7 @@ func (g *Generator) NewRoot(key crypto.Signer, notBefore, notAfter time.Time) (*
 // domain> (the SPIFFE X.509 CA convention), path length zero since it signs
 // leaves only.
 func (g *Generator) NewIntermediate(key crypto.Signer, root *x509.Certificate, rootKey crypto.Signer, notBefore, notAfter time.Time) (*x509.Certificate, error) {
-	serial, err := signer.NewSerial(g.rand)
-	if err != nil {
-		return nil, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{Organization: []string{g.td.Name()}, CommonName: IntermediateCommonName},
-		URIs:                  []*url.URL{g.td.ID().URL()},
-		NotBefore:             notBefore.UTC(),
-		NotAfter:              notAfter.UTC(),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-		MaxPathLenZero:        true,
-	}
-	der, err := x509.CreateCertificate(g.rand, tmpl, root, key.Public(), rootKey)
-	if err != nil {
-		return nil, fmt.Errorf("create intermediate: %w", err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, fmt.Errorf("parse intermediate: %w", err)
-	}
-	return cert, nil
+	return newCA(g.td, IntermediateCommonName, key, root, rootKey, notBefore, notAfter, g.rand)
 }
 
 // ImportRoot returns the root that earlier versions kept in Dir (CertFile and

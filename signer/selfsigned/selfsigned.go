@@ -218,6 +218,15 @@ func newSigner(opts Options, root *x509.Certificate, key crypto.Signer) (*local.
 // X.509-SVID CA convention), random 128-bit serial, CA:true, certSign|crlSign|
 // digitalSignature and a SubjectKeyId. Rotation uses it to mint the next root.
 func NewRoot(td spiffeid.TrustDomain, key crypto.Signer, notBefore, notAfter time.Time, random io.Reader) (*x509.Certificate, error) {
+	return newCA(td, RootCommonName, key, nil, key, notBefore, notAfter, random)
+}
+
+// newCA certifies key as a CA of td named cn, valid from notBefore to
+// notAfter, signed by parent with parentKey; a nil parent makes a
+// self-signed root, any other CA signs leaves only (path length zero). Go
+// marks basicConstraints critical and derives the SubjectKeyId from the key.
+func newCA(td spiffeid.TrustDomain, cn string, key crypto.Signer, parent *x509.Certificate, parentKey crypto.Signer,
+	notBefore, notAfter time.Time, random io.Reader) (*x509.Certificate, error) {
 	if random == nil {
 		random = rand.Reader
 	}
@@ -227,21 +236,28 @@ func NewRoot(td spiffeid.TrustDomain, key crypto.Signer, notBefore, notAfter tim
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
-		Subject:               pkix.Name{Organization: []string{td.Name()}, CommonName: RootCommonName},
+		Subject:               pkix.Name{Organization: []string{td.Name()}, CommonName: cn},
 		URIs:                  []*url.URL{td.ID().URL()},
 		NotBefore:             notBefore.UTC(),
 		NotAfter:              notAfter.UTC(),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true, // Go marks basicConstraints critical
-		IsCA:                  true, // and derives the SubjectKeyId from the key
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		MaxPathLenZero:        parent != nil,
 	}
-	der, err := x509.CreateCertificate(random, tmpl, tmpl, key.Public(), key)
+	what := "root"
+	if parent == nil {
+		parent = tmpl
+	} else {
+		what = "intermediate"
+	}
+	der, err := x509.CreateCertificate(random, tmpl, parent, key.Public(), parentKey)
 	if err != nil {
-		return nil, fmt.Errorf("create root certificate: %w", err)
+		return nil, fmt.Errorf("create %s certificate: %w", what, err)
 	}
-	root, err := x509.ParseCertificate(der)
+	cert, err := x509.ParseCertificate(der)
 	if err != nil {
-		return nil, fmt.Errorf("parse root certificate: %w", err)
+		return nil, fmt.Errorf("parse %s certificate: %w", what, err)
 	}
-	return root, nil
+	return cert, nil
 }

@@ -87,6 +87,7 @@ type Failure struct {
 	Err    error
 }
 
+// Error is the method and the cause.
 func (f *Failure) Error() string { return f.Method + ": " + f.Err.Error() }
 
 // Unwrap exposes the cause (e.g. ErrUnavailable) to errors.Is.

@@ -10,7 +10,7 @@ import (
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/ca/admin"
-	"github.com/castellan-ca/castellan/ca/adminapi"
+	"github.com/castellan-ca/castellan/internal/adminapi"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	"github.com/castellan-ca/castellan/signer/signertest"
 	"github.com/castellan-ca/castellan/storage"

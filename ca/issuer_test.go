@@ -23,7 +23,7 @@ import (
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
-	"github.com/castellan-ca/castellan/ca/adminapi"
+	"github.com/castellan-ca/castellan/internal/adminapi"
 	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/signertest"
 	"github.com/castellan-ca/castellan/storage"

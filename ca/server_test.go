@@ -22,7 +22,7 @@ import (
 
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/ca/admin"
-	"github.com/castellan-ca/castellan/ca/adminapi"
+	"github.com/castellan-ca/castellan/internal/adminapi"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
 	"github.com/castellan-ca/castellan/signer"

@@ -18,6 +18,7 @@ type Refusal struct {
 	Err    error
 }
 
+// Error is the reason code and the cause.
 func (r *Refusal) Error() string { return r.Reason + ": " + r.Err.Error() }
 
 // Unwrap exposes both the kind and the cause to errors.Is/As.

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
-	"github.com/castellan-ca/castellan/ca/adminapi"
+	"github.com/castellan-ca/castellan/internal/adminapi"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	"github.com/castellan-ca/castellan/storage"
 )

@@ -17,8 +17,8 @@ import (
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/ca"
-	"github.com/castellan-ca/castellan/ca/adminapi"
 	"github.com/castellan-ca/castellan/ca/rotation"
+	"github.com/castellan-ca/castellan/internal/adminapi"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage"
 	"github.com/castellan-ca/castellan/storage/cafile"

@@ -26,7 +26,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
-	"github.com/castellan-ca/castellan/ca/adminapi"
+	"github.com/castellan-ca/castellan/internal/adminapi"
 	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/storage"

@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca/adminapi"
+	"github.com/castellan-ca/castellan/internal/adminapi"
 	"github.com/castellan-ca/castellan/signer/intermediate"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/storage"

@@ -6,7 +6,7 @@ import (
 	"slices"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca/adminapi"
+	"github.com/castellan-ca/castellan/internal/adminapi"
 	"github.com/castellan-ca/castellan/storage"
 )
 

@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
-	"github.com/castellan-ca/castellan/ca/adminapi"
+	"github.com/castellan-ca/castellan/internal/adminapi"
 	"github.com/castellan-ca/castellan/storage"
 )
 

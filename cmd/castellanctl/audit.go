@@ -15,7 +15,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca/adminapi"
+	"github.com/castellan-ca/castellan/internal/adminapi"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	"github.com/castellan-ca/castellan/storage"
 	"google.golang.org/protobuf/types/known/timestamppb"

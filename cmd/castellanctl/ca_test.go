@@ -118,13 +118,21 @@ func TestCARotateCLI(t *testing.T) {
 	}
 	wantCtlRefused(t, data, "propagation window", "ca", "rotate", "activate")
 
-	eventually(t, 4*window, "activation allowed", func() error {
-		_, errOut, err := ctl(data, "ca", "rotate", "activate")
-		if err != nil {
-			return fmt.Errorf("%v %s", err, errOut)
+	// The status says when activation is allowed; once that instant has
+	// passed (server and test share the clock), it must be.
+	var allowedAt time.Time
+	for _, c := range st.CAs {
+		if c.KeyID == newRoot[0] {
+			allowedAt = c.NextStepAt
 		}
-		return nil
-	})
+	}
+	if allowedAt.IsZero() {
+		t.Fatalf("the prepared root %s has no next step in the status", newRoot[0])
+	}
+	time.Sleep(time.Until(allowedAt.Add(10 * time.Millisecond))) // the server's clock is at µs precision
+	if _, errOut, err := ctl(data, "ca", "rotate", "activate"); err != nil {
+		t.Fatalf("activate after %s, when the status allowed it: %v %s", allowedAt, err, errOut)
+	}
 	st = caStatusOf(t, data)
 	if got := st.ids("root", "active"); len(got) != 1 || got[0] != newRoot[0] {
 		t.Errorf("active root %v after activate, want %v", got, newRoot)

@@ -13,7 +13,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/castellan-ca/castellan/ca/adminapi"
+	"github.com/castellan-ca/castellan/internal/adminapi"
 	"github.com/castellan-ca/castellan/internal/atomicfile"
 	"github.com/castellan-ca/castellan/internal/keyfile"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"

@@ -94,7 +94,8 @@ type Config struct {
 	ScheduleFraction float64
 	// PollInterval is how often replicas reload the shared state.
 	PollInterval time.Duration
-	Logger       *slog.Logger
+	// Logger gets phase changes and failures; nil discards.
+	Logger *slog.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 	// Rand supplies serials and signing randomness; nil means crypto/rand.

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
@@ -85,25 +84,21 @@ func (g *Generator) ImportRoot() (*x509.Certificate, crypto.Signer, string, erro
 	if g.dir == "" {
 		return nil, nil, "", nil
 	}
-	keyPath, certPath := filepath.Join(g.dir, KeyFile), filepath.Join(g.dir, CertFile)
-	_, kerr := os.Stat(keyPath)
-	_, cerr := os.Stat(certPath)
+	f, err := findRoot(g.dir)
 	switch {
-	case kerr == nil && cerr == nil:
-		root, key, err := readRoot(keyPath, certPath)
+	case err != nil:
+		return nil, nil, "", err
+	case f.hasKey && f.hasCert:
+		root, key, err := readRoot(f.key, f.cert)
 		if err != nil {
 			return nil, nil, "", fmt.Errorf("import %s: %w", g.dir, err)
 		}
-		return root, key, certPath, nil
-	case cerr == nil:
+		return root, key, f.cert, nil
+	case f.hasCert:
 		return nil, nil, "", fmt.Errorf("%w: %s exists but the CA state is empty: restore the state (or remove %s to start a new root, which every workload must then learn)",
-			ErrRootWithoutKey, certPath, certPath)
-	case kerr == nil:
-		return nil, nil, "", fmt.Errorf("%s exists but %s is missing: restore it, or remove both to start a new root", keyPath, certPath)
-	case !errors.Is(kerr, fs.ErrNotExist):
-		return nil, nil, "", kerr
-	case !errors.Is(cerr, fs.ErrNotExist):
-		return nil, nil, "", cerr
+			ErrRootWithoutKey, f.cert, f.cert)
+	case f.hasKey:
+		return nil, nil, "", fmt.Errorf("%s exists but %s is missing: restore it, or remove both to start a new root", f.key, f.cert)
 	}
 	return nil, nil, "", nil
 }

@@ -87,25 +87,36 @@ func Load(opts Options) (*local.Signer, error) {
 	if opts.Rand == nil {
 		opts.Rand = rand.Reader
 	}
-	keyPath, certPath := filepath.Join(opts.Dir, KeyFile), filepath.Join(opts.Dir, CertFile)
-	keyExists, err := exists(keyPath)
-	if err != nil {
-		return nil, err
-	}
-	certExists, err := exists(certPath)
+	f, err := findRoot(opts.Dir)
 	if err != nil {
 		return nil, err
 	}
 	switch {
-	case keyExists && certExists:
-		return load(opts, keyPath, certPath)
-	case !keyExists && !certExists:
-		return generate(opts, keyPath, certPath)
-	case keyExists:
-		return nil, fmt.Errorf("selfsigned: %s exists but %s is missing; restore it or remove both to generate a new root", keyPath, certPath)
+	case f.hasKey && f.hasCert:
+		return load(opts, f.key, f.cert)
+	case !f.hasKey && !f.hasCert:
+		return generate(opts, f.key, f.cert)
+	case f.hasKey:
+		return nil, fmt.Errorf("selfsigned: %s exists but %s is missing; restore it or remove both to generate a new root", f.key, f.cert)
 	default:
-		return nil, fmt.Errorf("selfsigned: %s exists but %s is missing; restore it or remove both to generate a new root", certPath, keyPath)
+		return nil, fmt.Errorf("selfsigned: %s exists but %s is missing; restore it or remove both to generate a new root", f.cert, f.key)
 	}
+}
+
+// rootFiles are the paths of a root's files in a directory, and which exist.
+type rootFiles struct {
+	key, cert       string
+	hasKey, hasCert bool
+}
+
+func findRoot(dir string) (rootFiles, error) {
+	f := rootFiles{key: filepath.Join(dir, KeyFile), cert: filepath.Join(dir, CertFile)}
+	var err error
+	if f.hasKey, err = exists(f.key); err != nil {
+		return f, err
+	}
+	f.hasCert, err = exists(f.cert)
+	return f, err
 }
 
 func exists(path string) (bool, error) {

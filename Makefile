@@ -26,10 +26,15 @@ RUN_ARGS ?=
 
 # Real components the tests run against (PostgreSQL, kube-apiserver + etcd,
 # OpenBao, ...): each block below adds the target that builds or finds it to
-# TEST_DEPS and the variable that tells the tests where it is to TEST_ENV.
+# TEST_DEPS and the variable that tells the tests where it is to TEST_ENV;
+# `e2e` takes all of them. A component that the service module's own tests
+# use (grep CASTELLAN_TEST_ in its *_test.go and test helpers) also goes to
+# UNIT_DEPS and UNIT_ENV, which are all that `unit` builds.
 # Blocks must stay above the `unit` and `e2e` rules: prerequisites expand when read.
 TEST_DEPS :=
 TEST_ENV  :=
+UNIT_DEPS :=
+UNIT_ENV  :=
 
 # --- real components (one block each) ---
 
@@ -54,11 +59,14 @@ $(BAO):
 openbao: $(BAO)
 TEST_DEPS += $(BAO)
 TEST_ENV  += CASTELLAN_TEST_BAO_BIN=$(BAO)
+UNIT_DEPS += $(BAO)
+UNIT_ENV  += CASTELLAN_TEST_BAO_BIN=$(BAO)
 
 # kube-apiserver + etcd for the Kubernetes e2e tests (authn/kube, node
 # authorizer, root ConfigMaps), built from their Go modules by the wrapper
 # modules in e2e/tools/kube and e2e/tools/etcd (see ../shared/recipes/kube.md)
 # and cached per version outside the repository: the cold build takes ~10 min.
+# Only the e2e module uses them, so `unit` does not build them.
 KUBE_VERSION := v1.32.13
 ETCD_VERSION := v3.5.21
 KUBE_BIN_DIR := $(CACHE_DIR)/kube-$(KUBE_VERSION)-etcd-$(ETCD_VERSION)
@@ -97,6 +105,8 @@ postgres:
 bench: postgres
 TEST_DEPS += postgres
 TEST_ENV  += CASTELLAN_TEST_POSTGRES_BIN_DIR=$(PG_BIN_DIR)
+UNIT_DEPS += postgres
+UNIT_ENV  += CASTELLAN_TEST_POSTGRES_BIN_DIR=$(PG_BIN_DIR)
 
 # --- end of real components ---
 
@@ -152,9 +162,10 @@ staticcheck: $(STATICCHECK)
 	$(STATICCHECK) ./...
 	cd e2e && $(STATICCHECK) ./...
 
-## unit: the service module's tests, with the race detector
-unit: $(TEST_DEPS)
-	$(TEST_ENV) $(GO) test -race -count=1 -timeout 30m ./...
+## unit: the service module's tests, with the race detector, in random order (the seed is
+## printed: -shuffle=SEED repeats an order); builds only the components those tests use
+unit: $(UNIT_DEPS)
+	$(UNIT_ENV) $(GO) test -race -count=1 -shuffle=on -timeout 30m ./...
 
 ## fuzz: every fuzz target, briefly (FUZZTIME each), seeded by its corpus
 fuzz:
@@ -165,9 +176,9 @@ fuzz:
 	  done; \
 	done
 
-## e2e: the real binaries driven by Istio's real CA client (separate module under e2e/)
+## e2e: the real binaries driven by Istio's real CA client (separate module under e2e/), in random order
 e2e: build $(TEST_DEPS)
-	cd e2e && $(TEST_ENV) CASTELLAN_BIN=$(BIN)/castellan CASTELLANCTL_BIN=$(BIN)/castellanctl $(GO) test -count=1 -timeout 30m ./...
+	cd e2e && $(TEST_ENV) CASTELLAN_BIN=$(BIN)/castellan CASTELLANCTL_BIN=$(BIN)/castellanctl $(GO) test -count=1 -shuffle=on -timeout 30m ./...
 
 ## bench: issuance pipeline benchmarks (numbers go to BENCHMARKS.md)
 bench:

@@ -110,9 +110,9 @@ UNIT_ENV  += CASTELLAN_TEST_POSTGRES_BIN_DIR=$(PG_BIN_DIR)
 
 # --- end of real components ---
 
-.PHONY: all run build test lint fmt-check golangci-lint proto proto-check tools unit fuzz e2e bench clean
+.PHONY: all run build test lint fmt-check golangci-lint tidy-check proto proto-check tools unit fuzz e2e bench clean
 
-# The Go modules that lint covers: the service and e2e/.
+# The Go modules that lint and tidy-check cover: the service and e2e/.
 GO_MODULES := . e2e
 
 all: build
@@ -126,7 +126,7 @@ build:
 	$(GO) build -o $(BIN)/ ./cmd/castellan ./cmd/castellanctl
 
 ## test: everything CI checks
-test: lint proto-check unit fuzz e2e
+test: lint tidy-check proto-check unit fuzz e2e
 
 tools: $(BUF) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC) $(GOLANGCI_LINT)
 
@@ -163,6 +163,18 @@ golangci-lint: $(GOLANGCI_LINT)
 	@rc=0; for m in $(GO_MODULES); do \
 	  echo "golangci-lint $$m"; \
 	  (cd $$m && $(GOLANGCI_LINT) run -c $(CURDIR)/.golangci.yml ./...) || rc=1; \
+	done; exit $$rc
+
+## tidy-check: fail when a module's go.mod/go.sum differ from what `go mod tidy` makes them
+# e2e/tools/kube is left out: tidy there needs -e (the proxy refuses some
+# test-only dependency versions of k8s packages), and what it then adds to
+# go.sum depends on which of those the proxy serves that day.
+TIDY_MODULES := $(GO_MODULES) e2e/tools/etcd
+tidy-check:
+	@rc=0; for m in $(TIDY_MODULES); do \
+	  echo "go mod tidy -diff ($$m)"; \
+	  (cd $$m && $(GO) mod tidy -diff) \
+	    || { echo "$$m: go.mod/go.sum are not tidy: run 'cd $$m && go mod tidy' and commit" >&2; rc=1; }; \
 	done; exit $$rc
 
 ## unit: the service module's tests, with the race detector, in random order (the seed is

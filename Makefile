@@ -110,7 +110,7 @@ UNIT_ENV  += CASTELLAN_TEST_POSTGRES_BIN_DIR=$(PG_BIN_DIR)
 
 # --- end of real components ---
 
-.PHONY: all run build test lint fmt-check golangci-lint tidy-check proto proto-check tools unit fuzz e2e bench clean
+.PHONY: all run build test lint fmt-check golangci-lint tidy-check proto proto-check proto-breaking tools unit fuzz e2e bench clean
 
 # The Go modules that lint and tidy-check cover: the service and e2e/.
 GO_MODULES := . e2e
@@ -143,13 +143,51 @@ $(GOLANGCI_LINT):
 proto: $(BUF) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC)
 	PATH=$(PROTO_PATH) $(BUF) generate
 
-## proto-check: fail when the committed generated code is stale, or the protos break lint
-proto-check: $(BUF) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC)
+## proto-check: fail when the committed generated code is stale, or the protos break lint or compatibility
+proto-check: proto-breaking $(BUF) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC)
 	$(BUF) lint
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	PATH=$(PROTO_PATH) $(BUF) generate -o "$$tmp"; \
 	if ! diff -r -x '*.proto' "$$tmp/proto" proto; then \
 	  echo "generated code in proto/ is stale: run 'make proto' and commit" >&2; exit 1; fi
+
+## proto-breaking: `buf breaking` (rules in buf.yaml) against the newest release tag (v*) reachable
+## from HEAD; without one, against the main commit this branch starts from, or on main itself
+## against main's previous commit. BUF_AGAINST=<buf input> overrides the baseline.
+# The baseline is taken from git's own objects (git archive), not from buf's
+# '.git#ref=' input, which clones the repository again to a fixed depth and
+# so misses an older baseline. A shallow clone is deepened from its remote
+# first; with no reachable remote (or on the first commit) the check says it
+# is skipped and why, rather than failing a build that has nothing to compare.
+BUF_AGAINST ?=
+proto-breaking: $(BUF)
+	@if [ -n '$(BUF_AGAINST)' ]; then \
+	  echo "buf breaking against $(BUF_AGAINST)"; exec $(BUF) breaking --against '$(BUF_AGAINST)'; fi; \
+	if [ "$$(git rev-parse --is-shallow-repository 2>/dev/null)" = true ]; then \
+	  echo "proto-breaking: shallow clone; fetching its history for the baseline" >&2; \
+	  timeout 120 git fetch --quiet --unshallow --tags 2>/dev/null || true; \
+	  [ "$$(git rev-parse --is-shallow-repository)" = false ] \
+	    || echo "proto-breaking: still shallow: no reachable remote to fetch the history from" >&2; \
+	fi; \
+	if tag=$$(git describe --tags --abbrev=0 --match 'v[0-9]*' HEAD 2>/dev/null); then \
+	  base=$$tag; what="release tag $$tag"; \
+	else \
+	  fork=$$(git merge-base HEAD main 2>/dev/null || git merge-base HEAD origin/main 2>/dev/null || true); \
+	  if [ -n "$$fork" ] && [ "$$fork" != "$$(git rev-parse HEAD)" ]; then \
+	    base=$$fork; what="main at $$(git rev-parse --short $$fork) (where this branch starts)"; \
+	  else \
+	    base=$$(git rev-parse --verify --quiet 'HEAD~1^{commit}' || true); \
+	    what="the previous commit $$(git rev-parse --short "$${base:-HEAD}")"; \
+	  fi; \
+	fi; \
+	if [ -z "$$base" ] || ! git cat-file -e "$$base^{commit}" 2>/dev/null; then \
+	  echo "proto-breaking: SKIPPED: no baseline commit here (shallow clone without its history, or the first commit); fetch the history or set BUF_AGAINST" >&2; exit 0; fi; \
+	if ! git cat-file -e "$$base:buf.yaml" 2>/dev/null; then \
+	  echo "proto-breaking: SKIPPED: $$what has no buf.yaml, nothing to compare" >&2; exit 0; fi; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	git archive "$$base" | tar -x -C "$$tmp"; \
+	echo "buf breaking against $$what"; \
+	$(BUF) breaking --against "$$tmp"
 
 ## lint: gofmt, then golangci-lint (.golangci.yml: go vet, staticcheck, gosec, errorlint, ...) on both modules
 lint: fmt-check golangci-lint

@@ -177,11 +177,11 @@ proto-breaking: $(BUF)
 	    base=$$fork; what="main at $$(git rev-parse --short $$fork) (where this branch starts)"; \
 	  else \
 	    base=$$(git rev-parse --verify --quiet 'HEAD~1^{commit}' || true); \
-	    what="the previous commit $$(git rev-parse --short "$${base:-HEAD}")"; \
+	    what="the previous commit $$(git rev-parse --short "$${base:-HEAD}" 2>/dev/null || true)"; \
 	  fi; \
 	fi; \
 	if [ -z "$$base" ] || ! git cat-file -e "$$base^{commit}" 2>/dev/null; then \
-	  echo "proto-breaking: SKIPPED: no baseline commit here (shallow clone without its history, or the first commit); fetch the history or set BUF_AGAINST" >&2; exit 0; fi; \
+	  echo "proto-breaking: SKIPPED: no baseline commit here (not a git checkout, a shallow clone without its history, or the first commit); fetch the history or set BUF_AGAINST" >&2; exit 0; fi; \
 	if ! git cat-file -e "$$base:buf.yaml" 2>/dev/null; then \
 	  echo "proto-breaking: SKIPPED: $$what has no buf.yaml, nothing to compare" >&2; exit 0; fi; \
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \

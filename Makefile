@@ -14,11 +14,18 @@ BUF_VERSION                := v1.75.0
 PROTOC_GEN_GO_VERSION      := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 GOLANGCI_LINT_VERSION      := v2.15.0
+GOVULNCHECK_VERSION        := v1.9.0
+# The Go vulnerability database as published in the golang.org/x/vulndb
+# module (a pseudo-version: the repository has no tags). Bump it to pick up
+# new advisories: `go list -m golang.org/x/vulndb@latest` names the newest.
+VULNDB_VERSION             := v0.0.0-20261105234957-e22db6528018
 
 BUF               := $(TOOLS)/buf-$(BUF_VERSION)/buf
 PROTOC_GEN_GO     := $(TOOLS)/protoc-gen-go-$(PROTOC_GEN_GO_VERSION)/protoc-gen-go
 PROTOC_GEN_GO_GRPC:= $(TOOLS)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSION)/protoc-gen-go-grpc
 GOLANGCI_LINT     := $(TOOLS)/golangci-lint-$(GOLANGCI_LINT_VERSION)/golangci-lint
+GOVULNCHECK       := $(TOOLS)/govulncheck-$(GOVULNCHECK_VERSION)/govulncheck
+VULNDB_DIR        := $(CACHE_DIR)/vulndb-$(VULNDB_VERSION)
 PROTO_PATH        := $(dir $(PROTOC_GEN_GO)):$(dir $(PROTOC_GEN_GO_GRPC)):$(PATH)
 
 FUZZTIME ?= 10s
@@ -110,9 +117,9 @@ UNIT_ENV  += CASTELLAN_TEST_POSTGRES_BIN_DIR=$(PG_BIN_DIR)
 
 # --- end of real components ---
 
-.PHONY: all run build test lint fmt-check golangci-lint tidy-check proto proto-check proto-breaking tools unit fuzz e2e bench clean
+.PHONY: all run build test lint fmt-check golangci-lint tidy-check vuln proto proto-check proto-breaking tools unit fuzz e2e bench clean
 
-# The Go modules that lint and tidy-check cover: the service and e2e/.
+# The Go modules that lint, vuln and tidy-check cover: the service and e2e/.
 GO_MODULES := . e2e
 
 all: build
@@ -126,9 +133,9 @@ build:
 	$(GO) build -o $(BIN)/ ./cmd/castellan ./cmd/castellanctl
 
 ## test: everything CI checks
-test: lint tidy-check proto-check unit fuzz e2e
+test: lint tidy-check proto-check vuln unit fuzz e2e
 
-tools: $(BUF) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC) $(GOLANGCI_LINT)
+tools: $(BUF) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC) $(GOLANGCI_LINT) $(GOVULNCHECK)
 
 $(BUF):
 	GOBIN=$(dir $@) $(GO) install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
@@ -138,6 +145,8 @@ $(PROTOC_GEN_GO_GRPC):
 	GOBIN=$(dir $@) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
 $(GOLANGCI_LINT):
 	GOBIN=$(dir $@) $(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION)
+$(GOVULNCHECK):
+	GOBIN=$(dir $@) $(GO) install golang.org/x/vuln/cmd/govulncheck@$(GOVULNCHECK_VERSION)
 
 ## proto: regenerate the committed Go code from proto/
 proto: $(BUF) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC)
@@ -214,6 +223,45 @@ tidy-check:
 	  (cd $$m && $(GO) mod tidy -diff) \
 	    || { echo "$$m: go.mod/go.sum are not tidy: run 'cd $$m && go mod tidy' and commit" >&2; rc=1; }; \
 	done; exit $$rc
+
+## vuln: govulncheck on both modules; fails on a known vulnerability the code calls, unless
+## VULN_ACCEPT lists it. GOVULNDB=https://vuln.go.dev uses the live database where reachable.
+# The database is built from the pinned golang.org/x/vulndb module (its OSV
+# files, indexed by the module's own cmd/indexdb) and cached per version, so
+# the result depends on the commit and VULNDB_VERSION only, and it works with
+# nothing but the Go module proxy. Its entries carry no modified dates (the
+# module has no git history), which govulncheck does not need.
+GOVULNDB ?= file://$(VULNDB_DIR)
+# Called vulnerabilities accepted for now, one line each with the reason:
+#   VULN_ACCEPT += GO-YYYY-NNNN # why it does not apply, or what it waits for
+VULN_ACCEPT :=
+vuln: $(GOVULNCHECK) $(if $(filter file://$(VULNDB_DIR),$(GOVULNDB)),$(VULNDB_DIR)/index/db.json)
+	@rc=0; out=$$(mktemp); trap 'rm -f "$$out"' EXIT; for m in $(GO_MODULES); do \
+	  echo "govulncheck $$m (database $(GOVULNDB))"; \
+	  set +e; (cd $$m && $(GOVULNCHECK) -db '$(GOVULNDB)' ./...) 2>&1 | tee "$$out"; st=$${PIPESTATUS[0]}; set -e; \
+	  case $$st in \
+	  0) ;; \
+	  3) ids=$$(sed -n 's/^Vulnerability #[0-9]*: \(GO-[0-9-]*\)$$/\1/p' "$$out" | sort -u); \
+	     [ -n "$$ids" ] || { echo "$$m: govulncheck found called vulnerabilities but their IDs could not be read" >&2; rc=1; }; \
+	     for id in $$ids; do \
+	       case " $(strip $(VULN_ACCEPT)) " in \
+	       *" $$id "*) echo "$$m: $$id is called; accepted in VULN_ACCEPT";; \
+	       *) echo "$$m: $$id is called: move to the fixed version (module or Go) or accept it in VULN_ACCEPT with a reason" >&2; rc=1;; \
+	       esac; \
+	     done;; \
+	  *) echo "$$m: govulncheck failed (exit $$st)" >&2; rc=1;; \
+	  esac; \
+	done; exit $$rc
+
+$(VULNDB_DIR)/index/db.json:
+	mkdir -p $(CACHE_DIR)
+	tmp=$$(mktemp -d $(CACHE_DIR)/.vulndb.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
+	src=$$(cd "$$tmp" && $(GO) mod download -json golang.org/x/vulndb@$(VULNDB_VERSION) \
+	  | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p') && [ -d "$$src/data/osv" ] \
+	  || { echo "cannot fetch golang.org/x/vulndb@$(VULNDB_VERSION) from the Go module proxy, so govulncheck has no vulnerability database; where vuln.go.dev is reachable: make vuln GOVULNDB=https://vuln.go.dev" >&2; exit 1; }; \
+	(cd "$$tmp" && $(GO) run golang.org/x/vulndb/cmd/indexdb@$(VULNDB_VERSION) -vulns "$$src/data/osv" -out "$$tmp/db") \
+	  || { echo "cannot build the govulncheck database from golang.org/x/vulndb@$(VULNDB_VERSION)" >&2; exit 1; }; \
+	rm -rf $(VULNDB_DIR); mv "$$tmp/db" $(VULNDB_DIR)
 
 ## unit: the service module's tests, with the race detector, in random order (the seed is
 ## printed: -shuffle=SEED repeats an order); builds only the components those tests use

@@ -263,8 +263,8 @@ $(VULNDB_DIR)/index/db.json:
 	  || { echo "cannot build the govulncheck database from golang.org/x/vulndb@$(VULNDB_VERSION)" >&2; exit 1; }; \
 	rm -rf $(VULNDB_DIR); mv "$$tmp/db" $(VULNDB_DIR)
 
-## unit: the service module's tests, with the race detector, in random order (the seed is
-## printed: -shuffle=SEED repeats an order); builds only the components those tests use
+## unit: the service module's tests, with the race detector, in random order (a failing
+## package prints its seed: -shuffle=SEED repeats the order); builds only the components those tests use
 unit: $(UNIT_DEPS)
 	$(UNIT_ENV) $(GO) test -race -count=1 -shuffle=on -timeout 30m ./...
 

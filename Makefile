@@ -13,12 +13,19 @@ BIN          := $(CURDIR)/bin
 BUF_VERSION                := v1.75.0
 PROTOC_GEN_GO_VERSION      := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
-STATICCHECK_VERSION        := v0.8.2
+GOLANGCI_LINT_VERSION      := v2.15.0
+GOVULNCHECK_VERSION        := v1.9.0
+# The Go vulnerability database as published in the golang.org/x/vulndb
+# module (a pseudo-version: the repository has no tags). Bump it to pick up
+# new advisories: `go list -m golang.org/x/vulndb@latest` names the newest.
+VULNDB_VERSION             := v0.0.0-20261105234957-e22db6528018
 
 BUF               := $(TOOLS)/buf-$(BUF_VERSION)/buf
 PROTOC_GEN_GO     := $(TOOLS)/protoc-gen-go-$(PROTOC_GEN_GO_VERSION)/protoc-gen-go
 PROTOC_GEN_GO_GRPC:= $(TOOLS)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSION)/protoc-gen-go-grpc
-STATICCHECK       := $(TOOLS)/staticcheck-$(STATICCHECK_VERSION)/staticcheck
+GOLANGCI_LINT     := $(TOOLS)/golangci-lint-$(GOLANGCI_LINT_VERSION)/golangci-lint
+GOVULNCHECK       := $(TOOLS)/govulncheck-$(GOVULNCHECK_VERSION)/govulncheck
+VULNDB_DIR        := $(CACHE_DIR)/vulndb-$(VULNDB_VERSION)
 PROTO_PATH        := $(dir $(PROTOC_GEN_GO)):$(dir $(PROTOC_GEN_GO_GRPC)):$(PATH)
 
 FUZZTIME ?= 10s
@@ -26,10 +33,15 @@ RUN_ARGS ?=
 
 # Real components the tests run against (PostgreSQL, kube-apiserver + etcd,
 # OpenBao, ...): each block below adds the target that builds or finds it to
-# TEST_DEPS and the variable that tells the tests where it is to TEST_ENV.
+# TEST_DEPS and the variable that tells the tests where it is to TEST_ENV;
+# `e2e` takes all of them. A component that the service module's own tests
+# use (grep CASTELLAN_TEST_ in its *_test.go and test helpers) also goes to
+# UNIT_DEPS and UNIT_ENV, which are all that `unit` builds.
 # Blocks must stay above the `unit` and `e2e` rules: prerequisites expand when read.
 TEST_DEPS :=
 TEST_ENV  :=
+UNIT_DEPS :=
+UNIT_ENV  :=
 
 # --- real components (one block each) ---
 
@@ -54,11 +66,14 @@ $(BAO):
 openbao: $(BAO)
 TEST_DEPS += $(BAO)
 TEST_ENV  += CASTELLAN_TEST_BAO_BIN=$(BAO)
+UNIT_DEPS += $(BAO)
+UNIT_ENV  += CASTELLAN_TEST_BAO_BIN=$(BAO)
 
 # kube-apiserver + etcd for the Kubernetes e2e tests (authn/kube, node
 # authorizer, root ConfigMaps), built from their Go modules by the wrapper
 # modules in e2e/tools/kube and e2e/tools/etcd (see ../shared/recipes/kube.md)
 # and cached per version outside the repository: the cold build takes ~10 min.
+# Only the e2e module uses them, so `unit` does not build them.
 KUBE_VERSION := v1.32.13
 ETCD_VERSION := v3.5.21
 KUBE_BIN_DIR := $(CACHE_DIR)/kube-$(KUBE_VERSION)-etcd-$(ETCD_VERSION)
@@ -97,10 +112,15 @@ postgres:
 bench: postgres
 TEST_DEPS += postgres
 TEST_ENV  += CASTELLAN_TEST_POSTGRES_BIN_DIR=$(PG_BIN_DIR)
+UNIT_DEPS += postgres
+UNIT_ENV  += CASTELLAN_TEST_POSTGRES_BIN_DIR=$(PG_BIN_DIR)
 
 # --- end of real components ---
 
-.PHONY: all run build test lint vet fmt-check staticcheck proto proto-check tools unit fuzz e2e bench clean
+.PHONY: all run build test lint fmt-check golangci-lint tidy-check vuln proto proto-check proto-breaking tools unit fuzz e2e bench clean
+
+# The Go modules that lint, vuln and tidy-check cover: the service and e2e/.
+GO_MODULES := . e2e
 
 all: build
 
@@ -113,9 +133,9 @@ build:
 	$(GO) build -o $(BIN)/ ./cmd/castellan ./cmd/castellanctl
 
 ## test: everything CI checks
-test: lint proto-check unit fuzz e2e
+test: lint tidy-check proto-check vuln unit fuzz e2e
 
-tools: $(BUF) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC) $(STATICCHECK)
+tools: $(BUF) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC) $(GOLANGCI_LINT) $(GOVULNCHECK)
 
 $(BUF):
 	GOBIN=$(dir $@) $(GO) install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
@@ -123,38 +143,130 @@ $(PROTOC_GEN_GO):
 	GOBIN=$(dir $@) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
 $(PROTOC_GEN_GO_GRPC):
 	GOBIN=$(dir $@) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
-$(STATICCHECK):
-	GOBIN=$(dir $@) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+$(GOLANGCI_LINT):
+	GOBIN=$(dir $@) $(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION)
+$(GOVULNCHECK):
+	GOBIN=$(dir $@) $(GO) install golang.org/x/vuln/cmd/govulncheck@$(GOVULNCHECK_VERSION)
 
 ## proto: regenerate the committed Go code from proto/
 proto: $(BUF) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC)
 	PATH=$(PROTO_PATH) $(BUF) generate
 
-## proto-check: fail when the committed generated code is stale, or the protos break lint
-proto-check: $(BUF) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC)
+## proto-check: fail when the committed generated code is stale, or the protos break lint or compatibility
+proto-check: proto-breaking $(BUF) $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC)
 	$(BUF) lint
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	PATH=$(PROTO_PATH) $(BUF) generate -o "$$tmp"; \
 	if ! diff -r -x '*.proto' "$$tmp/proto" proto; then \
 	  echo "generated code in proto/ is stale: run 'make proto' and commit" >&2; exit 1; fi
 
-lint: fmt-check vet staticcheck
+## proto-breaking: `buf breaking` (rules in buf.yaml) against the newest release tag (v*) reachable
+## from HEAD; without one, against the main commit this branch starts from, or on main itself
+## against main's previous commit. BUF_AGAINST=<buf input> overrides the baseline.
+# The baseline is taken from git's own objects (git archive), not from buf's
+# '.git#ref=' input, which clones the repository again to a fixed depth and
+# so misses an older baseline. A shallow clone is deepened from its remote
+# first; with no reachable remote (or on the first commit) the check says it
+# is skipped and why, rather than failing a build that has nothing to compare.
+BUF_AGAINST ?=
+proto-breaking: $(BUF)
+	@if [ -n '$(BUF_AGAINST)' ]; then \
+	  echo "buf breaking against $(BUF_AGAINST)"; exec $(BUF) breaking --against '$(BUF_AGAINST)'; fi; \
+	if [ "$$(git rev-parse --is-shallow-repository 2>/dev/null)" = true ]; then \
+	  echo "proto-breaking: shallow clone; fetching its history for the baseline" >&2; \
+	  timeout 120 git fetch --quiet --unshallow --tags 2>/dev/null || true; \
+	  [ "$$(git rev-parse --is-shallow-repository)" = false ] \
+	    || echo "proto-breaking: still shallow: no reachable remote to fetch the history from" >&2; \
+	fi; \
+	if tag=$$(git describe --tags --abbrev=0 --match 'v[0-9]*' HEAD 2>/dev/null); then \
+	  base=$$tag; what="release tag $$tag"; \
+	else \
+	  fork=$$(git merge-base HEAD main 2>/dev/null || git merge-base HEAD origin/main 2>/dev/null || true); \
+	  if [ -n "$$fork" ] && [ "$$fork" != "$$(git rev-parse HEAD)" ]; then \
+	    base=$$fork; what="main at $$(git rev-parse --short $$fork) (where this branch starts)"; \
+	  else \
+	    base=$$(git rev-parse --verify --quiet 'HEAD~1^{commit}' || true); \
+	    what="the previous commit $$(git rev-parse --short "$${base:-HEAD}" 2>/dev/null || true)"; \
+	  fi; \
+	fi; \
+	if [ -z "$$base" ] || ! git cat-file -e "$$base^{commit}" 2>/dev/null; then \
+	  echo "proto-breaking: SKIPPED: no baseline commit here (not a git checkout, a shallow clone without its history, or the first commit); fetch the history or set BUF_AGAINST" >&2; exit 0; fi; \
+	if ! git cat-file -e "$$base:buf.yaml" 2>/dev/null; then \
+	  echo "proto-breaking: SKIPPED: $$what has no buf.yaml, nothing to compare" >&2; exit 0; fi; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	git archive "$$base" | tar -x -C "$$tmp"; \
+	echo "buf breaking against $$what"; \
+	$(BUF) breaking --against "$$tmp"
+
+## lint: gofmt, then golangci-lint (.golangci.yml: go vet, staticcheck, gosec, errorlint, ...) on both modules
+lint: fmt-check golangci-lint
 
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt needed:" >&2; echo "$$out" >&2; exit 1; fi
 
-vet:
-	$(GO) vet ./...
-	cd e2e && $(GO) vet ./...
+# Both modules are linted even when the first has findings, so one run lists them all.
+golangci-lint: $(GOLANGCI_LINT)
+	@rc=0; for m in $(GO_MODULES); do \
+	  echo "golangci-lint $$m"; \
+	  (cd $$m && $(GOLANGCI_LINT) run -c $(CURDIR)/.golangci.yml ./...) || rc=1; \
+	done; exit $$rc
 
-staticcheck: $(STATICCHECK)
-	$(STATICCHECK) ./...
-	cd e2e && $(STATICCHECK) ./...
+## tidy-check: fail when a module's go.mod/go.sum differ from what `go mod tidy` makes them
+# e2e/tools/kube is left out: tidy there needs -e (the proxy refuses some
+# test-only dependency versions of k8s packages), and what it then adds to
+# go.sum depends on which of those the proxy serves that day.
+TIDY_MODULES := $(GO_MODULES) e2e/tools/etcd
+tidy-check:
+	@rc=0; for m in $(TIDY_MODULES); do \
+	  echo "go mod tidy -diff ($$m)"; \
+	  (cd $$m && $(GO) mod tidy -diff) \
+	    || { echo "$$m: go.mod/go.sum are not tidy: run 'cd $$m && go mod tidy' and commit" >&2; rc=1; }; \
+	done; exit $$rc
 
-## unit: the service module's tests, with the race detector
-unit: $(TEST_DEPS)
-	$(TEST_ENV) $(GO) test -race -count=1 -timeout 30m ./...
+## vuln: govulncheck on both modules; fails on a known vulnerability the code calls, unless
+## VULN_ACCEPT lists it. GOVULNDB=https://vuln.go.dev uses the live database where reachable.
+# The database is built from the pinned golang.org/x/vulndb module (its OSV
+# files, indexed by the module's own cmd/indexdb) and cached per version, so
+# the result depends on the commit and VULNDB_VERSION only, and it works with
+# nothing but the Go module proxy. Its entries carry no modified dates (the
+# module has no git history), which govulncheck does not need.
+GOVULNDB ?= file://$(VULNDB_DIR)
+# Called vulnerabilities accepted for now, one line each with the reason:
+#   VULN_ACCEPT += GO-YYYY-NNNN # why it does not apply, or what it waits for
+VULN_ACCEPT :=
+vuln: $(GOVULNCHECK) $(if $(filter file://$(VULNDB_DIR),$(GOVULNDB)),$(VULNDB_DIR)/index/db.json)
+	@rc=0; out=$$(mktemp); trap 'rm -f "$$out"' EXIT; for m in $(GO_MODULES); do \
+	  echo "govulncheck $$m (database $(GOVULNDB))"; \
+	  set +e; (cd $$m && $(GOVULNCHECK) -db '$(GOVULNDB)' ./...) 2>&1 | tee "$$out"; st=$${PIPESTATUS[0]}; set -e; \
+	  case $$st in \
+	  0) ;; \
+	  3) ids=$$(sed -n 's/^Vulnerability #[0-9]*: \(GO-[0-9-]*\)$$/\1/p' "$$out" | sort -u); \
+	     [ -n "$$ids" ] || { echo "$$m: govulncheck found called vulnerabilities but their IDs could not be read" >&2; rc=1; }; \
+	     for id in $$ids; do \
+	       case " $(strip $(VULN_ACCEPT)) " in \
+	       *" $$id "*) echo "$$m: $$id is called; accepted in VULN_ACCEPT";; \
+	       *) echo "$$m: $$id is called: move to the fixed version (module or Go) or accept it in VULN_ACCEPT with a reason" >&2; rc=1;; \
+	       esac; \
+	     done;; \
+	  *) echo "$$m: govulncheck failed (exit $$st)" >&2; rc=1;; \
+	  esac; \
+	done; exit $$rc
+
+$(VULNDB_DIR)/index/db.json:
+	mkdir -p $(CACHE_DIR)
+	tmp=$$(mktemp -d $(CACHE_DIR)/.vulndb.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
+	src=$$(cd "$$tmp" && $(GO) mod download -json golang.org/x/vulndb@$(VULNDB_VERSION) \
+	  | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p') && [ -d "$$src/data/osv" ] \
+	  || { echo "cannot fetch golang.org/x/vulndb@$(VULNDB_VERSION) from the Go module proxy, so govulncheck has no vulnerability database; where vuln.go.dev is reachable: make vuln GOVULNDB=https://vuln.go.dev" >&2; exit 1; }; \
+	(cd "$$tmp" && $(GO) run golang.org/x/vulndb/cmd/indexdb@$(VULNDB_VERSION) -vulns "$$src/data/osv" -out "$$tmp/db") \
+	  || { echo "cannot build the govulncheck database from golang.org/x/vulndb@$(VULNDB_VERSION)" >&2; exit 1; }; \
+	rm -rf $(VULNDB_DIR); mv "$$tmp/db" $(VULNDB_DIR)
+
+## unit: the service module's tests, with the race detector, in random order (a failing
+## package prints its seed: -shuffle=SEED repeats the order); builds only the components those tests use
+unit: $(UNIT_DEPS)
+	$(UNIT_ENV) $(GO) test -race -count=1 -shuffle=on -timeout 30m ./...
 
 ## fuzz: every fuzz target, briefly (FUZZTIME each), seeded by its corpus
 fuzz:
@@ -165,9 +277,9 @@ fuzz:
 	  done; \
 	done
 
-## e2e: the real binaries driven by Istio's real CA client (separate module under e2e/)
+## e2e: the real binaries driven by Istio's real CA client (separate module under e2e/), in random order
 e2e: build $(TEST_DEPS)
-	cd e2e && $(TEST_ENV) CASTELLAN_BIN=$(BIN)/castellan CASTELLANCTL_BIN=$(BIN)/castellanctl $(GO) test -count=1 -timeout 30m ./...
+	cd e2e && $(TEST_ENV) CASTELLAN_BIN=$(BIN)/castellan CASTELLANCTL_BIN=$(BIN)/castellanctl $(GO) test -count=1 -shuffle=on -timeout 30m ./...
 
 ## bench: issuance pipeline benchmarks (numbers go to BENCHMARKS.md)
 bench:

@@ -58,8 +58,8 @@ TEST_ENV  += CASTELLAN_TEST_BAO_BIN=$(BAO)
 # kube-apiserver + etcd for the Kubernetes e2e tests (authn/kube, node
 # authorizer, root ConfigMaps), built from their Go modules by the wrapper
 # modules in e2e/tools/kube and e2e/tools/etcd (see ../shared/recipes/kube.md)
-# and cached per version outside the repository: the cold build takes ~7 min
-# on 2 idle cores (13 min of CPU).
+# and cached per version outside the repository: the cold build (empty module
+# and build caches) takes ~15 min of CPU time, so 8 min or more on 2 cores.
 # One kube-apiserver release for every test (1.37: PodCertificateRequest and
 # ClusterTrustBundle v1, certificates.k8s.io v1beta1 also served).
 KUBE_VERSION := v1.37.2

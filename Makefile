@@ -81,13 +81,16 @@ UNIT_ENV  += CASTELLAN_TEST_BAO_BIN=$(BAO)
 # kube-apiserver + etcd for the Kubernetes e2e tests (authn/kube, node
 # authorizer, root ConfigMaps), built from their Go modules by the wrapper
 # modules in e2e/tools/kube and e2e/tools/etcd (see ../shared/recipes/kube.md)
-# and cached per version outside the repository: the cold build takes ~10 min.
+# and cached per version outside the repository: the cold build (empty module
+# and build caches) takes ~15 min of CPU time, so 8 min or more on 2 cores.
+# One kube-apiserver release for every test (1.37: PodCertificateRequest and
+# ClusterTrustBundle v1, certificates.k8s.io v1beta1 also served).
 # Only the e2e module uses them, so `unit` does not build them.
-KUBE_VERSION := v1.32.13
+KUBE_VERSION := v1.37.2
 ETCD_VERSION := v3.5.21
 KUBE_BIN_DIR := $(CACHE_DIR)/kube-$(KUBE_VERSION)-etcd-$(ETCD_VERSION)
 KUBE_LDFLAGS := -X k8s.io/component-base/version.gitVersion=$(KUBE_VERSION) \
-  -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=32
+  -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37
 $(KUBE_BIN_DIR)/kube-apiserver:
 	mkdir -p $(@D)
 	cd e2e/tools/kube && CGO_ENABLED=0 $(GO) build -mod=mod -trimpath -ldflags '$(KUBE_LDFLAGS)' \

@@ -1,7 +1,8 @@
 // Package kubeenv starts a real etcd and kube-apiserver for end-to-end tests
 // (built by `make kube` into the directory CASTELLAN_TEST_KUBE_BIN_DIR names),
-// with a throwaway PKI, an admin kubeconfig, and helpers for the objects the
-// tests need: namespaces, service accounts, pods bound to nodes, tokens.
+// with a throwaway PKI, an admin kubeconfig, clients that authenticate as a
+// node's kubelet, and helpers for the objects the tests need: namespaces,
+// service accounts, nodes, pods bound to nodes, tokens.
 package kubeenv
 
 import (
@@ -124,6 +125,12 @@ func start(t testing.TB, bin, dir string, p *pki) (*Env, error) {
 		// address, where nothing listens (the apiserver binds loopback only).
 		"--service-account-jwks-uri="+url+"/openid/v1/jwks",
 		"--authorization-mode=Node,RBAC", "--service-cluster-ip-range=10.0.0.0/24",
+		// NodeRestriction limits what a node's identity may write (its own
+		// Node, PodCertificateRequests for its own pods), as on a real cluster.
+		"--enable-admission-plugins=NodeRestriction",
+		// certificates.k8s.io v1 (CSR, ClusterTrustBundle, PodCertificateRequest)
+		// is on by default; v1beta1 is served too, for kubelets older than 1.37.
+		"--runtime-config=certificates.k8s.io/v1beta1=true",
 		"--endpoint-reconciler-type=none", "--profiling=false",
 		"--cert-dir="+filepath.Join(dir, "apiserver-certs"))
 	if err != nil {
@@ -227,8 +234,11 @@ func (p *process) stop(t testing.TB) {
 	}
 }
 
-// pki is the throwaway PKI of one Env.
+// pki is the throwaway PKI of one Env. Its CA issues the serving and all
+// client certificates (the apiserver's --client-ca-file).
 type pki struct {
+	ca                              *x509.Certificate
+	caKey                           *ecdsa.PrivateKey
 	caPEM                           []byte
 	caCert, servingCert, servingKey string
 	adminCert, adminKey             string
@@ -239,7 +249,7 @@ type pki struct {
 func newPKI(t testing.TB, dir string) *pki {
 	t.Helper()
 	ca, caKey := selfSigned(t, "kubeenv CA")
-	p := &pki{caPEM: pemCert(ca.Raw)}
+	p := &pki{ca: ca, caKey: caKey, caPEM: pemCert(ca.Raw)}
 	p.caCert = write(t, dir, "ca.crt", p.caPEM)
 	serving, servingKey := leaf(t, ca, caKey, &x509.Certificate{
 		Subject:     pkix.Name{CommonName: "kube-apiserver"},
@@ -249,12 +259,9 @@ func newPKI(t testing.TB, dir string) *pki {
 	})
 	p.servingCert = write(t, dir, "apiserver.crt", pemCert(serving.Raw))
 	p.servingKey = write(t, dir, "apiserver.key", pemKey(t, servingKey))
-	admin, adminKey := leaf(t, ca, caKey, &x509.Certificate{
-		Subject:     pkix.Name{CommonName: "kubeenv-admin", Organization: []string{"system:masters"}},
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	})
-	p.adminCert = write(t, dir, "admin.crt", pemCert(admin.Raw))
-	p.adminKey = write(t, dir, "admin.key", pemKey(t, adminKey))
+	adminCert, adminKey := p.clientCert(t, "kubeenv-admin", "system:masters")
+	p.adminCert = write(t, dir, "admin.crt", adminCert)
+	p.adminKey = write(t, dir, "admin.key", adminKey)
 	sa, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
 		t.Fatal(err)
@@ -267,6 +274,34 @@ func newPKI(t testing.TB, dir string) *pki {
 	}
 	p.saPub = write(t, dir, "sa.pub", pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub}))
 	return p
+}
+
+// clientCert issues a client certificate (PEM certificate and key) for user
+// cn in groups orgs, as the apiserver's x509 authenticator reads them.
+func (p *pki) clientCert(t testing.TB, cn string, orgs ...string) (certPEM, keyPEM []byte) {
+	t.Helper()
+	c, k := leaf(t, p.ca, p.caKey, &x509.Certificate{
+		Subject:     pkix.Name{CommonName: cn, Organization: orgs},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	})
+	return pemCert(c.Raw), pemKey(t, k)
+}
+
+// NodeClient returns a client that authenticates as the kubelet of node
+// (CN=system:node:<node>, O=system:nodes, from the apiserver's client CA), so
+// the Node authorizer and NodeRestriction judge what it does.
+func (e *Env) NodeClient(t testing.TB, node string) kubernetes.Interface {
+	t.Helper()
+	certPEM, keyPEM := e.pki.clientCert(t, "system:node:"+node, "system:nodes")
+	c, err := kubernetes.NewForConfig(&rest.Config{
+		Host:            e.URL,
+		TLSClientConfig: rest.TLSClientConfig{CAData: e.CAPEM, CertData: certPEM, KeyData: keyPEM},
+		QPS:             e.Config.QPS, Burst: e.Config.Burst,
+	})
+	if err != nil {
+		t.Fatalf("client for node %s: %v", node, err)
+	}
+	return c
 }
 
 // writeKubeconfig writes an admin kubeconfig for the apiserver at url.

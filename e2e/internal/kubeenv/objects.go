@@ -48,6 +48,20 @@ func (e *Env) CreateServiceAccount(t testing.TB, ns, name string) {
 	}
 }
 
+// CreateNode creates the Node object name, as its kubelet would register
+// it (none runs here): node-scoped checks, e.g. NodeRestriction's for
+// PodCertificateRequests, look the node up.
+func (e *Env) CreateNode(t testing.TB, name string) *corev1.Node {
+	t.Helper()
+	n, err := e.Client.CoreV1().Nodes().Create(ctx(t), &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("create node %s: %v", name, err)
+	}
+	return n
+}
+
 // CreatePod creates a pod of service account sa scheduled on node (set
 // directly: there is no scheduler, and no kubelet ever runs it).
 func (e *Env) CreatePod(t testing.TB, ns, name, sa, node string) *corev1.Pod {

@@ -236,7 +236,7 @@ tidy-check:
 	    || { echo "$$m: go.mod/go.sum are not tidy: run 'cd $$m && go mod tidy' and commit" >&2; rc=1; }; \
 	done; exit $$rc
 
-## vuln: govulncheck on both modules; fails on a known vulnerability the code calls, unless
+## vuln: govulncheck on the service module; fails on a known vulnerability the code calls, unless
 ## VULN_ACCEPT lists it. GOVULNDB=https://vuln.go.dev uses the live database where reachable.
 # The database is built from the pinned golang.org/x/vulndb module (its OSV
 # files, indexed by the module's own cmd/indexdb) and cached per version, so

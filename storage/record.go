@@ -50,6 +50,11 @@ const (
 	ReasonResponseLost = "delivery.response_lost"
 )
 
+// ReasonRecordRejected is the reason of a substitute record (see Rejected):
+// the store refused a caller's record for a data reason and stored this one
+// in its place.
+const ReasonRecordRejected = "audit.record_rejected"
+
 // Sentinel errors shared by every store; match them with errors.Is.
 var (
 	// ErrClosed is returned by every method of a store after Close.
@@ -58,6 +63,18 @@ var (
 	ErrNotFound = errors.New("storage: record not found")
 	// ErrInvalidRecord is returned by Append for a record that fails Validate.
 	ErrInvalidRecord = errors.New("storage: invalid record")
+	// ErrCommitUnconfirmed is wrapped, beside the context's error, by an
+	// Append whose caller gave up while its record was being committed: the
+	// record may be in the log, and then an undelivered marker follows it.
+	ErrCommitUnconfirmed = errors.New("storage: caller gave up while its record was being committed")
+	// ErrRecordRejected is wrapped by the error a store's batch write returns
+	// when the database refused a record for a data reason (not an outage),
+	// and by the Append of that record: a substitute (Rejected) was stored in
+	// its place while the other records of its batch committed.
+	ErrRecordRejected = errors.New("storage: record refused by the database")
+	// ErrSchemaTooNew is returned by a store's Open on a database migrated by
+	// a newer Castellan.
+	ErrSchemaTooNew = errors.New("storage: schema is newer than this binary supports")
 )
 
 // Record is one audit entry: a CreateCertificate outcome or an operator action.
@@ -250,4 +267,15 @@ func Undelivered(orig *Record, at time.Time, reason, why string) *Record {
 		IssuerKeyID: orig.IssuerKeyID,
 		Detail:      fmt.Sprintf("record %s/%d (outcome %s) was not delivered: %s", orig.Writer, orig.Seq, orig.Outcome, why),
 	}
+}
+
+// Rejected returns the record stored in place of orig when the database
+// refused orig for a data reason: orig's Time, Kind and RequestID (which
+// link it to the server's log line), OutcomeFailed and ReasonRecordRejected.
+// It copies nothing else, so that whatever made orig unacceptable is not in
+// it; its chain fields are left for the store.
+func Rejected(orig *Record) *Record {
+	return &Record{Time: orig.Time, Kind: orig.Kind, RequestID: orig.RequestID, Outcome: OutcomeFailed,
+		Reason: ReasonRecordRejected,
+		Detail: "the audit store refused this request's record for a data reason; this record stands in its place (cause in the server log)"}
 }

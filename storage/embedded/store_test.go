@@ -7,12 +7,13 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"sync"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/castellan-ca/castellan/storage"
+	"github.com/castellan-ca/castellan/storage/groupcommit"
 	"github.com/castellan-ca/castellan/storage/storagetest"
 )
 
@@ -36,7 +37,7 @@ func (r *rawDB) Exec(ctx context.Context, query string, args ...any) error {
 	return err
 }
 
-func openStore(t *testing.T, path string, opts Options) *Store {
+func openStore(t testing.TB, path string, opts Options) *Store {
 	t.Helper()
 	s, err := Open(context.Background(), path, opts)
 	if err != nil {
@@ -49,25 +50,48 @@ func openStore(t *testing.T, path string, opts Options) *Store {
 // testCheckpointKey signs prune checkpoints in tests (fixed: deterministic).
 var testCheckpointKey = ed25519.NewKeyFromSeed(make([]byte, ed25519.SeedSize))
 
-func TestConformance(t *testing.T) {
-	storagetest.Run(t, func(t *testing.T) storagetest.Env {
-		path := filepath.Join(t.TempDir(), "audit.db")
-		return storagetest.Env{
-			Open: func(t *testing.T) storagetest.Store {
-				return openStore(t, path, Options{CheckpointKey: testCheckpointKey})
-			},
-			Tamper: openRaw(t, path),
-		}
-	})
+// reject makes the file refuse, with a CHECK constraint failure, every
+// record whose granted identity is identity: SQLite cannot add a CHECK to
+// audit_log, so a trigger copies such a row into a checked table.
+func (r *rawDB) reject(ctx context.Context, identity string) error {
+	lit := "'" + strings.ReplaceAll(identity, "'", "''") + "'"
+	return r.Exec(ctx, `CREATE TABLE refused (v TEXT CHECK (v <> `+lit+`));
+		CREATE TRIGGER refuse BEFORE INSERT ON audit_log WHEN NEW.granted_identity = `+lit+`
+		BEGIN INSERT INTO refused VALUES (NEW.granted_identity); END`)
 }
+
+// env is a conformance Env over a fresh file.
+func env(t *testing.T) storagetest.Env {
+	path := filepath.Join(t.TempDir(), "audit.db")
+	raw := openRaw(t, path)
+	return storagetest.Env{
+		Open: func(t *testing.T) storagetest.Store {
+			return openStore(t, path, Options{CheckpointKey: testCheckpointKey})
+		},
+		OpenTuned: func(t *testing.T, tune storagetest.Tuning) storagetest.Store {
+			return openStore(t, path, Options{CheckpointKey: testCheckpointKey, MaxBatch: tune.MaxBatch,
+				MaxBatchDelay: tune.MaxBatchDelay, hooks: tune.Hooks})
+		},
+		Reject: raw.reject,
+		Tamper: raw,
+	}
+}
+
+func TestConformance(t *testing.T) { storagetest.Run(t, env) }
 
 func TestConformanceWithBatchDelay(t *testing.T) {
 	storagetest.Run(t, func(t *testing.T) storagetest.Env {
 		path := filepath.Join(t.TempDir(), "audit.db")
+		open := func(t *testing.T, tune storagetest.Tuning) storagetest.Store {
+			opts := Options{MaxBatch: 7, MaxBatchDelay: time.Millisecond, CheckpointKey: testCheckpointKey, hooks: tune.Hooks}
+			if tune.MaxBatch > 0 {
+				opts.MaxBatch = tune.MaxBatch
+			}
+			return openStore(t, path, opts)
+		}
 		return storagetest.Env{
-			Open: func(t *testing.T) storagetest.Store {
-				return openStore(t, path, Options{MaxBatch: 7, MaxBatchDelay: time.Millisecond, CheckpointKey: testCheckpointKey})
-			},
+			Open:      func(t *testing.T) storagetest.Store { return open(t, storagetest.Tuning{}) },
+			OpenTuned: open,
 		}
 	})
 }
@@ -135,21 +159,20 @@ func appendConcurrently(s *Store, n int, prefix string) []error {
 }
 
 func TestGroupCommitBatches(t *testing.T) {
-	s := openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{MaxBatchDelay: 50 * time.Millisecond})
-	n := storagetest.GroupCommitBatches(t, s, func() (uint64, uint64) {
-		st := s.Stats()
-		return st.Records, st.Batches
-	}, record)
-	t.Logf("100 concurrent appends committed in %d transactions", n)
+	s := storagetest.GroupCommitBatches(t, env(t).OpenTuned, record).(*Store)
+	if st := s.Stats(); st.Records != 100 || st.Batches != 1 {
+		t.Fatalf("stats %+v, want 100 records in 1 transaction", st)
+	}
 }
 
 func TestMaxBatchCapsTransaction(t *testing.T) {
-	storagetest.MaxBatchCapsTransaction(t, func(t *testing.T, onBatch func(int)) storagetest.Store {
-		return openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{
-			MaxBatch: 8, MaxBatchDelay: 20 * time.Millisecond,
-			beforeCommit: func(n int) error { onBatch(n); return nil },
-		})
-	}, record)
+	storagetest.MaxBatchCapsTransaction(t, env(t).OpenTuned, record)
+}
+
+// neverFires is a batch delay that runs out only when its test fires it:
+// a batch commits exactly when MaxBatch records are queued.
+func neverFires() groupcommit.Hooks {
+	return groupcommit.Hooks{NewTimer: (&storagetest.ManualTimers{}).NewTimer}
 }
 
 // TestCommitFailureFailsWholeBatch injects a failure at COMMIT into a batch
@@ -162,7 +185,7 @@ func TestCommitFailureFailsWholeBatch(t *testing.T) {
 		failedLen atomic.Int64
 	)
 	s := openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{
-		MaxBatch: 10, MaxBatchDelay: 10 * time.Second, // commit when exactly 10 are queued
+		MaxBatch: 10, MaxBatchDelay: time.Hour, hooks: neverFires(), // commit when exactly 10 are queued
 		beforeCommit: func(n int) error {
 			if fail.CompareAndSwap(true, false) {
 				failedLen.Store(int64(n))
@@ -222,7 +245,7 @@ func TestCommitFailureFailsWholeBatch(t *testing.T) {
 // chain continuing from the last committed record.
 func TestInsertFailureRollsBack(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "audit.db")
-	s := openStore(t, path, Options{MaxBatch: 5, MaxBatchDelay: 10 * time.Second})
+	s := openStore(t, path, Options{MaxBatch: 5, MaxBatchDelay: time.Hour, hooks: neverFires()})
 	ctx := context.Background()
 	for _, err := range appendConcurrently(s, 5, "ok") {
 		if err != nil {
@@ -230,6 +253,8 @@ func TestInsertFailureRollsBack(t *testing.T) {
 		}
 	}
 	raw := openRaw(t, path)
+	// A trigger's RAISE is not a refusal of the row's values (a CHECK, a
+	// type): it fails the whole batch rather than one record.
 	if err := raw.Exec(ctx, `CREATE TRIGGER poison BEFORE INSERT ON audit_log
 		WHEN NEW.granted_identity = 'poison-3' BEGIN SELECT RAISE(ABORT, 'poisoned row'); END`); err != nil {
 		t.Fatal(err)
@@ -264,32 +289,11 @@ func TestInsertFailureRollsBack(t *testing.T) {
 	}
 }
 
+// TestCloseWaitsForQueuedAppends: records queued when Close starts are
+// committed, on disk after a reopen, and their callers told so; an Append
+// once Close has begun is refused and written nowhere.
 func TestCloseWaitsForQueuedAppends(t *testing.T) {
-	s := openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{MaxBatchDelay: 200 * time.Millisecond})
-	var wg sync.WaitGroup
-	errs := make([]error, 20)
-	for i := range errs {
-		wg.Go(func() { errs[i] = s.Append(context.Background(), record("q")) })
-	}
-	time.Sleep(50 * time.Millisecond) // let them queue inside the batch delay
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	wg.Wait()
-	var ok, closed int
-	for _, err := range errs {
-		switch {
-		case err == nil:
-			ok++
-		case errors.Is(err, storage.ErrClosed):
-			closed++
-		default:
-			t.Fatalf("unexpected error %v", err)
-		}
-	}
-	if ok+closed != 20 || uint64(ok) != s.Stats().Records {
-		t.Fatalf("%d succeeded, %d closed; store committed %d", ok, closed, s.Stats().Records)
-	}
+	storagetest.CloseCommitsQueued(t, env(t))
 }
 
 func BenchmarkAppend(b *testing.B) {

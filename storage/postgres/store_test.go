@@ -3,6 +3,7 @@ package postgres
 import (
 	"context"
 	"crypto/ed25519"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -45,26 +46,45 @@ func openStore(t testing.TB, dsn string, opts Options) *Store {
 	return s
 }
 
-func TestConformance(t *testing.T) {
-	storagetest.Run(t, func(t *testing.T) storagetest.Env {
-		dsn := pgtest.DSN(t)
-		return storagetest.Env{
-			Open: func(t *testing.T) storagetest.Store {
-				return openStore(t, dsn, Options{Writer: "conformance", CheckpointKey: testKey})
-			},
-			Tamper: rawDB{dsn},
+// reject makes the database refuse, with a CHECK constraint violation
+// (SQLSTATE 23514), every record whose granted identity is identity.
+func (r rawDB) reject(ctx context.Context, identity string) error {
+	return r.Exec(ctx, `ALTER TABLE audit_log ADD CONSTRAINT refused CHECK (granted_identity <> `+
+		"'"+strings.ReplaceAll(identity, "'", "''")+"'"+`)`)
+}
+
+// env is a conformance Env over a fresh database; base sets the options
+// every store of it opens with.
+func env(t *testing.T, base Options) storagetest.Env {
+	dsn := pgtest.DSN(t)
+	open := func(t *testing.T, tune storagetest.Tuning) storagetest.Store {
+		opts := base
+		opts.CheckpointKey, opts.hooks = testKey, tune.Hooks
+		if tune.MaxBatch > 0 {
+			opts.MaxBatch = tune.MaxBatch
 		}
-	})
+		if tune.MaxBatchDelay > 0 {
+			opts.MaxBatchDelay = tune.MaxBatchDelay
+		}
+		return openStore(t, dsn, opts)
+	}
+	return storagetest.Env{
+		Open:      func(t *testing.T) storagetest.Store { return open(t, storagetest.Tuning{}) },
+		OpenTuned: open,
+		Reject:    rawDB{dsn}.reject,
+		Tamper:    rawDB{dsn},
+	}
+}
+
+func TestConformance(t *testing.T) {
+	storagetest.Run(t, func(t *testing.T) storagetest.Env { return env(t, Options{Writer: "conformance"}) })
 }
 
 func TestConformanceWithBatchDelay(t *testing.T) {
 	storagetest.Run(t, func(t *testing.T) storagetest.Env {
-		dsn := pgtest.DSN(t)
-		return storagetest.Env{
-			Open: func(t *testing.T) storagetest.Store {
-				return openStore(t, dsn, Options{Writer: "delay", MaxBatch: 7, MaxBatchDelay: 1e6, CheckpointKey: testKey})
-			},
-		}
+		e := env(t, Options{Writer: "delay", MaxBatch: 7, MaxBatchDelay: 1e6})
+		e.Tamper = nil
+		return e
 	})
 }
 
@@ -101,19 +121,15 @@ func TestOpenRejectsBadDSN(t *testing.T) {
 }
 
 func TestGroupCommitBatches(t *testing.T) {
-	s := openStore(t, pgtest.DSN(t), Options{MaxBatchDelay: 50 * time.Millisecond})
-	storagetest.GroupCommitBatches(t, s, func() (uint64, uint64) {
-		st := s.Stats()
-		return st.Records, st.Batches
-	}, record)
+	s := storagetest.GroupCommitBatches(t, env(t, Options{}).OpenTuned, record).(*Store)
+	if st := s.Stats(); st.Records != 100 || st.Batches != 1 {
+		t.Fatalf("stats %+v, want 100 records in 1 transaction", st)
+	}
 	mustVerify(t, s, 100)
 }
 
 func TestMaxBatchCapsTransaction(t *testing.T) {
-	storagetest.MaxBatchCapsTransaction(t, func(t *testing.T, onBatch func(int)) storagetest.Store {
-		return openStore(t, pgtest.DSN(t), Options{MaxBatch: 8, MaxBatchDelay: 20 * time.Millisecond,
-			beforeCommit: func(_ context.Context, _ pgx.Tx, n int) error { onBatch(n); return nil }})
-	}, record)
+	storagetest.MaxBatchCapsTransaction(t, env(t, Options{}).OpenTuned, record)
 }
 
 func TestWriterDefaultsToNewChainPerOpen(t *testing.T) {
@@ -211,7 +227,7 @@ func TestConcurrentMigrations(t *testing.T) {
 	if _, err := conn.Exec(context.Background(), `INSERT INTO castellan_schema (version, name) VALUES (999, 'future')`); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Open(context.Background(), dsn, Options{}); err == nil || !strings.Contains(err.Error(), "newer") {
+	if _, err := Open(context.Background(), dsn, Options{}); !errors.Is(err, storage.ErrSchemaTooNew) {
 		t.Fatalf("Open on a newer schema = %v; want a refusal", err)
 	}
 }

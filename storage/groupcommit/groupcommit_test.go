@@ -1,0 +1,394 @@
+package groupcommit_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"reflect"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/castellan-ca/castellan/storage"
+	"github.com/castellan-ca/castellan/storage/groupcommit"
+	"github.com/castellan-ca/castellan/storage/storagetest"
+)
+
+var errInjected = errors.New("injected failure")
+
+// memChain is an in-memory store behind a queue: one chain, a commit that
+// can be made to fail (before or after the rows are kept) or to refuse a
+// poisoned record for a data reason, and a Settle that looks the failed
+// batch's last row up.
+type memChain struct {
+	mu      sync.Mutex
+	rows    []storage.Record
+	batches [][]storage.Record // committed batches, in order
+	poison  string             // GrantedIdentity refused for a data reason
+	fail    func(b *groupcommit.Batch) (keep bool, err error)
+	last    *storage.Record // last row of the last failed batch
+	settles int
+}
+
+func (m *memChain) commit(_ context.Context, b *groupcommit.Batch) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.last = nil
+	seq, hash := uint64(len(m.rows)), ""
+	if seq > 0 {
+		hash = m.rows[seq-1].Hash
+	}
+	b.Seal("w", seq, hash)
+	for _, r := range b.Records {
+		if m.poison != "" && r.GrantedIdentity == m.poison {
+			return fmt.Errorf("insert: %w: check constraint", storage.ErrRecordRejected)
+		}
+	}
+	if m.fail != nil {
+		keep, err := m.fail(b)
+		if err != nil {
+			if keep {
+				m.keep(b)
+			}
+			last := b.Records[len(b.Records)-1]
+			m.last = &last
+			return err
+		}
+	}
+	m.keep(b)
+	return nil
+}
+
+func (m *memChain) keep(b *groupcommit.Batch) {
+	m.rows = append(m.rows, b.Records...)
+	m.batches = append(m.batches, append([]storage.Record(nil), b.Records...))
+}
+
+func (m *memChain) settle(context.Context) (bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.settles++
+	if m.last == nil {
+		return false, nil
+	}
+	committed := int(m.last.Seq) <= len(m.rows) && m.rows[m.last.Seq-1].Hash == m.last.Hash
+	m.last = nil
+	return committed, nil
+}
+
+// outcomes lists the committed rows as "GrantedIdentity:Outcome".
+func (m *memChain) outcomes() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []string
+	for _, r := range m.rows {
+		out = append(out, r.GrantedIdentity+":"+r.Outcome)
+	}
+	return out
+}
+
+func (m *memChain) batchSizes() []int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []int
+	for _, b := range m.batches {
+		out = append(out, len(b))
+	}
+	return out
+}
+
+func newQueue(t *testing.T, m *memChain, cfg groupcommit.Config) *groupcommit.Queue {
+	t.Helper()
+	cfg.Name, cfg.Writer, cfg.Commit, cfg.Settle = "mem", "w", m.commit, m.settle
+	if cfg.Hooks.NewTimer == nil {
+		cfg.Hooks.NewTimer = (&storagetest.ManualTimers{}).NewTimer
+	}
+	q := groupcommit.New(cfg)
+	t.Cleanup(q.Close)
+	return q
+}
+
+func rec(id string) *storage.Record {
+	return &storage.Record{Kind: storage.KindCSR, Outcome: storage.OutcomeIssued, GrantedIdentity: id, RequestID: "req-" + id}
+}
+
+// gate holds the first batch in the Claimed hook until released.
+type gate struct {
+	held, release chan struct{}
+	armed         atomic.Bool
+}
+
+func newGate() *gate {
+	g := &gate{held: make(chan struct{}), release: make(chan struct{})}
+	g.armed.Store(true)
+	return g
+}
+
+func (g *gate) claimed(int) {
+	if g.armed.CompareAndSwap(true, false) {
+		close(g.held)
+		<-g.release
+	}
+}
+
+func TestBatchesAreCappedAndWaitForTheDelay(t *testing.T) {
+	m := &memChain{}
+	timers := &storagetest.ManualTimers{}
+	type event struct{ size, committed int }
+	gathered := make(chan event, 100)
+	q := newQueue(t, m, groupcommit.Config{MaxBatch: 4, MaxBatchDelay: 1, Hooks: groupcommit.Hooks{
+		NewTimer: timers.NewTimer, Gathered: func(n int) { gathered <- event{n, len(m.batchSizes())} }}})
+	var wg sync.WaitGroup
+	errs := make([]error, 10)
+	for i := range errs {
+		wg.Go(func() { errs[i] = q.Append(context.Background(), rec(fmt.Sprint(i))) })
+	}
+	// Two full batches commit by themselves; the last two records wait for
+	// the delay, which only Fire ends.
+	for e := (event{}); e != (event{size: 2, committed: 2}); e = <-gathered {
+	}
+	if fired := timers.Fire(); fired != 1 {
+		t.Fatalf("%d timers fired, want the one batch delay", fired)
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("append %d: %v", i, err)
+		}
+	}
+	if got := m.batchSizes(); !reflect.DeepEqual(got, []int{4, 4, 2}) {
+		t.Fatalf("batch sizes %v, want [4 4 2]", got)
+	}
+	if st := q.Stats(); st.Batches != 3 || st.Records != 10 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+func TestAppendSanitisesAndReturnsTheStoredRecord(t *testing.T) {
+	m := &memChain{}
+	q := newQueue(t, m, groupcommit.Config{})
+	r := rec("spiffe://td/ns/a/sa/\x00\xff")
+	r.Detail = "line\nforged"
+	if err := q.Append(context.Background(), r); err != nil {
+		t.Fatal(err)
+	}
+	if r.GrantedIdentity != "spiffe://td/ns/a/sa/␀\ufffd" || r.Detail != "line␊forged" || r.Seq != 1 || r.Hash != r.ComputeHash() {
+		t.Fatalf("record after Append: %+v", r)
+	}
+	if !reflect.DeepEqual(m.rows[0], *r) {
+		t.Fatalf("stored %+v\nreturned %+v", m.rows[0], *r)
+	}
+	bad := rec("x")
+	bad.Outcome = ""
+	if err := q.Append(context.Background(), bad); !errors.Is(err, storage.ErrInvalidRecord) {
+		t.Fatalf("Append(invalid) = %v, want ErrInvalidRecord", err)
+	}
+}
+
+// TestCancellation pins what a caller is told when its ctx ends at each
+// point, and what the log then holds.
+func TestCancellation(t *testing.T) {
+	t.Run("while queued: withdrawn, never written", func(t *testing.T) {
+		m := &memChain{}
+		g := newGate()
+		queued := make(chan struct{}, 8)
+		q := newQueue(t, m, groupcommit.Config{Hooks: groupcommit.Hooks{Claimed: g.claimed, Queued: func() { queued <- struct{}{} }}})
+		first := make(chan error, 1)
+		go func() { first <- q.Append(context.Background(), rec("first")) }()
+		<-g.held
+		<-queued
+		ctx, cancel := context.WithCancel(context.Background())
+		errc := make(chan error, 1)
+		go func() { errc <- q.Append(ctx, rec("withdrawn")) }()
+		<-queued
+		cancel()
+		err := <-errc
+		if !errors.Is(err, context.Canceled) || errors.Is(err, storage.ErrCommitUnconfirmed) {
+			t.Fatalf("Append cancelled while queued = %v, want context.Canceled without ErrCommitUnconfirmed", err)
+		}
+		close(g.release)
+		if err := <-first; err != nil {
+			t.Fatal(err)
+		}
+		if err := q.Append(context.Background(), rec("next")); err != nil {
+			t.Fatal(err)
+		}
+		if got := m.outcomes(); !reflect.DeepEqual(got, []string{"first:issued", "next:issued"}) {
+			t.Fatalf("log %v", got)
+		}
+	})
+	t.Run("while committing: unconfirmed, then marked", func(t *testing.T) {
+		m := &memChain{}
+		g := newGate()
+		q := newQueue(t, m, groupcommit.Config{Hooks: groupcommit.Hooks{Claimed: g.claimed}})
+		ctx, cancel := context.WithCancel(context.Background())
+		errc := make(chan error, 1)
+		r := rec("gone")
+		go func() { errc <- q.Append(ctx, r) }()
+		<-g.held
+		cancel()
+		err := <-errc
+		if !errors.Is(err, context.Canceled) || !errors.Is(err, storage.ErrCommitUnconfirmed) {
+			t.Fatalf("Append cancelled while committing = %v, want context.Canceled and ErrCommitUnconfirmed", err)
+		}
+		close(g.release)
+		if err := q.Append(context.Background(), rec("next")); err != nil {
+			t.Fatal(err)
+		}
+		if got := m.outcomes(); !reflect.DeepEqual(got, []string{"gone:issued", "gone:undelivered", "next:issued"}) {
+			t.Fatalf("log %v", got)
+		}
+		if r.Seq != 0 || r.Hash != "" {
+			t.Fatalf("an abandoned caller's record was written to: %+v", r)
+		}
+		if st := q.Stats(); st.Undelivered != 1 {
+			t.Fatalf("stats %+v, want 1 undelivered marker", st)
+		}
+	})
+	t.Run("marker written by the retry timer when nothing else comes", func(t *testing.T) {
+		m := &memChain{}
+		g := newGate()
+		timers := &storagetest.ManualTimers{}
+		q := newQueue(t, m, groupcommit.Config{Hooks: groupcommit.Hooks{Claimed: g.claimed, NewTimer: timers.NewTimer}})
+		ctx, cancel := context.WithCancel(context.Background())
+		errc := make(chan error, 1)
+		go func() { errc <- q.Append(ctx, rec("gone")) }()
+		<-g.held
+		cancel()
+		<-errc
+		close(g.release)
+		timers.Await(1) // the writer waits on its retry interval
+		if fired := timers.Fire(); fired != 1 {
+			t.Fatalf("%d timers fired, want the retry timer", fired)
+		}
+		q.Close()
+		if got := m.outcomes(); !reflect.DeepEqual(got, []string{"gone:issued", "gone:undelivered"}) {
+			t.Fatalf("log %v", got)
+		}
+	})
+}
+
+func TestCommitFailure(t *testing.T) {
+	tests := []struct {
+		name string
+		keep bool // the failed commit kept its rows (acknowledgement lost)
+		want []string
+	}{
+		{"rolled back: absent", false, []string{"next:issued"}},
+		{"acknowledgement lost: marked", true, []string{"doomed:issued", "doomed:undelivered", "next:issued"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var armed atomic.Bool
+			armed.Store(true)
+			m := &memChain{fail: func(*groupcommit.Batch) (bool, error) {
+				if armed.CompareAndSwap(true, false) {
+					return tc.keep, errInjected
+				}
+				return false, nil
+			}}
+			q := newQueue(t, m, groupcommit.Config{})
+			if err := q.Append(context.Background(), rec("doomed")); !errors.Is(err, errInjected) {
+				t.Fatalf("Append = %v, want the injected failure", err)
+			}
+			if err := q.Append(context.Background(), rec("next")); err != nil {
+				t.Fatal(err)
+			}
+			if got := m.outcomes(); !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("log %v, want %v", got, tc.want)
+			}
+			if m.settles != 1 {
+				t.Fatalf("Settle called %d times, want once", m.settles)
+			}
+		})
+	}
+}
+
+// TestRejectedRecordIsIsolated: a batch the store refuses because of one
+// record is committed one record at a time; only the offender's caller
+// fails, and a substitute takes its place.
+func TestRejectedRecordIsIsolated(t *testing.T) {
+	m := &memChain{poison: "poison"}
+	g := newGate()
+	queued := make(chan struct{}, 16)
+	q := newQueue(t, m, groupcommit.Config{Hooks: groupcommit.Hooks{Claimed: g.claimed, Queued: func() { queued <- struct{}{} }}})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if err := q.Append(context.Background(), rec("gate")); err != nil {
+			t.Error(err)
+		}
+	})
+	<-g.held
+	<-queued
+	ids := []string{"a", "poison", "b", "c"}
+	errs := make([]error, len(ids))
+	for i, id := range ids {
+		wg.Go(func() { errs[i] = q.Append(context.Background(), rec(id)) })
+		<-queued
+	}
+	close(g.release)
+	wg.Wait()
+	for i, err := range errs {
+		if ids[i] == "poison" {
+			if !errors.Is(err, storage.ErrRecordRejected) {
+				t.Errorf("poisoned Append = %v, want ErrRecordRejected", err)
+			}
+		} else if err != nil {
+			t.Errorf("Append(%s) = %v", ids[i], err)
+		}
+	}
+	got := m.outcomes()
+	if len(got) != 5 || got[0] != "gate:issued" {
+		t.Fatalf("log %v", got)
+	}
+	var sub storage.Record
+	for _, r := range m.rows {
+		if r.Reason == storage.ReasonRecordRejected {
+			sub = r
+		}
+	}
+	if sub.Outcome != storage.OutcomeFailed || sub.RequestID != "req-poison" || sub.GrantedIdentity != "" {
+		t.Fatalf("substitute %+v", sub)
+	}
+	if st := q.Stats(); st.Rejected != 1 || st.Records != 5 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+// TestCloseCommitsQueuedRecords: records queued when Close starts are
+// committed and their callers told so; a later Append is refused.
+func TestCloseCommitsQueuedRecords(t *testing.T) {
+	m := &memChain{}
+	g := newGate()
+	queued := make(chan struct{}, 32)
+	closed := make(chan struct{})
+	q := newQueue(t, m, groupcommit.Config{Hooks: groupcommit.Hooks{Claimed: g.claimed,
+		Queued: func() { queued <- struct{}{} }, Closed: func() { close(closed) }}})
+	const n = 20
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := range n {
+		wg.Go(func() { errs[i] = q.Append(context.Background(), rec(fmt.Sprint(i))) })
+	}
+	<-g.held
+	for range n {
+		<-queued
+	}
+	closeDone := make(chan struct{})
+	go func() { q.Close(); close(closeDone) }()
+	<-closed
+	if err := q.Append(context.Background(), rec("late")); !errors.Is(err, storage.ErrClosed) {
+		t.Fatalf("Append after Close = %v, want ErrClosed", err)
+	}
+	close(g.release)
+	<-closeDone
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("queued append %d: %v", i, err)
+		}
+	}
+	if got := len(m.outcomes()); got != n {
+		t.Fatalf("%d records committed, want %d", got, n)
+	}
+}

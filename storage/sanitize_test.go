@@ -1,4 +1,4 @@
-package storage
+package storage_test
 
 import (
 	"errors"
@@ -7,27 +7,26 @@ import (
 	"testing"
 	"time"
 	"unicode/utf8"
+
+	"github.com/castellan-ca/castellan/storage"
+	"github.com/castellan-ca/castellan/storage/storagetest"
 )
 
-// HostileStrings are values a caller can put in an audit field that a
-// database, a protobuf string or a terminal would choke on.
-var hostileStrings = map[string]string{
-	"nul":                  "a\x00b",
-	"only nul":             "\x00",
-	"invalid utf-8":        "a\xffb\xc3",
-	"lone high surrogate":  "x\xed\xa0\x80y",
-	"lone low surrogate":   "\xed\xbf\xbf",
-	"overlong slash":       "\xc0\xaf",
-	"escape sequence":      "ok\x1b[2J\x1b]0;title\x07",
-	"newlines":             "line1\nforged line\r\n",
-	"del and c1":           "a\x7fb\u0085c\u009bd",
-	"bidi override":        "spiffe://td/ns/\u202egnp.exe\u202c/sa/x",
-	"bidi isolates":        "\u2066a\u2067b\u2068c\u2069\u200e\u200f\u061c",
-	"line separator":       "a\u2028b\u2029c",
-	"cut mid-character":    strings.Repeat("é", 10)[:19],
-	"1 MB of nul":          strings.Repeat("\x00", 1<<20),
-	"1 MB multibyte":       strings.Repeat("日本", 1<<20/6),
-	"multibyte at the cut": strings.Repeat("a", MaxNameLen-1) + "é",
+// record is a plausible record with every field set.
+func record() storage.Record {
+	t0 := time.Date(2025, 1, 2, 3, 4, 5, 6, time.UTC)
+	return storage.Record{
+		Seq: 7, Writer: "w1", Time: t0, Kind: storage.KindCSR, RequestID: "req", Peer: "10.0.0.1:1234",
+		AuthMethod: "mtls", Caller: "spiffe://td/ns/a/sa/b", ClusterID: "c1",
+		RequestedIdentity: "spiffe://td/ns/a/sa/b", GrantedIdentity: "spiffe://td/ns/a/sa/b",
+		Outcome: storage.OutcomeIssued, Reason: "ok", Code: "OK", Serial: "0a0b", NotBefore: t0, NotAfter: t0.Add(time.Hour),
+		CertSHA256: "ab", Signer: "selfsigned", IssuerKeyID: "cd", Detail: "d", PrevHash: "ef", Hash: "chain-hash",
+	}
+}
+
+// kept reports whether Sanitize leaves the character r as it is.
+func kept(r rune) bool {
+	return r != utf8.RuneError && storage.Sanitize(string(r), utf8.UTFMax) == string(r)
 }
 
 func TestSanitize(t *testing.T) {
@@ -59,7 +58,7 @@ func TestSanitize(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := Sanitize(tc.in, tc.limit); got != tc.want {
+			if got := storage.Sanitize(tc.in, tc.limit); got != tc.want {
 				t.Fatalf("Sanitize(%q, %d) = %q, want %q", tc.in, tc.limit, got, tc.want)
 			}
 		})
@@ -67,9 +66,9 @@ func TestSanitize(t *testing.T) {
 }
 
 func TestSanitizeHostile(t *testing.T) {
-	for name, s := range hostileStrings {
+	for name, s := range storagetest.HostileStrings {
 		t.Run(name, func(t *testing.T) {
-			for _, limit := range []int{MaxCodeLen, MaxNameLen, MaxDetailLen} {
+			for _, limit := range []int{storage.MaxCodeLen, storage.MaxNameLen, storage.MaxDetailLen} {
 				checkSanitized(t, s, limit)
 			}
 		})
@@ -79,7 +78,7 @@ func TestSanitizeHostile(t *testing.T) {
 // checkSanitized asserts the sanitiser's contract for one input.
 func checkSanitized(t *testing.T, in string, limit int) {
 	t.Helper()
-	out := Sanitize(in, limit)
+	out := storage.Sanitize(in, limit)
 	switch {
 	case !utf8.ValidString(out):
 		t.Fatalf("Sanitize(%.40q, %d) = %.40q: not valid UTF-8", in, limit, out)
@@ -87,16 +86,16 @@ func checkSanitized(t *testing.T, in string, limit int) {
 		t.Fatalf("Sanitize(%.40q, %d) is %d bytes long", in, limit, len(out))
 	case strings.IndexByte(out, 0) >= 0:
 		t.Fatalf("Sanitize(%.40q, %d) = %.40q holds a NUL", in, limit, out)
-	case Sanitize(out, limit) != out:
-		t.Fatalf("Sanitize not idempotent on %.40q: %.40q then %.40q", in, out, Sanitize(out, limit))
+	case storage.Sanitize(out, limit) != out:
+		t.Fatalf("Sanitize not idempotent on %.40q: %.40q then %.40q", in, out, storage.Sanitize(out, limit))
 	}
 	for _, r := range out {
-		if replacement(r, utf8.RuneLen(r)) != 0 && r != utf8.RuneError {
+		if !kept(r) && r != utf8.RuneError {
 			t.Fatalf("Sanitize(%.40q, %d) = %.40q keeps %U", in, limit, out, r)
 		}
 	}
 	if clean := utf8.ValidString(in) && len(in) <= limit && !strings.ContainsFunc(in, func(r rune) bool {
-		return replacement(r, utf8.RuneLen(r)) != 0
+		return !kept(r) && r != utf8.RuneError
 	}); clean && out != in {
 		t.Fatalf("Sanitize changed clean %.40q to %.40q", in, out)
 	}
@@ -104,28 +103,13 @@ func checkSanitized(t *testing.T, in string, limit int) {
 
 func TestSanitizeDoesNotAllocateWhenClean(t *testing.T) {
 	s := "spiffe://cluster.local/ns/default/sa/José"
-	if n := testing.AllocsPerRun(100, func() { _ = Sanitize(s, MaxNameLen) }); n != 0 {
+	if n := testing.AllocsPerRun(100, func() { _ = storage.Sanitize(s, storage.MaxNameLen) }); n != 0 {
 		t.Fatalf("Sanitize of a clean string allocates %v times", n)
 	}
-	r := sampleRecord()
+	r := record()
 	if n := testing.AllocsPerRun(100, func() { r.Sanitize() }); n != 0 {
 		t.Fatalf("Record.Sanitize of a clean record allocates %v times", n)
 	}
-}
-
-// callerStringFields lists Record's string fields a caller sets: all but the
-// chain fields the store assigns. Found by reflection, so that a field added
-// later is covered by the tests that use it.
-func callerStringFields() []string {
-	var out []string
-	typ := reflect.TypeFor[Record]()
-	for i := range typ.NumField() {
-		f := typ.Field(i)
-		if f.Type.Kind() == reflect.String && f.Name != "Writer" && f.Name != "PrevHash" && f.Name != "Hash" {
-			out = append(out, f.Name)
-		}
-	}
-	return out
 }
 
 // TestRecordSanitizeCoversEveryField puts every hostile string in every
@@ -133,25 +117,23 @@ func callerStringFields() []string {
 // a fixed point of Sanitize within the field's bound, and touches neither
 // the chain fields nor the times.
 func TestRecordSanitizeCoversEveryField(t *testing.T) {
-	bound := map[string]int{"Peer": MaxNameLen, "Caller": MaxNameLen, "ClusterID": MaxNameLen,
-		"RequestedIdentity": MaxNameLen, "GrantedIdentity": MaxNameLen, "Detail": MaxDetailLen}
-	for _, field := range callerStringFields() {
-		for name, s := range hostileStrings {
-			r := sampleRecord()
-			r.Hash = "chain-hash"
-			reflect.ValueOf(&r).Elem().FieldByName(field).SetString(s)
+	bound := map[string]int{"Peer": storage.MaxNameLen, "Caller": storage.MaxNameLen, "ClusterID": storage.MaxNameLen,
+		"RequestedIdentity": storage.MaxNameLen, "GrantedIdentity": storage.MaxNameLen, "Detail": storage.MaxDetailLen}
+	for _, field := range storagetest.CallerStringFields() {
+		for name, s := range storagetest.HostileStrings {
+			r := record()
+			storagetest.SetField(&r, field, s)
 			r.Sanitize()
 			got := reflect.ValueOf(r).FieldByName(field).String()
 			limit := bound[field]
 			if limit == 0 {
-				limit = MaxCodeLen
+				limit = storage.MaxCodeLen
 			}
-			if got != Sanitize(s, limit) || Sanitize(got, limit) != got {
-				t.Errorf("%s = %s: sanitised to %.40q, want %.40q", field, name, got, Sanitize(s, limit))
+			if got != storage.Sanitize(s, limit) || storage.Sanitize(got, limit) != got {
+				t.Errorf("%s = %s: sanitised to %.40q, want %.40q", field, name, got, storage.Sanitize(s, limit))
 			}
-			want := sampleRecord()
-			want.Hash = "chain-hash"
-			reflect.ValueOf(&want).Elem().FieldByName(field).SetString(got)
+			want := record()
+			storagetest.SetField(&want, field, got)
 			if !reflect.DeepEqual(r, want) {
 				t.Errorf("%s = %s: Record.Sanitize changed other fields", field, name)
 			}
@@ -160,7 +142,7 @@ func TestRecordSanitizeCoversEveryField(t *testing.T) {
 }
 
 func TestQuerySanitize(t *testing.T) {
-	q := Query{Identity: "a\x00", Serial: "ab", Limit: 7, Since: time.Unix(1, 0)}
+	q := storage.Query{Identity: "a\x00", Serial: "ab", Limit: 7, Since: time.Unix(1, 0)}
 	q.Sanitize()
 	if q.Identity != "a␀" || q.Serial != "ab" || q.Limit != 7 || !q.Since.Equal(time.Unix(1, 0)) {
 		t.Fatalf("Query.Sanitize = %+v", q)
@@ -168,13 +150,13 @@ func TestQuerySanitize(t *testing.T) {
 }
 
 func TestValidateWriter(t *testing.T) {
-	for _, w := range []string{"", "a\x00", "a\nb", "\xff", strings.Repeat("w", MaxWriterLen+1)} {
-		if err := ValidateWriter(w); !errors.Is(err, ErrInvalidWriter) {
-			t.Errorf("ValidateWriter(%.20q) = %v, want ErrInvalidWriter", w, err)
+	for _, w := range []string{"", "a\x00", "a\nb", "\xff", strings.Repeat("w", storage.MaxWriterLen+1)} {
+		if err := storage.ValidateWriter(w); !errors.Is(err, storage.ErrInvalidWriter) {
+			t.Errorf("ValidateWriter(%.20q) = %v, want storage.ErrInvalidWriter", w, err)
 		}
 	}
-	for _, w := range []string{"embedded-0123abcd", "castellan-7d9f-x2-0a1b2c3d4e5f", strings.Repeat("w", MaxWriterLen)} {
-		if err := ValidateWriter(w); err != nil {
+	for _, w := range []string{"embedded-0123abcd", "castellan-7d9f-x2-0a1b2c3d4e5f", strings.Repeat("w", storage.MaxWriterLen)} {
+		if err := storage.ValidateWriter(w); err != nil {
 			t.Errorf("ValidateWriter(%.20q) = %v", w, err)
 		}
 	}
@@ -184,16 +166,16 @@ func TestValidateWriter(t *testing.T) {
 // valid UTF-8, bounded, no NUL or other replaced character, idempotent, and
 // a clean short input unchanged.
 func FuzzSanitize(f *testing.F) {
-	for _, s := range hostileStrings {
+	for _, s := range storagetest.HostileStrings {
 		if len(s) < 4096 {
 			f.Add(s, 16)
-			f.Add(s, MaxCodeLen)
+			f.Add(s, storage.MaxCodeLen)
 		}
 	}
 	f.Add("abc", 2)
 	f.Add("日本語", 4)
 	f.Fuzz(func(t *testing.T, s string, limit int) {
-		limit %= 2 * MaxDetailLen
+		limit %= 2 * storage.MaxDetailLen
 		checkSanitized(t, s, limit)
 	})
 }

@@ -132,6 +132,12 @@ func TestMaxBatchCapsTransaction(t *testing.T) {
 	storagetest.MaxBatchCapsTransaction(t, env(t, Options{}).OpenTuned, record)
 }
 
+// FuzzAuditRoundTrip: any record appended comes back, through Get and
+// List, as its sanitised form, and the chain verifies.
+func FuzzAuditRoundTrip(f *testing.F) {
+	storagetest.FuzzRoundTrip(f, openStore(f, pgtest.DSN(f), Options{Writer: "fuzz"}))
+}
+
 func TestWriterDefaultsToNewChainPerOpen(t *testing.T) {
 	dsn := pgtest.DSN(t)
 	a := openStore(t, dsn, Options{})

@@ -100,6 +100,7 @@ func Run(t *testing.T, newEnv func(t *testing.T) Env) {
 		{"CancelledWhileCommitting", testCancelledWhileCommitting},
 		{"CloseCommitsQueued", CloseCommitsQueued},
 		{"RejectedRecordIsolated", testRejectedRecordIsolated},
+		{"HostileStrings", testHostileStrings},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

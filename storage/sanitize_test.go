@@ -179,3 +179,23 @@ func FuzzSanitize(f *testing.F) {
 		checkSanitized(t, s, limit)
 	})
 }
+
+// BenchmarkSanitizeRecord is the per-record cost of sanitising on the
+// append path: a typical clean record, and one with hostile fields.
+func BenchmarkSanitizeRecord(b *testing.B) {
+	clean := record()
+	hostile := record()
+	hostile.Caller, hostile.Detail = "a\x00b\xff\u202e", strings.Repeat("\x1b", 10000)
+	for _, bc := range []struct {
+		name string
+		r    storage.Record
+	}{{"Clean", clean}, {"Hostile", hostile}} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				r := bc.r
+				r.Sanitize()
+			}
+		})
+	}
+}

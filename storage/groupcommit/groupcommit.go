@@ -227,28 +227,50 @@ func (q *Queue) Append(ctx context.Context, rec *storage.Record) error {
 	if err := ctx.Err(); err != nil {
 		return q.errorf(err)
 	}
-	req := &request{rec: *rec, out: rec, done: make(chan error, 1)}
-	req.rec.Sanitize()
-	req.rec.Time = req.rec.Time.UTC()
-	req.rec.NotBefore, req.rec.NotAfter = utcOrZero(req.rec.NotBefore), utcOrZero(req.rec.NotAfter)
+	req := newRequest(rec)
 	if err := q.enqueue(ctx, req); err != nil {
+		req.free()
 		return err
 	}
 	if h := q.cfg.Hooks.Queued; h != nil {
 		h()
 	}
+	var err error
 	select {
-	case err := <-req.done:
-		return err
+	case err = <-req.done:
 	case <-ctx.Done():
 		if req.state.CompareAndSwap(queued, withdrawn) {
-			return q.errorf(ctx.Err())
+			return q.errorf(ctx.Err()) // the writer may still hold req: not freed
 		}
 		if req.state.CompareAndSwap(claimed, abandoned) {
 			return q.errorf(fmt.Errorf("%w: %w", storage.ErrCommitUnconfirmed, ctx.Err()))
 		}
-		return <-req.done // the writer answered first
+		err = <-req.done // the writer answered first
 	}
+	req.free() // answered: the writer's last use of req was the send on done
+	return err
+}
+
+// requests recycles answered requests: a record copy and a channel per
+// Append would otherwise be garbage on the hot path.
+var requests = sync.Pool{New: func() any { return &request{done: make(chan error, 1)} }}
+
+// newRequest returns a queued request holding a sanitised copy of rec.
+func newRequest(rec *storage.Record) *request {
+	req := requests.Get().(*request)
+	req.rec, req.out = *rec, rec
+	req.rec.Sanitize()
+	req.rec.Time = req.rec.Time.UTC()
+	req.rec.NotBefore, req.rec.NotAfter = utcOrZero(req.rec.NotBefore), utcOrZero(req.rec.NotAfter)
+	return req
+}
+
+// free returns req to the pool; only for a request the writer no longer
+// holds (never queued, or answered and its answer received).
+func (r *request) free() {
+	r.rec, r.out, r.rejected = storage.Record{}, nil, nil
+	r.state.Store(queued)
+	requests.Put(r)
 }
 
 func (q *Queue) enqueue(ctx context.Context, req *request) error {

@@ -118,15 +118,11 @@ func (s *Store) writeBatch(ctx context.Context, b *groupcommit.Batch) (err error
 		seq, prevHash = uint64(*head), *prev
 	}
 	u.lastSeq, u.lastHash = b.Seal(s.writer, seq, prevHash)
-	rows := make([][]any, len(b.Records))
-	for i := range b.Records {
-		rows[i] = rowValues(&b.Records[i])
-	}
-	if _, err := tx.CopyFrom(ctx, pgx.Identifier{"audit_log"}, columns, pgx.CopyFromRows(rows)); err != nil {
+	if _, err := tx.CopyFrom(ctx, pgx.Identifier{"audit_log"}, columns, &copySource{recs: b.Records, row: s.row}); err != nil {
 		return fmt.Errorf("insert seq %d..%d: %w", seq+1, u.lastSeq, classify(err))
 	}
 	if s.opts.beforeCommit != nil {
-		if err := s.opts.beforeCommit(ctx, tx, len(rows)); err != nil {
+		if err := s.opts.beforeCommit(ctx, tx, len(b.Records)); err != nil {
 			return fmt.Errorf("commit: %w", err)
 		}
 	}
@@ -155,13 +151,31 @@ func classify(err error) error {
 	return err
 }
 
+// copySource feeds a batch to COPY through one reused row: pgx encodes each
+// row before it asks for the next.
+type copySource struct {
+	recs []storage.Record
+	row  []any
+	next int
+}
+
+func (c *copySource) Next() bool { c.next++; return c.next <= len(c.recs) }
+func (c *copySource) Err() error { return nil }
+func (c *copySource) Values() ([]any, error) {
+	fillRow(c.row, &c.recs[c.next-1])
+	return c.row, nil
+}
+
 // rowValues converts r to audit_log's columns.
-func rowValues(r *storage.Record) []any {
+func rowValues(r *storage.Record) []any { return fillRow(make([]any, len(columns)), r) }
+
+// fillRow writes r's audit_log columns into row (len(columns) long).
+func fillRow(row []any, r *storage.Record) []any {
 	nbS, nbNs := splitTime(r.NotBefore)
 	naS, naNs := splitTime(r.NotAfter)
-	return []any{r.Writer, int64(r.Seq), r.Time.UnixNano(), r.Kind, r.RequestID, r.Peer, r.AuthMethod, r.Caller,
-		r.ClusterID, r.RequestedIdentity, r.GrantedIdentity, r.Outcome, r.Reason, r.Code, r.Serial,
-		nbS, nbNs, naS, naNs, r.CertSHA256, r.Signer, r.IssuerKeyID, r.Detail, r.PrevHash, r.Hash}
+	return append(row[:0], r.Writer, int64(r.Seq), r.Time.UnixNano(), r.Kind, r.RequestID, r.Peer, r.AuthMethod,
+		r.Caller, r.ClusterID, r.RequestedIdentity, r.GrantedIdentity, r.Outcome, r.Reason, r.Code, r.Serial,
+		nbS, nbNs, naS, naNs, r.CertSHA256, r.Signer, r.IssuerKeyID, r.Detail, r.PrevHash, r.Hash)
 }
 
 // splitTime stores certificate validity as seconds and nanoseconds (NULL

@@ -84,9 +84,9 @@ type Store struct {
 
 	q        *groupcommit.Queue
 	isClosed atomic.Bool
-	// unsettled is the last failed transaction when it may have committed;
-	// only the queue's writer goroutine (writeBatch, settle) touches it.
-	unsettled *unsettledTx
+	// Only the queue's writer goroutine (writeBatch, settle) touches these.
+	unsettled *unsettledTx // the last failed transaction, when it may have committed
+	row       []any        // one audit_log row for COPY, len(columns) long
 }
 
 //go:embed migrations/*.sql
@@ -137,7 +137,7 @@ func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
 		pool.Close()
 		return nil, err
 	}
-	s := &Store{pool: pool, writer: opts.Writer, opts: opts, log: log}
+	s := &Store{pool: pool, writer: opts.Writer, opts: opts, log: log, row: make([]any, len(columns))}
 	s.q = groupcommit.New(groupcommit.Config{Name: "postgres", Writer: s.writer, MaxBatch: opts.MaxBatch,
 		MaxBatchDelay: opts.MaxBatchDelay, CommitTimeout: opts.CommitTimeout, RetryInterval: opts.RetryInterval,
 		Now: opts.Now, Logger: log, Commit: s.writeBatch, Settle: s.settle, Hooks: opts.hooks})

@@ -60,39 +60,34 @@ func (r *rawDB) reject(ctx context.Context, identity string) error {
 		BEGIN INSERT INTO refused VALUES (NEW.granted_identity); END`)
 }
 
-// env is a conformance Env over a fresh file.
-func env(t *testing.T) storagetest.Env {
+// env is a conformance Env over a fresh file; base sets the options every
+// store of it opens with.
+func env(t *testing.T, base Options) storagetest.Env {
 	path := filepath.Join(t.TempDir(), "audit.db")
 	raw := openRaw(t, path)
+	open := func(t *testing.T, tune storagetest.Tuning) storagetest.Store {
+		opts := base
+		opts.CheckpointKey = testCheckpointKey
+		tune.Apply(&opts.MaxBatch, &opts.MaxBatchDelay, &opts.hooks)
+		return openStore(t, path, opts)
+	}
 	return storagetest.Env{
-		Open: func(t *testing.T) storagetest.Store {
-			return openStore(t, path, Options{CheckpointKey: testCheckpointKey})
-		},
-		OpenTuned: func(t *testing.T, tune storagetest.Tuning) storagetest.Store {
-			return openStore(t, path, Options{CheckpointKey: testCheckpointKey, MaxBatch: tune.MaxBatch,
-				MaxBatchDelay: tune.MaxBatchDelay, hooks: tune.Hooks})
-		},
-		Reject: raw.reject,
-		Tamper: raw,
+		Open:      func(t *testing.T) storagetest.Store { return open(t, storagetest.Tuning{}) },
+		OpenTuned: open,
+		Reject:    raw.reject,
+		Tamper:    raw,
 	}
 }
 
-func TestConformance(t *testing.T) { storagetest.Run(t, env) }
+func TestConformance(t *testing.T) {
+	storagetest.Run(t, func(t *testing.T) storagetest.Env { return env(t, Options{}) })
+}
 
 func TestConformanceWithBatchDelay(t *testing.T) {
 	storagetest.Run(t, func(t *testing.T) storagetest.Env {
-		path := filepath.Join(t.TempDir(), "audit.db")
-		open := func(t *testing.T, tune storagetest.Tuning) storagetest.Store {
-			opts := Options{MaxBatch: 7, MaxBatchDelay: time.Millisecond, CheckpointKey: testCheckpointKey, hooks: tune.Hooks}
-			if tune.MaxBatch > 0 {
-				opts.MaxBatch = tune.MaxBatch
-			}
-			return openStore(t, path, opts)
-		}
-		return storagetest.Env{
-			Open:      func(t *testing.T) storagetest.Store { return open(t, storagetest.Tuning{}) },
-			OpenTuned: open,
-		}
+		e := env(t, Options{MaxBatch: 7, MaxBatchDelay: time.Millisecond})
+		e.Tamper = nil
+		return e
 	})
 }
 
@@ -159,14 +154,14 @@ func appendConcurrently(s *Store, n int, prefix string) []error {
 }
 
 func TestGroupCommitBatches(t *testing.T) {
-	s := storagetest.GroupCommitBatches(t, env(t).OpenTuned, record).(*Store)
+	s := storagetest.GroupCommitBatches(t, env(t, Options{}).OpenTuned, record).(*Store)
 	if st := s.Stats(); st.Records != 100 || st.Batches != 1 {
 		t.Fatalf("stats %+v, want 100 records in 1 transaction", st)
 	}
 }
 
 func TestMaxBatchCapsTransaction(t *testing.T) {
-	storagetest.MaxBatchCapsTransaction(t, env(t).OpenTuned, record)
+	storagetest.MaxBatchCapsTransaction(t, env(t, Options{}).OpenTuned, record)
 }
 
 // neverFires is a batch delay that runs out only when its test fires it:
@@ -293,7 +288,7 @@ func TestInsertFailureRollsBack(t *testing.T) {
 // committed, on disk after a reopen, and their callers told so; an Append
 // once Close has begun is refused and written nowhere.
 func TestCloseWaitsForQueuedAppends(t *testing.T) {
-	storagetest.CloseCommitsQueued(t, env(t))
+	storagetest.CloseCommitsQueued(t, env(t, Options{}))
 }
 
 func BenchmarkAppend(b *testing.B) {

@@ -59,13 +59,8 @@ func env(t *testing.T, base Options) storagetest.Env {
 	dsn := pgtest.DSN(t)
 	open := func(t *testing.T, tune storagetest.Tuning) storagetest.Store {
 		opts := base
-		opts.CheckpointKey, opts.hooks = testKey, tune.Hooks
-		if tune.MaxBatch > 0 {
-			opts.MaxBatch = tune.MaxBatch
-		}
-		if tune.MaxBatchDelay > 0 {
-			opts.MaxBatchDelay = tune.MaxBatchDelay
-		}
+		opts.CheckpointKey = testKey
+		tune.Apply(&opts.MaxBatch, &opts.MaxBatchDelay, &opts.hooks)
 		return openStore(t, dsn, opts)
 	}
 	return storagetest.Env{

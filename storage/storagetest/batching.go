@@ -121,18 +121,7 @@ func appendAll(t *testing.T, s Store, n int, prefix string, record func(id strin
 // transaction. It returns the store.
 func GroupCommitBatches(t *testing.T, open func(t *testing.T, tune Tuning) Store, record func(id string) *storage.Record) Store {
 	t.Helper()
-	timers, log := &ManualTimers{}, newBatchLog(128)
-	s := open(t, Tuning{MaxBatch: 256, MaxBatchDelay: time.Hour, Hooks: log.hooks(timers)})
-	wait := appendAll(t, s, 100, "c", record)
-	log.awaitGathered(100, 0)
-	if n := timers.Fire(); n != 1 {
-		t.Fatalf("%d timers fired, want the one batch delay", n)
-	}
-	wait()
-	if got := log.batchSizes(); !reflect.DeepEqual(got, []int{100}) {
-		t.Fatalf("batches %v: want the 100 concurrent appends in one transaction", got)
-	}
-	return s
+	return checkBatches(t, open, record, 256, 100, []int{100})
 }
 
 // MaxBatchCapsTransaction appends 50 records at once to a store opened with
@@ -141,15 +130,26 @@ func GroupCommitBatches(t *testing.T, open func(t *testing.T, tune Tuning) Store
 // delay, which the test then fires.
 func MaxBatchCapsTransaction(t *testing.T, open func(t *testing.T, tune Tuning) Store, record func(id string) *storage.Record) {
 	t.Helper()
-	timers, log := &ManualTimers{}, newBatchLog(64)
-	s := open(t, Tuning{MaxBatch: 8, MaxBatchDelay: time.Hour, Hooks: log.hooks(timers)})
-	wait := appendAll(t, s, 50, "m", record)
-	log.awaitGathered(2, 6)
-	if n := timers.Fire(); n != 1 {
-		t.Fatalf("%d timers fired, want the one batch delay", n)
+	checkBatches(t, open, record, 8, 50, []int{8, 8, 8, 8, 8, 8, 2})
+}
+
+// checkBatches appends n records at once to a store opened with maxBatch
+// and a batch delay that runs out only when fired; once the last batch has
+// gathered its records it fires the delay, then checks that the batches
+// committed were exactly want.
+func checkBatches(t *testing.T, open func(t *testing.T, tune Tuning) Store, record func(id string) *storage.Record,
+	maxBatch, n int, want []int) Store {
+	t.Helper()
+	timers, log := &ManualTimers{}, newBatchLog(n+len(want))
+	s := open(t, Tuning{MaxBatch: maxBatch, MaxBatchDelay: time.Hour, Hooks: log.hooks(timers)})
+	wait := appendAll(t, s, n, "b", record)
+	log.awaitGathered(want[len(want)-1], len(want)-1)
+	if fired := timers.Fire(); fired != 1 {
+		t.Fatalf("%d timers fired, want the one batch delay", fired)
 	}
 	wait()
-	if got := log.batchSizes(); !reflect.DeepEqual(got, []int{8, 8, 8, 8, 8, 8, 2}) {
-		t.Fatalf("batches %v, want six full batches of 8, then 2", got)
+	if got := log.batchSizes(); !reflect.DeepEqual(got, want) {
+		t.Fatalf("%d concurrent appends with MaxBatch %d were committed in batches %v, want %v", n, maxBatch, got, want)
 	}
+	return s
 }

@@ -50,18 +50,11 @@ func held(t *testing.T, env Env, extra func(*Tuning)) (s Store, gate *Gate, queu
 	return s, gate, queued, errc
 }
 
-// identities lists the GrantedIdentity of every record in (Writer, Seq) order.
+// identities lists each record's GrantedIdentity and Outcome in (Writer,
+// Seq) order.
 func identities(t *testing.T, s Store) []string {
 	t.Helper()
-	recs, err := s.List(context.Background(), storage.Query{Limit: storage.MaxLimit})
-	if err != nil {
-		t.Fatalf("List: %v", err)
-	}
-	var out []string
-	for _, r := range recs {
-		out = append(out, r.GrantedIdentity+" "+r.Outcome)
-	}
-	return out
+	return listAll(t, s, func(r *storage.Record) string { return r.GrantedIdentity + " " + r.Outcome })
 }
 
 // testCancelledWhileQueued: a caller whose ctx ends before the writer takes

@@ -75,6 +75,18 @@ type Tuning struct {
 	Hooks         groupcommit.Hooks
 }
 
+// Apply sets a store's group-commit options from tune: the batch size and
+// delay where tune sets them, and the hooks.
+func (tune Tuning) Apply(maxBatch *int, maxBatchDelay *time.Duration, hooks *groupcommit.Hooks) {
+	if tune.MaxBatch > 0 {
+		*maxBatch = tune.MaxBatch
+	}
+	if tune.MaxBatchDelay > 0 {
+		*maxBatchDelay = tune.MaxBatchDelay
+	}
+	*hooks = tune.Hooks
+}
+
 // Run runs the conformance suite; newEnv is called once per subtest and
 // must return an Env over fresh, empty data.
 func Run(t *testing.T, newEnv func(t *testing.T) Env) {

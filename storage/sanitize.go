@@ -149,10 +149,11 @@ func (r *Record) Sanitize() {
 	r.Detail = Sanitize(r.Detail, MaxDetailLen)
 }
 
-// Sanitize rewrites q's equality filters as Record.Sanitize rewrites the
-// fields they match, so that a search with the raw value a caller sent finds
-// the record as stored, and no value a database refuses reaches it.
-func (q *Query) Sanitize() {
+// Sanitized returns q with its equality filters rewritten as
+// Record.Sanitize rewrites the fields they match, so that a search with the
+// raw value a caller sent finds the record as stored, and no value a
+// database refuses reaches it.
+func (q Query) Sanitized() Query {
 	q.Identity = Sanitize(q.Identity, MaxNameLen)
 	q.Serial = Sanitize(q.Serial, MaxCodeLen)
 	q.CertSHA256 = Sanitize(q.CertSHA256, MaxCodeLen)
@@ -160,6 +161,7 @@ func (q *Query) Sanitize() {
 	q.Writer = Sanitize(q.Writer, MaxWriterLen)
 	q.AfterWriter = Sanitize(q.AfterWriter, MaxWriterLen)
 	q.IssuerKeyID = Sanitize(q.IssuerKeyID, MaxCodeLen)
+	return q
 }
 
 // ErrInvalidWriter is returned by a store's Open for a writer id that is

@@ -142,8 +142,7 @@ func TestRecordSanitizeCoversEveryField(t *testing.T) {
 }
 
 func TestQuerySanitize(t *testing.T) {
-	q := storage.Query{Identity: "a\x00", Serial: "ab", Limit: 7, Since: time.Unix(1, 0)}
-	q.Sanitize()
+	q := storage.Query{Identity: "a\x00", Serial: "ab", Limit: 7, Since: time.Unix(1, 0)}.Sanitized()
 	if q.Identity != "a␀" || q.Serial != "ab" || q.Limit != 7 || !q.Since.Equal(time.Unix(1, 0)) {
 		t.Fatalf("Query.Sanitize = %+v", q)
 	}

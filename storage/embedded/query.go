@@ -22,7 +22,7 @@ func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, er
 	if s.isClosed.Load() {
 		return nil, fmt.Errorf("embedded: list: %w", storage.ErrClosed)
 	}
-	q.Sanitize() // stored values are sanitised: search for what was stored
+	q = q.Sanitized() // stored values are sanitised: search for what was stored
 	var (
 		where []string
 		args  []any

@@ -25,7 +25,7 @@ func openTuned(t *testing.T, env Env, tune Tuning) Store {
 		t.Skip("store provides no OpenTuned")
 	}
 	s := env.OpenTuned(t, tune)
-	t.Cleanup(func() { s.Close() })
+	t.Cleanup(func() { _ = s.Close() })
 	return s
 }
 
@@ -121,8 +121,8 @@ func testCancelledWhileCommitting(t *testing.T, env Env) {
 	mustVerify(t, s, 3)
 }
 
-// CloseCommitsQueued: records queued when Close starts are committed and
-// their callers told so; Append once Close has begun fails with ErrClosed
+// CloseCommitsQueued checks that records queued when Close starts are
+// committed and their callers told so; Append once Close has begun fails with ErrClosed
 // and writes nothing. The store is reopened to read what is on disk.
 func CloseCommitsQueued(t *testing.T, env Env) {
 	const n = 20

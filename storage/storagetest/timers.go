@@ -34,7 +34,8 @@ func (m *ManualTimers) NewTimer(time.Duration) groupcommit.Timer {
 			live = append(live, p)
 		}
 	}
-	m.pending = append(live, t)
+	live = append(live, t)
+	m.pending = live
 	if m.cond != nil {
 		m.cond.Broadcast()
 	}

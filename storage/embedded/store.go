@@ -132,6 +132,11 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 		// DSN parameters; neither gives a durable audit log.
 		return nil, fmt.Errorf("embedded: open: invalid path %q", path)
 	}
+	if opts.Writer != "" {
+		if err := storage.ValidateWriter(opts.Writer); err != nil {
+			return nil, fmt.Errorf("embedded: open: %w", err)
+		}
+	}
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
@@ -219,9 +224,6 @@ func (s *Store) init(ctx context.Context) error {
 			return fmt.Errorf("embedded: writer id in %s: %w", s.path, err)
 		}
 		s.writer = w
-	}
-	if err := storage.ValidateWriter(s.writer); err != nil {
-		return fmt.Errorf("embedded: open %s: %w", s.path, err)
 	}
 	var err error
 	s.insert, err = s.wdb.PrepareContext(ctx, `INSERT INTO audit_log (

@@ -15,6 +15,8 @@ import (
 	"github.com/castellan-ca/castellan/storage"
 	"github.com/castellan-ca/castellan/storage/groupcommit"
 	"github.com/castellan-ca/castellan/storage/storagetest"
+	"modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
 )
 
 // rawDB opens path with database/sql directly, bypassing the store: the
@@ -258,6 +260,9 @@ func TestInsertFailureRollsBack(t *testing.T) {
 		if err == nil {
 			t.Fatalf("caller %d of the poisoned batch succeeded", i)
 		}
+		if se := (*sqlite.Error)(nil); !errors.As(err, &se) || se.Code() != sqlite3.SQLITE_CONSTRAINT_TRIGGER || errors.Is(err, storage.ErrRecordRejected) {
+			t.Fatalf("caller %d of the poisoned batch got %v; want the trigger's SQLite error, not a record refusal", i, err)
+		}
 	}
 	if err := raw.Exec(ctx, `DROP TRIGGER poison`); err != nil {
 		t.Fatal(err)
@@ -341,5 +346,56 @@ func TestVerifyReportsUndecodableRow(t *testing.T) {
 	res, err := s.Verify(ctx)
 	if err != nil || res.OK || res.Seq != 2 || res.Writer != s.Writer() {
 		t.Fatalf("Verify = %+v, %v; want OK false at seq 2", res, err)
+	}
+}
+
+func TestOpenRefusesInvalidWriterAndNewerSchema(t *testing.T) {
+	dir := t.TempDir()
+	for _, w := range []string{"a\x00b", "line\nbreak", strings.Repeat("w", storage.MaxWriterLen+1)} {
+		if _, err := Open(context.Background(), filepath.Join(dir, "w.db"), Options{Writer: w}); !errors.Is(err, storage.ErrInvalidWriter) {
+			t.Errorf("Open with writer %.20q = %v, want ErrInvalidWriter", w, err)
+		}
+	}
+	path := filepath.Join(dir, "audit.db")
+	s := openStore(t, path, Options{})
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := openRaw(t, path).Exec(context.Background(), `UPDATE schema_version SET version = 999`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(context.Background(), path, Options{}); !errors.Is(err, storage.ErrSchemaTooNew) {
+		t.Fatalf("Open on a newer schema = %v, want ErrSchemaTooNew", err)
+	}
+}
+
+// TestClassify pins which SQLite errors refuse one record (the batch is
+// retried record by record) and which fail the batch.
+func TestClassify(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "c.db")
+	raw := openRaw(t, path)
+	ctx := context.Background()
+	if err := raw.Exec(ctx, `CREATE TABLE c (v TEXT NOT NULL CHECK (v <> 'bad') UNIQUE)`); err != nil {
+		t.Fatal(err)
+	}
+	if err := raw.Exec(ctx, `INSERT INTO c VALUES ('one')`); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, sql string
+		rejected  bool
+	}{
+		{"check", `INSERT INTO c VALUES ('bad')`, true},
+		{"not null", `INSERT INTO c VALUES (NULL)`, true},
+		{"unique", `INSERT INTO c VALUES ('one')`, false},
+		{"syntax", `INSERT INTO nowhere VALUES (1)`, false},
+	} {
+		err := raw.Exec(ctx, tc.sql)
+		if err == nil {
+			t.Fatalf("%s: statement succeeded", tc.name)
+		}
+		if got := errors.Is(classify(err), storage.ErrRecordRejected); got != tc.rejected {
+			t.Errorf("%s (%v): rejected = %v, want %v", tc.name, err, got, tc.rejected)
+		}
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/castellan-ca/castellan/storage/postgres/pgtest"
 	"github.com/castellan-ca/castellan/storage/storagetest"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
@@ -230,5 +231,46 @@ func TestConcurrentMigrations(t *testing.T) {
 	}
 	if _, err := Open(context.Background(), dsn, Options{}); !errors.Is(err, storage.ErrSchemaTooNew) {
 		t.Fatalf("Open on a newer schema = %v; want a refusal", err)
+	}
+}
+
+func TestOpenRefusesInvalidWriter(t *testing.T) {
+	dsn := pgtest.DSN(t)
+	for _, w := range []string{"a\x00b", "line\nbreak", strings.Repeat("w", storage.MaxWriterLen+1)} {
+		if _, err := Open(context.Background(), dsn, Options{Writer: w}); !errors.Is(err, storage.ErrInvalidWriter) {
+			t.Errorf("Open with writer %.20q = %v, want ErrInvalidWriter", w, err)
+		}
+	}
+}
+
+// TestClassify pins which server errors refuse one record (the batch is
+// retried record by record) and which fail the batch.
+func TestClassify(t *testing.T) {
+	for _, tc := range []struct {
+		code     string
+		rejected bool
+	}{
+		{"22021", true},  // invalid byte sequence for the encoding
+		{"22001", true},  // string too long for the column
+		{"23514", true},  // CHECK constraint
+		{"23502", true},  // NOT NULL
+		{"54000", true},  // index row too large
+		{"23505", false}, // duplicate (writer, seq): another process writes this chain
+		{"08006", false}, // connection failure
+		{"57P01", false}, // server shutting down
+		{"53100", false}, // disk full
+		{"40001", false}, // serialization failure
+		{"P0001", false}, // a trigger's RAISE
+	} {
+		err := classify(fmt.Errorf("insert: %w", &pgconn.PgError{Code: tc.code}))
+		if got := errors.Is(err, storage.ErrRecordRejected); got != tc.rejected {
+			t.Errorf("SQLSTATE %s: rejected = %v, want %v", tc.code, got, tc.rejected)
+		}
+		if pgErr := (*pgconn.PgError)(nil); !errors.As(err, &pgErr) || pgErr.Code != tc.code {
+			t.Errorf("SQLSTATE %s: the server's error is no longer wrapped: %v", tc.code, err)
+		}
+	}
+	if err := classify(errInjected); errors.Is(err, storage.ErrRecordRejected) || !errors.Is(err, errInjected) {
+		t.Errorf("classify(non-server error) = %v", err)
 	}
 }

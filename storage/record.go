@@ -1,5 +1,7 @@
-// Package storage defines Castellan's audit record, its hash chain and the
-// chain verifier shared by every audit store (embedded SQLite, PostgreSQL).
+// Package storage defines Castellan's audit record, its hash chain, the
+// chain verifier and the string sanitiser (Sanitize) shared by every audit
+// store (embedded SQLite, PostgreSQL); storage/groupcommit is their shared
+// group-commit queue.
 //
 // Stores return plain Go errors wrapped with %w; mapping them to gRPC codes is
 // the caller's job.

@@ -22,6 +22,7 @@ func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, er
 	if s.isClosed.Load() {
 		return nil, fmt.Errorf("embedded: list: %w", storage.ErrClosed)
 	}
+	q = q.Sanitized() // stored values are sanitised: search for what was stored
 	var (
 		where []string
 		args  []any

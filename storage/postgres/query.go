@@ -67,6 +67,7 @@ func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, er
 	if s.isClosed.Load() {
 		return nil, fmt.Errorf("postgres: list: %w", storage.ErrClosed)
 	}
+	q = q.Sanitized() // stored values are sanitised: search for what was stored
 	sql, args := listSQL(q)
 	rows, err := s.pool.Query(ctx, sql, args...)
 	if err != nil {

@@ -42,15 +42,21 @@ func openPruner(t *testing.T, env Env, n int) (Store, Pruner, []*storage.Record)
 
 func seqsOfList(t *testing.T, s Store) []uint64 {
 	t.Helper()
+	return listAll(t, s, func(r *storage.Record) uint64 { return r.Seq })
+}
+
+// listAll maps f over every record s lists, in (Writer, Seq) order.
+func listAll[T any](t *testing.T, s Store, f func(r *storage.Record) T) []T {
+	t.Helper()
 	got, err := s.List(context.Background(), storage.Query{Limit: storage.MaxLimit})
 	if err != nil {
 		t.Fatalf("List: %v", err)
 	}
-	var seqs []uint64
-	for _, r := range got {
-		seqs = append(seqs, r.Seq)
+	var out []T
+	for i := range got {
+		out = append(out, f(&got[i]))
 	}
-	return seqs
+	return out
 }
 
 func mustVerifyCheckpoints(t *testing.T, s Store, wantRecords, wantCheckpoints int) {

@@ -2,6 +2,7 @@ package ca_test
 
 import (
 	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/pem"
 	"errors"
 	"net"
@@ -150,6 +151,10 @@ func FuzzParseCSR(f *testing.F) {
 			f.Add(tc.csr)
 		}
 	}
+	key := signertest.Key(7)
+	for _, elem := range hostileNames(f) {
+		f.Add(csrWithExtensions(f, key, sanExtension(true, grantedURI(), elem)))
+	}
 	f.Fuzz(func(t *testing.T, s string) {
 		csr, err := ca.ParseCSR(s, appID)
 		if err != nil {
@@ -170,11 +175,24 @@ func FuzzParseCSR(f *testing.F) {
 		if err := ca.CheckPublicKey(csr.PublicKey); err != nil {
 			t.Fatalf("accepted CSR's key is refused: %v", err)
 		}
-		if len(csr.DNSNames)+len(csr.IPAddresses)+len(csr.EmailAddresses) != 0 {
-			t.Fatalf("accepted CSR asks for DNS %v IP %v email %v", csr.DNSNames, csr.IPAddresses, csr.EmailAddresses)
+		// Every name, read with encoding/asn1 rather than the code under test.
+		sans := 0
+		for _, e := range csr.Extensions {
+			if !e.Id.Equal(oidSAN) {
+				continue
+			}
+			sans++
+			var names []asn1.RawValue
+			if rest, err := asn1.Unmarshal(e.Value, &names); err != nil || len(rest) != 0 {
+				t.Fatalf("accepted CSR's SAN does not parse: %v", err)
+			}
+			if len(names) != 1 || names[0].Class != asn1.ClassContextSpecific || names[0].Tag != 6 || names[0].IsCompound ||
+				string(names[0].Bytes) != appID.String() {
+				t.Fatalf("accepted CSR's SAN holds %d names, not exactly the granted URI: %x", len(names), e.Value)
+			}
 		}
-		if len(csr.URIs) > 1 || (len(csr.URIs) == 1 && csr.URIs[0].String() != appID.String()) {
-			t.Fatalf("accepted CSR asks for URIs %v", csr.URIs)
+		if sans > 1 {
+			t.Fatalf("accepted CSR has %d SAN extensions", sans)
 		}
 	})
 }

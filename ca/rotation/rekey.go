@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"slices"
 	"strings"
 
@@ -99,7 +100,7 @@ func (m *Manager) rekeyTarget(req adminapi.RekeyRequest) (*Sealer, string, error
 		return sealer, "", nil
 	case req.NewKEKFile == "":
 		return nil, "", refused("name the new KEK file (a file on the server: one of caKEKFile, caKEKFiles)")
-	case !slices.Contains(m.cfg.KEKFiles, req.NewKEKFile):
+	case !slices.ContainsFunc(m.cfg.KEKFiles, func(f string) bool { return filepath.Clean(f) == filepath.Clean(req.NewKEKFile) }):
 		return nil, "", refused("%s is not one of this replica's key-encryption key files (caKEKFile, caKEKFiles: %s): the server reads a new KEK only from a file its configuration names", req.NewKEKFile, strings.Join(m.cfg.KEKFiles, ", "))
 	}
 	key, err := ReadKEKFile(req.NewKEKFile)

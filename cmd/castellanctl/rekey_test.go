@@ -201,3 +201,23 @@ func TestKEKRekeyReplicas(t *testing.T) {
 		t.Errorf("rekey audit records %v, want one rekey, one finish and two refusals", steps)
 	}
 }
+
+// TestCARekeyArguments: exactly one of --new-kek-file and --finish, checked
+// before any connection is made.
+func TestCARekeyArguments(t *testing.T) {
+	data := t.TempDir() // no server: a valid command would fail to dial
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "give either --new-kek-file FILE or --finish"},
+		{[]string{"--new-kek-file", "/k", "--finish"}, "give either --new-kek-file FILE or --finish"},
+		{[]string{"--finish", "--output", "yaml"}, "--output must be table or json"},
+		{[]string{"--finish", "extra"}, "unexpected arguments"},
+	} {
+		_, _, err := ctl(data, append([]string{"ca", "rekey"}, tc.args...)...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("ca rekey %v: %v, want %q", tc.args, err, tc.want)
+		}
+	}
+}

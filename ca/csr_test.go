@@ -5,6 +5,7 @@ import (
 	"encoding/asn1"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"net"
 	"strings"
 	"testing"
@@ -175,24 +176,32 @@ func FuzzParseCSR(f *testing.F) {
 		if err := ca.CheckPublicKey(csr.PublicKey); err != nil {
 			t.Fatalf("accepted CSR's key is refused: %v", err)
 		}
-		// Every name, read with encoding/asn1 rather than the code under test.
-		sans := 0
-		for _, e := range csr.Extensions {
-			if !e.Id.Equal(oidSAN) {
-				continue
-			}
-			sans++
-			var names []asn1.RawValue
-			if rest, err := asn1.Unmarshal(e.Value, &names); err != nil || len(rest) != 0 {
-				t.Fatalf("accepted CSR's SAN does not parse: %v", err)
-			}
-			if len(names) != 1 || names[0].Class != asn1.ClassContextSpecific || names[0].Tag != 6 || names[0].IsCompound ||
-				string(names[0].Bytes) != appID.String() {
-				t.Fatalf("accepted CSR's SAN holds %d names, not exactly the granted URI: %x", len(names), e.Value)
-			}
-		}
-		if sans > 1 {
-			t.Fatalf("accepted CSR has %d SAN extensions", sans)
+		if uri, present, err := onlyURISAN(csr.Extensions); present && (err != nil || uri != appID.String()) {
+			t.Fatalf("accepted CSR's SAN is not exactly the granted URI: %q, %v", uri, err)
 		}
 	})
+}
+
+// onlyURISAN reads the subjectAltName of exts with encoding/asn1, an
+// oracle independent of the code under test: the one URI it holds, or an
+// error unless it holds exactly one name, a primitive [6], in one extension.
+func onlyURISAN(exts []pkix.Extension) (uri string, present bool, err error) {
+	for _, e := range exts {
+		if !e.Id.Equal(oidSAN) {
+			continue
+		}
+		if present {
+			return "", true, errors.New("two SAN extensions")
+		}
+		present = true
+		var names []asn1.RawValue
+		if rest, err := asn1.Unmarshal(e.Value, &names); err != nil || len(rest) != 0 {
+			return "", true, fmt.Errorf("SAN does not parse: %v", err)
+		}
+		if len(names) != 1 || names[0].Class != asn1.ClassContextSpecific || names[0].Tag != 6 || names[0].IsCompound {
+			return "", true, fmt.Errorf("SAN holds %d names, not exactly one URI: %x", len(names), e.Value)
+		}
+		uri = string(names[0].Bytes)
+	}
+	return uri, present, nil
 }

@@ -303,23 +303,3 @@ func (h *harness) onlyRecord(t testing.TB) storage.Record {
 	}
 	return recs[0]
 }
-
-// memAudit is an audit log in memory, for tests that need no store.
-type memAudit struct {
-	mu   sync.Mutex
-	recs []storage.Record
-}
-
-func (m *memAudit) Append(_ context.Context, rec *storage.Record) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.recs = append(m.recs, *rec)
-	return nil
-}
-
-// records returns a copy of the records appended so far.
-func (m *memAudit) records() []storage.Record {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return append([]storage.Record(nil), m.recs...)
-}

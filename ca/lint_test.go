@@ -85,7 +85,7 @@ func TestCertificatesLint(t *testing.T) {
 				if _, err := authority.Use(selfsigned.Backend, s); err != nil {
 					t.Fatal(err)
 				}
-				issuer, err := ca.NewIssuer(ca.Config{TrustDomain: td, Audit: &memAudit{}, Authority: authority,
+				issuer, err := ca.NewIssuer(ca.Config{TrustDomain: td, Audit: &countingAudit{}, Authority: authority,
 					Authenticator: callerAuthn{authn.Caller{Method: "test", Identity: appID, Name: appID.String()}}})
 				if err != nil {
 					t.Fatal(err)

@@ -67,7 +67,8 @@ func mayImpersonate(caller, id spiffeid.ID) bool {
 	return caller == nodeCaller && strings.HasPrefix(id.Path(), "/ns/node-local/")
 }
 
-// countingAudit keeps the number of records and the last one.
+// countingAudit is an audit log in memory that keeps the number of records
+// and the last one.
 type countingAudit struct {
 	mu   sync.Mutex
 	n    int

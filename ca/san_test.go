@@ -270,13 +270,13 @@ func (v verbatimSigner) Sign(ctx context.Context, req signer.SignRequest) (*sign
 // no such certificate leaves the CA; the outcome is audited.
 func TestIssueRefusesCopiedNames(t *testing.T) {
 	key := signertest.Key(7)
-	run := func(t *testing.T, copied []byte) (*ca.Issued, error, storage.Record) {
+	run := func(t *testing.T, copied []byte) (*ca.Issued, storage.Record, error) {
 		h := newHarness(t, harnessOpts{wrapSigner: func(inner signer.Signer) signer.Signer { return verbatimSigner{Signer: inner, csr: copied} }})
 		out, err := h.issuer.Issue(peerCtx(h.workloadCert(t, appID)), ca.Request{CSR: ztunnelCSR(t, key, appID)})
-		return out, err, h.onlyRecord(t)
+		return out, h.onlyRecord(t), err
 	}
 	t.Run("the granted URI alone is issued", func(t *testing.T) {
-		out, err, rec := run(t, nil)
+		out, rec, err := run(t, nil)
 		if err != nil {
 			t.Fatalf("Issue: %v", err)
 		}
@@ -287,7 +287,7 @@ func TestIssueRefusesCopiedNames(t *testing.T) {
 	for name, elem := range hostileNames(t) {
 		t.Run(name, func(t *testing.T) {
 			block, _ := pem.Decode([]byte(csrWithExtensions(t, key, sanExtension(true, grantedURI(), elem))))
-			out, err, rec := run(t, block.Bytes)
+			out, rec, err := run(t, block.Bytes)
 			if out != nil || ca.Status(err).Code() != codes.Internal || ca.ReasonOf(err) != ca.ReasonSignerBadChain {
 				t.Fatalf("Issue = %v, %v; want Internal %s", out, err, ca.ReasonSignerBadChain)
 			}

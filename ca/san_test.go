@@ -149,6 +149,23 @@ func extensions(t testing.TB, exts ...pkix.Extension) []byte {
 	return mustMarshal(t, exts)
 }
 
+// wantParseCSR checks ParseCSR's verdict on csrPEM: accepted, or refused
+// as InvalidArgument with reason (any csr.* reason when reason is "").
+func wantParseCSR(t *testing.T, csrPEM string, refused bool, reason string) {
+	t.Helper()
+	csr, err := ca.ParseCSR(csrPEM, appID)
+	switch {
+	case !refused:
+		if err != nil {
+			t.Fatalf("ParseCSR: %v", err)
+		}
+	case csr != nil || !errors.Is(err, ca.ErrInvalidRequest) || !strings.HasPrefix(ca.ReasonOf(err), "csr."):
+		t.Fatalf("ParseCSR = %v, %v; want a refusal", csr, err)
+	case reason != "" && ca.ReasonOf(err) != reason:
+		t.Fatalf("reason %q, want %q (%v)", ca.ReasonOf(err), reason, err)
+	}
+}
+
 // TestParseCSRNameTypes: every name type but the granted URI is refused,
 // alone or beside the granted URI, whether crypto/x509 parses it or not.
 func TestParseCSRNameTypes(t *testing.T) {
@@ -166,15 +183,7 @@ func TestParseCSRNameTypes(t *testing.T) {
 			{"after the granted URI", sanExtension(true, grantedURI(), elem)},
 			{"before the granted URI, non-critical", sanExtension(false, elem, grantedURI())},
 		} {
-			t.Run(name+" "+tc.shape, func(t *testing.T) {
-				csr, err := ca.ParseCSR(csrWithExtensions(t, key, tc.ext), appID)
-				if csr != nil || !errors.Is(err, ca.ErrInvalidRequest) {
-					t.Fatalf("ParseCSR = %v, %v; want an InvalidArgument refusal", csr, err)
-				}
-				if got := ca.ReasonOf(err); got != reason {
-					t.Errorf("reason %q, want %q (%v)", got, reason, err)
-				}
-			})
+			t.Run(name+" "+tc.shape, func(t *testing.T) { wantParseCSR(t, csrWithExtensions(t, key, tc.ext), true, reason) })
 		}
 	}
 	for _, tc := range []struct {
@@ -188,19 +197,7 @@ func TestParseCSRNameTypes(t *testing.T) {
 		{"empty SAN extension", csrWithExtensions(t, key, sanExtension(true)), true, ca.ReasonCSRSANMismatch},
 		{"SAN with trailing data", csrWithExtensions(t, key, pkix.Extension{Id: oidSAN, Value: append(sanExtension(false, grantedURI()).Value, 0x05, 0x00)}), true, ""},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			csr, err := ca.ParseCSR(tc.csr, appID)
-			switch {
-			case !tc.refused:
-				if err != nil {
-					t.Fatalf("ParseCSR: %v", err)
-				}
-			case csr != nil || !errors.Is(err, ca.ErrInvalidRequest) || !strings.HasPrefix(ca.ReasonOf(err), "csr."):
-				t.Fatalf("ParseCSR = %v, %v; want a refusal", csr, err)
-			case tc.reason != "" && ca.ReasonOf(err) != tc.reason:
-				t.Fatalf("reason %q, want %q (%v)", ca.ReasonOf(err), tc.reason, err)
-			}
-		})
+		t.Run(tc.name, func(t *testing.T) { wantParseCSR(t, tc.csr, tc.refused, tc.reason) })
 	}
 }
 
@@ -226,19 +223,7 @@ func TestParseCSRAttributes(t *testing.T) {
 		{"Microsoft certificate extensions", rawCSR(t, attribute(oidExtensionRequest, granted), attribute(msExtensions, hostile)), true, ca.ReasonCSRAttributes},
 		{"challenge password", rawCSR(t, attribute(challenge, mustMarshal(t, "secret"))), true, ca.ReasonCSRAttributes},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			csr, err := ca.ParseCSR(tc.csr, appID)
-			switch {
-			case !tc.refused:
-				if err != nil {
-					t.Fatalf("ParseCSR: %v", err)
-				}
-			case csr != nil || !errors.Is(err, ca.ErrInvalidRequest) || !strings.HasPrefix(ca.ReasonOf(err), "csr."):
-				t.Fatalf("ParseCSR = %v, %v; want a refusal", csr, err)
-			case tc.reason != "" && ca.ReasonOf(err) != tc.reason:
-				t.Fatalf("reason %q, want %q (%v)", ca.ReasonOf(err), tc.reason, err)
-			}
-		})
+		t.Run(tc.name, func(t *testing.T) { wantParseCSR(t, tc.csr, tc.refused, tc.reason) })
 	}
 }
 

@@ -72,20 +72,30 @@ func cmdCARotate(ctx context.Context, g *globals, step string, args []string, st
 	case fs.NArg() > 0:
 		return fmt.Errorf("ca rotate: unexpected arguments %v", fs.Args())
 	}
+	return caStep(ctx, g, "ca rotate "+step, *output, stdout, func(c adminpb.AdminServiceClient) (*adminpb.CAStatus, error) {
+		resp, err := c.RotateCA(ctx, &adminpb.RotateCARequest{Step: step, Target: *target, Force: *force})
+		return resp.GetStatus(), err
+	})
+}
+
+// caStep runs one state-changing CA call and prints what it did (table
+// output) and the state after it.
+func caStep(ctx context.Context, g *globals, what, output string, stdout io.Writer,
+	call func(adminpb.AdminServiceClient) (*adminpb.CAStatus, error)) error {
 	client, closeConn, err := g.dial()
 	if err != nil {
 		return err
 	}
 	defer closeConn()
-	resp, err := client.RotateCA(ctx, &adminpb.RotateCARequest{Step: step, Target: *target, Force: *force})
+	status, err := call(client)
 	if err != nil {
-		return fmt.Errorf("ca rotate %s: %w", step, err)
+		return fmt.Errorf("%s: %w", what, err)
 	}
-	st := adminapi.RotationStatusFromProto(resp.GetStatus())
-	if *output == "table" {
+	st := adminapi.RotationStatusFromProto(status)
+	if output == "table" {
 		fmt.Fprintln(stdout, st.Summary)
 	}
-	return printCAStatus(stdout, st, *output)
+	return printCAStatus(stdout, st, output)
 }
 
 // cmdCARekey runs one step of a key-encryption key rotation. The KEK file
@@ -106,20 +116,10 @@ func cmdCARekey(ctx context.Context, g *globals, args []string, stdout, stderr i
 	case fs.NArg() > 0:
 		return fmt.Errorf("ca rekey: unexpected arguments %v", fs.Args())
 	}
-	client, closeConn, err := g.dial()
-	if err != nil {
-		return err
-	}
-	defer closeConn()
-	resp, err := client.RekeyCA(ctx, &adminpb.RekeyCARequest{NewKekFile: *file, Finish: *finish})
-	if err != nil {
-		return fmt.Errorf("ca rekey: %w", err)
-	}
-	st := adminapi.RotationStatusFromProto(resp.GetStatus())
-	if *output == "table" {
-		fmt.Fprintln(stdout, st.Summary)
-	}
-	return printCAStatus(stdout, st, *output)
+	return caStep(ctx, g, "ca rekey", *output, stdout, func(c adminpb.AdminServiceClient) (*adminpb.CAStatus, error) {
+		resp, err := c.RekeyCA(ctx, &adminpb.RekeyCARequest{NewKekFile: *file, Finish: *finish})
+		return resp.GetStatus(), err
+	})
 }
 
 // caJSON is the JSON form of one CA in `ca status --output json`.

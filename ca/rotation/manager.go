@@ -122,6 +122,8 @@ type Manager struct {
 	keyMu  sync.Mutex
 	keys   map[string]crypto.Signer // opened keys, by key id
 	sealer *Sealer                  // the KEKs held: Config.Sealer, and a rekey's target once run here
+	// warnedAt is the state version of the last warnOnce.
+	warnedAt uint64
 
 	depMu    sync.Mutex
 	reserved map[string]time.Time // dependents bounds this replica has stored

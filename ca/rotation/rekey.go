@@ -233,6 +233,35 @@ func (v *view) sealedUnder() ([]string, error) {
 	return ids, nil
 }
 
+// missingKEKs returns the KEKs v's keys are sealed under that this replica
+// does not hold (and "" when they are unencrypted but it has a KEK of its
+// own): those it cannot seal a new CA key under.
+func (m *Manager) missingKEKs(v *view) []string {
+	ids, err := v.sealedUnder()
+	if err != nil {
+		return nil // the step itself reports it
+	}
+	sealer := m.currentSealer()
+	var out []string
+	for _, id := range ids {
+		if (id == "" && sealer.configured()) || (id != "" && sealer.find(id) == nil) {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// warnOnce logs msg once per state version.
+func (m *Manager) warnOnce(version uint64, msg string, args ...any) {
+	m.keyMu.Lock()
+	seen := m.warnedAt == version
+	m.warnedAt = version
+	m.keyMu.Unlock()
+	if !seen {
+		m.cfg.Logger.Warn(msg, args...)
+	}
+}
+
 // checkKEK warns when this replica's own KEK is not the one the state's keys
 // are sealed under first: it opens them with another KEK it holds, and the
 // operator probably meant to rekey.

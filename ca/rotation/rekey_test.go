@@ -272,3 +272,34 @@ func TestRekeyHeldKEKFiles(t *testing.T) {
 		t.Errorf("the replicas report different KEKs")
 	}
 }
+
+// TestScheduleWaitsForKEK: while a rekey is under way, a leader that holds
+// only the old KEK leaves a due prepare alone (it could not seal the new key
+// for replicas with the new KEK only), without an audit record every tick;
+// a leader holding both takes it.
+func TestScheduleWaitsForKEK(t *testing.T) {
+	oldKEK, newKEK := testKEK(8), testKEK(9)
+	newFile := kekFile(t, newKEK)
+	a := newHarness(t, nil, nil, withIntermediates, withSchedule, withKEK(t, oldKEK), withKEKFiles(newFile))
+	b := newHarness(t, a.store, a.clock, withIntermediates, withSchedule, withKEK(t, oldKEK))
+	if _, err := a.rekey(newFile, false); err != nil {
+		t.Fatal(err)
+	}
+	a.clock.Advance(40 * time.Hour) // past 2/3 of the 48 h intermediate: its successor is due
+	version := a.status(t).Version
+	n := b.audit.len()
+	for range 3 {
+		if err := b.m.Tick(context.Background()); err != nil {
+			t.Fatalf("Tick on the old-KEK leader: %v", err)
+		}
+	}
+	if recs := b.audit.since(n); len(recs) != 0 || a.status(t).Version != version {
+		t.Fatalf("the old-KEK leader acted: %d records, state version %d (was %d)", len(recs), a.status(t).Version, version)
+	}
+	if err := a.m.Tick(context.Background()); err != nil {
+		t.Fatalf("Tick on a leader holding both KEKs: %v", err)
+	}
+	st := a.status(t)
+	only(t, st, storage.RoleIntermediate, storage.PhasePrepared)
+	wantSealedUnder(t, a.store, mustSealer(t, newKEK).ID(), mustSealer(t, oldKEK).ID())
+}

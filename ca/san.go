@@ -21,8 +21,10 @@ import (
 // well honour. So every name counts here, whatever its choice or encoding.
 
 var (
-	oidSubjectAltName   = asn1.ObjectIdentifier{2, 5, 29, 17}
-	oidExtensionRequest = asn1.ObjectIdentifier{1, 2, 840, 113549, 1, 9, 14}
+	oidSubjectAltName = asn1.ObjectIdentifier{2, 5, 29, 17}
+	// extensionRequestDER is the content of the OID 1.2.840.113549.1.9.14
+	// (PKCS #9 extensionRequest), compared without decoding.
+	extensionRequestDER = []byte{0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x0e}
 )
 
 // GeneralName choices as DER tags (RFC 5280 4.2.1.6): context-specific,
@@ -130,13 +132,12 @@ func checkCSRAttributes(csr *x509.CertificateRequest) error {
 	}
 	seen := false
 	for !attrs.Empty() {
-		var attr, values cryptobyte.String
-		var oid asn1.ObjectIdentifier
-		if !attrs.ReadASN1(&attr, cbasn1.SEQUENCE) || !attr.ReadASN1ObjectIdentifier(&oid) || !attr.ReadASN1(&values, cbasn1.SET) || !attr.Empty() {
+		var attr, oid, values cryptobyte.String
+		if !attrs.ReadASN1(&attr, cbasn1.SEQUENCE) || !attr.ReadASN1(&oid, cbasn1.OBJECT_IDENTIFIER) || !attr.ReadASN1(&values, cbasn1.SET) || !attr.Empty() {
 			return errors.New("CSR attribute does not parse")
 		}
-		if !oid.Equal(oidExtensionRequest) {
-			return fmt.Errorf("CSR carries attribute %s; only the extension request is accepted", oid)
+		if !bytes.Equal(oid, extensionRequestDER) {
+			return fmt.Errorf("CSR carries attribute %x (DER); only the extension request is accepted", []byte(oid))
 		}
 		if seen || !values.SkipASN1(cbasn1.SEQUENCE) || !values.Empty() {
 			return errors.New("CSR carries more than one extension request")
@@ -149,6 +150,11 @@ func checkCSRAttributes(csr *x509.CertificateRequest) error {
 // sameNames checks that a certificate's SAN names are exactly those of
 // tmpl (DNS, email, IP and URI names, in any order) and nothing else.
 func sameNames(names []generalName, tmpl *x509.Certificate) error {
+	// A workload leaf: one URI, compared without building the list.
+	if len(names) == 1 && len(tmpl.URIs) == 1 && len(tmpl.DNSNames)+len(tmpl.EmailAddresses)+len(tmpl.IPAddresses) == 0 &&
+		names[0].tag == tagURI && string(names[0].value) == tmpl.URIs[0].String() {
+		return nil
+	}
 	want := make([]generalName, 0, len(tmpl.DNSNames)+len(tmpl.EmailAddresses)+len(tmpl.IPAddresses)+len(tmpl.URIs))
 	for _, d := range tmpl.DNSNames {
 		want = append(want, generalName{tagDNS, []byte(d)})

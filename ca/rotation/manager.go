@@ -6,7 +6,8 @@
 //
 // The state (certificates, phases, keys sealed under a key-encryption key,
 // and an upper bound of what each CA issued) lives in a Store shared by every
-// replica. Any replica may run a step (compare-and-swap on the state's
+// replica. The key-encryption key itself is replaced without downtime by
+// Rekey (rekey.go). Any replica may run a step (compare-and-swap on the state's
 // version); one leader runs the schedule; every replica polls the store and
 // swaps its ca.Authority when the state changes.
 package rotation

@@ -313,6 +313,11 @@ func (is *Issuer) sign(ctx context.Context, st *State, sreq signer.SignRequest, 
 		tmpl.NotBefore = now.Add(-is.cfg.ClockSkew).UTC()
 		tmpl.NotAfter = now.Add(sreq.TTL).UTC()
 	}
+	// RFC 5280 4.2.1.2: end-entity certificates SHOULD carry a subject key
+	// identifier; it is derived from the key, so one SHA-256 of it.
+	if tmpl.SubjectKeyId, err = signer.KeyID(sreq.PublicKey); err != nil {
+		return nil, Refuse(ErrInternal, ReasonSignerError, err)
+	}
 	sreq.Template = tmpl
 	chain, err := st.Signer.Sign(ctx, sreq)
 	if err != nil {

@@ -165,6 +165,7 @@ func (m *Manager) prepareAt(e *entry) time.Time {
 // status renders v for operators.
 func (m *Manager) status(v *view) *adminapi.RotationStatus {
 	st := &adminapi.RotationStatus{Backend: m.cfg.Backend.Name(), Version: v.version, PropagationWindow: m.cfg.PropagationWindow, Schedule: m.cfg.Schedule}
+	st.SealedUnder, _ = v.sealedUnder()
 	issuer := m.issuerKeyID(v)
 	order := slices.Clone(v.cas)
 	slices.SortStableFunc(order, func(a, b *entry) int {

@@ -59,6 +59,9 @@ func (m *Manager) rotate(ctx context.Context, req adminapi.RotateRequest, keyID 
 			return nil, err
 		}
 		ch, err := m.plan(ctx, v, req, keyID, m.now())
+		if err == nil {
+			err = m.sealNew(v, ch.next)
+		}
 		if err != nil {
 			if errors.Is(err, ca.ErrPrecondition) {
 				_ = m.record(ctx, auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeRefused,
@@ -274,6 +277,11 @@ func (m *Manager) retire(v *view, target, only string, force bool, now time.Time
 // first, so that no state change goes unrecorded; if the save then fails, a
 // second record says so. On success next carries the new version.
 func (m *Manager) commit(ctx context.Context, v, next *view, e auditEntry) error {
+	for _, c := range next.cas {
+		if c.Source == storage.SourceManaged && c.Phase != storage.PhaseRetired && len(c.SealedKey) == 0 {
+			return fmt.Errorf("rotation: CA %s would be saved without its key", c.KeyID)
+		}
+	}
 	if err := m.record(ctx, e); err != nil {
 		return fmt.Errorf("rotation: audit: %w", err)
 	}

@@ -77,6 +77,19 @@ func TestLoadConfig(t *testing.T) {
 		{name: "bad listen address", args: []string{"--listen", "15012"}, wantErr: "listen"},
 		{name: "bad root key type", args: []string{"--root-key-type", "dsa"}, wantErr: "rootKeyType"},
 		{name: "bad log level", args: []string{"--log-level", "loud"}, wantErr: "logLevel"},
+		{name: "further KEK files from the file", file: "caKEKFiles: [/etc/castellan/kek/next, /etc/castellan/kek-b/kek]\n",
+			check: func(t *testing.T, c Config) {
+				if strings.Join(c.CAKEKFiles, ",") != "/etc/castellan/kek/next,/etc/castellan/kek-b/kek" {
+					t.Errorf("caKEKFiles = %v", c.CAKEKFiles)
+				}
+			}},
+		{name: "further KEK files by flag", args: []string{"--ca-kek-files", "/k/a, /k/b"}, check: func(t *testing.T, c Config) {
+			if strings.Join(c.CAKEKFiles, ",") != "/k/a,/k/b" {
+				t.Errorf("caKEKFiles = %v", c.CAKEKFiles)
+			}
+		}},
+		{name: "further KEK file inside dataDir", args: []string{"--data-dir", "/var/lib/castellan", "--ca-kek-files", "/k/a,/var/lib/castellan/kek"},
+			wantErr: "caKEKFiles[1]: must not be inside dataDir"},
 		{name: "unknown flag", args: []string{"--no-such-flag"}, wantErr: "no-such-flag"},
 		{name: "stray argument", args: []string{"extra"}, wantErr: "unexpected arguments"},
 	}

@@ -70,7 +70,7 @@ func (g *Generator) NewRoot(key crypto.Signer, notBefore, notAfter time.Time) (*
 }
 
 // NewIntermediate certifies key as a CA under root, signed with rootKey:
-// O=<trust domain>, CN=IntermediateCommonName, URI SAN spiffe://<trust
+// O=<trust domain>, CN=IntermediateCommonName and the key id, URI SAN spiffe://<trust
 // domain> (the SPIFFE X.509 CA convention), path length zero since it signs
 // leaves only.
 func (g *Generator) NewIntermediate(key crypto.Signer, root *x509.Certificate, rootKey crypto.Signer, notBefore, notAfter time.Time) (*x509.Certificate, error) {

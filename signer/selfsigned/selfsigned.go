@@ -41,11 +41,15 @@ const (
 // DefaultLifetime is the validity of a generated root.
 const DefaultLifetime = 10 * 365 * 24 * time.Hour
 
-// Subject CNs of generated CAs.
+// Subject CNs of generated CAs: the name, then a space and the first 8 bytes
+// of the CA's key id in hex, so that every CA Castellan generates has a
+// subject of its own. Go's chain building (and others') tries every CA whose
+// subject matches the issuer name and gives up after 100 signature checks,
+// which CA generations sharing one subject reach.
 const (
-	// RootCommonName is the subject CN of generated roots.
+	// RootCommonName begins the subject CN of generated roots.
 	RootCommonName = "Castellan Root CA"
-	// IntermediateCommonName is the subject CN of generated intermediates.
+	// IntermediateCommonName begins the subject CN of generated intermediates.
 	IntermediateCommonName = "Castellan Intermediate CA"
 )
 
@@ -225,17 +229,17 @@ func newSigner(opts Options, root *x509.Certificate, key crypto.Signer) (*local.
 }
 
 // NewRoot creates a self-signed root for td with key, valid from notBefore to
-// notAfter: O=<td>, CN=RootCommonName, URI SAN spiffe://<td> (the SPIFFE
+// notAfter: O=<td>, CN=RootCommonName and the key id, URI SAN spiffe://<td> (the SPIFFE
 // X.509-SVID CA convention), random 128-bit serial, CA:true, certSign|crlSign|
 // digitalSignature and a SubjectKeyId. Rotation uses it to mint the next root.
 func NewRoot(td spiffeid.TrustDomain, key crypto.Signer, notBefore, notAfter time.Time, random io.Reader) (*x509.Certificate, error) {
 	return newCA(td, RootCommonName, key, nil, key, notBefore, notAfter, random)
 }
 
-// newCA certifies key as a CA of td named cn, valid from notBefore to
-// notAfter, signed by parent with parentKey; a nil parent makes a
-// self-signed root, any other CA signs leaves only (path length zero). Go
-// marks basicConstraints critical and derives the SubjectKeyId from the key.
+// newCA certifies key as a CA of td named cn and its key id (a subject
+// unique to the key), valid from notBefore to notAfter, signed by parent with
+// parentKey; a nil parent makes a self-signed root, any other CA signs leaves
+// only (path length zero). Go marks basicConstraints critical.
 func newCA(td spiffeid.TrustDomain, cn string, key crypto.Signer, parent *x509.Certificate, parentKey crypto.Signer,
 	notBefore, notAfter time.Time, random io.Reader) (*x509.Certificate, error) {
 	if random == nil {
@@ -245,9 +249,14 @@ func newCA(td spiffeid.TrustDomain, cn string, key crypto.Signer, parent *x509.C
 	if err != nil {
 		return nil, err
 	}
+	ski, err := signer.KeyID(key.Public())
+	if err != nil {
+		return nil, err
+	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
-		Subject:               pkix.Name{Organization: []string{td.Name()}, CommonName: cn},
+		Subject:               pkix.Name{Organization: []string{td.Name()}, CommonName: fmt.Sprintf("%s %x", cn, ski[:8])},
+		SubjectKeyId:          ski,
 		URIs:                  []*url.URL{td.ID().URL()},
 		NotBefore:             notBefore.UTC(),
 		NotAfter:              notAfter.UTC(),

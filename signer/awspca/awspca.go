@@ -192,12 +192,29 @@ func New(ctx context.Context, cfg Config) (*Signer, error) {
 	return s, nil
 }
 
-// fill applies defaults and checks cfg; it returns the template ARN.
-func (c *Config) fill() (string, error) {
+// FieldError is a Config check that failed, naming the field.
+type FieldError struct {
+	Field string
+	Err   error
+}
+
+func (e *FieldError) Error() string { return e.Field + ": " + e.Err.Error() }
+func (e *FieldError) Unwrap() error { return e.Err }
+
+// Validate checks the fields that name PCA's resources and algorithms (no
+// network): the CA ARN, the template ARN and the signing algorithm. The
+// error is a *FieldError.
+func (c Config) Validate() error {
+	_, err := c.template()
+	return err
+}
+
+// template checks cfg's names and returns the template ARN to issue with.
+func (c Config) template() (string, error) {
 	caARN, err := arn.Parse(c.CertificateAuthorityARN)
-	if err != nil || caARN.Service != "acm-pca" || caARN.Region == "" || caARN.AccountID == "" ||
-		!strings.HasPrefix(caARN.Resource, "certificate-authority/") || strings.Contains(strings.TrimPrefix(caARN.Resource, "certificate-authority/"), "/") {
-		return "", fmt.Errorf("%q is not a CA ARN (arn:PARTITION:acm-pca:REGION:ACCOUNT:certificate-authority/ID)", c.CertificateAuthorityARN)
+	if id, ok := strings.CutPrefix(caARN.Resource, "certificate-authority/"); err != nil || caARN.Service != "acm-pca" ||
+		caARN.Region == "" || caARN.AccountID == "" || !ok || id == "" || strings.Contains(id, "/") {
+		return "", &FieldError{"CertificateAuthorityARN", fmt.Errorf("%q is not a CA ARN (arn:PARTITION:acm-pca:REGION:ACCOUNT:certificate-authority/ID)", c.CertificateAuthorityARN)}
 	}
 	prefix := "arn:" + caARN.Partition + ":acm-pca:::template/"
 	tmpl := c.TemplateARN
@@ -205,13 +222,23 @@ func (c *Config) fill() (string, error) {
 		tmpl = prefix + TemplateCriticalBasicConstraints
 	}
 	if name, ok := strings.CutPrefix(tmpl, prefix); !ok || (name != TemplateCriticalBasicConstraints && name != TemplateBlank) {
-		return "", fmt.Errorf("template ARN %q: want %s%s (or %s): only blank API-passthrough end-entity templates let the grant, not the CSR or the template, decide subject, SAN and key usages",
-			tmpl, prefix, TemplateCriticalBasicConstraints, TemplateBlank)
+		return "", &FieldError{"TemplateARN", fmt.Errorf("%q: want %s%s (or %s): only blank API-passthrough end-entity templates let the grant, not the CSR or the template, decide subject, SAN and key usages",
+			tmpl, prefix, TemplateCriticalBasicConstraints, TemplateBlank)}
 	}
 	if c.SigningAlgorithm != "" && !slices.Contains(types.SigningAlgorithm("").Values(), types.SigningAlgorithm(c.SigningAlgorithm)) {
-		return "", fmt.Errorf("signing algorithm %q is not one of PCA's %v", c.SigningAlgorithm, types.SigningAlgorithm("").Values())
+		return "", &FieldError{"SigningAlgorithm", fmt.Errorf("%q is not one of PCA's %v", c.SigningAlgorithm, types.SigningAlgorithm("").Values())}
+	}
+	return tmpl, nil
+}
+
+// fill checks cfg and applies defaults; it returns the template ARN.
+func (c *Config) fill() (string, error) {
+	tmpl, err := c.template()
+	if err != nil {
+		return "", err
 	}
 	if c.Region == "" {
+		caARN, _ := arn.Parse(c.CertificateAuthorityARN) // checked by template
 		c.Region = caARN.Region
 	}
 	setDefault := func(v *time.Duration, d time.Duration) {

@@ -350,26 +350,35 @@ func request(t *testing.T, s *awspca.Signer, key crypto.Signer) signer.SignReque
 // New, naming what is wrong.
 func TestConfigRefused(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		cfg  awspca.Config
-		want string
+		name  string
+		cfg   awspca.Config
+		field string
+		want  string
 	}{
-		{"not an ARN", awspca.Config{CertificateAuthorityARN: "ca-1234"}, "is not a CA ARN"},
-		{"a certificate ARN", awspca.Config{CertificateAuthorityARN: "arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/x/certificate/y"}, "is not a CA ARN"},
-		{"another service", awspca.Config{CertificateAuthorityARN: "arn:aws:acm:eu-west-1:111122223333:certificate-authority/x"}, "is not a CA ARN"},
+		{"not an ARN", awspca.Config{CertificateAuthorityARN: "ca-1234"}, "CertificateAuthorityARN", "is not a CA ARN"},
+		{"a certificate ARN", awspca.Config{CertificateAuthorityARN: "arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/x/certificate/y"},
+			"CertificateAuthorityARN", "is not a CA ARN"},
+		{"another service", awspca.Config{CertificateAuthorityARN: "arn:aws:acm:eu-west-1:111122223333:certificate-authority/x"}, "CertificateAuthorityARN", "is not a CA ARN"},
 		{"base template", awspca.Config{CertificateAuthorityARN: "arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/x",
-			TemplateARN: "arn:aws:acm-pca:::template/EndEntityCertificate/V1"}, "only blank API-passthrough end-entity templates"},
+			TemplateARN: "arn:aws:acm-pca:::template/EndEntityCertificate/V1"}, "TemplateARN", "only blank API-passthrough end-entity templates"},
 		{"template of another partition", awspca.Config{CertificateAuthorityARN: "arn:aws-us-gov:acm-pca:us-gov-west-1:111122223333:certificate-authority/x",
-			TemplateARN: "arn:aws:acm-pca:::template/" + awspca.TemplateBlank}, "arn:aws-us-gov:acm-pca:::template/"},
+			TemplateARN: "arn:aws:acm-pca:::template/" + awspca.TemplateBlank}, "TemplateARN", "arn:aws-us-gov:acm-pca:::template/"},
 		{"unknown signing algorithm", awspca.Config{CertificateAuthorityARN: "arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/x",
-			SigningAlgorithm: "SHA1WITHRSA"}, "is not one of PCA's"},
+			SigningAlgorithm: "SHA1WITHRSA"}, "SigningAlgorithm", "is not one of PCA's"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			var fe *awspca.FieldError
+			if err := tc.cfg.Validate(); !errors.As(err, &fe) || fe.Field != tc.field {
+				t.Errorf("Validate: %v, want a FieldError for %s", err, tc.field)
+			}
 			_, err := awspca.New(t.Context(), tc.cfg)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("New: %v, want an error saying %q", err, tc.want)
 			}
 		})
+	}
+	if err := (awspca.Config{CertificateAuthorityARN: "arn:aws-cn:acm-pca:cn-north-1:111122223333:certificate-authority/x"}).Validate(); err != nil {
+		t.Errorf("Validate of a China-partition CA with the default template: %v", err)
 	}
 }
 

@@ -23,19 +23,24 @@ import (
 	"github.com/castellan-ca/castellan/e2e/internal/testproc"
 )
 
-// remotePKI is the external PKI a vault or googlecas server signs through.
+// remotePKI is the external PKI a vault, googlecas or awspca server signs through.
 type remotePKI struct {
 	// args are the castellan serve flags that select and reach it.
 	args []string
 	// roots are the trust bundle it must publish; intermediates the chain
 	// between leaf and root every response must carry.
 	roots, intermediates []*x509.Certificate
+	// env are variables the server needs to reach it (credentials).
+	env []string
+	// leafSubject is the subject workload leaves carry; empty means none.
+	leafSubject string
 }
 
 // remoteBackends start the external PKI of each remote signer.
 var remoteBackends = map[string]func(*testing.T) *remotePKI{
 	"vault":     startOpenBao,
 	"googlecas": startFakeCAS,
+	"awspca":    func(t *testing.T) *remotePKI { return startFakePCA(t).pki },
 }
 
 // startOpenBao runs OpenBao (openBao) and gives Castellan a token limited to

@@ -613,12 +613,13 @@ func (s *Server) newCA(cn string, key crypto.Signer, life time.Duration, parent 
 // issued before keep verifying through the old CA certificate to the old root.
 func (s *Server) Rotate(t testing.TB) {
 	t.Helper()
-	if err := s.rotate(); err != nil {
+	if err := s.RotateCA(); err != nil {
 		t.Fatal(err)
 	}
 }
 
-func (s *Server) rotate() error {
+// RotateCA is Rotate for a caller without a test (the fakepca command).
+func (s *Server) RotateCA() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.ca == s.root {

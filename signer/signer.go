@@ -175,6 +175,18 @@ func SplitRoots(certs []*x509.Certificate) (inter, roots []*x509.Certificate) {
 	return inter, roots
 }
 
+// CheckChainOrder requires each certificate of chain to be signed by the next
+// one, so that a remote CA's chain runs from its issuing CA up to the root
+// its top names, as the trust bundle and the response layout assume.
+func CheckChainOrder(chain []*x509.Certificate) error {
+	for i := 0; i+1 < len(chain); i++ {
+		if err := chain[i].CheckSignatureFrom(chain[i+1]); err != nil {
+			return fmt.Errorf("%q is not signed by the next certificate %q: %w", chain[i].Subject.String(), chain[i+1].Subject.String(), err)
+		}
+	}
+	return nil
+}
+
 // ContainsCertificate reports whether set holds c, compared byte for byte.
 func ContainsCertificate(set []*x509.Certificate, c *x509.Certificate) bool {
 	return slices.ContainsFunc(set, func(s *x509.Certificate) bool { return bytes.Equal(s.Raw, c.Raw) })

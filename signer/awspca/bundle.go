@@ -84,7 +84,7 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 		}
 		chain = append(chain, above...)
 	}
-	if err := checkOrder(chain); err != nil {
+	if err := signer.CheckChainOrder(chain); err != nil {
 		return false, fmt.Errorf("CA certificate chain of %s: %w", s.cfg.CertificateAuthorityARN, err)
 	}
 	top := chain[len(chain)-1]
@@ -196,16 +196,6 @@ func signingAlgorithm(pub crypto.PublicKey) (types.SigningAlgorithm, error) {
 		return types.SigningAlgorithmSha256withrsa, nil
 	}
 	return "", fmt.Errorf("CA key %T: set the signing algorithm explicitly", pub)
-}
-
-// checkOrder requires each certificate of chain to be signed by the next one.
-func checkOrder(chain []*x509.Certificate) error {
-	for i := 0; i+1 < len(chain); i++ {
-		if err := chain[i].CheckSignatureFrom(chain[i+1]); err != nil {
-			return fmt.Errorf("%q is not signed by the next certificate %q: %w", chain[i].Subject.String(), chain[i+1].Subject.String(), err)
-		}
-	}
-	return nil
 }
 
 func latest(a, b time.Time) time.Time {

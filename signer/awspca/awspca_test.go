@@ -54,10 +54,7 @@ func newSigner(t *testing.T, fake *pcatest.Server, cfg awspca.Config) *awspca.Si
 	if err != nil {
 		t.Fatalf("awspca.New: %v", err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { s.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
+	signertest.RunUntilCleanup(t, s.Run)
 	return s
 }
 

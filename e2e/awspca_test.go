@@ -10,8 +10,6 @@ import (
 	"fmt"
 	"io"
 	"net/url"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -40,25 +38,8 @@ type fakePCA struct {
 // credential chain reads.
 func startFakePCA(t *testing.T) *fakePCA {
 	f := &fakePCA{chainFile: filepath.Join(t.TempDir(), "chain.pem")}
-	cmd := exec.Command(fakePCABin, "-chain-out", f.chainFile)
-	var err error
-	if f.stdin, err = cmd.StdinPipe(); err != nil { // fakepca exits when this closes
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start fakepca: %v", err)
-	}
-	t.Cleanup(func() { f.stdin.Close(); _ = cmd.Wait() })
-	f.out = bufio.NewReader(stdout)
-	line, err := f.out.ReadString('\n')
-	if err != nil {
-		t.Fatalf("fakepca: %v", err)
-	}
+	var line string
+	f.stdin, f.out, line = startFake(t, fakePCABin, "-chain-out", f.chainFile)
 	var endpoint, caARN, key, secret string
 	if _, err := fmt.Sscanf(strings.TrimSpace(line), "listening on %s ca %s key %s secret %s", &endpoint, &caARN, &key, &secret); err != nil {
 		t.Fatalf("fakepca printed %q: %v", line, err)
@@ -148,14 +129,14 @@ func TestAWSPCA(t *testing.T) {
 	})
 
 	// unavailable asserts that a CSR fails with Unavailable after Istio's
-	// client retried, each attempt audited as failed, none with a certificate.
-	unavailable := func(t *testing.T, wantDetail string) {
+	// client retried, each attempt audited as failed, none with a
+	// certificate; it returns the number of attempts.
+	unavailable := func(t *testing.T, wantDetail ...string) int {
 		t.Helper()
 		csrPEM, _, err := util.GenCSR(util.CertOptions{Host: workloadID, ECSigAlg: util.EcdsaSigAlg, ECCCurve: util.P256Curve})
 		if err != nil {
 			t.Fatal(err)
 		}
-		issued := pca.do(t, "issued")
 		n := len(b.srv.auditList(t))
 		chain, err := csrSign(t, client(t), csrPEM)
 		if err == nil || grpcCode(err) != "Unavailable" {
@@ -168,18 +149,27 @@ func TestAWSPCA(t *testing.T) {
 		for _, r := range recs {
 			checkFields(t, "audit record", []field{{"outcome", r.Outcome, "failed"}, {"code", r.Code, "Unavailable"},
 				{"reason", r.Reason, "signer.unavailable"}, {"serial", r.Serial, ""}, {"cert_sha256", r.CertSHA256, ""}})
-			if !strings.Contains(r.Detail, wantDetail) {
-				t.Errorf("audit detail %q does not contain %q", r.Detail, wantDetail)
+			if !slices.ContainsFunc(wantDetail, func(d string) bool { return strings.Contains(r.Detail, d) }) {
+				t.Errorf("audit detail %q contains none of %q", r.Detail, wantDetail)
 			}
 		}
-		if wantDetail == "ThrottlingException" && pca.do(t, "issued") != issued {
-			t.Errorf("throttled requests issued certificates")
-		}
+		return len(recs)
 	}
 	t.Run("throttled on every attempt", func(t *testing.T) {
+		issued, calls := pca.do(t, "issued"), pca.do(t, "calls IssueCertificate")
 		pca.do(t, "throttle IssueCertificate 100000")
 		defer pca.do(t, "throttle IssueCertificate 0")
-		unavailable(t, "ThrottlingException")
+		// The SDK retries until its attempts or the signing timeout run out.
+		attempts := unavailable(t, "ThrottlingException", "context deadline exceeded")
+		var before, after int
+		fmt.Sscan(calls, &before)
+		fmt.Sscan(pca.do(t, "calls IssueCertificate"), &after)
+		if after-before < 2*attempts {
+			t.Errorf("IssueCertificate reached the fake %d times for %d requests, want each retried", after-before, attempts)
+		}
+		if pca.do(t, "issued") != issued {
+			t.Error("throttled requests issued certificates")
+		}
 	})
 	t.Run("certificate still in progress at the deadline", func(t *testing.T) {
 		pca.do(t, "pending 1h")

@@ -22,13 +22,7 @@ const testCAARN = "arn:aws:acm-pca:eu-west-1:111122223333:certificate-authority/
 // TestAWSPCAConfig: the awsPCA: section decodes strictly, flags override
 // it, and missing or wrong keys are named.
 func TestAWSPCAConfig(t *testing.T) {
-	for _, tc := range []struct {
-		name    string
-		file    string
-		args    []string
-		wantErr string // substring naming the key; "" means success
-		check   func(t *testing.T, c Config)
-	}{
+	runConfigCases(t, []configCase{
 		{
 			name: "section",
 			file: "signer: awspca\nawsPCA:\n  certificateAuthorityARN: " + testCAARN + "\n  templateARN: arn:aws:acm-pca:::template/" + awspca.TemplateBlank +
@@ -71,23 +65,7 @@ func TestAWSPCAConfig(t *testing.T) {
 			"--trust-domain", strings.Repeat("a", 60) + ".example"}, wantErr: "trustDomain: signer awspca"},
 		{name: "unknown key", file: "signer: awspca\nawsPCA:\n  caARN: x\n", wantErr: "caARN"},
 		{name: "section ignored for other signers", file: "signer: selfsigned\nawsPCA:\n  certificateAuthorityARN: nonsense\n"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			args := append([]string{"--data-dir", t.TempDir()}, tc.args...)
-			if tc.file != "" {
-				args = append(args, "--config", writeConfig(t, tc.file))
-			}
-			c, err := loadConfig(args)
-			switch {
-			case tc.wantErr == "" && err != nil:
-				t.Fatalf("loadConfig: %v", err)
-			case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
-				t.Fatalf("loadConfig error = %v, want one naming %q", err, tc.wantErr)
-			case tc.check != nil:
-				tc.check(t, c)
-			}
-		})
-	}
+	})
 }
 
 // awsEnv gives the SDK's default chain the fake's credentials through the

@@ -81,6 +81,9 @@ const (
 	DefaultRateLimit       = 20 // calls per second to PCA, every operation counted
 	DefaultMaxConcurrent   = 16
 	DefaultMaxAttempts     = 3
+	// DefaultRetryMaxBackoff caps the SDK's backoff (its own default is
+	// 20 s): PCA's quotas are per second, and a client is waiting.
+	DefaultRetryMaxBackoff = time.Second
 	DefaultPollMinDelay    = 250 * time.Millisecond
 	DefaultPollMaxDelay    = 2 * time.Second
 )
@@ -121,7 +124,7 @@ type Config struct {
 	Retained []RetainedRoot
 	// MaxAttempts is the SDK's attempts per call (throttling and outages are retried).
 	MaxAttempts int
-	// RetryMaxBackoff caps the SDK's backoff between attempts; zero is the SDK's.
+	// RetryMaxBackoff caps the SDK's backoff between attempts.
 	RetryMaxBackoff time.Duration
 	// PollMinDelay and PollMaxDelay bound the waiter's GetCertificate polling.
 	PollMinDelay, PollMaxDelay time.Duration
@@ -250,6 +253,7 @@ func (c *Config) fill() (string, error) {
 	setDefault(&c.RefreshInterval, DefaultRefreshInterval)
 	setDefault(&c.PollMinDelay, DefaultPollMinDelay)
 	setDefault(&c.PollMaxDelay, DefaultPollMaxDelay)
+	setDefault(&c.RetryMaxBackoff, DefaultRetryMaxBackoff)
 	if c.PollMaxDelay < c.PollMinDelay {
 		c.PollMaxDelay = c.PollMinDelay
 	}

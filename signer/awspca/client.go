@@ -46,10 +46,7 @@ func newClient(ctx context.Context, cfg Config) (*acmpca.Client, error) {
 	}
 	limiter := rate.NewLimiter(rate.Limit(cfg.RateLimit), max(1, int(math.Ceil(cfg.RateLimit))))
 	retryer := retry.AddWithErrorCodes(retry.NewStandard(func(o *retry.StandardOptions) {
-		o.MaxAttempts = cfg.MaxAttempts
-		if cfg.RetryMaxBackoff > 0 {
-			o.MaxBackoff = cfg.RetryMaxBackoff
-		}
+		o.MaxAttempts, o.MaxBackoff = cfg.MaxAttempts, cfg.RetryMaxBackoff
 	}), "RateExceeded")
 	return acmpca.NewFromConfig(awsCfg, func(o *acmpca.Options) {
 		o.Protocol = awsjson.New11(schemas.ACMPrivateCA)

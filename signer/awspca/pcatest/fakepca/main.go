@@ -15,6 +15,7 @@
 //	pending DURATION     new certificates stay in progress for DURATION
 //	get-delay DURATION   each GetCertificate answers after DURATION
 //	issued               answers "ok N": certificates issued so far
+//	calls OP             answers "ok N": calls of OP received so far
 //
 // It exits when stdin closes or it is signalled.
 package main
@@ -112,6 +113,9 @@ func command(s *pcatest.Server, f []string, writeChain func() error) error {
 		s.SetGetDelay(d)
 	case f[0] == "issued" && len(f) == 1:
 		fmt.Printf("ok %d\n", s.Issued())
+		return nil
+	case f[0] == "calls" && len(f) == 2:
+		fmt.Printf("ok %d\n", s.Calls(f[1]))
 		return nil
 	default:
 		return fmt.Errorf("unknown command %q", strings.Join(f, " "))

@@ -201,7 +201,10 @@ type FieldError struct {
 	Err   error
 }
 
+// Error names the field and says what is wrong with it.
 func (e *FieldError) Error() string { return e.Field + ": " + e.Err.Error() }
+
+// Unwrap returns the check's own error.
 func (e *FieldError) Unwrap() error { return e.Err }
 
 // Validate checks the fields that name PCA's resources and algorithms (no

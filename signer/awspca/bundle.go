@@ -111,6 +111,9 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 			until = old.NotAfter // no bound known: keep it while it is valid
 		}
 		until = latest(until, s.lastLeaf[string(old.Raw)])
+		if until.After(old.NotAfter) { // nothing under it outlives it
+			until = old.NotAfter
+		}
 		delete(s.lastLeaf, string(old.Raw))
 		s.retain(old, until)
 		s.log.Info("aws pca: the CA's root changed; the old root stays in the trust bundle while its leaves live",

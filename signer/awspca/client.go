@@ -65,8 +65,10 @@ func newClient(ctx context.Context, cfg Config) (*acmpca.Client, error) {
 // when the wait would outlast the call's deadline.
 type rateLimit struct{ l *rate.Limiter }
 
+// ID names the middleware in the SDK's stack.
 func (rateLimit) ID() string { return "CastellanPCARateLimit" }
 
+// HandleFinalize waits for the limiter, then sends the attempt.
 func (m rateLimit) HandleFinalize(ctx context.Context, in middleware.FinalizeInput, next middleware.FinalizeHandler) (
 	middleware.FinalizeOutput, middleware.Metadata, error) {
 	if err := m.l.Wait(ctx); err != nil {

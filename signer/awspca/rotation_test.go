@@ -56,12 +56,25 @@ func verifies(leaf *x509.Certificate, inter, bundle []*x509.Certificate) error {
 	return err
 }
 
-// TestRotation re-certifies the fake's CA under a new root: the new root
-// reaches the trust bundle, new leaves chain to it, the old root stays while
-// a leaf issued under it lives and leaves the bundle after, and a restart
-// that is handed the retained roots keeps them.
+// TestRotation changes the fake CA's chain: a subordinate re-certified under
+// a new root, and a root CA's certificate renewed (ztunnel#1679's setup).
+// The new root reaches the trust bundle, new leaves chain to it, the old root
+// stays while a leaf issued under it lives and leaves the bundle after, and a
+// restart that is handed the retained roots keeps them.
 func TestRotation(t *testing.T) {
-	fake := pcatest.Start(t, pcatest.Options{})
+	for _, tc := range []struct {
+		name string
+		opts pcatest.Options
+	}{
+		{"subordinate re-certified under a new root", pcatest.Options{}},
+		{"root CA renewed", pcatest.Options{RootIssues: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testRotation(t, tc.opts) })
+	}
+}
+
+func testRotation(t *testing.T, opts pcatest.Options) {
+	fake := pcatest.Start(t, opts)
 	clk := &clock{now: time.Now()}
 	changed := make(chan struct{}, 8)
 	cfg := awspca.Config{RefreshInterval: 20 * time.Millisecond, MaxLeafLifetime: 2 * time.Hour, Now: clk.Now,
@@ -84,7 +97,11 @@ func TestRotation(t *testing.T) {
 	if after.Err != nil {
 		t.Fatalf("issue after the rotation: %v", after.Err)
 	}
-	if inter := after.Result.Chain.Intermediates; len(inter) != 1 || inter[0].Equal(oldCA) || inter[0].CheckSignatureFrom(newRoot) != nil {
+	inter := after.Result.Chain.Intermediates
+	switch {
+	case opts.RootIssues && (len(inter) != 0 || after.Result.Chain.Leaf.CheckSignatureFrom(newRoot) != nil):
+		t.Errorf("new leaf is not signed by the renewed root directly")
+	case !opts.RootIssues && (len(inter) != 1 || inter[0].Equal(oldCA) || inter[0].CheckSignatureFrom(newRoot) != nil):
 		t.Errorf("new leaf's chain does not run through the re-certified CA to the new root")
 	}
 	if got := after.Result.Elements[len(after.Result.Elements)-1]; got != signer.EncodePEM(newRoot, oldRoot) {

@@ -607,10 +607,12 @@ func (s *Server) newCA(cn string, key crypto.Signer, life time.Duration, parent 
 	return &keyPair{cert: cert, key: key}, err
 }
 
-// Rotate gives the subordinate CA a new root: a new root key and certificate,
+// Rotate gives a subordinate CA a new root: a new root key and certificate,
 // and a new certificate for the CA's same key under it (PCA's
 // ImportCertificateAuthorityCertificate after the parent changed). Leaves
-// issued before keep verifying through the old CA certificate to the old root.
+// issued before keep verifying through the old CA certificate to the old
+// root. A root CA, whose key PCA never changes, gets a renewed certificate
+// for the same key (a new serial and validity), as PCA renews a root CA.
 func (s *Server) Rotate(t testing.TB) {
 	t.Helper()
 	if err := s.RotateCA(); err != nil {
@@ -623,7 +625,12 @@ func (s *Server) RotateCA() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.ca == s.root {
-		return fmt.Errorf("fake PCA: a root CA cannot change its key; rotate a subordinate CA")
+		renewed, err := s.newCA(s.root.cert.Subject.CommonName, s.root.key, s.root.cert.NotAfter.Sub(s.root.cert.NotBefore)-time.Hour, nil)
+		if err != nil {
+			return err
+		}
+		s.root, s.ca = renewed, renewed
+		return nil
 	}
 	rootKey, err := s.newKey()
 	if err != nil {

@@ -318,6 +318,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // apiError is an error PCA answers with: its __type and message.
 type apiError struct{ code, msg string }
 
+// Error is the code and message PCA would answer.
 func (e *apiError) Error() string { return e.code + ": " + e.msg }
 
 func errorf(code, format string, a ...any) error {

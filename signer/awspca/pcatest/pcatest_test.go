@@ -274,6 +274,11 @@ func TestCACertificate(t *testing.T) {
 		if !c.Equal(fake.Root()) || chain != "" {
 			t.Errorf("root CA: certificate is the root %v, chain %q; want the root and no chain", c.Equal(fake.Root()), chain)
 		}
+		fake.Rotate(t)
+		renewed, _ := get(t, fake)
+		if renewed.Equal(c) || !bytes.Equal(renewed.RawSubjectPublicKeyInfo, c.RawSubjectPublicKeyInfo) || renewed.CheckSignatureFrom(renewed) != nil {
+			t.Error("rotation did not renew the root CA's certificate for its key")
+		}
 	})
 	t.Run("rotation", func(t *testing.T) {
 		fake := pcatest.Start(t, pcatest.Options{})

@@ -18,8 +18,10 @@
 // With the SAN and subject supplied by the API, the CSR's own SAN and subject
 // are not copied, which is how a ztunnel CSR (empty subject, non-critical
 // SAN; istio#56191) is issued: PCA refuses an empty subject beside a SAN
-// that is not critical, and the certificate it signs here has neither. The
-// issuer re-checks whatever PCA returns (ca.CheckIssued).
+// that is not critical, and the certificate it signs here has neither. (This
+// reading of AWS's documentation is verified against pcatest only; the README
+// says what else is.) The issuer re-checks whatever PCA returns
+// (ca.CheckIssued).
 //
 // Issuance is asynchronous in PCA: IssueCertificate returns the
 // certificate's ARN, and GetCertificate answers RequestInProgressException
@@ -44,7 +46,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -130,8 +131,6 @@ type Config struct {
 	PollMinDelay, PollMaxDelay time.Duration
 	// Credentials replace the SDK's default chain (tests); nil uses it.
 	Credentials aws.CredentialsProvider
-	// HTTPClient replaces the SDK's HTTP client; nil uses it.
-	HTTPClient *http.Client
 	// OnChange is called (from Run's goroutine) after TrustBundle changed.
 	OnChange func()
 	// Logger gets refresh and rotation events.

@@ -53,9 +53,10 @@ type Config struct {
 	AuditConfig `yaml:",inline"`
 	// RotationConfig holds the CA rotation keys (rotation.go), at the top level of the file.
 	RotationConfig `yaml:",inline"`
-	// Vault and GoogleCAS configure those signers (remote_signers.go).
+	// Vault, GoogleCAS and AWSPCA configure those signers (remote_signers.go, awspca.go).
 	Vault     VaultConfig     `yaml:"vault"`
 	GoogleCAS GoogleCASConfig `yaml:"googleCAS"`
+	AWSPCA    AWSPCAConfig    `yaml:"awsPCA"`
 }
 
 // defaults returns the configuration used when nothing is set.
@@ -86,6 +87,7 @@ func defaults() Config {
 		RotationConfig:   rotationDefaults(),
 		Vault:            vaultDefaults(),
 		GoogleCAS:        googleCASDefaults(),
+		AWSPCA:           awsPCADefaults(),
 	}
 }
 
@@ -118,7 +120,7 @@ func bindFlags(fs *flag.FlagSet, c *Config) {
 	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory for everything the server persists")
 	fs.Var(listFlag{&c.ServingDNSNames}, "serving-dns-names", "comma-separated DNS SANs of the serving certificate")
 	fs.DurationVar(&c.ServingCertTTL, "serving-cert-ttl", c.ServingCertTTL, "lifetime of the serving certificate (renewed at two thirds)")
-	fs.StringVar(&c.Signer, "signer", c.Signer, "signing backend: selfsigned | intermediate | vault | googlecas")
+	fs.StringVar(&c.Signer, "signer", c.Signer, "signing backend: selfsigned | intermediate | vault | googlecas | awspca")
 	fs.StringVar(&c.CACertsDir, "cacerts-dir", c.CACertsDir, "intermediate CA directory (Istio cacerts or kubernetes.io/tls layout)")
 	fs.DurationVar(&c.CACertsPoll, "cacerts-poll-interval", c.CACertsPoll, "how often --cacerts-dir is checked for changes")
 	fs.StringVar(&c.RootKeyType, "root-key-type", c.RootKeyType, "key type of a generated self-signed root: ecdsa-p256 | ecdsa-p384 | rsa-2048 | rsa-3072 | rsa-4096")
@@ -137,6 +139,7 @@ func bindFlags(fs *flag.FlagSet, c *Config) {
 	bindAuditFlags(fs, &c.AuditConfig)
 	bindRotationFlags(fs, &c.RotationConfig)
 	bindRemoteSignerFlags(fs, &c.Vault, &c.GoogleCAS)
+	bindAWSPCAFlags(fs, &c.AWSPCA)
 }
 
 // loadConfig applies defaults, then the --config file (strict: unknown keys
@@ -215,8 +218,10 @@ func (c Config) Validate() error {
 		c.Vault.validate(bad)
 	case "googlecas":
 		c.GoogleCAS.validate(bad)
+	case "awspca":
+		c.AWSPCA.validate(bad, c.TrustDomain)
 	default:
-		bad("signer", "%q is not one of selfsigned, intermediate, vault, googlecas", c.Signer)
+		bad("signer", "%q is not one of selfsigned, intermediate, vault, googlecas, awspca", c.Signer)
 	}
 	switch ca.TTLMode(c.TTLPolicy) {
 	case ca.TTLRefuse, ca.TTLClamp:

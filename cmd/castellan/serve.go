@@ -21,6 +21,7 @@ import (
 	"github.com/castellan-ca/castellan/internal/atomicfile"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
+	"github.com/castellan-ca/castellan/signer/awspca"
 	"github.com/castellan-ca/castellan/signer/googlecas"
 	"github.com/castellan-ca/castellan/signer/vault"
 	"github.com/prometheus/client_golang/prometheus"
@@ -120,8 +121,8 @@ func (s *server) startStore(ctx context.Context) error {
 
 // startSigner puts the configured backend to use. The local backends
 // (selfsigned, intermediate) run through the CA rotation manager, which
-// tracks what each CA issued; the remote ones (Vault, CAS) rotate their own
-// keys and only report bundle changes.
+// tracks what each CA issued; the remote ones (Vault, CAS, AWS PCA) rotate
+// their own keys and only report bundle changes.
 func (s *server) startSigner(ctx context.Context) error {
 	c := s.lc.start("signer")
 	audit := &ca.Auditor{Log: s.store, Timeout: s.cfg.AuditTimeout, Logger: s.logger}
@@ -130,6 +131,8 @@ func (s *server) startSigner(ctx context.Context) error {
 		return startVault(ctx, c, s.cfg, s.authority, audit, s.logger)
 	case googlecas.Backend:
 		return startGoogleCAS(ctx, c, s.cfg, s.authority, audit, s.logger)
+	case awspca.Backend:
+		return startAWSPCA(ctx, c, s.cfg, s.authority, audit, s.logger)
 	}
 	m, err := startRotation(ctx, s.cfg, s.td, s.authority, s.store, s.logger)
 	if err != nil {

@@ -151,7 +151,7 @@ func cmdAuditShow(ctx context.Context, g *globals, args []string, stdout, stderr
 			return errors.New("audit show: no record matches")
 		}
 	}
-	enc := json.NewEncoder(stdout)
+	enc, text := json.NewEncoder(stdout), textOut{stdout}
 	for i, p := range recs {
 		r := adminapi.RecordFromProto(p)
 		if *output == "json" {
@@ -161,12 +161,12 @@ func cmdAuditShow(ctx context.Context, g *globals, args []string, stdout, stderr
 			continue
 		}
 		if i > 0 {
-			fmt.Fprintln(stdout)
+			text.println()
 		}
 		header, row := csvHeader(), csvRow(&r)
 		for j, name := range header {
 			if row[j] != "" {
-				fmt.Fprintf(stdout, "%-19s %s\n", name+":", row[j])
+				text.printf("%-19s %s\n", name+":", row[j])
 			}
 		}
 	}
@@ -240,7 +240,7 @@ func cmdAuditExport(ctx context.Context, g *globals, args []string, stdout, stde
 	if err := bw.Flush(); err != nil {
 		return fmt.Errorf("audit export: %w", err)
 	}
-	fmt.Fprintf(stderr, "exported %d records\n", total)
+	textOut{stderr}.printf("exported %d records\n", total)
 	return nil
 }
 
@@ -289,14 +289,15 @@ func cmdAuditPrune(ctx context.Context, g *globals, args []string, stdout, stder
 	if err != nil {
 		return fmt.Errorf("audit prune: %w", err)
 	}
+	out := textOut{stdout}
 	if resp.GetCheckpointId() == 0 {
-		fmt.Fprintf(stdout, "nothing older than %s to prune\n", before.UTC().Format(time.RFC3339))
+		out.printf( "nothing older than %s to prune\n", before.UTC().Format(time.RFC3339))
 		return nil
 	}
-	fmt.Fprintf(stdout, "pruned %d records older than %s from %d writer(s); checkpoint %d signed by key %.16s…\n",
+	out.printf("pruned %d records older than %s from %d writer(s); checkpoint %d signed by key %.16s…\n",
 		resp.GetRemoved(), before.UTC().Format(time.RFC3339), len(resp.GetWriters()), resp.GetCheckpointId(), resp.GetKeyId())
 	for _, w := range resp.GetWriters() {
-		fmt.Fprintf(stdout, "  %s: %d removed, chain resumes at seq %d (prev hash %.16s…)\n", w.GetWriter(), w.GetRemoved(), w.GetSeq()+1, w.GetHash())
+		out.printf("  %s: %d removed, chain resumes at seq %d (prev hash %.16s…)\n", w.GetWriter(), w.GetRemoved(), w.GetSeq()+1, w.GetHash())
 	}
 	return nil
 }

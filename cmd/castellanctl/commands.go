@@ -100,7 +100,7 @@ func cmdIssue(ctx context.Context, g *globals, args []string, stdout, stderr io.
 		if err := atomicfile.Write(p, []byte(f.data), f.mode); err != nil {
 			return fmt.Errorf("write %s: %w", p, err)
 		}
-		fmt.Fprintln(stdout, p)
+		textOut{stdout}.println(p)
 	}
 	return nil
 }
@@ -127,8 +127,9 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 	defer closeConn()
 
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	table := textOut{tw}
 	if *output == "table" {
-		fmt.Fprintln(tw, "SEQ\tTIME\tKIND\tOUTCOME\tCODE\tREASON\tCALLER\tGRANTED\tSERIAL\tWRITER")
+		table.println("SEQ\tTIME\tKIND\tOUTCOME\tCODE\tREASON\tCALLER\tGRANTED\tSERIAL\tWRITER")
 	}
 	enc := json.NewEncoder(stdout)
 	const page = 1000
@@ -149,7 +150,7 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 			}
 			continue
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Kind, r.Outcome,
+		table.printf("%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Kind, r.Outcome,
 			r.Code, r.Reason, r.Caller, r.GrantedIdentity, r.Serial, r.Writer)
 	}
 	return tw.Flush()
@@ -169,14 +170,15 @@ func cmdAuditVerify(ctx context.Context, g *globals, args []string, stdout, stde
 	if err != nil {
 		return fmt.Errorf("audit verify: %w", err)
 	}
+	out := textOut{stdout}
 	if !res.GetOk() {
-		fmt.Fprintf(stdout, "audit log BROKEN at writer %s seq %d: %s (%d records checked)\n", res.GetWriter(), res.GetSeq(), res.GetProblem(), res.GetRecords())
+		out.printf("audit log BROKEN at writer %s seq %d: %s (%d records checked)\n", res.GetWriter(), res.GetSeq(), res.GetProblem(), res.GetRecords())
 		return exitError{1}
 	}
-	fmt.Fprintf(stdout, "audit log intact: %d records, %d writer(s)", res.GetRecords(), res.GetWriters())
+	out.printf("audit log intact: %d records, %d writer(s)", res.GetRecords(), res.GetWriters())
 	if n := res.GetCheckpoints(); n > 0 {
-		fmt.Fprintf(stdout, ", from %d signed prune checkpoint(s)", n)
+		out.printf(", from %d signed prune checkpoint(s)", n)
 	}
-	fmt.Fprintln(stdout)
+	out.println()
 	return nil
 }

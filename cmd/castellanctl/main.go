@@ -55,7 +55,7 @@ func main() {
 	case errors.Is(err, flag.ErrHelp):
 		os.Exit(2)
 	default:
-		fmt.Fprintln(os.Stderr, "castellanctl:", err)
+		textOut{os.Stderr}.println("castellanctl:", err)
 		os.Exit(1)
 	}
 }
@@ -64,10 +64,10 @@ func main() {
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var g globals
 	fs := flag.NewFlagSet("castellanctl", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs.SetOutput(linesOut{stderr})
 	g.bind(fs)
 	fs.Usage = func() {
-		fmt.Fprint(stderr, usage)
+		textOut{stderr}.printf(usage)
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -113,7 +113,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 // errors and usage to stderr and returns them rather than exiting.
 func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs.SetOutput(linesOut{stderr})
 	return fs
 }
 

@@ -291,7 +291,7 @@ func cmdAuditPrune(ctx context.Context, g *globals, args []string, stdout, stder
 	}
 	out := textOut{stdout}
 	if resp.GetCheckpointId() == 0 {
-		out.printf( "nothing older than %s to prune\n", before.UTC().Format(time.RFC3339))
+		out.printf("nothing older than %s to prune\n", before.UTC().Format(time.RFC3339))
 		return nil
 	}
 	out.printf("pruned %d records older than %s from %d writer(s); checkpoint %d signed by key %.16s…\n",

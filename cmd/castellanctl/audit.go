@@ -1,16 +1,13 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"encoding/csv"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"iter"
-	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -153,7 +150,10 @@ func cmdAuditShow(ctx context.Context, g *globals, args []string, stdout, stderr
 	}
 	enc, text := json.NewEncoder(stdout), textOut{stdout}
 	for i, p := range recs {
-		r := adminapi.RecordFromProto(p)
+		r, err := adminapi.RecordFromProto(p)
+		if err != nil {
+			return fmt.Errorf("audit show: %w", err)
+		}
 		if *output == "json" {
 			if err := enc.Encode(&r); err != nil {
 				return err
@@ -170,77 +170,6 @@ func cmdAuditShow(ctx context.Context, g *globals, args []string, stdout, stderr
 			}
 		}
 	}
-	return nil
-}
-
-// cmdAuditExport writes every matching record, across all writers in
-// (writer, seq) order, as JSON lines or CSV: the offline copy an auditor or
-// SIEM ingests.
-func cmdAuditExport(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) (err error) {
-	fs := newFlagSet("audit export", stderr)
-	filters := bindAuditFilters(fs)
-	format := fs.String("format", "jsonl", "jsonl | csv")
-	outPath := fs.String("out", "", "file to write (default: standard output)")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	req, err := filters()
-	if err != nil {
-		return fmt.Errorf("audit export: %w", err)
-	}
-	if *format != "jsonl" && *format != "csv" {
-		return errors.New("audit export: --format must be jsonl or csv")
-	}
-	client, closeConn, err := g.dial()
-	if err != nil {
-		return err
-	}
-	defer closeConn()
-
-	out := stdout
-	if *outPath != "" {
-		f, err := os.OpenFile(*outPath, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
-		if err != nil {
-			return fmt.Errorf("audit export: %w", err)
-		}
-		defer func() {
-			if cerr := f.Close(); err == nil && cerr != nil {
-				err = fmt.Errorf("audit export: %w", cerr)
-			}
-		}()
-		out = f
-	}
-	bw := bufio.NewWriter(out)
-	cw, enc := csv.NewWriter(bw), json.NewEncoder(bw)
-	if *format == "csv" {
-		if err := cw.Write(csvHeader()); err != nil {
-			return err
-		}
-	}
-	total := 0
-	for p, err := range auditPages(ctx, client, req, func(int) int { return storage.MaxLimit }) {
-		if err != nil {
-			return fmt.Errorf("audit export: after %d records: %w", total, err)
-		}
-		r := adminapi.RecordFromProto(p)
-		if *format == "csv" {
-			err = cw.Write(csvRow(&r))
-		} else {
-			err = enc.Encode(&r)
-		}
-		if err != nil {
-			return fmt.Errorf("audit export: %w", err)
-		}
-		total++
-	}
-	cw.Flush()
-	if err := cw.Error(); err != nil {
-		return fmt.Errorf("audit export: %w", err)
-	}
-	if err := bw.Flush(); err != nil {
-		return fmt.Errorf("audit export: %w", err)
-	}
-	textOut{stderr}.printf("exported %d records\n", total)
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -143,7 +144,10 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 		if err != nil {
 			return fmt.Errorf("audit list: %w", err)
 		}
-		r := adminapi.RecordFromProto(p)
+		r, err := adminapi.RecordFromProto(p)
+		if err != nil {
+			return fmt.Errorf("audit list: %w", err)
+		}
 		if *output == "json" {
 			if err := enc.Encode(&r); err != nil {
 				return err
@@ -158,8 +162,21 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 
 func cmdAuditVerify(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("audit verify", stderr)
+	file := fs.String("file", "", "verify this export (castellanctl audit export) offline, without the server")
+	key := fs.String("checkpoint-key", "", "with --file: the checkpoint public key (PEM) the export must be signed by")
+	previous := fs.String("previous", "", "with --file: an earlier export of the same log; every record its head names must still be there")
+	allowUnsigned := fs.Bool("allow-unsigned", false, "with --file: exit 0 for an export without a signed head whose chains are intact")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("audit verify: unexpected arguments %v", fs.Args())
+	}
+	if *file != "" {
+		return cmdAuditVerifyFile(*file, *key, *previous, *allowUnsigned, stdout)
+	}
+	if *key != "" || *previous != "" || *allowUnsigned {
+		return errors.New("audit verify: --checkpoint-key, --previous and --allow-unsigned go with --file")
 	}
 	client, closeConn, err := g.dial()
 	if err != nil {

@@ -24,8 +24,13 @@ Commands:
   audit show WRITER/SEQ | --serial HEX | --fingerprint HEX
                               print records in full, undelivered markers included
   audit verify                check the audit hash chains; exit 1 on a break
+  audit verify --file EXPORT --checkpoint-key PUB [--previous EARLIER] [--allow-unsigned]
+                              verify an export offline, without the server
   audit export [filters] [--format jsonl|csv] [--out FILE]
-                              write every matching record, all writers, oldest first
+                              write every matching record, all writers, oldest first;
+                              without filters, jsonl is verifiable offline (checkpoints,
+                              records, a head signed with the checkpoint key)
+  audit checkpoint-key        print the checkpoint public key (PEM) exports are verified with
   audit prune --before DATE   remove records older than DATE, leaving a signed checkpoint
   ca status                   every CA: key id, phase, validity, latest dependent NotAfter
   ca rotate prepare|activate|retire [--target root|intermediate] [--force]
@@ -89,7 +94,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdCA(ctx, &g, rest[1:], stdout, stderr)
 	case "audit":
 		if len(rest) < 2 {
-			return fmt.Errorf("audit: want list, show, verify, export or prune")
+			return fmt.Errorf("audit: want list, show, verify, export, prune or checkpoint-key")
 		}
 		switch rest[1] {
 		case "list":
@@ -102,6 +107,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return cmdAuditExport(ctx, &g, rest[2:], stdout, stderr)
 		case "prune":
 			return cmdAuditPrune(ctx, &g, rest[2:], stdout, stderr)
+		case "checkpoint-key":
+			return cmdAuditCheckpointKey(ctx, &g, rest[2:], stdout, stderr)
 		}
 		return fmt.Errorf("audit: unknown subcommand %q", rest[1])
 	}

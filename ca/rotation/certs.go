@@ -48,8 +48,9 @@ func (m *Manager) newKey(ctx context.Context) (crypto.Signer, error) {
 	return k, nil
 }
 
-// managedEntry seals key and returns a prepared managed CA record for cert.
-// rootID is "" for a root (it is its own root).
+// managedEntry seals key (or, for a key held by a key provider, records
+// its URI) and returns a prepared managed CA record for cert. rootID is ""
+// for a root (it is its own root).
 func (m *Manager) managedEntry(cert *x509.Certificate, key crypto.Signer, role, rootID string, now time.Time) (*entry, error) {
 	id := keyID(cert)
 	if id == "" {
@@ -58,9 +59,14 @@ func (m *Manager) managedEntry(cert *x509.Certificate, key crypto.Signer, role, 
 	if rootID == "" {
 		rootID = id
 	}
-	sealed, err := m.cfg.Sealer.Seal(id, key)
-	if err != nil {
-		return nil, err
+	var sealed []byte
+	if pk, ok := key.(providerKey); ok {
+		sealed = keyRef(pk.URI())
+	} else {
+		var err error
+		if sealed, err = m.cfg.Sealer.Seal(id, key); err != nil {
+			return nil, err
+		}
 	}
 	m.cacheKey(id, key)
 	return &entry{cert: cert, CARecord: storage.CARecord{KeyID: id, Role: role, RootID: rootID, Source: storage.SourceManaged,

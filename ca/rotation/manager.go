@@ -216,7 +216,7 @@ func (m *Manager) bootstrapPlan(ctx context.Context, v *view) (*view, string, er
 	now := m.now()
 	var did []string
 	for _, e := range n.cas {
-		if e.Source == storage.SourceManaged && e.Phase != storage.PhaseRetired && len(e.SealedKey) > 0 && !m.cfg.Sealer.sealedWith(e.SealedKey) {
+		if e.Source == storage.SourceManaged && e.Phase != storage.PhaseRetired && len(e.SealedKey) > 0 && !isKeyRef(e.SealedKey) && !m.cfg.Sealer.sealedWith(e.SealedKey) {
 			key, err := m.cfg.Sealer.Open(e.KeyID, e.SealedKey)
 			if err != nil {
 				return nil, "", err
@@ -315,14 +315,23 @@ func (m *Manager) firstRoot(ctx context.Context, now time.Time) (*entry, crypto.
 	return e, key, "generated", err
 }
 
-// key returns e's private key, opening (and caching) it.
+// key returns e's private key, opening (and caching) it: unsealed from
+// the state, or the key provider's key at the URI stored there.
 func (m *Manager) key(e *entry) (crypto.Signer, error) {
 	m.keyMu.Lock()
 	defer m.keyMu.Unlock()
 	if k, ok := m.keys[e.KeyID]; ok {
 		return k, nil
 	}
-	k, err := m.cfg.Sealer.Open(e.KeyID, e.SealedKey)
+	var (
+		k   crypto.Signer
+		err error
+	)
+	if uri, ok := refURI(e.SealedKey); ok {
+		k, err = m.generator.OpenKey(uri, e.cert.PublicKey)
+	} else {
+		k, err = m.cfg.Sealer.Open(e.KeyID, e.SealedKey)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("rotation: %w", err)
 	}

@@ -31,6 +31,7 @@ var (
 const (
 	formatPlain  byte = 0 // PKCS#8 DER, no KEK configured (embedded store only)
 	formatAESGCM byte = 1 // [1][8-byte KEK id][12-byte nonce][AES-256-GCM(PKCS#8 DER)]
+	formatKeyURI byte = 2 // [2][URI of a key held by a key provider (HSM, KMS)]: no key material (keyref.go)
 )
 
 // Sealer encrypts CA private keys at rest with AES-256-GCM under a
@@ -142,6 +143,8 @@ func (s *Sealer) Open(keyID string, blob []byte) (crypto.Signer, error) {
 			return nil, fmt.Errorf("CA %s: %w", keyID, ErrWrongKEK)
 		}
 		defer clear(der)
+	case formatKeyURI:
+		return nil, fmt.Errorf("CA key %s is held by a key provider (%s), not sealed in the state", keyID, blob[1:])
 	default:
 		return nil, fmt.Errorf("CA key %s: unknown format %d", keyID, blob[0])
 	}

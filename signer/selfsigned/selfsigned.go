@@ -24,6 +24,7 @@ import (
 	"github.com/castellan-ca/castellan/internal/atomicfile"
 	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
+	"github.com/castellan-ca/castellan/signer/cakey"
 	"github.com/castellan-ca/castellan/signer/local"
 )
 
@@ -63,6 +64,10 @@ type Options struct {
 	Now func() time.Time
 	// Rand supplies serials and signing randomness; nil means crypto/rand.
 	Rand io.Reader
+	// Keys, when set, is the HSM or KMS in which NewGenerator's Generator
+	// creates every CA key; nil keeps keys in memory (sealed in the CA
+	// state). Load does not use it.
+	Keys *cakey.Provider
 }
 
 // Load returns a signer for the root in opts.Dir. On first start (neither file
@@ -255,6 +260,10 @@ func newCA(td spiffeid.TrustDomain, cn string, key crypto.Signer, parent *x509.C
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 		MaxPathLenZero:        parent != nil,
+	}
+	if k, ok := key.(*cakey.Key); ok {
+		// A key made in a provider is named for its id: the CA's key id.
+		tmpl.SubjectKeyId = k.ID()
 	}
 	what := "root"
 	if parent == nil {

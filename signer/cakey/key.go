@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"go.step.sm/crypto/kms/apiv1"
@@ -29,6 +30,8 @@ type Key struct {
 	uri string
 	pub crypto.PublicKey
 	id  []byte
+
+	lastOK atomic.Int64 // unix nanoseconds of the last successful signature
 }
 
 // CreateKey makes a new key pair of keyType (keyfile.KeyType*) inside the
@@ -61,7 +64,6 @@ func (p *Provider) CreateKey(ctx context.Context, id []byte, keyType string) (*K
 		p.failed(c, err)
 		return nil, p.unavailable("create key "+req.Name, err)
 	}
-	p.succeeded()
 	if err := checkKeyURI(p.c.kind, resp.Name); err != nil {
 		return nil, fmt.Errorf("key provider %s returned an unusable key name: %w", p.c.kind, err)
 	}
@@ -158,19 +160,19 @@ func (k *Key) sign(ctx context.Context, digest []byte, opts crypto.SignerOpts) (
 		k.p.failed(c, err)
 		return nil, k.p.unavailable("sign with "+k.uri, err)
 	}
-	k.p.succeeded()
+	k.lastOK.Store(k.p.cfg.Now().UnixNano())
 	return sig, nil
 }
 
 // probeDigest is what Check signs when no signature vouched for the provider lately.
 var probeDigest = sha256.Sum256([]byte("castellan key provider health probe"))
 
-// Check reports whether k can sign now: nil when a signature succeeded
-// within the provider's HealthTTL, else the outcome of a probe signature
-// (readiness). The error wraps signer.ErrSignerUnavailable or
+// Check reports whether k can sign now: nil when one of its signatures
+// succeeded within the provider's HealthTTL and no operation of the
+// provider failed since, else the outcome of a probe signature (readiness). The error wraps signer.ErrSignerUnavailable or
 // local.ErrKeyMismatch.
 func (k *Key) Check(ctx context.Context) error {
-	if k.p.healthyRecently() {
+	if k.p.healthy(k.lastOK.Load()) {
 		return nil
 	}
 	_, err := k.sign(ctx, probeDigest[:], crypto.SHA256)

@@ -94,7 +94,7 @@ type Provider struct {
 	badPIN  [sha256.Size]byte
 	closed  bool
 
-	lastOK, lastFail atomic.Int64 // unix nanoseconds of the last signature's outcome
+	lastFail atomic.Int64 // unix nanoseconds of the last failed operation
 }
 
 // conn is one connection to the provider, with the signers opened on it.
@@ -248,13 +248,10 @@ func (p *Provider) failed(c *conn, err error) {
 	go func() { _ = c.km.Close() }()
 }
 
-// succeeded records a successful operation.
-func (p *Provider) succeeded() { p.lastOK.Store(p.cfg.Now().UnixNano()) }
-
-// healthyRecently reports whether a signature succeeded within HealthTTL
-// and none failed since.
-func (p *Provider) healthyRecently() bool {
-	ok := p.lastOK.Load()
+// healthy reports whether a signature that succeeded at ok (unix
+// nanoseconds) still vouches for a key: within HealthTTL, and no operation
+// of the provider failed since.
+func (p *Provider) healthy(ok int64) bool {
 	return ok != 0 && ok >= p.lastFail.Load() && p.cfg.Now().Sub(time.Unix(0, ok)) < p.cfg.HealthTTL
 }
 

@@ -42,6 +42,8 @@ type serverConfig struct {
 
 	// extraArgs are further flags, appended last (kubernetes).
 	extraArgs []string
+	// env is added to the process's environment (SOFTHSM2_CONF).
+	env []string
 }
 
 // server is one running `castellan serve` process with its own data
@@ -92,6 +94,9 @@ func launch(t *testing.T, cfg serverConfig, dataDir string) (*server, error) {
 	}
 	args = append(args, cfg.extraArgs...)
 	s.cmd = exec.Command(castellanBin, args...)
+	if len(cfg.env) > 0 {
+		s.cmd.Env = append(os.Environ(), cfg.env...)
+	}
 	s.cmd.Stdout = s.logs
 	s.cmd.Stderr = s.logs
 	t.Logf("starting %s %s", castellanBin, strings.Join(args, " "))

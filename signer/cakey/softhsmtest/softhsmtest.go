@@ -144,8 +144,9 @@ func (tk *Token) SetPIN(t testing.TB, pin string) {
 	}
 }
 
-// Objects returns the number of objects stored in the token (SoftHSM keeps
-// one file per object: a key pair is two).
+// Objects returns the number of key objects stored in the token (SoftHSM
+// keeps one file per object, a key pair is two; token.object is the token's
+// own record).
 func (tk *Token) Objects(t testing.TB) int {
 	t.Helper()
 	ents, err := os.ReadDir(tk.tokenDir)
@@ -154,7 +155,7 @@ func (tk *Token) Objects(t testing.TB) int {
 	}
 	n := 0
 	for _, e := range ents {
-		if filepath.Ext(e.Name()) == ".object" {
+		if filepath.Ext(e.Name()) == ".object" && e.Name() != "token.object" {
 			n++
 		}
 	}

@@ -237,4 +237,3 @@ func (g *Google) AsymmetricSign(_ context.Context, req *kmspb.AsymmetricSignRequ
 	}
 	return &kmspb.AsymmetricSignResponse{Name: req.GetName(), Signature: sig}, nil
 }
-

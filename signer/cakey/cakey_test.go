@@ -312,7 +312,7 @@ func TestKeyURIChecked(t *testing.T) {
 		{"pkcs11:id=01;object=ca?pin-value=1234", `"pin-value" does not belong`},
 		{"pkcs11:token=other;object=ca", `"token" does not belong`},
 		{"pkcs11:", "names no key"},
-		{"awskms:key-id=1234abcd", "must start with pkcs11:"},
+		{"awskms:key-id=1234abcd", `must start with "pkcs11:"`},
 	} {
 		t.Run(tc.uri, func(t *testing.T) {
 			_, err := p.Key(tc.uri, key.Public())

@@ -138,7 +138,7 @@ func checkKeyURI(kind, s string) error {
 		return fmt.Errorf("key URI: %w", err)
 	}
 	if !strings.EqualFold(u.Scheme, kind) {
-		return fmt.Errorf("key URI %q: the key provider is %s, so the key URI must start with %s:", s, kind, kind)
+		return fmt.Errorf("key URI %q: the key provider is %s, so the key URI must start with \"%s:\"", s, kind, kind)
 	}
 	if kind == CloudKMS {
 		// An opaque resource name: projects/…/cryptoKeys/…/cryptoKeyVersions/N.

@@ -24,12 +24,7 @@ func TestMain(m *testing.M) { os.Exit(softhsmtest.Main(m)) }
 func hsm(t *testing.T) (*softhsmtest.Token, *cakey.Provider) {
 	t.Helper()
 	tk := softhsmtest.Get(t)
-	p, err := cakey.New(t.Context(), cakey.Config{URI: tk.ProviderURI, RetryInterval: 20 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = p.Close() })
-	return tk, p
+	return tk, tk.Provider(t)
 }
 
 // withKeys makes the backend a selfsigned generator whose keys p creates;
@@ -194,7 +189,7 @@ func waitFor[T any](t *testing.T, f func() (T, error)) (T, error) {
 		if err == nil || !errors.Is(err, signer.ErrSignerUnavailable) || time.Now().After(deadline) {
 			return v, err
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(softhsmtest.RetryInterval)
 	}
 }
 

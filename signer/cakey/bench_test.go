@@ -15,7 +15,6 @@ import (
 
 	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
-	"github.com/castellan-ca/castellan/signer/cakey"
 	"github.com/castellan-ca/castellan/signer/cakey/softhsmtest"
 	"github.com/castellan-ca/castellan/signer/local"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
@@ -25,12 +24,7 @@ import (
 // benchKeys returns a CA key of keyType in the token and one in memory.
 func benchKeys(b *testing.B, keyType string) map[string]crypto.Signer {
 	b.Helper()
-	tk := softhsmtest.Get(b)
-	p, err := cakey.New(b.Context(), cakey.Config{URI: tk.ProviderURI})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = p.Close() })
+	p := softhsmtest.Get(b).Provider(b)
 	id := make([]byte, 16)
 	if _, err := rand.Read(id); err != nil {
 		b.Fatal(err)

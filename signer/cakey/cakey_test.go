@@ -28,7 +28,7 @@ func TestMain(m *testing.M) { os.Exit(softhsmtest.Main(m)) }
 
 // retry is the reconnect interval of test providers: short, so that
 // recovery tests do not wait.
-const retry = 20 * time.Millisecond
+const retry = softhsmtest.RetryInterval
 
 // newProvider opens a provider on uri, closed at the end of the test.
 func newProvider(t *testing.T, uri string) *cakey.Provider {
@@ -75,7 +75,7 @@ func checkSigns(t *testing.T, s crypto.Signer, want crypto.PublicKey) {
 
 func TestCreateKeyPKCS11(t *testing.T) {
 	tk := softhsmtest.Get(t)
-	p := newProvider(t, tk.ProviderURI)
+	p := tk.Provider(t)
 	for _, tc := range []struct {
 		keyType string
 		check   func(crypto.PublicKey) bool
@@ -104,7 +104,7 @@ func TestCreateKeyPKCS11(t *testing.T) {
 			checkSigns(t, k, k.Public())
 
 			// Another provider finds it by its URI alone, as a restarted server does.
-			other := newProvider(t, tk.ProviderURI)
+			other := tk.Provider(t)
 			reopened, err := other.Key(k.URI(), k.Public())
 			if err != nil {
 				t.Fatalf("Key: %v", err)
@@ -125,7 +125,7 @@ func TestCreateKeyPKCS11(t *testing.T) {
 // with local.ErrKeyMismatch, not as an outage.
 func TestKeyMismatch(t *testing.T) {
 	tk := softhsmtest.Get(t)
-	p := newProvider(t, tk.ProviderURI)
+	p := tk.Provider(t)
 	k, err := p.CreateKey(t.Context(), newID(t), keyfile.KeyTypeECDSAP256)
 	if err != nil {
 		t.Fatal(err)
@@ -149,7 +149,7 @@ func TestKeyMismatch(t *testing.T) {
 // token cannot tell a deleted key from one it cannot see right now).
 func TestMissingKey(t *testing.T) {
 	tk := softhsmtest.Get(t)
-	p := newProvider(t, tk.ProviderURI)
+	p := tk.Provider(t)
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -168,7 +168,7 @@ func TestMissingKey(t *testing.T) {
 // Unavailable; once it is back the provider reconnects by itself.
 func TestTokenRemoved(t *testing.T) {
 	tk := softhsmtest.Get(t)
-	p := newProvider(t, tk.ProviderURI)
+	p := tk.Provider(t)
 	k, err := p.CreateKey(t.Context(), newID(t), keyfile.KeyTypeECDSAP256)
 	if err != nil {
 		t.Fatal(err)
@@ -194,7 +194,7 @@ func TestTokenRemoved(t *testing.T) {
 // tried again while the file is unchanged, and a corrected file recovers.
 func TestWrongPIN(t *testing.T) {
 	tk := softhsmtest.Get(t)
-	p := newProvider(t, tk.ProviderURI)
+	p := tk.Provider(t)
 	k, err := p.CreateKey(t.Context(), newID(t), keyfile.KeyTypeECDSAP256)
 	if err != nil {
 		t.Fatal(err)
@@ -205,7 +205,7 @@ func TestWrongPIN(t *testing.T) {
 
 	tk.SetPIN(t, "0000")
 	t.Cleanup(func() { tk.SetPIN(t, softhsmtest.PIN) })
-	bad := newProvider(t, tk.ProviderURI)
+	bad := tk.Provider(t)
 	key, err := bad.Key(k.URI(), k.Public())
 	if err != nil {
 		t.Fatal(err)
@@ -249,7 +249,7 @@ func waitRecovered(t *testing.T, k *cakey.Key) {
 // with the context's error.
 func TestContextEndsSign(t *testing.T) {
 	tk := softhsmtest.Get(t)
-	p := newProvider(t, tk.ProviderURI)
+	p := tk.Provider(t)
 	k, err := p.CreateKey(t.Context(), newID(t), keyfile.KeyTypeECDSAP256)
 	if err != nil {
 		t.Fatal(err)
@@ -299,7 +299,7 @@ func TestCheckURI(t *testing.T) {
 
 func TestKeyURIChecked(t *testing.T) {
 	tk := softhsmtest.Get(t)
-	p := newProvider(t, tk.ProviderURI)
+	p := tk.Provider(t)
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)

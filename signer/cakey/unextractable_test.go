@@ -18,7 +18,7 @@ import (
 // value cannot be read.
 func TestKeyUnextractable(t *testing.T) {
 	tk := softhsmtest.Get(t)
-	p := newProvider(t, tk.ProviderURI)
+	p := tk.Provider(t)
 	id := newID(t)
 	if _, err := p.CreateKey(t.Context(), id, keyfile.KeyTypeECDSAP256); err != nil {
 		t.Fatal(err)

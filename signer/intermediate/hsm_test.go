@@ -33,11 +33,7 @@ type hsmCA struct {
 func newHSMCA(t *testing.T) *hsmCA {
 	t.Helper()
 	tk := softhsmtest.Get(t)
-	p, err := cakey.New(t.Context(), cakey.Config{URI: tk.ProviderURI, RetryInterval: 20 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = p.Close() })
+	p := tk.Provider(t)
 	id := make([]byte, 16)
 	if _, err := rand.Read(id); err != nil {
 		t.Fatal(err)
@@ -158,6 +154,6 @@ func TestKeyURIProviderDown(t *testing.T) {
 		if !errors.Is(err, signer.ErrSignerUnavailable) || ctx.Err() != nil {
 			t.Fatalf("Check once the token is back: %v", err)
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(softhsmtest.RetryInterval)
 	}
 }

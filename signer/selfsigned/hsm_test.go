@@ -20,11 +20,7 @@ func TestMain(m *testing.M) { os.Exit(softhsmtest.Main(m)) }
 // finds it again by its URI.
 func TestGeneratorKeyProvider(t *testing.T) {
 	tk := softhsmtest.Get(t)
-	p, err := cakey.New(t.Context(), cakey.Config{URI: tk.ProviderURI})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := tk.Provider(t)
 	g, err := selfsigned.NewGenerator(selfsigned.Options{TrustDomain: td, Keys: p})
 	if err != nil {
 		t.Fatal(err)

@@ -12,6 +12,9 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
+
+	"github.com/castellan-ca/castellan/signer/cakey"
 )
 
 // Module is where Debian's softhsm2 installs the PKCS#11 module; the
@@ -113,6 +116,22 @@ func Get(t testing.TB) *Token {
 		t.Skipf("SoftHSM2 token: %v", err)
 	}
 	return tk
+}
+
+// RetryInterval is how soon a Provider of the token reconnects after a
+// failure: short, so recovery tests do not wait.
+const RetryInterval = 20 * time.Millisecond
+
+// Provider opens a key provider on the token (reconnecting after
+// RetryInterval), closed at the end of the test.
+func (tk *Token) Provider(t testing.TB) *cakey.Provider {
+	t.Helper()
+	p, err := cakey.New(t.Context(), cakey.Config{URI: tk.ProviderURI, RetryInterval: RetryInterval})
+	if err != nil {
+		t.Fatalf("key provider on the SoftHSM2 token: %v", err)
+	}
+	t.Cleanup(func() { _ = p.Close() })
+	return p
 }
 
 // Remove takes the token out, as if it were unplugged (its files leave the

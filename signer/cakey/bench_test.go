@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.step.sm/crypto/kms/apiv1"
+	"go.step.sm/crypto/kms/pkcs11"
 
 	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
@@ -37,7 +39,20 @@ func benchKeys(b *testing.B, keyType string) map[string]crypto.Signer {
 	if err != nil {
 		b.Fatal(err)
 	}
-	return map[string]crypto.Signer{"softhsm": hsmKey, "memory": soft}
+	// The same token key through the library alone, to show what the
+	// provider's wrapper (timeouts, health, reconnection) costs.
+	tk := softhsmtest.Get(b)
+	km, err := pkcs11.New(b.Context(), apiv1.Options{Type: apiv1.PKCS11,
+		URI: "pkcs11:module-path=" + tk.Module + ";token=" + softhsmtest.Label, Pin: softhsmtest.PIN})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = km.Close() })
+	direct, err := km.CreateSigner(&apiv1.CreateSignerRequest{SigningKey: hsmKey.URI()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return map[string]crypto.Signer{"softhsm": hsmKey, "softhsm-library": direct, "memory": soft}
 }
 
 // parallel runs op b.N times over g goroutines and reports operations per
@@ -66,13 +81,14 @@ func parallel(b *testing.B, g int, op func() error) {
 }
 
 // BenchmarkSign measures one CA signature (a SHA-256 digest) in SoftHSM2
-// and with the same key type in memory, from 1 to 8 goroutines: the
-// provider's session pool lets them run in parallel.
+// through the provider, through the library alone, and with the same key
+// type in memory, from 1 to 8 goroutines: the session pool lets them run
+// in parallel.
 func BenchmarkSign(b *testing.B) {
 	digest := sha256.Sum256([]byte("tbs certificate"))
 	for _, keyType := range []string{keyfile.KeyTypeECDSAP256, keyfile.KeyTypeRSA2048} {
 		keys := benchKeys(b, keyType)
-		for _, where := range []string{"softhsm", "memory"} {
+		for _, where := range []string{"softhsm", "softhsm-library", "memory"} {
 			for _, g := range []int{1, 2, 4, 8} {
 				b.Run(fmt.Sprintf("%s/%s/goroutines=%d", keyType, where, g), func(b *testing.B) {
 					parallel(b, g, func() error {
@@ -92,7 +108,9 @@ func BenchmarkIssueLeaf(b *testing.B) {
 	td := spiffeid.RequireTrustDomainFromString("cluster.local")
 	id := spiffeid.RequireFromPath(td, "/ns/bench/sa/workload")
 	leafKey := signertest.Key(0)
-	for where, key := range benchKeys(b, keyfile.KeyTypeECDSAP256) {
+	keys := benchKeys(b, keyfile.KeyTypeECDSAP256)
+	for _, where := range []string{"softhsm", "memory"} {
+		key := keys[where]
 		now := time.Now()
 		root, err := selfsigned.NewRoot(td, key, now.Add(-time.Hour), now.Add(time.Hour), rand.Reader)
 		if err != nil {

@@ -100,6 +100,7 @@ type Provider struct {
 // conn is one connection to the provider, with the signers opened on it.
 type conn struct {
 	km      apiv1.KeyManager
+	opened  time.Time
 	signers sync.Map // key URI → crypto.Signer
 }
 
@@ -150,13 +151,6 @@ func (p *Provider) Close() error {
 	return nil
 }
 
-// Check reports whether the provider can be reached now (connecting if
-// need be); the error wraps signer.ErrSignerUnavailable.
-func (p *Provider) Check(ctx context.Context) error {
-	_, err := p.conn(ctx)
-	return err
-}
-
 // unavailable wraps err as a transient provider failure.
 func (p *Provider) unavailable(what string, err error) error {
 	return fmt.Errorf("%w: key provider %s: %s: %w", signer.ErrSignerUnavailable, p.c.kind, what, err)
@@ -184,7 +178,7 @@ func (p *Provider) conn(ctx context.Context) (*conn, error) {
 		p.lastErr, p.nextTry = p.unavailable("connect", err), p.cfg.Now().Add(p.cfg.RetryInterval)
 		return nil, p.lastErr
 	}
-	c := &conn{km: km}
+	c := &conn{km: km, opened: p.cfg.Now()}
 	p.cur.Store(c)
 	if p.lastErr != nil {
 		p.cfg.Logger.Info("key provider reconnected", "provider", p.c.kind)
@@ -232,8 +226,9 @@ func (p *Provider) connect(ctx context.Context) (apiv1.KeyManager, error) {
 
 // failed records that an operation on c failed with err. A PKCS#11
 // connection is dropped, since its sessions and object handles do not
-// survive a token's removal; the next operation reconnects. Cloud clients
-// manage their own connections and are kept.
+// survive a token's removal; the next operation reconnects (at once after a
+// long-lived connection, after RetryInterval after a young one). Cloud
+// clients manage their own connections and are kept.
 func (p *Provider) failed(c *conn, err error) {
 	p.lastFail.Store(p.cfg.Now().UnixNano())
 	if p.c.kind != PKCS11 || !p.cur.CompareAndSwap(c, nil) {
@@ -242,6 +237,11 @@ func (p *Provider) failed(c *conn, err error) {
 	p.cfg.Logger.Warn("key provider connection lost; reconnecting", "provider", p.c.kind, "error", err)
 	p.mu.Lock()
 	p.lastErr = p.unavailable("connection lost", err)
+	if now := p.cfg.Now(); now.Sub(c.opened) < p.cfg.RetryInterval {
+		// A connection that fails as soon as it is made (a key that is gone)
+		// waits before the next one, rather than logging in for every request.
+		p.nextTry = now.Add(p.cfg.RetryInterval)
+	}
 	p.mu.Unlock()
 	// Close waits for the operations still running on c's sessions; nothing
 	// waits for Close.

@@ -106,7 +106,7 @@ type conn struct {
 
 // New validates cfg and returns its Provider. It connects once, but a
 // provider that cannot be reached yet is no error: its keys report
-// Unavailable until it can (and Check says why).
+// Unavailable until it can (Key.Check says why).
 func New(ctx context.Context, cfg Config) (*Provider, error) {
 	c, err := parseProviderURI(cfg.URI)
 	if err != nil {

@@ -42,7 +42,8 @@ type serverConfig struct {
 
 	// extraArgs are further flags, appended last (kubernetes).
 	extraArgs []string
-	// env are further NAME=value variables of the process (AWS credentials).
+	// env are further NAME=value variables of the process (AWS credentials,
+	// SOFTHSM2_CONF).
 	env []string
 }
 

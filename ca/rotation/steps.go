@@ -9,6 +9,7 @@ import (
 
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/internal/adminapi"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/storage"
 )
 
@@ -63,9 +64,14 @@ func (m *Manager) rotate(ctx context.Context, req adminapi.RotateRequest, keyID 
 			err = m.sealNew(v, ch.next)
 		}
 		if err != nil {
-			if errors.Is(err, ca.ErrPrecondition) {
+			switch {
+			case errors.Is(err, ca.ErrPrecondition):
 				_ = m.record(ctx, auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeRefused,
 					reason: adminapi.ReasonRotationRefused, detail: describe(req) + ": refused: " + err.Error(), err: err})
+			case errors.Is(err, signer.ErrSignerUnavailable):
+				// The key provider (HSM, KMS) is down: a backend outage, audited as one.
+				_ = m.record(ctx, auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeFailed,
+					reason: ca.ReasonSignerDown, detail: describe(req) + ": failed: " + err.Error(), err: ca.Refuse(ca.ErrUnavailable, ca.ReasonSignerDown, err)})
 			}
 			return nil, err
 		}
@@ -143,7 +149,7 @@ func (m *Manager) prepare(ctx context.Context, v *view, target string, now time.
 			return nil, err
 		}
 		n.cas = append(n.cas, e)
-		return &change{next: n, summary: fmt.Sprintf("prepared intermediate %s under root %s", e.KeyID, root.KeyID)}, nil
+		return &change{next: n, summary: fmt.Sprintf("prepared intermediate %s%s under root %s", e.KeyID, keyLocation(e), root.KeyID)}, nil
 	}
 	key, err := m.newKey(ctx)
 	if err != nil {
@@ -154,14 +160,14 @@ func (m *Manager) prepare(ctx context.Context, v *view, target string, now time.
 		return nil, err
 	}
 	n.cas = append(n.cas, e)
-	summary := fmt.Sprintf("prepared root %s (in the trust bundle from now on)", e.KeyID)
+	summary := fmt.Sprintf("prepared root %s%s (in the trust bundle from now on)", e.KeyID, keyLocation(e))
 	if m.cfg.IntermediateLifetime > 0 {
 		ie, err := m.newIntermediate(ctx, e, key, now)
 		if err != nil {
 			return nil, err
 		}
 		n.cas = append(n.cas, ie)
-		summary += fmt.Sprintf(" and intermediate %s under it", ie.KeyID)
+		summary += fmt.Sprintf(" and intermediate %s%s under it", ie.KeyID, keyLocation(ie))
 	}
 	return &change{next: n, summary: summary}, nil
 }
@@ -253,20 +259,28 @@ func (m *Manager) retire(v *view, target, only string, force bool, now time.Time
 		ch.forced = why
 	}
 	var did []string
-	for _, e := range todo {
+	kept := false // a key provider still holds a retired key
+	drop := func(e *entry) {
+		loc := keyLocation(e)
+		kept = kept || loc != ""
 		retire(e, now)
-		did = append(did, e.KeyID)
+		did = append(did, e.KeyID+loc)
+	}
+	for _, e := range todo {
+		drop(e)
 		if e.Role == storage.RoleRoot {
 			// CAs under a retired root cannot be trusted any more either.
 			for _, c := range n.cas {
 				if c.RootID == e.KeyID && c.KeyID != e.KeyID && c.Phase != storage.PhaseRetired && c.Phase != storage.PhaseActive {
-					retire(c, now)
-					did = append(did, c.KeyID)
+					drop(c)
 				}
 			}
 		}
 	}
 	ch.summary = "retired " + strings.Join(did, ", ")
+	if kept {
+		ch.summary += "; the key provider still holds their keys: delete them there once no longer needed"
+	}
 	if target == adminapi.TargetRoot {
 		ch.summary += " (removed from the trust bundle)"
 	}

@@ -134,7 +134,14 @@ func (s *server) startSigner(ctx context.Context) error {
 	case awspca.Backend:
 		return startAWSPCA(ctx, c, s.cfg, s.authority, audit, s.logger)
 	}
-	m, err := startRotation(ctx, s.cfg, s.td, s.authority, s.store, s.logger)
+	keys, err := openKeyProvider(ctx, s.cfg, s.logger)
+	if err != nil {
+		return err
+	}
+	if keys != nil {
+		c.onStop(func() { _ = keys.Close() })
+	}
+	m, err := startRotation(ctx, s.cfg, s.td, s.authority, s.store, keys, s.logger)
 	if err != nil {
 		return err
 	}
@@ -301,9 +308,14 @@ func closeWithin(timeout time.Duration, closeFn func(context.Context) error) {
 // issue: each component that can stop issuance added a check).
 func (s *server) startMonitoring(context.Context) error {
 	ready := append([]readyCheck{
-		{"signer", func(context.Context) error {
-			if s.authority.Current() == nil {
+		{"signer", func(ctx context.Context) error {
+			st := s.authority.Current()
+			if st == nil {
 				return errors.New("no active signer")
+			}
+			// A CA key in an HSM or KMS: can its provider sign now?
+			if c, ok := st.Signer.(checker); ok {
+				return c.Check(ctx)
 			}
 			return nil
 		}},
@@ -325,6 +337,12 @@ func (s *server) startMonitoring(context.Context) error {
 	c.onStop(func() { closeWithin(5*time.Second, srv.Shutdown) })
 	s.monitoringAddr = lis.Addr().String()
 	return nil
+}
+
+// checker is a signer that can tell whether it can sign now (a local CA
+// whose key is in an HSM or KMS).
+type checker interface {
+	Check(ctx context.Context) error
 }
 
 // readyCheck is one condition of /readyz.

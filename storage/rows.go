@@ -4,6 +4,7 @@ import (
 	"crypto/ed25519"
 	"encoding/json"
 	"fmt"
+	"math"
 	"time"
 )
 
@@ -118,4 +119,15 @@ func ClampUnixNano(t time.Time) int64 {
 		return 1<<63 - 1
 	}
 	return t.UnixNano()
+}
+
+// ClampSeq converts a sequence number to the stores' signed 64-bit seq
+// column, saturating at MaxInt64: no stored seq is larger, so a bound beyond
+// it still means "after every record" instead of turning negative and
+// matching them all.
+func ClampSeq(seq uint64) int64 {
+	if seq > math.MaxInt64 {
+		return math.MaxInt64
+	}
+	return int64(seq)
 }

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"time"
 
@@ -50,9 +51,9 @@ func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, er
 	}
 	switch {
 	case q.AfterWriter != "":
-		add("(writer > ? OR (writer = ? AND seq > ?))", q.AfterWriter, q.AfterWriter, int64(q.AfterSeq))
+		add("(writer > ? OR (writer = ? AND seq > ?))", q.AfterWriter, q.AfterWriter, storage.ClampSeq(q.AfterSeq))
 	case q.AfterSeq > 0:
-		add("seq > ?", int64(q.AfterSeq))
+		add("seq > ?", storage.ClampSeq(q.AfterSeq))
 	}
 	if q.Writer != "" {
 		add("writer = ?", q.Writer)
@@ -84,6 +85,9 @@ func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, er
 func (s *Store) Get(ctx context.Context, writer string, seq uint64) (*storage.Record, error) {
 	if s.isClosed.Load() {
 		return nil, fmt.Errorf("embedded: get: %w", storage.ErrClosed)
+	}
+	if seq > math.MaxInt64 {
+		return nil, fmt.Errorf("embedded: get %s/%d: %w", writer, seq, storage.ErrNotFound)
 	}
 	var r storage.Record
 	row := s.rdb.QueryRowContext(ctx, "SELECT "+columns+" FROM audit_log WHERE writer = ? AND seq = ?", writer, int64(seq))

@@ -50,9 +50,9 @@ func listSQL(q storage.Query) (string, []any) {
 	}
 	switch {
 	case q.AfterWriter != "":
-		where = append(where, "(writer, seq) > ("+arg(q.AfterWriter)+", "+arg(int64(q.AfterSeq))+")")
+		where = append(where, "(writer, seq) > ("+arg(q.AfterWriter)+", "+arg(storage.ClampSeq(q.AfterSeq))+")")
 	case q.AfterSeq > 0:
-		where = append(where, "seq > "+arg(int64(q.AfterSeq)))
+		where = append(where, "seq > "+arg(storage.ClampSeq(q.AfterSeq)))
 	}
 	sql := "SELECT " + selectColumns + " FROM audit_log"
 	if len(where) > 0 {

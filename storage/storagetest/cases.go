@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"reflect"
 	"strings"
 	"sync"
@@ -255,6 +256,10 @@ func testListFilters(t *testing.T, env Env) {
 		{"limit", storage.Query{Limit: 2}, []uint64{1, 2}},
 		{"after seq", storage.Query{AfterSeq: 4}, []uint64{5, 6}},
 		{"after seq with limit pages", storage.Query{AfterSeq: 2, Limit: 2}, []uint64{3, 4}},
+		// Seqs are stored signed: a bound past MaxInt64 is past every record,
+		// not a negative number that lists from the start again.
+		{"after seq past MaxInt64", storage.Query{AfterSeq: math.MaxInt64 + 1}, nil},
+		{"after the largest seq", storage.Query{AfterSeq: math.MaxUint64}, nil},
 		{"writer", storage.Query{Writer: writer}, []uint64{1, 2, 3, 4, 5, 6}},
 		{"other writer", storage.Query{Writer: writer + "-other"}, nil},
 		{"combined", storage.Query{Identity: "spiffe://td/ns/a/sa/alice", Outcome: storage.OutcomeIssued, AfterSeq: 1}, []uint64{2}},
@@ -308,7 +313,7 @@ func testGetNotFound(t *testing.T, env Env) {
 	for _, tc := range []struct {
 		writer string
 		seq    uint64
-	}{{r.Writer, 2}, {r.Writer, 0}, {"nobody", 1}} {
+	}{{r.Writer, 2}, {r.Writer, 0}, {"nobody", 1}, {r.Writer, math.MaxInt64 + 2}, {r.Writer, math.MaxUint64}} {
 		if _, err := s.Get(context.Background(), tc.writer, tc.seq); !errors.Is(err, storage.ErrNotFound) {
 			t.Fatalf("Get(%q, %d) = %v, want ErrNotFound", tc.writer, tc.seq, err)
 		}

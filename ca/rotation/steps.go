@@ -61,8 +61,14 @@ func (m *Manager) rotate(ctx context.Context, req adminapi.RotateRequest, keyID 
 		ch, err := m.plan(ctx, v, req, keyID, m.now())
 		if err != nil {
 			if errors.Is(err, ca.ErrPrecondition) {
-				_ = m.record(ctx, auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeRefused,
-					reason: adminapi.ReasonRotationRefused, detail: describe(req) + ": refused: " + err.Error(), err: err})
+				if aerr := m.record(ctx, auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeRefused,
+					reason: adminapi.ReasonRotationRefused, detail: describe(req) + ": refused: " + err.Error(), err: err}); aerr != nil {
+					// Every operator action is audited, refusals too: one the
+					// log cannot take fails as a storage error (Unavailable,
+					// retry), like a step whose record fails. The refusal is
+					// named, not wrapped, so that it is not taken for one.
+					return nil, fmt.Errorf("rotation: audit of the refusal (%s): %w", err.Error(), aerr)
+				}
 			}
 			return nil, err
 		}
@@ -273,6 +279,10 @@ func (m *Manager) retire(v *view, target, only string, force bool, now time.Time
 // commit saves next in place of v, audited by e: the record is written
 // first, so that no state change goes unrecorded; if the save then fails, a
 // second record says so. On success next carries the new version.
+//
+// When that second record fails too, the log says a step was done that was
+// not: the error names both failures and no longer wraps the save's (not
+// even a conflict), so the step is not retried into a log that misleads.
 func (m *Manager) commit(ctx context.Context, v, next *view, e auditEntry) error {
 	if err := m.record(ctx, e); err != nil {
 		return fmt.Errorf("rotation: audit: %w", err)
@@ -280,7 +290,9 @@ func (m *Manager) commit(ctx context.Context, v, next *view, e auditEntry) error
 	if err := m.cfg.Store.Save(ctx, v.version, next.records()); err != nil {
 		e.outcome, e.detail = storage.OutcomeFailed, e.detail+": not applied: "+err.Error()
 		e.err = ca.Refuse(ca.ErrUnavailable, adminapi.ReasonCAStateDown, err)
-		_ = m.record(ctx, e)
+		if aerr := m.record(ctx, e); aerr != nil {
+			return fmt.Errorf("rotation: save CA state (%s); the audit record written before it says the step was done and could not be corrected: %w", err.Error(), aerr)
+		}
 		return fmt.Errorf("rotation: save CA state: %w", err)
 	}
 	next.version = v.version + 1

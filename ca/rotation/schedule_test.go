@@ -27,7 +27,7 @@ import (
 // retire after the last leaf.
 func TestSchedule(t *testing.T) {
 	h := newHarness(t, nil, nil, withSchedule)
-	ctx := context.Background()
+	ctx := t.Context()
 	root := only(t, h.status(t), storage.RoleRoot, storage.PhaseActive)
 	life := root.NotAfter.Sub(root.NotBefore)
 	prepareAt := root.NotBefore.Add(time.Duration(float64(life) * DefaultScheduleFraction))

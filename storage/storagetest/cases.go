@@ -20,7 +20,11 @@ var t0 = time.Date(2025, 6, 1, 12, 0, 0, 123456789, time.UTC)
 func open(t *testing.T, env Env) Store {
 	t.Helper()
 	s := env.Open(t)
-	t.Cleanup(func() { s.Close() })
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
 	return s
 }
 
@@ -37,7 +41,7 @@ func csr(id string, at time.Time) *storage.Record {
 
 func mustAppend(t *testing.T, s Store, r *storage.Record) {
 	t.Helper()
-	if err := s.Append(context.Background(), r); err != nil {
+	if err := s.Append(t.Context(), r); err != nil {
 		t.Fatalf("Append: %v", err)
 	}
 }
@@ -97,7 +101,7 @@ func testAppendChain(t *testing.T, env Env) {
 
 func testAppendTime(t *testing.T, env Env) {
 	s := open(t, env)
-	ctx := context.Background()
+	ctx := t.Context()
 	tests := []struct {
 		name string
 		in   time.Time

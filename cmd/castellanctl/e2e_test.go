@@ -657,7 +657,9 @@ func TestServeBinaryInvalidConfig(t *testing.T) {
 			t.Fatalf("castellan serve --signer nope: %v, want a non-zero exit", err)
 		}
 	case <-time.After(startTimeout):
-		cmd.Process.Kill()
+		if err := cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
+			t.Fatalf("castellan serve --signer nope still running after %s; kill: %v", startTimeout, err)
+		}
 		<-done
 		t.Fatalf("castellan serve --signer nope still running after %s", startTimeout)
 	}

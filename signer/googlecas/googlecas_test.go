@@ -43,7 +43,13 @@ func newSigner(t *testing.T, fake *castest.Server, cfg googlecas.Config) *google
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { s.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done; s.Close() })
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		if err := s.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
 	return s
 }
 

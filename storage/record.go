@@ -192,8 +192,8 @@ func (e *encoder) time(t time.Time) {
 		return
 	}
 	e.buf[0] = 1
-	binary.BigEndian.PutUint64(e.buf[1:9], uint64(t.Unix()))
-	binary.BigEndian.PutUint32(e.buf[9:13], uint32(t.Nanosecond()))
+	binary.BigEndian.PutUint64(e.buf[1:9], uint64(t.Unix()))        //nolint:gosec // G115: two's complement, a bijection on int64 (times before 1970 too); stored chains fix this encoding
+	binary.BigEndian.PutUint32(e.buf[9:13], uint32(t.Nanosecond())) //nolint:gosec // G115: Nanosecond is in [0, 1e9)
 	e.h.Write(e.buf[:13])
 }
 

@@ -170,7 +170,7 @@ func scanRecord(sc storage.RowScanner, r *storage.Record) error {
 	if err != nil {
 		return err
 	}
-	r.Seq = uint64(seq)
+	r.Seq = uint64(seq) //nolint:gosec // G115: seqs are written from [1, MaxInt64]; one tampered negative stays bit-exact, so the hash check reports it
 	r.Time = time.Unix(0, timeNS).UTC()
 	if r.NotBefore, err = parseTime(notBefore); err != nil {
 		return fmt.Errorf("seq %d not_before: %w", seq, err)

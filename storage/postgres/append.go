@@ -248,7 +248,7 @@ func (s *Store) settle(ctx context.Context, st *writerState) error {
 		return fmt.Errorf("outcome of failed batch (xid %s): still in progress on the server", u.xid)
 	}
 	var hash string
-	err = s.pool.QueryRow(ctx, `SELECT hash FROM audit_log WHERE writer = $1 AND seq = $2`, s.writer, int64(u.lastSeq)).Scan(&hash)
+	err = s.pool.QueryRow(ctx, `SELECT hash FROM audit_log WHERE writer = $1 AND seq = $2`, s.writer, int64(u.lastSeq)).Scan(&hash) //nolint:gosec // G115: a seq is the writer's stored head plus one per record, so it passes MaxInt64 only after 2^63 appends
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 	case err != nil:
@@ -311,7 +311,7 @@ func (s *Store) writeBatch(ctx context.Context, unmarked []storage.Record, reqs 
 	var seq uint64
 	prevHash := ""
 	if head != nil {
-		seq, prevHash = uint64(*head), *prev
+		seq, prevHash = uint64(*head), *prev //nolint:gosec // G115: seqs are written from [1, MaxInt64]; one tampered negative stays bit-exact, so the hash check reports it
 	}
 	now := s.opts.Now().UTC()
 	rows := make([][]any, 0, len(unmarked)+len(reqs))
@@ -355,7 +355,7 @@ func (s *Store) writeBatch(ctx context.Context, unmarked []storage.Record, reqs 
 func rowValues(r *storage.Record) []any {
 	nbS, nbNs := splitTime(r.NotBefore)
 	naS, naNs := splitTime(r.NotAfter)
-	return []any{r.Writer, int64(r.Seq), r.Time.UnixNano(), r.Kind, r.RequestID, r.Peer, r.AuthMethod, r.Caller,
+	return []any{r.Writer, int64(r.Seq), r.Time.UnixNano(), r.Kind, r.RequestID, r.Peer, r.AuthMethod, r.Caller, //nolint:gosec // G115: a seq is the writer's stored head plus one per record, so it passes MaxInt64 only after 2^63 appends
 		r.ClusterID, r.RequestedIdentity, r.GrantedIdentity, r.Outcome, r.Reason, r.Code, r.Serial,
 		nbS, nbNs, naS, naNs, r.CertSHA256, r.Signer, r.IssuerKeyID, r.Detail, r.PrevHash, r.Hash}
 }
@@ -366,7 +366,7 @@ func splitTime(t time.Time) (secs, nanos any) {
 	if t.IsZero() {
 		return nil, nil
 	}
-	return t.Unix(), int32(t.Nanosecond())
+	return t.Unix(), int32(t.Nanosecond()) //nolint:gosec // G115: Nanosecond is in [0, 1e9)
 }
 
 func utcOrZero(t time.Time) time.Time {

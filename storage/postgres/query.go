@@ -178,7 +178,7 @@ func scanRecord(row storage.RowScanner, r *storage.Record) error {
 	if err != nil {
 		return err
 	}
-	r.Seq, r.PrevHash, r.Hash = uint64(seq), prevH, hashH
+	r.Seq, r.PrevHash, r.Hash = uint64(seq), prevH, hashH //nolint:gosec // G115: seqs are written from [1, MaxInt64]; one tampered negative stays bit-exact, so the hash check reports it
 	r.Time = time.Unix(0, timeNS).UTC()
 	r.NotBefore, r.NotAfter = joinTime(nbS, nbNs), joinTime(naS, naNs)
 	return nil

@@ -172,24 +172,24 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 	s.wdb.SetConnMaxLifetime(0)
 	s.wdb.SetConnMaxIdleTime(0)
 	if err := s.init(ctx); err != nil {
-		s.wdb.Close()
-		return nil, err
+		return nil, errors.Join(err, s.wdb.Close())
 	}
 	s.rdb, err = sql.Open("sqlite", dsn(path, "_pragma=query_only(1)"))
 	if err != nil {
-		s.closeDBs()
-		return nil, fmt.Errorf("embedded: open %s for reading: %w", path, err)
+		return nil, errors.Join(fmt.Errorf("embedded: open %s for reading: %w", path, err), s.closeDBs())
 	}
 	s.rdb.SetMaxOpenConns(4)
 	if err := s.rdb.PingContext(ctx); err != nil {
-		s.closeDBs()
-		return nil, fmt.Errorf("embedded: open %s for reading: %w", path, err)
+		return nil, errors.Join(fmt.Errorf("embedded: open %s for reading: %w", path, err), s.closeDBs())
 	}
 
 	// A buffer of one batch lets callers queue while a commit is running.
 	s.queue = make(chan *appendReq, opts.MaxBatch)
 	s.done = make(chan struct{})
-	go s.run()
+	// The writer belongs to the store, not to Open's caller: Close stops it
+	// once the queued batches are committed. Its batches run on a context of
+	// their own, since no caller's ctx may abort a batch shared with others.
+	go s.run() //nolint:contextcheck // the writer outlives Open's ctx by design: Close ends it (see writeBatch)
 	log.Info("audit store opened", "path", path, "writer", s.writer)
 	return s, nil
 }

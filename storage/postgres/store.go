@@ -155,7 +155,11 @@ func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
 	s := &Store{pool: pool, writer: opts.Writer, opts: opts, log: log}
 	s.queue = make(chan *appendReq, opts.MaxBatch)
 	s.done = make(chan struct{})
-	go s.run()
+	// The writer belongs to the store, not to Open's caller: Close stops it
+	// once the queued batches are committed. Each batch runs under a context
+	// of its own bounded by CommitTimeout, since no caller's ctx may abort a
+	// batch shared with others.
+	go s.run() //nolint:contextcheck // the writer outlives Open's ctx by design: Close ends it (see commit)
 	log.Info("audit store opened", "store", "postgres", "host", cfg.ConnConfig.Host, "database", cfg.ConnConfig.Database, "writer", s.writer)
 	return s, nil
 }

@@ -142,7 +142,7 @@ func TestSPIFFEAuth(t *testing.T) {
 	})
 	t.Run("a party trusting another root is refused", func(t *testing.T) {
 		_, stranger, _ := newCA(t)
-		if _, err := federation.FetchBundle(ctx, td, url, federation.WithSPIFFEAuth(
+		if _, err := federation.FetchBundle(t.Context(), td, url, federation.WithSPIFFEAuth(
 			x509bundle.FromX509Authorities(td, stranger.Current().Roots), endpointID)); err == nil {
 			t.Errorf("FetchBundle trusted an endpoint outside its bundle")
 		}

@@ -84,7 +84,7 @@ func TestInventoryQueriesUseIndexes(t *testing.T) {
 			if strings.Contains(plan, "Seq Scan") || !containsAny(plan, tc.indexes) {
 				t.Fatalf("plan for %+v does not use %v:\n%s", tc.q, tc.indexes, plan)
 			}
-			if _, err := s.List(ctx, tc.q); err != nil {
+			if _, err := s.List(t.Context(), tc.q); err != nil {
 				t.Fatal(err)
 			}
 		})

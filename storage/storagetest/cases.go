@@ -101,7 +101,6 @@ func testAppendChain(t *testing.T, env Env) {
 
 func testAppendTime(t *testing.T, env Env) {
 	s := open(t, env)
-	ctx := t.Context()
 	tests := []struct {
 		name string
 		in   time.Time
@@ -122,7 +121,7 @@ func testAppendTime(t *testing.T, env Env) {
 			case !tc.in.IsZero() && !r.Time.Equal(tc.in):
 				t.Fatalf("time %v, want %v", r.Time, tc.in)
 			}
-			got, err := s.Get(ctx, r.Writer, r.Seq)
+			got, err := s.Get(t.Context(), r.Writer, r.Seq)
 			if err != nil {
 				t.Fatal(err)
 			}

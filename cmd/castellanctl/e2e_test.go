@@ -113,7 +113,15 @@ func verifyChain(chain, roots []*x509.Certificate) error {
 // issue runs `castellanctl issue` into a fresh directory and reads the result.
 func issue(t *testing.T, data, identity string, extra ...string) issuedFiles {
 	t.Helper()
-	return issueInto(t, data, filepath.Join(t.TempDir(), "out"), identity, extra...)
+	out := filepath.Join(t.TempDir(), "out")
+	f := issueInto(t, data, out, identity, extra...)
+	// castellanctl created out, which holds a private key: only its owner may enter it.
+	if fi, err := os.Stat(out); err != nil {
+		t.Error(err)
+	} else if fi.Mode().Perm() != 0o700 {
+		t.Errorf("--out-dir created with mode %v, want 0700", fi.Mode().Perm())
+	}
+	return f
 }
 
 // issueInto is issue with the --out-dir given.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -182,8 +183,7 @@ func startGoogleCAS(ctx context.Context, c *component, cfg Config, authority *ca
 		return err
 	}
 	if _, err := authority.Use(googlecas.Backend, s); err != nil {
-		s.Close()
-		return err
+		return errors.Join(err, s.Close())
 	}
 	c.Go(func(ctx context.Context) error {
 		s.Run(ctx)

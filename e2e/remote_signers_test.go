@@ -161,14 +161,17 @@ func (c *baoClient) healthy() bool {
 	if err != nil {
 		return false
 	}
-	resp.Body.Close()
+	_ = resp.Body.Close() // only the status is read; nothing to lose
 	return resp.StatusCode == http.StatusOK
 }
 
 // write POSTs body to path and returns the response's data (or auth) object.
 func (c *baoClient) write(path string, body map[string]any) map[string]any {
 	c.t.Helper()
-	b, _ := json.Marshal(body)
+	b, err := json.Marshal(body)
+	if err != nil {
+		c.t.Fatalf("openbao %s: %v", path, err)
+	}
 	req, _ := http.NewRequest(http.MethodPost, c.url+path, bytes.NewReader(b))
 	req.Header.Set("X-Vault-Token", "root")
 	resp, err := http.DefaultClient.Do(req)
@@ -213,7 +216,12 @@ func startFakeCAS(t *testing.T) *remotePKI {
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start fakecas: %v", err)
 	}
-	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
+	t.Cleanup(func() {
+		if err := stdin.Close(); err != nil {
+			t.Errorf("close fakecas's stdin: %v", err)
+		}
+		_ = cmd.Wait() // its exit status after stdin closed says nothing
+	})
 	line, err := bufio.NewReader(stdout).ReadString('\n')
 	if err != nil {
 		t.Fatalf("fakecas: %v", err)

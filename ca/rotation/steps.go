@@ -64,14 +64,24 @@ func (m *Manager) rotate(ctx context.Context, req adminapi.RotateRequest, keyID 
 			err = m.sealNew(v, ch.next)
 		}
 		if err != nil {
+			var refusal auditEntry
 			switch {
 			case errors.Is(err, ca.ErrPrecondition):
-				_ = m.record(ctx, auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeRefused,
-					reason: adminapi.ReasonRotationRefused, detail: describe(req) + ": refused: " + err.Error(), err: err})
+				refusal = auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeRefused,
+					reason: adminapi.ReasonRotationRefused, detail: describe(req) + ": refused: " + err.Error(), err: err}
 			case errors.Is(err, signer.ErrSignerUnavailable):
 				// The key provider (HSM, KMS) is down: a backend outage, audited as one.
-				_ = m.record(ctx, auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeFailed,
-					reason: ca.ReasonSignerDown, detail: describe(req) + ": failed: " + err.Error(), err: ca.Refuse(ca.ErrUnavailable, ca.ReasonSignerDown, err)})
+				refusal = auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeFailed,
+					reason: ca.ReasonSignerDown, detail: describe(req) + ": failed: " + err.Error(), err: ca.Refuse(ca.ErrUnavailable, ca.ReasonSignerDown, err)}
+			}
+			if refusal.method != "" {
+				if aerr := m.record(ctx, refusal); aerr != nil {
+					// Every operator action is audited, refusals too: one the
+					// log cannot take fails as a storage error (Unavailable,
+					// retry), like a step whose record fails. The refusal is
+					// named, not wrapped, so that it is not taken for one.
+					return nil, fmt.Errorf("rotation: audit of the refusal (%s): %w", err.Error(), aerr)
+				}
 			}
 			return nil, err
 		}
@@ -290,6 +300,10 @@ func (m *Manager) retire(v *view, target, only string, force bool, now time.Time
 // commit saves next in place of v, audited by e: the record is written
 // first, so that no state change goes unrecorded; if the save then fails, a
 // second record says so. On success next carries the new version.
+//
+// When that second record fails too, the log says a step was done that was
+// not: the error names both failures and no longer wraps the save's (not
+// even a conflict), so the step is not retried into a log that misleads.
 func (m *Manager) commit(ctx context.Context, v, next *view, e auditEntry) error {
 	for _, c := range next.cas {
 		if c.Source == storage.SourceManaged && c.Phase != storage.PhaseRetired && len(c.SealedKey) == 0 {
@@ -302,7 +316,9 @@ func (m *Manager) commit(ctx context.Context, v, next *view, e auditEntry) error
 	if err := m.cfg.Store.Save(ctx, v.version, next.records()); err != nil {
 		e.outcome, e.detail = storage.OutcomeFailed, e.detail+": not applied: "+err.Error()
 		e.err = ca.Refuse(ca.ErrUnavailable, adminapi.ReasonCAStateDown, err)
-		_ = m.record(ctx, e)
+		if aerr := m.record(ctx, e); aerr != nil {
+			return fmt.Errorf("rotation: save CA state (%s); the audit record written before it says the step was done and could not be corrected: %w", err.Error(), aerr)
+		}
 		return fmt.Errorf("rotation: save CA state: %w", err)
 	}
 	next.version = v.version + 1

@@ -21,9 +21,9 @@ import (
 	"github.com/castellan-ca/castellan/signer/cakey"
 )
 
-// ErrRootWithoutKey: a root certificate of earlier versions is present but
-// its key is gone with the rotation state; replacing the root silently would
-// cut off every workload that trusts it.
+// ErrRootWithoutKey reports a root certificate of earlier versions whose key
+// is gone with the rotation state: replacing the root silently would cut off
+// every workload that trusts it.
 var ErrRootWithoutKey = errors.New("root certificate without its key")
 
 // Generator makes the CAs of the selfsigned backend for the CA rotation

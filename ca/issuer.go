@@ -436,7 +436,7 @@ func issuerNotAfter(chain *signer.Chain, st *State) time.Time {
 func callerGone(ctx context.Context, err error) error {
 	var r *Refusal
 	cerr := ctx.Err()
-	if cerr == nil || !errors.As(err, &r) || r.Kind != ErrUnavailable {
+	if cerr == nil || !errors.As(err, &r) || !errors.Is(r.Kind, ErrUnavailable) {
 		return err
 	}
 	return Refuse(cerr, ReasonCallerGone, r.Err)

@@ -42,7 +42,8 @@ type serverConfig struct {
 
 	// extraArgs are further flags, appended last (kubernetes).
 	extraArgs []string
-	// env are further NAME=value variables of the process (AWS credentials).
+	// env are further NAME=value variables of the process (AWS credentials,
+	// SOFTHSM2_CONF).
 	env []string
 }
 
@@ -122,7 +123,7 @@ func launch(t *testing.T, cfg serverConfig, dataDir string) (*server, error) {
 		select {
 		case <-s.exited:
 			if strings.Contains(s.logs.String(), "address already in use") {
-				return nil, fmt.Errorf("%w: %v", testproc.ErrPortTaken, err)
+				return nil, fmt.Errorf("%w: %w", testproc.ErrPortTaken, err)
 			}
 		default:
 			_ = s.cmd.Process.Kill()

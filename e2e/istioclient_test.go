@@ -62,9 +62,18 @@ func TestIstioClient(t *testing.T) {
 	for _, signer := range []string{"selfsigned", "intermediate", "vault", "googlecas", "awspca"} {
 		t.Run(signer, func(t *testing.T) {
 			t.Parallel()
-			testBackend(t, signer)
+			testBackend(t, signer, nil)
 		})
 	}
+	// The self-signed root's key in a SoftHSM2 token (hsm_test.go).
+	t.Run("selfsigned-hsm", func(t *testing.T) {
+		t.Parallel()
+		hsm := newSoftHSM(t)
+		testBackend(t, "selfsigned", hsm.configure)
+		if got := hsm.objects(t); got != 2 {
+			t.Errorf("token holds %d key objects, want 2: the root's key pair, made there", got)
+		}
+	})
 }
 
 // backend is one server under test and what the tests know about its CA.
@@ -90,11 +99,15 @@ type credential struct {
 	keyFile, chainFile string
 }
 
-// testBackend runs every step against one server with the given signer.
-// Steps depend on earlier ones, so a failed step ends the sequence.
-func testBackend(t *testing.T, signer string) {
+// testBackend runs every step against one server with the given signer,
+// configured further by setup unless nil. Steps depend on earlier ones, so
+// a failed step ends the sequence.
+func testBackend(t *testing.T, signer string, setup func(*serverConfig)) {
 	b := &backend{signer: signer, tempDir: t.TempDir}
 	cfg := serverConfig{signer: signer}
+	if setup != nil {
+		setup(&cfg)
+	}
 	if signer == "intermediate" {
 		b.ca = newTestCA(t)
 		b.wantIntermediates = []*x509.Certificate{b.ca.intermediate}

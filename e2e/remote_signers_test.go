@@ -166,14 +166,17 @@ func (c *baoClient) healthy() bool {
 	if err != nil {
 		return false
 	}
-	resp.Body.Close()
+	_ = resp.Body.Close() // only the status is read; nothing to lose
 	return resp.StatusCode == http.StatusOK
 }
 
 // write POSTs body to path and returns the response's data (or auth) object.
 func (c *baoClient) write(path string, body map[string]any) map[string]any {
 	c.t.Helper()
-	b, _ := json.Marshal(body)
+	b, err := json.Marshal(body)
+	if err != nil {
+		c.t.Fatalf("openbao %s: %v", path, err)
+	}
 	req, _ := http.NewRequest(http.MethodPost, c.url+path, bytes.NewReader(b))
 	req.Header.Set("X-Vault-Token", "root")
 	resp, err := http.DefaultClient.Do(req)

@@ -53,6 +53,8 @@ type Config struct {
 	AuditConfig `yaml:",inline"`
 	// RotationConfig holds the CA rotation keys (rotation.go), at the top level of the file.
 	RotationConfig `yaml:",inline"`
+	// KeysConfig holds the key provider keys (keys.go), at the top level of the file.
+	KeysConfig `yaml:",inline"`
 	// Vault, GoogleCAS and AWSPCA configure those signers (remote_signers.go, awspca.go).
 	Vault     VaultConfig     `yaml:"vault"`
 	GoogleCAS GoogleCASConfig `yaml:"googleCAS"`
@@ -138,6 +140,7 @@ func bindFlags(fs *flag.FlagSet, c *Config) {
 	bindKubeFlags(fs, &c.KubeConfig)
 	bindAuditFlags(fs, &c.AuditConfig)
 	bindRotationFlags(fs, &c.RotationConfig)
+	bindKeyFlags(fs, &c.KeysConfig)
 	bindRemoteSignerFlags(fs, &c.Vault, &c.GoogleCAS)
 	bindAWSPCAFlags(fs, &c.AWSPCA)
 }
@@ -147,7 +150,7 @@ func bindFlags(fs *flag.FlagSet, c *Config) {
 func loadConfig(args []string) (Config, error) {
 	c := defaults()
 	if path := configPath(args); path != "" {
-		b, err := os.ReadFile(path)
+		b, err := os.ReadFile(path) //nolint:gosec // G703: the path is the operator's own --config flag, read with the operator's rights; no request reaches it
 		if err != nil {
 			return c, fmt.Errorf("config: %w", err)
 		}
@@ -258,6 +261,7 @@ func (c Config) Validate() error {
 	c.KubeConfig.validate(bad)
 	c.AuditConfig.validate(bad)
 	c.RotationConfig.validate(bad, c)
+	c.KeysConfig.validate(bad, c)
 	if err := c.OIDC.Validate(); err != nil {
 		errs = append(errs, err) // names its own keys (oidc.issuers[i].…)
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/x509"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -185,8 +186,7 @@ func startGoogleCAS(ctx context.Context, c *component, cfg Config, authority *ca
 		return err
 	}
 	if _, err := authority.Use(googlecas.Backend, s); err != nil {
-		s.Close()
-		return err
+		return errors.Join(err, s.Close())
 	}
 	c.Go(func(ctx context.Context) error {
 		s.Run(ctx)

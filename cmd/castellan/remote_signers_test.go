@@ -66,7 +66,7 @@ func TestRemoteSignerConfig(t *testing.T) {
 		{name: "vault verbatim needs no role", args: []string{"--signer", "vault", "--vault-address", "https://v", "--vault-verbatim", "--vault-kubernetes-role", "k"}},
 		{name: "vault kubernetes without role", args: []string{"--signer", "vault", "--vault-address", "https://v", "--vault-role", "r"}, wantErr: "vault.kubernetesRole"},
 		{name: "vault unknown auth method", args: []string{"--signer", "vault", "--vault-address", "https://v", "--vault-role", "r", "--vault-auth-method", "ldap"}, wantErr: "vault.authMethod"},
-		{name: "vault unknown key", file: "signer: vault\nvault:\n  adress: https://v\n", wantErr: "adress"},
+		{name: "vault unknown key", file: "signer: vault\nvault:\n  vaultAddress: https://v\n", wantErr: "vaultAddress"},
 		{
 			name: "googleCAS section",
 			file: "signer: googlecas\ngoogleCAS:\n  caPool: projects/p/locations/l/caPools/c\n  certificateAuthority: ca1\n",

@@ -134,7 +134,14 @@ func (s *server) startSigner(ctx context.Context) error {
 	case awspca.Backend:
 		return startAWSPCA(ctx, c, s.cfg, s.authority, audit, s.logger)
 	}
-	m, err := startRotation(ctx, s.cfg, s.td, s.authority, s.store, s.logger)
+	keys, err := openKeyProvider(ctx, s.cfg, s.logger)
+	if err != nil {
+		return err
+	}
+	if keys != nil {
+		c.onStop(func() { _ = keys.Close() })
+	}
+	m, err := startRotation(ctx, s.cfg, s.td, s.authority, s.store, keys, s.logger)
 	if err != nil {
 		return err
 	}
@@ -153,7 +160,10 @@ func (s *server) startAuthn(ctx context.Context) error {
 	// OIDC goes before Kubernetes tokens: it claims only tokens whose iss is
 	// one of its issuers and passes every other token on.
 	if len(s.cfg.OIDC.Issuers) > 0 {
-		oidcAuthn, err := authn.NewOIDC(c.ctx, authn.OIDCOptions{TrustDomain: s.td, Config: s.cfg.OIDC, Logger: s.logger})
+		// NewOIDC does not block: c.ctx bounds its background discovery,
+		// which must run until shutdown reaches this component, not stop
+		// when serve's ctx ends while later components still take requests.
+		oidcAuthn, err := authn.NewOIDC(c.ctx, authn.OIDCOptions{TrustDomain: s.td, Config: s.cfg.OIDC, Logger: s.logger}) //nolint:contextcheck // c.ctx is the component's lifetime, derived from serve's ctx by lifecycle.start (WithoutCancel, then ended by shutdown)
 		if err != nil {
 			return err
 		}
@@ -234,7 +244,7 @@ func (s *server) startBundleEndpoint(ctx context.Context) error {
 	}
 	c := s.lc.start("bundle endpoint")
 	c.Go(func(context.Context) error { return srv.Serve() })
-	c.onStop(func() { closeWithin(5*time.Second, srv.Close) })
+	c.onStop(func() { closeWithin(ctx, 5*time.Second, srv.Close) })
 	return nil
 }
 
@@ -290,20 +300,26 @@ func gracefulStop(srv *grpc.Server, timeout time.Duration) {
 	srv.Stop() // waits for the handlers a timed-out graceful stop cancelled
 }
 
-// closeWithin calls closeFn with a context that gives it timeout.
-func closeWithin(timeout time.Duration, closeFn func(context.Context) error) {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+// closeWithin calls closeFn at shutdown, when ctx (serve's) may have ended:
+// with ctx's values, detached from its cancellation and bounded by timeout.
+func closeWithin(ctx context.Context, timeout time.Duration, closeFn func(context.Context) error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
 	defer cancel()
 	_ = closeFn(ctx)
 }
 
 // startMonitoring serves /metrics, /healthz (process alive) and /readyz (can
 // issue: each component that can stop issuance added a check).
-func (s *server) startMonitoring(context.Context) error {
+func (s *server) startMonitoring(ctx context.Context) error {
 	ready := append([]readyCheck{
-		{"signer", func(context.Context) error {
-			if s.authority.Current() == nil {
+		{"signer", func(ctx context.Context) error {
+			st := s.authority.Current()
+			if st == nil {
 				return errors.New("no active signer")
+			}
+			// A CA key in an HSM or KMS: can its provider sign now?
+			if c, ok := st.Signer.(checker); ok {
+				return c.Check(ctx)
 			}
 			return nil
 		}},
@@ -322,9 +338,15 @@ func (s *server) startMonitoring(context.Context) error {
 		}
 		return nil
 	})
-	c.onStop(func() { closeWithin(5*time.Second, srv.Shutdown) })
+	c.onStop(func() { closeWithin(ctx, 5*time.Second, srv.Shutdown) })
 	s.monitoringAddr = lis.Addr().String()
 	return nil
+}
+
+// checker is a signer that can tell whether it can sign now (a local CA
+// whose key is in an HSM or KMS).
+type checker interface {
+	Check(ctx context.Context) error
 }
 
 // readyCheck is one condition of /readyz.
@@ -338,7 +360,9 @@ type readyCheck struct {
 func monitoringHandler(reg *prometheus.Registry, ready []readyCheck) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = io.WriteString(w, "ok\n") // fails only when the prober hung up: no one left to tell
+	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
@@ -348,7 +372,7 @@ func monitoringHandler(reg *prometheus.Registry, ready []readyCheck) http.Handle
 				return
 			}
 		}
-		io.WriteString(w, "ok\n")
+		_, _ = io.WriteString(w, "ok\n") // fails only when the prober hung up: no one left to tell
 	})
 	return mux
 }

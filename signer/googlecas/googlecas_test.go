@@ -39,7 +39,11 @@ func newSigner(t *testing.T, fake *castest.Server, cfg googlecas.Config) *google
 	if err != nil {
 		t.Fatalf("googlecas.New: %v", err)
 	}
-	t.Cleanup(func() { s.Close() })
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
 	signertest.RunUntilCleanup(t, s.Run) // its cleanup runs first: Run ends before Close
 	return s
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -14,8 +15,9 @@ import (
 // TestOfflineVerification hands an auditor the log the way README says:
 // the checkpoint public key (castellanctl audit checkpoint-key, the same as
 // the server's audit-checkpoint-key.pub.pem) and an export. The export
-// verifies with no server running, prune checkpoints included; an edited or
-// cut export, a filtered one and the wrong key do not; a later export
+// verifies with no server running, prune checkpoints included; an export
+// with a record edited, removed or reordered, a checkpoint removed or the
+// end cut, a filtered one and the wrong key do not; a later export
 // verifies against the earlier one's head.
 func TestOfflineVerification(t *testing.T) {
 	data := filepath.Join(t.TempDir(), "data")
@@ -84,6 +86,8 @@ func TestOfflineVerification(t *testing.T) {
 		name, content, want string
 	}{
 		{"edited", strings.Join(edited, ""), "hash mismatch"},
+		{"record removed", strings.Join(slices.Delete(slices.Clone(lines), 2, 3), ""), "missing"},
+		{"records reordered", strings.Join(swapped(lines, 1, 2), ""), "missing"},
 		{"cut", strings.Join(lines[:len(lines)-2], ""), "NOT SIGNED"},
 		{"checkpoint removed", strings.Join(lines[1:], ""), "missing"},
 	} {
@@ -123,4 +127,11 @@ func readFile(t *testing.T, path string) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// swapped returns a copy of l with elements i and j swapped.
+func swapped(l []string, i, j int) []string {
+	c := slices.Clone(l)
+	c[i], c[j] = c[j], c[i]
+	return c
 }

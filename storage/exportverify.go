@@ -72,13 +72,14 @@ func VerifyExport(r io.Reader, pub ed25519.PublicKey, opts VerifyOptions) (Expor
 	sc.Buffer(make([]byte, 0, 64<<10), MaxExportLine)
 	for sc.Scan() {
 		x.res.Lines++
-		if x.line(sc.Bytes()) != nil {
+		// A break is in the result, not the error: stop at the first.
+		if _ = x.line(sc.Bytes()); x.broken() {
 			return x.result(), nil
 		}
 	}
 	if err := sc.Err(); err != nil {
 		if errors.Is(err, bufio.ErrTooLong) {
-			x.fail("", 0, "line %d: longer than %d bytes", x.res.Lines+1, MaxExportLine)
+			_ = x.fail("", 0, "line %d: longer than %d bytes", x.res.Lines+1, MaxExportLine)
 			return x.result(), nil
 		}
 		return x.result(), fmt.Errorf("storage: verify export: %w", err)
@@ -104,6 +105,9 @@ type exportVerifier struct {
 	seenPrevious map[string]bool
 	buf          bytes.Buffer
 }
+
+// broken reports whether a break was found.
+func (x *exportVerifier) broken() bool { return x.err != nil }
 
 func (x *exportVerifier) fail(writer string, seq uint64, format string, a ...any) error {
 	if x.err == nil {

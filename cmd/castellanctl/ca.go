@@ -185,7 +185,7 @@ func printCAStatus(w io.Writer, st *adminapi.RotationStatus, output string) erro
 		}
 	}
 	if len(held) > 0 {
-		fmt.Fprintf(w, "CA keys held by a key provider (sealed under no KEK): %s\n", strings.Join(held, ", "))
+		out.printf("CA keys held by a key provider (sealed under no KEK): %s\n", strings.Join(held, ", "))
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	table := textOut{tw}

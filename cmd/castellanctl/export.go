@@ -146,8 +146,11 @@ func exportAll(ctx context.Context, client adminpb.AdminServiceClient, sink stor
 				return n, err
 			}
 			n.keyID = h.KeyID
-			if _, err := stream.Recv(); !errors.Is(err, io.EOF) {
-				return n, fmt.Errorf("the server sent more after the head (%v)", err)
+			switch _, err := stream.Recv(); {
+			case err == nil:
+				return n, errors.New("the server sent more after the head")
+			case !errors.Is(err, io.EOF):
+				return n, fmt.Errorf("after the head: %w", err)
 			}
 			return n, nil
 		}
@@ -328,9 +331,11 @@ func cmdAuditCheckpointKey(ctx context.Context, g *globals, args []string, stdou
 		return fmt.Errorf("audit checkpoint-key: %w", err)
 	}
 	k, err := keyfile.ParsePublicKeyPEM([]byte(resp.GetPublicKeyPem()))
-	pub, ok := k.(ed25519.PublicKey)
-	if err != nil || !ok || storage.CheckpointKeyID(pub) != resp.GetKeyId() {
-		return fmt.Errorf("audit checkpoint-key: the server sent a key that is not the Ed25519 key %.16s… (%v)", resp.GetKeyId(), err)
+	if err != nil {
+		return fmt.Errorf("audit checkpoint-key: the server sent a key that does not parse: %w", err)
+	}
+	if pub, ok := k.(ed25519.PublicKey); !ok || storage.CheckpointKeyID(pub) != resp.GetKeyId() {
+		return fmt.Errorf("audit checkpoint-key: the server sent a key that is not the Ed25519 key %.16s…", resp.GetKeyId())
 	}
 	if _, err := io.WriteString(stdout, resp.GetPublicKeyPem()); err != nil {
 		return err

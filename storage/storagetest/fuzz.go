@@ -123,7 +123,7 @@ func FuzzRoundTrip(f *testing.F, s Store) {
 			if res, err := s.Verify(ctx); err != nil || !res.OK || res.Records != int(got.Seq) {
 				t.Fatalf("Verify = %+v, %v; want OK with %d records", res, err, got.Seq)
 			}
-			checkExported(t, s, got)
+			checkExported(t, s, got) //nolint:contextcheck // exportOf runs under its own background context, as the other conformance helpers do
 		}
 	})
 }

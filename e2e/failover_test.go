@@ -95,7 +95,7 @@ func TestKillLeaderMidRotation(t *testing.T) {
 	go func() { prepareDone <- prepare.Wait() }()
 	eventuallyE2E(t, failoverBound, "the leader's prepare is mid-transaction", func() error {
 		var n int
-		if err := conn.QueryRow(ctx, `SELECT count(*) FROM pg_locks w JOIN pg_locks s ON s.pid = w.pid
+		if err := conn.QueryRow(ctx, `SELECT count(DISTINCT w.pid) FROM pg_locks w JOIN pg_locks s ON s.pid = w.pid
 			JOIN pg_class c ON c.oid = s.relation
 			WHERE w.locktype = 'advisory' AND NOT w.granted AND c.relname = 'ca_authority'`).Scan(&n); err != nil {
 			return err

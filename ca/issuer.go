@@ -10,9 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"strings"
 	"time"
-	"unicode/utf8"
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/signer"
@@ -180,8 +178,8 @@ func (is *Issuer) Issue(ctx context.Context, req Request) (*Issued, error) {
 		Time:      start.UTC(),
 		Kind:      storage.KindCSR,
 		RequestID: newRequestID(is.cfg.Rand),
-		Peer:      req.Peer,
-		ClusterID: clip(req.ClusterID, 253),
+		Peer:      storage.Sanitize(req.Peer, storage.MaxNameLen),
+		ClusterID: storage.Sanitize(req.ClusterID, storage.MaxNameLen),
 	}
 	var out *Issued
 	var err error
@@ -205,7 +203,7 @@ func (is *Issuer) Issue(ctx context.Context, req Request) (*Issued, error) {
 			rec.Outcome = storage.OutcomeFailed
 		}
 		rec.Reason = ReasonOf(err)
-		rec.Detail = clip(err.Error(), 1024)
+		rec.Detail = storage.Sanitize(err.Error(), storage.MaxDetailLen)
 	}
 	rec.Code = Status(err).Code().String()
 
@@ -245,8 +243,9 @@ func (is *Issuer) observe(rec *storage.Record, err error, start time.Time) {
 	default:
 		m.signErrors.WithLabelValues(reason).Inc()
 	}
+	// The error's text can quote what the caller sent: sanitised like the record's fields.
 	is.cfg.Logger.Info("certificate request refused", "request_id", rec.RequestID, "peer", rec.Peer,
-		"caller", rec.Caller, "code", code.String(), "reason", reason, "error", err)
+		"caller", rec.Caller, "code", code.String(), "reason", reason, "error", storage.Sanitize(err.Error(), storage.MaxDetailLen))
 }
 
 // issue does the work of Issue between admission and audit, filling rec.
@@ -258,7 +257,7 @@ func (is *Issuer) issue(ctx context.Context, req Request, rec *storage.Record) (
 		}
 		return nil, err
 	}
-	rec.AuthMethod, rec.Caller = caller.Method, caller.Name
+	rec.AuthMethod, rec.Caller = caller.Method, storage.Sanitize(caller.Name, storage.MaxNameLen)
 	if req.OperatorOnly {
 		if err := requireOperator(caller); err != nil {
 			return nil, err
@@ -269,7 +268,7 @@ func (is *Issuer) issue(ctx context.Context, req Request, rec *storage.Record) (
 	if err != nil {
 		return nil, err
 	}
-	rec.RequestedIdentity = clip(requested, 2048)
+	rec.RequestedIdentity = storage.Sanitize(requested, storage.MaxNameLen)
 	grant, err := is.scope(ctx, caller, requested)
 	if err != nil {
 		return nil, err
@@ -431,18 +430,4 @@ func callerGone(ctx context.Context, err error) error {
 func isTransient(err error) bool {
 	return errors.Is(err, ErrUnavailable) || errors.Is(err, ErrOverloaded) || errors.Is(err, ErrInternal) ||
 		errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
-}
-
-// clip bounds attacker-controlled strings before they reach logs and the audit log.
-// The result is valid UTF-8 (audit fields travel in protobuf strings and
-// Postgres TEXT, both of which reject anything else) and never splits a rune.
-func clip(s string, n int) string {
-	s = strings.ToValidUTF8(s, "\uFFFD")
-	if len(s) <= n {
-		return s
-	}
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n]
 }

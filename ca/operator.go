@@ -150,10 +150,12 @@ func (is *Issuer) authenticate(ctx context.Context) (*authn.Caller, error) {
 	case err == nil:
 		return caller, nil
 	case errors.Is(err, authn.ErrNoCredentials):
+		is.adm.chargePeer(ctx)
 		return nil, Refuse(ErrUnauthenticated, ReasonNoCredentials, err)
 	case errors.Is(err, authn.ErrUnavailable):
 		return nil, Refuse(ErrUnavailable, ReasonAuthnDown, err)
 	default:
+		is.adm.chargePeer(ctx) // the peer's fault: its address pays (Admission)
 		return nil, Refuse(ErrUnauthenticated, ReasonAuthnFailed, err)
 	}
 }

@@ -53,6 +53,8 @@ type Config struct {
 	AuditConfig `yaml:",inline"`
 	// RotationConfig holds the CA rotation keys (rotation.go), at the top level of the file.
 	RotationConfig `yaml:",inline"`
+	// LimitsConfig holds the limits on peers and callers (limits.go), at the top level of the file.
+	LimitsConfig `yaml:",inline"`
 	// Vault and GoogleCAS configure those signers (remote_signers.go).
 	Vault     VaultConfig     `yaml:"vault"`
 	GoogleCAS GoogleCASConfig `yaml:"googleCAS"`
@@ -84,6 +86,7 @@ func defaults() Config {
 		KubeConfig:       kubeDefaults(),
 		AuditConfig:      auditDefaults(),
 		RotationConfig:   rotationDefaults(),
+		LimitsConfig:     limitsDefaults(),
 		Vault:            vaultDefaults(),
 		GoogleCAS:        googleCASDefaults(),
 	}
@@ -136,6 +139,7 @@ func bindFlags(fs *flag.FlagSet, c *Config) {
 	bindKubeFlags(fs, &c.KubeConfig)
 	bindAuditFlags(fs, &c.AuditConfig)
 	bindRotationFlags(fs, &c.RotationConfig)
+	bindLimitFlags(fs, &c.LimitsConfig)
 	bindRemoteSignerFlags(fs, &c.Vault, &c.GoogleCAS)
 }
 
@@ -253,6 +257,7 @@ func (c Config) Validate() error {
 	c.KubeConfig.validate(bad)
 	c.AuditConfig.validate(bad)
 	c.RotationConfig.validate(bad, c)
+	c.LimitsConfig.validate(bad, c)
 	if err := c.OIDC.Validate(); err != nil {
 		errs = append(errs, err) // names its own keys (oidc.issuers[i].…)
 	}

@@ -9,9 +9,14 @@ import (
 	"net/http"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
+	"github.com/castellan-ca/castellan/cmd/internal/datadir"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
+	"github.com/castellan-ca/castellan/storage"
+	"github.com/castellan-ca/castellan/storage/embedded"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -149,6 +154,141 @@ func matchIssued(t *testing.T, received []string, recs []*adminpb.AuditRecord) {
 	for _, sum := range received {
 		if n := issued[sum]; n != 1 {
 			t.Errorf("certificate %s…: %d issuance records, want exactly 1", sum[:12], n)
+		}
+	}
+}
+
+// slowID is the identity whose issuance the fault hook holds up, longer than
+// the shutdown drain, without looking at its context (a stuck backend).
+const slowID = "spiffe://cluster.local/ns/fault/sa/slow"
+
+// TestServeShutdownUnderLoad cancels serve (what SIGTERM does) while fast
+// calls keep coming and slow ones are in flight: fast calls finish or get
+// Unavailable, the slow ones are cut off after the drain (their clients see
+// Unavailable) yet still leave their audit record, serve returns within the
+// grace period, and the store read afterwards holds exactly one issuance
+// record per certificate a client received, and none delivered to a slow call.
+func TestServeShutdownUnderLoad(t *testing.T) {
+	entered := make(chan struct{}, 3)
+	hooks := faultHooks{beforeSign: func(_ context.Context, grant spiffeid.ID) {
+		if grant.String() == slowID {
+			entered <- struct{}{}
+			time.Sleep(3 * time.Second)
+		}
+	}}
+	// grace 7s with the default 5s audit timeout: 1s of drain.
+	data := filepath.Join(t.TempDir(), "data")
+	s := startServeWith(t, data, hooks, "--shutdown-grace-period", "7s")
+	admin := adminpb.NewAdminServiceClient(s.conn(t, true))
+	issue := func(id string) ([]string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+		defer cancel()
+		resp, err := admin.IssueCertificate(ctx, &adminpb.IssueCertificateRequest{Csr: csrPEM(t), Identity: id, ValiditySeconds: 3600})
+		return resp.GetCertChain(), err
+	}
+
+	var (
+		mu       sync.Mutex
+		received []string
+		byCode   = map[codes.Code]int{}
+		fast     atomic.Int64
+		wg       sync.WaitGroup
+	)
+	stop := make(chan struct{})
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				chain, err := issue(fmt.Sprintf("spiffe://cluster.local/ns/fault/sa/fast%d", w))
+				mu.Lock()
+				byCode[status.Code(err)]++
+				if err == nil {
+					received = append(received, leafSHA256(t, chain[0]))
+					fast.Add(1)
+				}
+				mu.Unlock()
+				if err != nil {
+					time.Sleep(10 * time.Millisecond)
+				}
+			}
+		}()
+	}
+	slowCodes := make(chan codes.Code, 3)
+	for range 3 {
+		go func() {
+			_, err := issue(slowID)
+			slowCodes <- status.Code(err)
+		}()
+	}
+	for range 3 {
+		<-entered // the slow calls are in flight, inside the pipeline
+	}
+	for fast.Load() < 50 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	start := time.Now()
+	if err := s.stop(); err != nil {
+		t.Fatalf("serve returned %v, want nil", err)
+	}
+	took := time.Since(start)
+	close(stop)
+	wg.Wait()
+	for range 3 {
+		if c := <-slowCodes; c != codes.Unavailable {
+			t.Errorf("slow call cut off at shutdown: %s, want Unavailable", c)
+		}
+	}
+	for c, n := range byCode {
+		if c != codes.OK && c != codes.Unavailable {
+			t.Errorf("%d fast calls ended with %s, want OK or Unavailable", n, c)
+		}
+	}
+	t.Logf("serve returned %v after cancel; fast calls by code %v", took.Round(time.Millisecond), byCode)
+	if took > 7*time.Second {
+		t.Errorf("serve returned %v after cancel, want within the 7s grace period", took)
+	}
+
+	store, err := embedded.Open(context.Background(), filepath.Join(data, datadir.AuditDB), embedded.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	recs, err := store.List(context.Background(), storage.Query{Limit: storage.MaxLimit})
+	if err != nil {
+		t.Fatal(err)
+	}
+	issued, undelivered := map[string]int{}, map[string]bool{}
+	var slow []storage.Record
+	for _, r := range recs {
+		switch {
+		case r.Outcome == storage.OutcomeIssued:
+			issued[r.CertSHA256]++
+		case r.Outcome == storage.OutcomeUndelivered:
+			undelivered[r.CertSHA256] = true
+		}
+		if r.RequestedIdentity == slowID && r.Outcome != storage.OutcomeUndelivered {
+			slow = append(slow, r)
+		}
+	}
+	for _, r := range slow {
+		t.Logf("slow call: %s %s %s", r.Outcome, r.Code, r.Reason)
+		if r.Outcome == storage.OutcomeIssued && !undelivered[r.CertSHA256] {
+			t.Errorf("slow call's certificate %s… issued with no undelivered marker", r.CertSHA256[:12])
+		}
+	}
+	slowRecs := len(slow)
+	if slowRecs != 3 {
+		t.Errorf("%d audit records of the slow calls, want 3", slowRecs)
+	}
+	for _, sum := range received {
+		if issued[sum] != 1 || undelivered[sum] {
+			t.Errorf("received certificate %s…: %d issuance records, undelivered marker %v; want 1 and none", sum[:12], issued[sum], undelivered[sum])
 		}
 	}
 }

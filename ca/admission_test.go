@@ -249,6 +249,18 @@ func tapCall(a *ca.Admission, addr string) (context.Context, context.CancelFunc,
 	return tctx, cancel, nil
 }
 
+// admit runs the tap for a call from addr that must be admitted. The call
+// ends when cancel is called, or at the end of the test.
+func admit(t *testing.T, a *ca.Admission, addr string) (context.Context, context.CancelFunc) {
+	t.Helper()
+	ctx, cancel, err := tapCall(a, addr)
+	if err != nil {
+		t.Fatalf("call from %s refused: %v", addr, err)
+	}
+	t.Cleanup(cancel)
+	return ctx, cancel
+}
+
 // TestPeerRateLimit: failed authentications are charged to the peer
 // address (an IPv6 peer by its /64); once its bucket is empty the tap
 // refuses the address's calls before anything is read, other addresses are
@@ -268,12 +280,9 @@ func TestPeerRateLimit(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			for i := range burst {
-				if _, cancel, err := tapCall(a, tc.attacker); err != nil {
-					t.Fatalf("tap before failure %d: %v", i, err)
-				} else {
-					cancel()
-				}
+			for range burst {
+				_, cancel := admit(t, a, tc.attacker)
+				cancel()
 				if err := issue(t, h, tc.attacker, nil, appID, spiffeid.ID{}); !errors.Is(err, ca.ErrUnauthenticated) {
 					t.Fatalf("call without credentials: %v", err)
 				}
@@ -283,11 +292,7 @@ func TestPeerRateLimit(t *testing.T) {
 					t.Errorf("tap from %s after %d failures: %v, want ResourceExhausted", addr, burst, err)
 				}
 			}
-			if _, cancel, err := tapCall(a, tc.other); err != nil {
-				t.Errorf("tap from another address: %v", err)
-			} else {
-				cancel()
-			}
+			admit(t, a, tc.other)
 		})
 	}
 	got := gather(t, reg)
@@ -295,11 +300,7 @@ func TestPeerRateLimit(t *testing.T) {
 		t.Errorf("%s = %v, want 4", k, got[k])
 	}
 	h.clock.Advance(time.Second)
-	if _, cancel, err := tapCall(a, "10.0.0.1:3000"); err != nil {
-		t.Errorf("tap a second later: %v, want one call admitted", err)
-	} else {
-		cancel()
-	}
+	admit(t, a, "10.0.0.1:3000") // a second later: one call
 	a.Summarize(context.Background())
 	sums := summaries(t, h, ca.ReasonRatePeer)
 	if len(sums) != 2 || sums[0].Peer != "10.0.0.1" || sums[1].Peer != "2001:db8:1:2::/64" || refusedIn(t, sums[0])+refusedIn(t, sums[1]) != 4 {
@@ -341,15 +342,8 @@ func TestSummaryBounded(t *testing.T) {
 func TestTapMaxStreams(t *testing.T) {
 	h, _ := admissionHarness(t, ca.AdmissionConfig{MaxStreams: 2})
 	a := h.issuer.Admission()
-	_, cancel1, err := tapCall(a, "10.0.0.1:1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, cancel2, err := tapCall(a, "10.0.0.1:2")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cancel2()
+	_, cancel1 := admit(t, a, "10.0.0.1:1")
+	admit(t, a, "10.0.0.1:2")
 	if _, _, err := tapCall(a, "10.0.0.2:1"); status.Code(err) != codes.ResourceExhausted {
 		t.Fatalf("third open call: %v, want ResourceExhausted", err)
 	}
@@ -376,21 +370,13 @@ func TestTapReadTimeout(t *testing.T) {
 	h, _ := admissionHarness(t, ca.AdmissionConfig{ReadTimeout: timeout, PeerRate: rate.Every(time.Hour), PeerBurst: 1})
 	a := h.issuer.Admission()
 
-	served, cancelServed, err := tapCall(a, "10.0.0.2:1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cancelServed()
-	_, err = a.Unary(served, nil, &grpc.UnaryServerInfo{FullMethod: "/x/Y"}, func(context.Context, any) (any, error) { return nil, nil })
+	served, _ := admit(t, a, "10.0.0.2:1")
+	_, err := a.Unary(served, nil, &grpc.UnaryServerInfo{FullMethod: "/x/Y"}, func(context.Context, any) (any, error) { return nil, nil })
 	if err != nil {
 		t.Fatal(err)
 	}
 
-	stalled, cancel, err := tapCall(a, "10.0.0.1:1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cancel()
+	stalled, _ := admit(t, a, "10.0.0.1:1")
 	select {
 	case <-stalled.Done():
 	case <-time.After(10 * time.Second):

@@ -297,16 +297,8 @@ func TestConnectionCap(t *testing.T) {
 // printed) of srv's /metrics, failing if it is absent.
 func metricSeries(t *testing.T, srv *server, series string) float64 {
 	t.Helper()
-	client := &http.Client{Timeout: httpTimeout}
-	resp, err := client.Get("http://" + srv.monAddr + "/metrics")
-	if err != nil {
-		t.Fatalf("GET /metrics: %v", err)
-	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), series+" "); ok {
+	for line := range strings.Lines(string(srv.scrape(t))) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), series+" "); ok {
 			f, err := strconv.ParseFloat(v, 64)
 			if err != nil {
 				t.Fatalf("%s: %v", series, err)

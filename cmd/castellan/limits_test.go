@@ -1,7 +1,6 @@
 package main
 
 import (
-	"strings"
 	"testing"
 	"time"
 
@@ -48,21 +47,7 @@ func TestLimitsConfig(t *testing.T) {
 		{name: "zero burst", file: "peerBurst: 0\n", wantErr: "peerBurst"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			args := tc.args
-			if tc.file != "" {
-				args = append([]string{"--config", writeConfig(t, tc.file)}, args...)
-			}
-			c, err := loadConfig(args)
-			if tc.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
-					t.Fatalf("err = %v, want one naming %s", err, tc.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !tc.want(c.LimitsConfig) {
+			if c, ok := loadCase(t, tc.file, tc.args, tc.wantErr); ok && !tc.want(c.LimitsConfig) {
 				t.Errorf("limits = %+v", c.LimitsConfig)
 			}
 		})

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"runtime/debug"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -71,8 +72,8 @@ type AdmissionConfig struct {
 
 // Admission holds the checks a call passes before the CA works for it: a
 // gRPC tap handle (Tap) for what is known from the connection, the caller's
-// bucket in the pipeline (Issuer.Issue), and a unary interceptor (Unary)
-// that ends the read timeout and turns a panic outside the pipeline into
+// bucket in the pipeline (Issuer.Issue), and interceptors (Unary, Stream)
+// that end the read timeout and turn a panic outside the pipeline into
 // Internal. Refusals are ResourceExhausted, which Istio's clients retry; they
 // are counted in the metrics and summarised in the audit log (Run), so a flood
 // costs a bounded number of records.
@@ -155,6 +156,35 @@ func (a *Admission) Unary(ctx context.Context, req any, info *grpc.UnaryServerIn
 		}
 	}()
 	return handler(ctx, req)
+}
+
+// Stream is the stream server interceptor: the read timeout ends with the
+// call's first received message (a server-streaming call's request), and a
+// panic of the handler becomes Internal, as in Unary.
+func (a *Admission) Stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = Status(a.is.recovered(r, "method", info.FullMethod)).Err()
+		}
+	}()
+	return handler(srv, &firstRecv{ServerStream: ss})
+}
+
+// firstRecv stops the read timer once a message has been received.
+type firstRecv struct {
+	grpc.ServerStream
+	once sync.Once
+}
+
+// RecvMsg receives a message and, the first time, stops the read timer.
+func (s *firstRecv) RecvMsg(m any) error {
+	err := s.ServerStream.RecvMsg(m)
+	s.once.Do(func() {
+		if t, ok := s.Context().Value(readTimerKey{}).(*time.Timer); ok && err == nil {
+			t.Stop()
+		}
+	})
+	return err
 }
 
 // recovered logs and counts a recovered panic and returns it as a

@@ -375,6 +375,12 @@ func TestTapReadTimeout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	streamed, _ := admit(t, a, "10.0.0.2:2") // a streaming call that received its request
+	err = a.Stream(nil, fakeStream{ctx: streamed}, &grpc.StreamServerInfo{FullMethod: "/x/Z"},
+		func(_ any, ss grpc.ServerStream) error { return ss.RecvMsg(nil) })
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	stalled, _ := admit(t, a, "10.0.0.1:1")
 	select {
@@ -388,15 +394,26 @@ func TestTapReadTimeout(t *testing.T) {
 	if _, _, err := tapCall(a, "10.0.0.1:2"); status.Code(err) != codes.ResourceExhausted {
 		t.Errorf("next call of the stalled peer: %v, want ResourceExhausted (charged)", err)
 	}
-	time.Sleep(2 * timeout) // would have fired for the served call by now
-	if served.Err() != nil {
-		t.Errorf("a call whose request arrived was cancelled: %v", context.Cause(served))
+	time.Sleep(2 * timeout) // would have fired for the served calls by now
+	for _, ctx := range []context.Context{served, streamed} {
+		if ctx.Err() != nil {
+			t.Errorf("a call whose request arrived was cancelled: %v", context.Cause(ctx))
+		}
 	}
 }
 
+// fakeStream is a server stream whose messages arrive at once.
+type fakeStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (f fakeStream) Context() context.Context { return f.ctx }
+func (fakeStream) RecvMsg(any) error          { return nil }
+
 // TestPanicRecovered: a panic in the pipeline fails only its call, with
 // Internal and an audit record; the next call is served. A panic of a
-// handler outside the pipeline becomes Internal in the interceptor.
+// handler outside the pipeline becomes Internal in the interceptors.
 func TestPanicRecovered(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	h := newHarness(t, harnessOpts{config: func(c *ca.Config) {
@@ -425,7 +442,12 @@ func TestPanicRecovered(t *testing.T) {
 	if status.Code(err) != codes.Internal {
 		t.Errorf("handler panic: %v, want Internal", err)
 	}
-	if got := gather(t, reg)["castellan_panics_total"]; got != 2 {
-		t.Errorf("castellan_panics_total = %v, want 2", got)
+	err = h.issuer.Admission().Stream(nil, fakeStream{ctx: context.Background()}, &grpc.StreamServerInfo{FullMethod: "/x/Z"},
+		func(any, grpc.ServerStream) error { panic("stream handler bug") })
+	if status.Code(err) != codes.Internal {
+		t.Errorf("stream handler panic: %v, want Internal", err)
+	}
+	if got := gather(t, reg)["castellan_panics_total"]; got != 3 {
+		t.Errorf("castellan_panics_total = %v, want 3", got)
 	}
 }

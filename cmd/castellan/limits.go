@@ -140,6 +140,7 @@ func (c LimitsConfig) grpcOptions(adm *ca.Admission) []grpc.ServerOption {
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 2 * time.Minute, Timeout: 20 * time.Second, MaxConnectionIdle: c.MaxConnectionIdle}),
 		grpc.InTapHandle(adm.Tap),
 		grpc.ChainUnaryInterceptor(adm.Unary),
+		grpc.ChainStreamInterceptor(adm.Stream),
 	}
 }
 

@@ -62,7 +62,7 @@ func dialCA(t *testing.T, srv *server, o caDial) (*grpc.ClientConn, pb.IstioCert
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { conn.Close() })
+	t.Cleanup(func() { _ = conn.Close() })
 	return conn, pb.NewIstioCertificateServiceClient(conn)
 }
 

@@ -53,7 +53,7 @@ func dialH2(t *testing.T, srv *server, localIP string) *h2Conn {
 	h := &h2Conn{t: t, conn: conn, fr: http2.NewFramer(conn, conn), next: 1,
 		pings: make(chan struct{}, 1), closed: make(chan struct{})}
 	h.enc = hpack.NewEncoder(&h.hbuf)
-	t.Cleanup(func() { conn.Close() })
+	t.Cleanup(func() { _ = conn.Close() })
 	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
 		t.Fatal(err)
 	}

@@ -131,7 +131,7 @@ func TestStreamFlood(t *testing.T) {
 		t.Errorf("%v more goroutines during the flood, want at most %d", grown, floodGoroutinesBound)
 	}
 	for _, h := range flood {
-		h.conn.Close()
+		_ = h.conn.Close()
 	}
 	servesAfter(t, srv)
 }
@@ -222,13 +222,13 @@ func TestConnectionCap(t *testing.T) {
 			held = append(held, c)
 		}
 		if c, err := handshake(); err == nil {
-			c.Close()
+			_ = c.Close()
 			t.Fatalf("connection %d was served with a cap of %d", capacity+1, capacity)
 		}
 		if v := metricSeries(t, srv, `castellan_connections_refused_total{listener="grpc"}`); v < 1 {
 			t.Errorf("refused gRPC connections = %v, want at least 1", v)
 		}
-		held[0].Close()
+		_ = held[0].Close()
 		deadline := time.Now().Add(closeBound)
 		for metricSeries(t, srv, `castellan_connections_open{listener="grpc"}`) >= capacity {
 			if time.Now().After(deadline) {
@@ -240,7 +240,7 @@ func TestConnectionCap(t *testing.T) {
 		if err != nil {
 			t.Fatalf("a connection after one was closed: %v", err)
 		}
-		c.Close()
+		_ = c.Close()
 	})
 
 	t.Run("monitoring", func(t *testing.T) {
@@ -258,7 +258,7 @@ func TestConnectionCap(t *testing.T) {
 			if err != nil {
 				return 0, err
 			}
-			resp.Body.Close()
+			_ = resp.Body.Close()
 			return resp.StatusCode, nil
 		}
 		if code, err := get(strings.Repeat("a", 64<<10)); err != nil || code != http.StatusRequestHeaderFieldsTooLarge {
@@ -285,7 +285,7 @@ func TestConnectionCap(t *testing.T) {
 				refused++
 				continue
 			}
-			resp.Body.Close()
+			_ = resp.Body.Close()
 		}
 		if refused == 0 {
 			t.Errorf("%d monitoring connections were all held with a cap of %d", capacity+1, capacity)

@@ -35,6 +35,20 @@ const (
 	ReasonPanic = "internal.panic"
 )
 
+// Default rate limits (cmd/castellan's defaults). Agents renew twice a day
+// and every bucket is one pod, or one identity a node proxy renews, so these
+// only stop floods: TestNodeRestartStorm shows that restart storms never
+// meet them.
+const (
+	// DefaultCallerRate and DefaultCallerBurst size each caller's bucket.
+	DefaultCallerRate  rate.Limit = 10
+	DefaultCallerBurst            = 100
+	// DefaultPeerRate and DefaultPeerBurst size each peer address's bucket,
+	// charged only by failed authentications.
+	DefaultPeerRate  rate.Limit = 2
+	DefaultPeerBurst            = 100
+)
+
 // DefaultSummaryInterval is how often refusals are summarised in the audit
 // log when no interval is configured.
 const DefaultSummaryInterval = 30 * time.Second

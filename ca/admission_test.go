@@ -219,18 +219,58 @@ func TestCallerKeys(t *testing.T) {
 	}
 }
 
-// TestNodeRestartStorm: a ztunnel renewing every workload of a 250-pod node
-// at once is never limited with the defaults cmd/castellan uses.
+// TestNodeRestartStorm: with the default limits (ca.Default*, which
+// cmd/castellan uses) and the clock standing still, so that no token comes
+// back during the storm, legitimate restart storms are never limited: a
+// ztunnel renewing every workload of a 250-pod node twice over (the node and
+// then its pods restart), a 250-replica Deployment of one service account
+// rolled out at once behind one node address, and VMs sharing one identity
+// (one mTLS caller) up to the caller burst.
 func TestNodeRestartStorm(t *testing.T) {
-	h, _ := admissionHarness(t, ca.AdmissionConfig{CallerRate: 10, CallerBurst: 100, PeerRate: 2, PeerBurst: 100})
+	const pods = 250
 	zt := spiffeid.RequireFromPath(td, "/ns/istio-system/sa/ztunnel")
-	caller := &authn.Caller{Method: authn.MethodKubernetes, Identity: zt, Name: zt.String(),
+	ztunnel := &authn.Caller{Method: authn.MethodKubernetes, Identity: zt, Name: zt.String(),
 		Pod: &authn.Pod{Namespace: "istio-system", Name: "ztunnel-x", UID: "u", NodeName: "n"}}
-	for i := range 250 {
-		id := spiffeid.RequireFromPath(td, fmt.Sprintf("/ns/ns%d/sa/sa%d", i%17, i))
-		if err := issue(t, h, "10.0.0.9:1000", caller, id, id); err != nil {
-			t.Fatalf("workload %d of the node: %v", i, err)
-		}
+	replica := func(i int) *authn.Caller {
+		c := workload(appID)
+		c.Pod = &authn.Pod{Namespace: "default", Name: fmt.Sprintf("app-%d", i), UID: fmt.Sprintf("uid-%d", i), NodeName: "n"}
+		return c
+	}
+	vm := &authn.Caller{Method: authn.MethodMTLS, Identity: otherID, Name: otherID.String()}
+	for _, tc := range []struct {
+		name  string
+		calls int
+		call  func(i int) (*authn.Caller, spiffeid.ID, spiffeid.ID) // caller, identity, impersonated
+	}{
+		{"ztunnel renews its node twice", 2 * pods, func(i int) (*authn.Caller, spiffeid.ID, spiffeid.ID) {
+			id := spiffeid.RequireFromPath(td, fmt.Sprintf("/ns/ns%d/sa/sa%d", i%17, i%pods))
+			return ztunnel, id, id
+		}},
+		{"rollout of one service account", pods, func(i int) (*authn.Caller, spiffeid.ID, spiffeid.ID) {
+			return replica(i), appID, spiffeid.ID{}
+		}},
+		{"VMs of one identity", ca.DefaultCallerBurst, func(int) (*authn.Caller, spiffeid.ID, spiffeid.ID) {
+			return vm, otherID, spiffeid.ID{}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, reg := admissionHarness(t, ca.AdmissionConfig{CallerRate: ca.DefaultCallerRate, CallerBurst: ca.DefaultCallerBurst,
+				PeerRate: ca.DefaultPeerRate, PeerBurst: ca.DefaultPeerBurst})
+			refused := 0
+			for i := range tc.calls {
+				c, id, imp := tc.call(i)
+				if err := issue(t, h, "10.0.0.9:1000", c, id, imp); err != nil {
+					refused++
+					t.Errorf("call %d of the storm: %v", i, err)
+				}
+			}
+			for k, v := range gather(t, reg) {
+				if strings.HasPrefix(k, "castellan_admission_refusals_total") && v != 0 {
+					t.Errorf("%s = %v during the storm, want 0", k, v)
+				}
+			}
+			t.Logf("%d calls, %d refused", tc.calls, refused)
+		})
 	}
 }
 

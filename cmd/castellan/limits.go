@@ -42,18 +42,15 @@ func limitsDefaults() LimitsConfig {
 		MaxStreams:           2048,
 		// A projected token is ~1 KiB and an OIDC token a few; Istio's other
 		// headers are small.
-		MaxHeaderBytes:     16 << 10,
-		HandshakeTimeout:   10 * time.Second,
-		RequestReadTimeout: 10 * time.Second,
-		MaxConnectionIdle:  2 * time.Minute,
-		HTTPMaxConnections: 64,
-		// Per caller key (one pod, or one identity a node proxy renews):
-		// agents renew twice a day, so this only stops a flood.
-		CallerRateLimit: 10,
-		CallerBurst:     100,
-		// Per peer address, charged only by failed authentications.
-		PeerRateLimit:        2,
-		PeerBurst:            100,
+		MaxHeaderBytes:       16 << 10,
+		HandshakeTimeout:     10 * time.Second,
+		RequestReadTimeout:   10 * time.Second,
+		MaxConnectionIdle:    2 * time.Minute,
+		HTTPMaxConnections:   64,
+		CallerRateLimit:      float64(ca.DefaultCallerRate),
+		CallerBurst:          ca.DefaultCallerBurst,
+		PeerRateLimit:        float64(ca.DefaultPeerRate),
+		PeerBurst:            ca.DefaultPeerBurst,
 		RateLimitKeys:        ca.DefaultRateLimitKeys,
 		RefusalAuditInterval: ca.DefaultSummaryInterval,
 		ShutdownGracePeriod:  15 * time.Second,

@@ -42,11 +42,11 @@ const (
 const (
 	// DefaultCallerRate and DefaultCallerBurst size each caller's bucket.
 	DefaultCallerRate  rate.Limit = 10
-	DefaultCallerBurst            = 100
+	DefaultCallerBurst int        = 100
 	// DefaultPeerRate and DefaultPeerBurst size each peer address's bucket,
 	// charged only by failed authentications.
 	DefaultPeerRate  rate.Limit = 2
-	DefaultPeerBurst            = 100
+	DefaultPeerBurst int        = 100
 )
 
 // DefaultSummaryInterval is how often refusals are summarised in the audit

@@ -29,7 +29,7 @@ func serveEcho(t *testing.T, l net.Listener) {
 			}()
 		}
 	}()
-	t.Cleanup(func() { l.Close() })
+	t.Cleanup(func() { _ = l.Close() })
 }
 
 func dial(t *testing.T, addr string) net.Conn {
@@ -38,7 +38,7 @@ func dial(t *testing.T, addr string) net.Conn {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { c.Close() })
+	t.Cleanup(func() { _ = c.Close() })
 	return c
 }
 
@@ -89,7 +89,7 @@ func TestListenerCap(t *testing.T) {
 		t.Errorf("open %d, refused %d; want 3 and 2", l.Open(), l.Refused())
 	}
 
-	held[0].Close()
+	_ = held[0].Close()
 	waitOpen(t, l, 2)
 	if !echoes(t, dial(t, addr)) {
 		t.Error("a connection after a slot was freed was refused")
@@ -109,9 +109,9 @@ func TestHTTPLimits(t *testing.T) {
 		t.Fatal(err)
 	}
 	lis := limits.Listen(inner)
-	srv := limits.Server(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") }))
+	srv := limits.Server(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok") }))
 	go func() { _ = srv.Serve(lis) }()
-	t.Cleanup(func() { srv.Close() })
+	t.Cleanup(func() { _ = srv.Close() })
 	addr := inner.Addr().String()
 
 	t.Run("header too large", func(t *testing.T) {
@@ -126,11 +126,11 @@ func TestHTTPLimits(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		resp.Body.Close()
+		_ = resp.Body.Close()
 		if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
 			t.Errorf("status %d, want 431", resp.StatusCode)
 		}
-		c.Close()
+		_ = c.Close()
 	})
 
 	t.Run("silent connection closed", func(t *testing.T) {
@@ -160,12 +160,13 @@ func TestHTTPLimits(t *testing.T) {
 			if err != nil {
 				t.Fatalf("a connection within the cap: %v", err)
 			}
-			resp.Body.Close()
+			_ = resp.Body.Close()
 		}
 		third := dial(t, addr)
 		_ = third.SetReadDeadline(time.Now().Add(waitBound))
 		_, _ = io.WriteString(third, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-		if _, err := http.ReadResponse(bufio.NewReader(third), nil); err == nil {
+		if resp, err := http.ReadResponse(bufio.NewReader(third), nil); err == nil {
+			_ = resp.Body.Close()
 			t.Error("a third connection was served with a cap of 2")
 		}
 		if got := lis.Refused() - before; got != 1 {

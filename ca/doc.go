@@ -6,19 +6,31 @@
 //
 // One CSR, from the wire to the answer:
 //
+//  0. Admission, before the call is read. Admission.Tap (the gRPC tap
+//     handle) refuses a call from an address whose bucket failed
+//     authentications emptied (ErrRateLimited, ReasonRatePeer) or beyond the
+//     server-wide bound on open calls (ReasonStreams), and starts the
+//     request read timeout, which Admission.Unary (the interceptor) ends once
+//     the request has arrived.
 //  1. Edge. Server.CreateCertificate (Istio's IstioCertificateService)
 //     turns the gRPC request into a Request and calls Issuer.Answer, which
 //     adds the peer address and the clusterid header (withConn) and runs
 //     Issuer.Issue. Issue takes an in-flight slot or refuses at once with
 //     ErrOverloaded (ResourceExhausted): Istio's clients set no deadline, so
-//     a CA that queues would stall them.
+//     a CA that queues would stall them. Issuer.guardedIssue runs the steps
+//     below and turns a panic into ErrInternal (ReasonPanic), audited like
+//     any failure.
 //  2. Authentication. Issuer.authenticate asks the Authenticator (an
 //     authn.Chain: client certificate, OIDC, Kubernetes token) who the
 //     caller is and classifies a failure: no or bad credentials are the
-//     caller's (ErrUnauthenticated), an authenticator that cannot answer is
-//     ours (ErrUnavailable).
+//     caller's (ErrUnauthenticated) and are charged to its address's bucket
+//     (Admission.chargePeer), an authenticator that cannot answer is ours
+//     (ErrUnavailable).
 //  3. Scope. requestedIdentity reads an explicitly requested identity (the
-//     ImpersonatedIdentity metadata, or the admin API's), and Issuer.scope
+//     ImpersonatedIdentity metadata, or the admin API's); Admission.allowCaller
+//     takes a token from the caller's bucket (callerKey) or refuses with
+//     ErrRateLimited, a refusal the Admission summarises in the audit log
+//     (Admission.Run) instead of one record per call; and Issuer.scope
 //     decides the one SPIFFE ID the caller may receive: its own, or one the
 //     NodeAuthorizer grants (ztunnel asking for a pod on its node). The CSR's
 //     own SANs are never trusted.
@@ -32,7 +44,8 @@
 //     subject, the granted URI SAN, usages, NotBefore backdated by the
 //     clock-skew allowance, a random serial, and a subject key identifier
 //     derived from the key (signer.KeyID).
-//  6. Signing. Issuer.sign hands the template to the active signer of the
+//  6. Signing. The BeforeSign test hook runs (fault injection), then
+//     Issuer.sign hands the template to the active signer of the
 //     Authority's State (signer.Signer.Sign); a backend that cannot answer
 //     is ErrUnavailable, a caller that hung up meanwhile is its own reason
 //     (ReasonCallerGone, callerGone), any other failure ErrInternal.

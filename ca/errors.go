@@ -19,6 +19,9 @@ var (
 	ErrUnavailable = errors.New("unavailable")
 	// ErrOverloaded: too many requests in flight; the caller should back off and retry.
 	ErrOverloaded = errors.New("overloaded")
+	// ErrRateLimited: the caller (or its address) exceeded its rate limit; it
+	// should back off and retry.
+	ErrRateLimited = errors.New("rate limited")
 	// ErrInternal: the CA itself misbehaved (e.g. a backend returned a wrong certificate).
 	ErrInternal = errors.New("internal error")
 	// ErrNotFound: an admin API lookup matched nothing.

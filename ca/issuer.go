@@ -10,9 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"strings"
 	"time"
-	"unicode/utf8"
 
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/signer"
@@ -75,8 +73,15 @@ type Config struct {
 	// AuditTimeout bounds each audit write, which outlives a caller that hung
 	// up (see Auditor). Default DefaultAuditTimeout.
 	AuditTimeout time.Duration
-	Now          func() time.Time
-	Rand         io.Reader
+	// Limits are the admission checks (rate limits, open calls, read
+	// timeout); the zero value limits nothing.
+	Limits AdmissionConfig
+	// BeforeSign, if set, runs in the pipeline just before the signer with
+	// the granted identity: a test seam for faults (a panic, a delay). Nil
+	// in production.
+	BeforeSign func(ctx context.Context, grant spiffeid.ID)
+	Now        func() time.Time
+	Rand       io.Reader
 }
 
 // Issuer is the single issuance pipeline: authenticate → scope → CSR checks →
@@ -84,6 +89,7 @@ type Config struct {
 type Issuer struct {
 	cfg   Config
 	audit *Auditor
+	adm   *Admission
 	slots chan struct{}
 	// paths remembers verified issuer paths for CheckIssued's work on each leaf.
 	paths issuerPathCache
@@ -123,8 +129,14 @@ func NewIssuer(cfg Config) (*Issuer, error) {
 		cfg.Metrics = NewMetrics(nil)
 	}
 	audit := &Auditor{Log: cfg.Audit, Timeout: cfg.AuditTimeout, Now: cfg.Now, Rand: cfg.Rand, Logger: cfg.Logger, Metrics: cfg.Metrics}
-	return &Issuer{cfg: cfg, audit: audit, slots: make(chan struct{}, cfg.MaxInFlight)}, nil
+	is := &Issuer{cfg: cfg, audit: audit, slots: make(chan struct{}, cfg.MaxInFlight)}
+	is.adm = newAdmission(cfg.Limits, is)
+	return is, nil
 }
+
+// Admission returns the admission checks of this issuer, for the gRPC edge
+// (Tap, Unary) and the lifecycle (Run).
+func (is *Issuer) Admission() *Admission { return is.adm }
 
 // Auditor returns the auditor of this issuer's audit log, for the operator
 // actions of the admin API.
@@ -180,21 +192,28 @@ func (is *Issuer) Issue(ctx context.Context, req Request) (*Issued, error) {
 		Time:      start.UTC(),
 		Kind:      storage.KindCSR,
 		RequestID: newRequestID(is.cfg.Rand),
-		Peer:      req.Peer,
-		ClusterID: clip(req.ClusterID, 253),
+		Peer:      storage.Sanitize(req.Peer, storage.MaxNameLen),
+		ClusterID: storage.Sanitize(req.ClusterID, storage.MaxNameLen),
 	}
 	var out *Issued
 	var err error
 	select {
 	case is.slots <- struct{}{}:
 		m.inFlight.Inc()
-		out, err = is.issue(ctx, req, rec)
+		out, err = is.guardedIssue(ctx, req, rec)
 		err = callerGone(ctx, err)
 		<-is.slots
 		m.inFlight.Dec()
 	default:
 		m.overloadRefused.Inc()
 		err = Refuse(ErrOverloaded, ReasonOverload, fmt.Errorf("%d requests in flight", is.cfg.MaxInFlight))
+	}
+	if ReasonOf(err) == ReasonRateCaller {
+		// Counted by the Admission, audited in its next summary: a flood
+		// must not cost one record per call.
+		rec.Outcome, rec.Reason, rec.Code = storage.OutcomeRefused, ReasonRateCaller, Status(err).Code().String()
+		is.observe(rec, err, start)
+		return nil, err
 	}
 	if err == nil {
 		rec.Outcome = storage.OutcomeIssued
@@ -205,7 +224,7 @@ func (is *Issuer) Issue(ctx context.Context, req Request) (*Issued, error) {
 			rec.Outcome = storage.OutcomeFailed
 		}
 		rec.Reason = ReasonOf(err)
-		rec.Detail = clip(err.Error(), 1024)
+		rec.Detail = storage.Sanitize(err.Error(), storage.MaxDetailLen)
 	}
 	rec.Code = Status(err).Code().String()
 
@@ -234,6 +253,8 @@ func (is *Issuer) observe(rec *storage.Record, err error, start time.Time) {
 	m.outcomes.WithLabelValues(outcome, code.String(), reason).Inc()
 	m.duration.WithLabelValues(outcome).Observe(is.cfg.Now().Sub(start).Seconds())
 	switch {
+	case reason == ReasonRateCaller:
+		return // summarised by the Admission, not logged per call
 	case err == nil:
 		m.issued.Inc()
 		is.cfg.Logger.Debug("certificate issued", "request_id", rec.RequestID, "identity", rec.GrantedIdentity, "serial", rec.Serial)
@@ -245,8 +266,21 @@ func (is *Issuer) observe(rec *storage.Record, err error, start time.Time) {
 	default:
 		m.signErrors.WithLabelValues(reason).Inc()
 	}
+	// The error's text can quote what the caller sent: sanitised like the record's fields.
 	is.cfg.Logger.Info("certificate request refused", "request_id", rec.RequestID, "peer", rec.Peer,
-		"caller", rec.Caller, "code", code.String(), "reason", reason, "error", err)
+		"caller", rec.Caller, "code", code.String(), "reason", reason, "error", storage.Sanitize(err.Error(), storage.MaxDetailLen))
+}
+
+// guardedIssue runs issue, turning a panic into ErrInternal (ReasonPanic),
+// so that the request is audited like any other failure and the server
+// goes on serving.
+func (is *Issuer) guardedIssue(ctx context.Context, req Request, rec *storage.Record) (out *Issued, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			out, err = nil, is.recovered(r, "request_id", rec.RequestID)
+		}
+	}()
+	return is.issue(ctx, req, rec)
 }
 
 // issue does the work of Issue between admission and audit, filling rec.
@@ -258,7 +292,7 @@ func (is *Issuer) issue(ctx context.Context, req Request, rec *storage.Record) (
 		}
 		return nil, err
 	}
-	rec.AuthMethod, rec.Caller = caller.Method, caller.Name
+	rec.AuthMethod, rec.Caller = caller.Method, storage.Sanitize(caller.Name, storage.MaxNameLen)
 	if req.OperatorOnly {
 		if err := requireOperator(caller); err != nil {
 			return nil, err
@@ -269,7 +303,10 @@ func (is *Issuer) issue(ctx context.Context, req Request, rec *storage.Record) (
 	if err != nil {
 		return nil, err
 	}
-	rec.RequestedIdentity = clip(requested, 2048)
+	rec.RequestedIdentity = storage.Sanitize(requested, storage.MaxNameLen)
+	if err := is.adm.allowCaller(caller, requested, rec.Peer); err != nil {
+		return nil, err
+	}
 	grant, err := is.scope(ctx, caller, requested)
 	if err != nil {
 		return nil, err
@@ -289,6 +326,9 @@ func (is *Issuer) issue(ctx context.Context, req Request, rec *storage.Record) (
 		return nil, err
 	}
 	rec.Signer = st.Backend
+	if is.cfg.BeforeSign != nil {
+		is.cfg.BeforeSign(ctx, grant)
+	}
 	chain, err := is.sign(ctx, st, signer.SignRequest{PublicKey: csr.PublicKey, CSR: csr.Raw, Identity: grant, TTL: ttl}, nil)
 	if err != nil {
 		return nil, err
@@ -419,7 +459,7 @@ func fillRecord(rec *storage.Record, chain *signer.Chain) {
 		if rec.Detail != "" {
 			ref = rec.Detail + "; " + ref
 		}
-		rec.Detail = clip(ref, 1024)
+		rec.Detail = storage.Sanitize(ref, storage.MaxDetailLen)
 	}
 }
 
@@ -445,18 +485,4 @@ func callerGone(ctx context.Context, err error) error {
 func isTransient(err error) bool {
 	return errors.Is(err, ErrUnavailable) || errors.Is(err, ErrOverloaded) || errors.Is(err, ErrInternal) ||
 		errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
-}
-
-// clip bounds attacker-controlled strings before they reach logs and the audit log.
-// The result is valid UTF-8 (audit fields travel in protobuf strings and
-// Postgres TEXT, both of which reject anything else) and never splits a rune.
-func clip(s string, n int) string {
-	s = strings.ToValidUTF8(s, "\uFFFD")
-	if len(s) <= n {
-		return s
-	}
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n]
 }

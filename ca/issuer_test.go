@@ -692,14 +692,15 @@ func TestIssueAuthoritySwap(t *testing.T) {
 	}
 }
 
-// TestIssueAuditFieldsValidUTF8: attacker-controlled strings are clipped before
-// they reach the audit log; clipping must not split a character, or the record
-// can no longer be served by the admin API (proto3 strings must be UTF-8) nor
-// stored by a PostgreSQL TEXT column.
+// TestIssueAuditFieldsValidUTF8: attacker-controlled strings pass through
+// storage.Sanitize before they reach the audit record or the log: cut on a
+// character boundary, so that the record can still be served by the admin
+// API (proto3 strings must be UTF-8) and stored by a PostgreSQL TEXT column,
+// and without control characters.
 func TestIssueAuditFieldsValidUTF8(t *testing.T) {
 	h := newHarness(t, harnessOpts{})
-	requested := strings.Repeat("a", 2047) + "é" // the 2048-byte clip lands inside "é"
-	cluster := strings.Repeat("c", 252) + "é"    // the 253-byte clip lands inside "é"
+	requested := strings.Repeat("a", storage.MaxNameLen-1) + "é\x1b[31m" // the cut lands inside "é"
+	cluster := "c\x00\n" + strings.Repeat("c", storage.MaxNameLen-3) + "é"
 	_, err := h.issuer.Issue(peerCtx(h.workloadCert(t, appID)), ca.Request{
 		CSR:       ztunnelCSR(t, signertest.Key(7), appID),
 		Metadata:  metadata(t, map[string]any{ca.MetaImpersonatedIdentity: requested}),
@@ -710,15 +711,17 @@ func TestIssueAuditFieldsValidUTF8(t *testing.T) {
 	}
 	rec := h.onlyRecord(t)
 	for name, v := range map[string]string{"requested_identity": rec.RequestedIdentity, "cluster_id": rec.ClusterID, "detail": rec.Detail} {
-		if !utf8.ValidString(v) {
-			t.Errorf("audit %s is not valid UTF-8: ...%q", name, v[max(0, len(v)-8):])
+		if !utf8.ValidString(v) || strings.ContainsAny(v, "\x00\x1b\n") {
+			t.Errorf("audit %s is not sanitised: ...%q", name, v[max(0, len(v)-8):])
 		}
 	}
-	if !strings.HasPrefix(requested, rec.RequestedIdentity) || len(rec.RequestedIdentity) > 2048 || len(rec.RequestedIdentity) < 2047 {
-		t.Errorf("requested identity clipped to %d bytes", len(rec.RequestedIdentity))
-	}
-	if len(rec.ClusterID) > 253 || len(rec.ClusterID) < 252 {
-		t.Errorf("cluster id clipped to %d bytes", len(rec.ClusterID))
+	for name, got := range map[string][2]string{
+		"requested_identity": {rec.RequestedIdentity, storage.Sanitize(requested, storage.MaxNameLen)},
+		"cluster_id":         {rec.ClusterID, storage.Sanitize(cluster, storage.MaxNameLen)},
+	} {
+		if got[0] != got[1] || !strings.HasSuffix(got[0], storage.Truncated) {
+			t.Errorf("audit %s = ...%q (%d bytes), want it cut to %d bytes ending in %q", name, got[0][max(0, len(got[0])-8):], len(got[0]), storage.MaxNameLen, storage.Truncated)
+		}
 	}
 	if _, err := proto.Marshal(adminapi.RecordToProto(&rec)); err != nil {
 		t.Errorf("record cannot be served by the admin API: %v", err)

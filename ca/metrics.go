@@ -20,6 +20,11 @@ type Metrics struct {
 	auditFailures   prometheus.Counter
 	inFlight        prometheus.Gauge
 	overloadRefused prometheus.Counter
+	// Admission (admission.go) and recovered panics.
+	admissionRefused *prometheus.CounterVec
+	streamsOpen      prometheus.Gauge
+	bucketKeys       *prometheus.GaugeVec
+	panics           prometheus.Counter
 }
 
 // NewMetrics creates the series and registers them with reg (nil: unregistered).
@@ -50,10 +55,20 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "castellan_csr_in_flight", Help: "CreateCertificate calls being processed."}),
 		overloadRefused: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "castellan_csr_overload_refusals_total", Help: "Calls refused with ResourceExhausted because too many were in flight."}),
+		admissionRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "castellan_admission_refusals_total",
+			Help: "Calls refused by a rate limit, the open-call bound or the request read timeout, by reason."}, []string{"reason"}),
+		streamsOpen: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "castellan_grpc_calls_open", Help: "gRPC calls open, counted from their headers to their end."}),
+		bucketKeys: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "castellan_rate_limit_keys", Help: "Token buckets held, by table (caller, peer), as of the last summary."}, []string{"table"}),
+		panics: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "castellan_panics_total", Help: "Panics recovered while serving a call; each failed its call with Internal."}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.csrCount, m.authnFailures, m.signErrors, m.issued, m.rootExpiry, m.chainExpiry,
-			m.outcomes, m.duration, m.auditFailures, m.inFlight, m.overloadRefused)
+			m.outcomes, m.duration, m.auditFailures, m.inFlight, m.overloadRefused,
+			m.admissionRefused, m.streamsOpen, m.bucketKeys, m.panics)
 	}
 	return m
 }

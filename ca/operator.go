@@ -112,9 +112,9 @@ func (a *Auditor) Build(ctx context.Context, act Action) *storage.Record {
 	rec := &storage.Record{Time: now().UTC(), Kind: storage.KindOperator, RequestID: newRequestID(random),
 		AuthMethod: cmp.Or(act.Method, internalMethod),
 		Caller:     cmp.Or(act.Caller, internalCaller), Reason: act.Reason, Signer: act.Signer, GrantedIdentity: act.Identity,
-		Detail: clip(act.Detail, 1024), Outcome: act.Outcome, Code: Status(act.Err).Code().String()}
+		Detail: storage.Sanitize(act.Detail, storage.MaxDetailLen), Outcome: act.Outcome, Code: Status(act.Err).Code().String()}
 	req := withConn(ctx, Request{})
-	rec.Peer, rec.ClusterID = req.Peer, clip(req.ClusterID, 253)
+	rec.Peer, rec.ClusterID = storage.Sanitize(req.Peer, storage.MaxNameLen), storage.Sanitize(req.ClusterID, storage.MaxNameLen)
 	if act.Chain != nil {
 		fillRecord(rec, act.Chain)
 	}
@@ -157,10 +157,12 @@ func (is *Issuer) authenticate(ctx context.Context) (*authn.Caller, error) {
 	case err == nil:
 		return caller, nil
 	case errors.Is(err, authn.ErrNoCredentials):
+		is.adm.chargePeer(ctx)
 		return nil, Refuse(ErrUnauthenticated, ReasonNoCredentials, err)
 	case errors.Is(err, authn.ErrUnavailable):
 		return nil, Refuse(ErrUnavailable, ReasonAuthnDown, err)
 	default:
+		is.adm.chargePeer(ctx) // the peer's fault: its address pays (Admission)
 		return nil, Refuse(ErrUnauthenticated, ReasonAuthnFailed, err)
 	}
 }

@@ -71,6 +71,8 @@ func Status(err error) *status.Status {
 		return status.New(codes.InvalidArgument, fmt.Sprintf("CSR signing error (%s)", detail))
 	case errors.Is(kind, ErrOverloaded):
 		return status.New(codes.ResourceExhausted, "CA overloaded, retry later")
+	case errors.Is(kind, ErrRateLimited):
+		return status.New(codes.ResourceExhausted, "rate limit exceeded, retry later")
 	case errors.Is(kind, ErrUnavailable):
 		return status.New(codes.Unavailable, "CA temporarily unavailable, retry later")
 	case errors.Is(kind, ErrNotFound):

@@ -284,6 +284,16 @@ func recordsWithSerial(t *testing.T, recs []auditRecord, serial *big.Int) []audi
 // labels, keyed by metric name.
 func (s *server) metrics(t *testing.T) map[string]float64 {
 	t.Helper()
+	m, err := parsePromText(s.scrape(t))
+	if err != nil {
+		t.Fatalf("GET /metrics: %v", err)
+	}
+	return m
+}
+
+// scrape returns the body of /metrics.
+func (s *server) scrape(t *testing.T) []byte {
+	t.Helper()
 	client := &http.Client{Timeout: httpTimeout}
 	resp, err := client.Get("http://" + s.monAddr + "/metrics")
 	if err != nil {
@@ -297,11 +307,7 @@ func (s *server) metrics(t *testing.T) map[string]float64 {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("GET /metrics: %s\n%s", resp.Status, body)
 	}
-	m, err := parsePromText(body)
-	if err != nil {
-		t.Fatalf("GET /metrics: %v", err)
-	}
-	return m
+	return body
 }
 
 // parsePromText reads Prometheus text exposition format, summing the

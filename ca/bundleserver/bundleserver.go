@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/internal/netlimit"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/federation"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -56,13 +57,16 @@ type Config struct {
 	CertFile, KeyFile string
 	// RefreshHint is the bundle's spiffe_refresh_hint; zero means DefaultRefreshHint.
 	RefreshHint time.Duration
-	Logger      *slog.Logger
+	// Limits bound connections, headers and handshakes; zero fields take
+	// netlimit.DefaultHTTP.
+	Limits netlimit.HTTP
+	Logger *slog.Logger
 }
 
 // Server is a bundle endpoint: New listens, Serve serves until Close.
 type Server struct {
 	srv    *http.Server
-	lis    net.Listener
+	lis    *netlimit.Listener
 	logger *slog.Logger
 	auth   string
 }
@@ -105,9 +109,13 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("bundle endpoint: %w", err)
 	}
-	return &Server{lis: lis, logger: cfg.Logger, auth: cfg.Auth,
-		srv: &http.Server{Handler: handler, TLSConfig: tlsCfg, ReadHeaderTimeout: 5 * time.Second}}, nil
+	srv := cfg.Limits.Server(handler)
+	srv.TLSConfig = tlsCfg
+	return &Server{lis: cfg.Limits.Listen(lis), logger: cfg.Logger, auth: cfg.Auth, srv: srv}, nil
 }
+
+// Listener returns the endpoint's listener, whose connections are counted.
+func (s *Server) Listener() *netlimit.Listener { return s.lis }
 
 // Serve serves the endpoint until Close, then returns nil.
 func (s *Server) Serve() error {
@@ -122,9 +130,13 @@ func (s *Server) Serve() error {
 func (s *Server) Addr() string { return s.lis.Addr().String() }
 
 // Close stops the endpoint, letting requests in flight finish within ctx; a
-// Server never served closes its listener.
+// Server never served closes its listener. Connections still busy when ctx
+// ends are closed.
 func (s *Server) Close(ctx context.Context) error {
 	err := s.srv.Shutdown(ctx)
+	if err != nil {
+		_ = s.srv.Close()
+	}
 	if cerr := s.lis.Close(); err == nil && cerr != nil && !errors.Is(cerr, net.ErrClosed) {
 		err = cerr
 	}

@@ -53,6 +53,8 @@ type Config struct {
 	AuditConfig `yaml:",inline"`
 	// RotationConfig holds the CA rotation keys (rotation.go), at the top level of the file.
 	RotationConfig `yaml:",inline"`
+	// LimitsConfig holds the limits on peers and callers (limits.go), at the top level of the file.
+	LimitsConfig `yaml:",inline"`
 	// KeysConfig holds the key provider keys (keys.go), at the top level of the file.
 	KeysConfig `yaml:",inline"`
 	// Vault, GoogleCAS and AWSPCA configure those signers (remote_signers.go, awspca.go).
@@ -87,6 +89,7 @@ func defaults() Config {
 		KubeConfig:       kubeDefaults(),
 		AuditConfig:      auditDefaults(),
 		RotationConfig:   rotationDefaults(),
+		LimitsConfig:     limitsDefaults(),
 		Vault:            vaultDefaults(),
 		GoogleCAS:        googleCASDefaults(),
 		AWSPCA:           awsPCADefaults(),
@@ -140,6 +143,7 @@ func bindFlags(fs *flag.FlagSet, c *Config) {
 	bindKubeFlags(fs, &c.KubeConfig)
 	bindAuditFlags(fs, &c.AuditConfig)
 	bindRotationFlags(fs, &c.RotationConfig)
+	bindLimitFlags(fs, &c.LimitsConfig)
 	bindKeyFlags(fs, &c.KeysConfig)
 	bindRemoteSignerFlags(fs, &c.Vault, &c.GoogleCAS)
 	bindAWSPCAFlags(fs, &c.AWSPCA)
@@ -261,6 +265,7 @@ func (c Config) Validate() error {
 	c.KubeConfig.validate(bad)
 	c.AuditConfig.validate(bad)
 	c.RotationConfig.validate(bad, c)
+	c.LimitsConfig.validate(bad, c)
 	c.KeysConfig.validate(bad, c)
 	if err := c.OIDC.Validate(); err != nil {
 		errs = append(errs, err) // names its own keys (oidc.issuers[i].…)

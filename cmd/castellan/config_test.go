@@ -17,6 +17,28 @@ func writeConfig(t *testing.T, body string) string {
 	return p
 }
 
+// loadCase loads the configuration of a test case: file (YAML; "" for no
+// --config) and args. With wantErr it fails the test unless loading fails
+// naming wantErr, and reports false; without, it fails the test on any
+// error and reports true, with the configuration to check.
+func loadCase(t *testing.T, file string, args []string, wantErr string) (Config, bool) {
+	t.Helper()
+	if file != "" {
+		args = append([]string{"--config", writeConfig(t, file)}, args...)
+	}
+	c, err := loadConfig(args)
+	if wantErr != "" {
+		if err == nil || !strings.Contains(err.Error(), wantErr) {
+			t.Fatalf("loadConfig error = %v, want one naming %q", err, wantErr)
+		}
+		return c, false
+	}
+	if err != nil {
+		t.Fatalf("loadConfig: %v", err)
+	}
+	return c, true
+}
+
 func TestLoadConfig(t *testing.T) {
 	tests := []struct {
 		name    string
@@ -104,21 +126,9 @@ func TestLoadConfig(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			args := tt.args
-			if tt.file != "" {
-				args = append([]string{"--config", writeConfig(t, tt.file)}, args...)
+			if c, ok := loadCase(t, tt.file, tt.args, tt.wantErr); ok {
+				tt.check(t, c)
 			}
-			c, err := loadConfig(args)
-			if tt.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-					t.Fatalf("err = %v, want one mentioning %q", err, tt.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatalf("loadConfig: %v", err)
-			}
-			tt.check(t, c)
 		})
 	}
 }

@@ -60,21 +60,9 @@ func TestKubeConfigKeys(t *testing.T) {
 		{name: "unknown key", file: "tokenAudience: [x]\n", wantErr: "tokenAudience"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			args := tc.args
-			if tc.file != "" {
-				args = append([]string{"--config", writeConfig(t, tc.file)}, args...)
+			if c, ok := loadCase(t, tc.file, tc.args, tc.wantErr); ok {
+				tc.check(t, c.KubeConfig)
 			}
-			c, err := loadConfig(args)
-			if tc.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
-					t.Fatalf("loadConfig error = %v, want one naming %s", err, tc.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			tc.check(t, c.KubeConfig)
 		})
 	}
 }

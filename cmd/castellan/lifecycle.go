@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"slices"
 	"sync"
+	"time"
 
 	"golang.org/x/sync/errgroup"
 )
@@ -77,15 +80,31 @@ func (c *component) stop() {
 }
 
 // wait blocks until ctx ends or a goroutine fails, then shuts down and
-// returns the first goroutine error (nil after a plain stop).
-func (l *lifecycle) wait(ctx context.Context) error {
+// returns the first goroutine error (nil after a plain stop). A shutdown
+// still under way after grace is abandoned with errGraceExceeded, so that the
+// process exits within its grace period whatever hangs: nothing is lost by
+// it, since a certificate is only returned once its record is committed.
+func (l *lifecycle) wait(ctx context.Context, grace time.Duration) error {
 	select {
 	case <-ctx.Done():
 	case <-l.failed.Done():
 	}
-	l.logger.Info("shutting down")
-	return l.shutdown()
+	l.logger.Info("shutting down", "grace_period", grace)
+	done := make(chan error, 1)
+	go func() { done <- l.shutdown() }()
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+		l.logger.Error("shutdown did not finish within the grace period; exiting", "grace_period", grace)
+		return fmt.Errorf("%w (%s)", errGraceExceeded, grace)
+	}
 }
+
+// errGraceExceeded: shutdown took longer than the grace period.
+var errGraceExceeded = errors.New("shutdown exceeded the grace period")
 
 // shutdown stops every started component, the last started first, and
 // returns the first goroutine error. It is idempotent: serve defers it to

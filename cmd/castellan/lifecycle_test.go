@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"time"
 )
 
 // events records what the components did, in order.
@@ -48,7 +49,7 @@ func TestLifecycleShutdownOrder(t *testing.T) {
 
 	ctx, stop := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- l.wait(ctx) }()
+	go func() { done <- l.wait(ctx, time.Minute) }()
 	stop()
 	<-stopping
 	select {
@@ -83,11 +84,32 @@ func TestLifecycleFailure(t *testing.T) {
 	boom := errors.New("listener failed")
 	l.start("server").Go(func(context.Context) error { return boom })
 
-	if err := l.wait(context.Background()); !errors.Is(err, boom) {
+	if err := l.wait(context.Background(), time.Minute); !errors.Is(err, boom) {
 		t.Fatalf("wait = %v, want %v", err, boom)
 	}
 	if got, want := ev.list(), []string{"loop done", "store closed"}; !slices.Equal(got, want) {
 		t.Errorf("shutdown after a failure %q, want %q", got, want)
+	}
+}
+
+// TestLifecycleGrace: a shutdown that hangs is abandoned after the grace
+// period, so that the process exits within it.
+func TestLifecycleGrace(t *testing.T) {
+	l := newLifecycle(context.Background(), slog.New(slog.DiscardHandler))
+	hang := make(chan struct{})
+	defer close(hang)
+	l.start("stuck").onStop(func() { <-hang })
+	ctx, stop := context.WithCancel(context.Background())
+	stop()
+	done := make(chan error, 1)
+	go func() { done <- l.wait(ctx, 100*time.Millisecond) }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, errGraceExceeded) {
+			t.Errorf("wait = %v, want errGraceExceeded", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("wait did not give up on a hanging shutdown")
 	}
 }
 
@@ -107,7 +129,7 @@ func TestServeComponentOrder(t *testing.T) {
 	for _, c := range s.lc.components {
 		names = append(names, c.name)
 	}
-	want := []string{"audit store", "signer", "authentication", "issuer", "trust bundle file", "grpc", "monitoring"}
+	want := []string{"audit store", "signer", "authentication", "issuer", "trust bundle file", "admission", "grpc", "monitoring"}
 	if !slices.Equal(names, want) {
 		t.Errorf("components started %q, want %q", names, want)
 	}

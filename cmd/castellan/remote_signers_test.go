@@ -1,7 +1,6 @@
 package main
 
 import (
-	"strings"
 	"testing"
 	"time"
 )
@@ -20,17 +19,8 @@ type configCase struct {
 func runConfigCases(t *testing.T, cases []configCase) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			args := append([]string{"--data-dir", t.TempDir()}, tc.args...)
-			if tc.file != "" {
-				args = append(args, "--config", writeConfig(t, tc.file))
-			}
-			c, err := loadConfig(args)
-			switch {
-			case tc.wantErr == "" && err != nil:
-				t.Fatalf("loadConfig: %v", err)
-			case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
-				t.Fatalf("loadConfig error = %v, want one naming %q", err, tc.wantErr)
-			case tc.check != nil:
+			c, ok := loadCase(t, tc.file, append([]string{"--data-dir", t.TempDir()}, tc.args...), tc.wantErr)
+			if ok && tc.check != nil {
 				tc.check(t, c)
 			}
 		})

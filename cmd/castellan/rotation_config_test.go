@@ -3,7 +3,6 @@ package main
 import (
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 )
@@ -37,18 +36,8 @@ func TestRotationConfig(t *testing.T) {
 		{"unknown bundle endpoint auth", "", []string{"--bundle-endpoint-listen", ":8443", "--bundle-endpoint-auth", "http"}, "bundleEndpointAuth"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			args := append([]string{"--data-dir", data}, tc.args...)
-			if tc.file != "" {
-				args = append(args, "--config", writeConfig(t, tc.file))
-			}
-			c, err := loadConfig(args)
-			switch {
-			case tc.wantErr == "" && err != nil:
-				t.Fatalf("loadConfig: %v", err)
-			case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
-				t.Fatalf("loadConfig: %v, want an error naming %q", err, tc.wantErr)
-			}
-			if tc.name == "keys in the file" && (c.IntermediateLifetime != 720*time.Hour || c.PropagationWindow != 2*time.Hour ||
+			c, ok := loadCase(t, tc.file, append([]string{"--data-dir", data}, tc.args...), tc.wantErr)
+			if ok && tc.name == "keys in the file" && (c.IntermediateLifetime != 720*time.Hour || c.PropagationWindow != 2*time.Hour ||
 				c.RotationSchedule || c.ScheduleFraction != 0.5 || c.CAStatePoll != time.Second || c.CAKEKFile != outside) {
 				t.Errorf("got %+v", c.RotationConfig)
 			}

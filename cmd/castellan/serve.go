@@ -19,6 +19,7 @@ import (
 	"github.com/castellan-ca/castellan/ca/bundleserver"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
 	"github.com/castellan-ca/castellan/internal/atomicfile"
+	"github.com/castellan-ca/castellan/internal/netlimit"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
 	"github.com/castellan-ca/castellan/signer/awspca"
@@ -30,7 +31,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/keepalive"
 )
 
 // operatorPath is the SPIFFE path of the castellanctl credential; it is not a
@@ -39,6 +39,17 @@ const operatorPath = "/castellan/operator"
 
 // serve runs the CA until ctx ends.
 func serve(ctx context.Context, args []string, stderr io.Writer) error {
+	return serveWith(ctx, args, stderr, faultHooks{})
+}
+
+// faultHooks are the fault-injection seams of in-process tests; main sets none.
+type faultHooks struct {
+	// beforeSign becomes ca.Config.BeforeSign of the workload pipeline.
+	beforeSign func(ctx context.Context, grant spiffeid.ID)
+}
+
+// serveWith is serve with test hooks.
+func serveWith(ctx context.Context, args []string, stderr io.Writer, hooks faultHooks) error {
 	cfg, err := loadConfig(args)
 	if err != nil {
 		return err
@@ -48,13 +59,14 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("data dir: %w", err)
 	}
 	s := newServer(ctx, cfg, logger)
+	s.hooks = hooks
 	if err := s.start(ctx); err != nil {
 		_ = s.lc.shutdown() // stop what started; the start error is the one to report
 		return err
 	}
 	logger.Info("castellan serving", "listen", s.grpcAddr, "monitoring", s.monitoringAddr, "trust_domain", s.td.Name(),
 		"signer", s.authority.Current().Backend, "data_dir", cfg.DataDir)
-	return s.lc.wait(ctx)
+	return s.lc.wait(ctx, cfg.ShutdownGracePeriod)
 }
 
 // server is what serve builds, one component after the other; each start
@@ -66,6 +78,7 @@ type server struct {
 	operatorID spiffeid.ID
 	lc         *lifecycle
 	registry   *prometheus.Registry
+	hooks      faultHooks
 
 	store     auditStore
 	authority *ca.Authority
@@ -95,7 +108,7 @@ func newServer(ctx context.Context, cfg Config, logger *slog.Logger) *server {
 func (s *server) start(ctx context.Context) error {
 	for _, step := range []func(context.Context) error{
 		s.startStore, s.startSigner, s.startAuthn, s.startIssuer, s.startTrustFiles, s.startBundleEndpoint,
-		s.startGRPC, s.startMonitoring,
+		s.startAdmission, s.startGRPC, s.startMonitoring,
 	} {
 		if err := step(ctx); err != nil {
 			return err
@@ -197,6 +210,8 @@ func (s *server) startIssuer(ctx context.Context) error {
 		Logger:         s.logger,
 		MaxInFlight:    s.cfg.MaxInFlight,
 		AuditTimeout:   s.cfg.AuditTimeout,
+		Limits:         s.cfg.admission(),
+		BeforeSign:     s.hooks.beforeSign,
 	})
 	if err != nil {
 		return err
@@ -238,13 +253,22 @@ func (s *server) startBundleEndpoint(ctx context.Context) error {
 	}
 	srv, err := bundleserver.New(ctx, bundleserver.Config{Authority: s.authority, TrustDomain: s.td, Addr: s.cfg.BundleEndpointListen,
 		Auth: s.cfg.BundleEndpointAuth, Issuer: s.issuer, CertFile: s.cfg.BundleEndpointCertFile, KeyFile: s.cfg.BundleEndpointKeyFile,
-		RefreshHint: s.cfg.BundleRefreshHint, Logger: s.logger.With("component", "bundle-endpoint")})
+		RefreshHint: s.cfg.BundleRefreshHint, Limits: s.cfg.http(), Logger: s.logger.With("component", "bundle-endpoint")})
 	if err != nil {
 		return err
 	}
+	registerListener(s.registry, "bundle-endpoint", srv.Listener())
 	c := s.lc.start("bundle endpoint")
 	c.Go(func(context.Context) error { return srv.Serve() })
-	c.onStop(func() { closeWithin(ctx, 5*time.Second, srv.Close) })
+	c.onStop(func() { closeWithin(ctx, httpStopTimeout, srv.Close) })
+	return nil
+}
+
+// startAdmission summarises the calls the admission checks refused in the
+// audit log. It stops after the gRPC server, so its last summary counts
+// every refusal, and before the audit store closes.
+func (s *server) startAdmission(context.Context) error {
+	s.lc.start("admission").Go(s.issuer.Admission().Run)
 	return nil
 }
 
@@ -252,25 +276,27 @@ func (s *server) startBundleEndpoint(ctx context.Context) error {
 // where (server.json, removed again at shutdown: a stale one would send
 // castellanctl to a dead address).
 func (s *server) startGRPC(context.Context) error {
-	lis, err := net.Listen("tcp", s.cfg.Listen)
+	raw, err := net.Listen("tcp", s.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	srv := grpc.NewServer(
+	lis := netlimit.NewListener(raw, s.cfg.MaxConnections)
+	registerListener(s.registry, "grpc", lis)
+	srv := grpc.NewServer(append(s.cfg.grpcOptions(s.issuer.Admission()),
 		grpc.Creds(credentials.NewTLS(&tls.Config{
 			MinVersion: tls.VersionTLS12,
 			// Requested, not required: only VMs renewing with an existing certificate
 			// send one; authn.ClientCert verifies it so that failures are audited.
+			// A resumed session carries the certificate of its first handshake:
+			// ClientCert verifies it against the current bundle on every call,
+			// so a session outliving its root's retirement authenticates nothing.
 			ClientAuth:     tls.RequestClientCert,
 			GetCertificate: s.serving.GetCertificate,
 		})),
 		grpc.MaxRecvMsgSize(s.cfg.MaxRecvBytes),
-		// Istio's clients ping after 30 s idle; allow down to 10 s so they are never cut off.
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 2 * time.Minute, Timeout: 20 * time.Second}),
 		// Stop returns only once every handler has: none still writes to the audit store.
 		grpc.WaitForHandlers(true),
-	)
+	)...)
 	authpb.RegisterIstioCertificateServiceServer(srv, &ca.Server{Issuer: s.issuer})
 	adminpb.RegisterAdminServiceServer(srv, &admin.Server{Issuer: s.issuer, Audit: s.store, Rotation: s.rotation, Logger: s.logger})
 	c := s.lc.start("grpc")
@@ -280,7 +306,7 @@ func (s *server) startGRPC(context.Context) error {
 		}
 		return nil
 	})
-	c.onStop(func() { gracefulStop(srv, 10*time.Second) })
+	c.onStop(func() { gracefulStop(srv, s.cfg.grpcDrain(s.cfg.AuditTimeout)) })
 	s.grpcAddr = lis.Addr().String()
 	// server.json before /readyz answers: whoever waits for readiness (the
 	// e2e harness, a readiness gate) may run castellanctl at once.
@@ -292,13 +318,19 @@ func (s *server) startGRPC(context.Context) error {
 	return nil
 }
 
-// gracefulStop lets calls in flight finish for up to timeout, then cancels them.
+// gracefulStop lets calls in flight finish for up to timeout, then cancels
+// them; their clients see Unavailable, and their handlers still finish
+// their audit records before Stop returns.
 func gracefulStop(srv *grpc.Server, timeout time.Duration) {
 	t := time.AfterFunc(timeout, srv.Stop)
 	defer t.Stop()
 	srv.GracefulStop()
 	srv.Stop() // waits for the handlers a timed-out graceful stop cancelled
 }
+
+// httpStopTimeout is how long an HTTP listener's requests in flight get at
+// shutdown: they are small GETs.
+const httpStopTimeout = time.Second
 
 // closeWithin calls closeFn at shutdown, when ctx (serve's) may have ended:
 // with ctx's values, detached from its cancellation and bounded by timeout.
@@ -326,11 +358,14 @@ func (s *server) startMonitoring(ctx context.Context) error {
 		{"audit store", s.store.Ping},
 		{"serving certificate", func(ctx context.Context) error { _, err := s.serving.Current(ctx); return err }},
 	}, s.ready...)
-	lis, err := net.Listen("tcp", s.cfg.MonitoringListen)
+	raw, err := net.Listen("tcp", s.cfg.MonitoringListen)
 	if err != nil {
 		return fmt.Errorf("monitoring listen: %w", err)
 	}
-	srv := &http.Server{Handler: monitoringHandler(s.registry, ready), ReadHeaderTimeout: 5 * time.Second}
+	limits := s.cfg.http()
+	lis := limits.Listen(raw)
+	registerListener(s.registry, "monitoring", lis)
+	srv := limits.Server(monitoringHandler(s.registry, ready))
 	c := s.lc.start("monitoring")
 	c.Go(func(context.Context) error {
 		if err := srv.Serve(lis); !errors.Is(err, http.ErrServerClosed) {
@@ -338,9 +373,25 @@ func (s *server) startMonitoring(ctx context.Context) error {
 		}
 		return nil
 	})
-	c.onStop(func() { closeWithin(ctx, 5*time.Second, srv.Shutdown) })
+	c.onStop(func() {
+		closeWithin(ctx, httpStopTimeout, srv.Shutdown)
+		_ = srv.Close() // whatever did not finish in time
+	})
 	s.monitoringAddr = lis.Addr().String()
 	return nil
+}
+
+// registerListener exports a listener's open and refused connections.
+func registerListener(reg prometheus.Registerer, name string, l *netlimit.Listener) {
+	labels := prometheus.Labels{"listener": name}
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "castellan_connections_open", ConstLabels: labels,
+			Help: "Connections open, by listener."}, func() float64 { return float64(l.Open()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "castellan_connections_max", ConstLabels: labels,
+			Help: "Connections a listener holds at most; further ones are closed at accept."}, func() float64 { return float64(l.Max()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "castellan_connections_refused_total", ConstLabels: labels,
+			Help: "Connections closed at accept because the listener held its maximum, by listener."}, func() float64 { return float64(l.Refused()) }),
+	)
 }
 
 // checker is a signer that can tell whether it can sign now (a local CA

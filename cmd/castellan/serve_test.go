@@ -56,10 +56,16 @@ type testServer struct {
 // return; the server log is attached to the test output when the test failed.
 func startServe(t *testing.T, dataDir string, extra ...string) *testServer {
 	t.Helper()
+	return startServeWith(t, dataDir, faultHooks{}, extra...)
+}
+
+// startServeWith is startServe with fault hooks.
+func startServeWith(t *testing.T, dataDir string, hooks faultHooks, extra ...string) *testServer {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &testServer{dataDir: dataDir, logs: &servetest.SyncBuffer{}, cancel: cancel, done: make(chan error, 1)}
 	args := append([]string{"--data-dir", dataDir, "--listen", "127.0.0.1:0", "--monitoring-listen", "127.0.0.1:0"}, extra...)
-	go func() { s.done <- serve(ctx, args, s.logs) }()
+	go func() { s.done <- serveWith(ctx, args, s.logs, hooks) }()
 	t.Cleanup(func() {
 		if !s.stopped {
 			if err := s.stop(); err != nil {

@@ -80,12 +80,28 @@ type Action struct {
 	Err error
 }
 
-// Record builds the audit record of act (Kind operator, with the peer and
-// cluster of the call in ctx, if any) and appends it. It is the one way
-// operator actions reach the audit log: the admin API's, the rotation
-// manager's and Castellan's own. A failure is logged and returned with the
-// record.
+// Record builds the audit record of act (Build) and appends it. It is the
+// one way operator actions reach the audit log: the admin API's, the
+// rotation manager's and Castellan's own. A failure is logged and returned
+// with the record.
 func (a *Auditor) Record(ctx context.Context, act Action) (*storage.Record, error) {
+	rec := a.Build(ctx, act)
+	if err := a.Append(ctx, rec); err != nil {
+		logger := a.Logger
+		if logger == nil {
+			logger = slog.New(slog.DiscardHandler)
+		}
+		logger.Error("audit of an operator action failed", "request_id", rec.RequestID,
+			"reason", rec.Reason, "detail", rec.Detail, "error", err)
+		return rec, err
+	}
+	return rec, nil
+}
+
+// Build returns the audit record of act (Kind operator, with the peer and
+// cluster of the call in ctx, if any) without appending it: for a store
+// that commits it together with the change it records (the CA state).
+func (a *Auditor) Build(ctx context.Context, act Action) *storage.Record {
 	now, random := a.Now, a.Rand
 	if now == nil {
 		now = time.Now
@@ -107,16 +123,7 @@ func (a *Auditor) Record(ctx context.Context, act Action) (*storage.Record, erro
 	} else {
 		rec.Outcome, rec.Reason = cmp.Or(rec.Outcome, storage.OutcomeFailed), cmp.Or(rec.Reason, ReasonOf(act.Err))
 	}
-	if err := a.Append(ctx, rec); err != nil {
-		logger := a.Logger
-		if logger == nil {
-			logger = slog.New(slog.DiscardHandler)
-		}
-		logger.Error("audit of an operator action failed", "request_id", rec.RequestID,
-			"reason", rec.Reason, "detail", rec.Detail, "error", err)
-		return rec, err
-	}
-	return rec, nil
+	return rec
 }
 
 // newRequestID returns the random id of one request or action in the audit log.

@@ -233,7 +233,7 @@ func TestServerAdmin(t *testing.T) {
 				want = r
 			}
 		}
-		if got := adminapi.RecordFromProto(list.Records[0]); got.Hash != want.Hash || got.ComputeHash() != want.Hash {
+		if got, err := adminapi.RecordFromProto(list.Records[0]); err != nil || got.Hash != want.Hash || got.ComputeHash() != want.Hash {
 			t.Errorf("record does not survive the admin API intact: hash %q recomputed %q, stored %q", got.Hash, got.ComputeHash(), want.Hash)
 		}
 

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/castellan-ca/castellan/storage/postgres/pgtest"
 )
 
 // Paths of the binaries under test, set once by TestMain.
@@ -56,7 +58,7 @@ func run(m *testing.M) int {
 		}
 		*b.dst = path
 	}
-	return m.Run()
+	return pgtest.Main(m) // runs the tests, then stops a PostgreSQL cluster a test started
 }
 
 // binary returns the absolute path of a binary under test: the file named by

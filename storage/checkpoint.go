@@ -80,23 +80,30 @@ func (c *Checkpoint) Sign(key ed25519.PrivateKey) {
 
 // VerifySignature checks that pub signed c as it is now.
 func (c *Checkpoint) VerifySignature(pub ed25519.PublicKey) error {
+	return checkSignature(pub, c.KeyID, c.Signature, c.digest, fmt.Sprintf("checkpoint %d", c.ID))
+}
+
+// checkSignature checks that pub, named keyID, made the hex signature sig
+// over digest(); what names the signed object in errors.
+func checkSignature(pub ed25519.PublicKey, keyID, sig string, digest func() []byte, what string) error {
 	if pub == nil {
-		return fmt.Errorf("checkpoint %d: %w to check its signature", c.ID, ErrNoCheckpointKey)
+		return fmt.Errorf("%s: %w to check its signature", what, ErrNoCheckpointKey)
 	}
-	if id := CheckpointKeyID(pub); c.KeyID != id {
-		return fmt.Errorf("checkpoint %d is signed by key %.16s…, not by this server's checkpoint key %.16s…", c.ID, c.KeyID, id)
+	if id := CheckpointKeyID(pub); keyID != id {
+		return fmt.Errorf("%s is signed by key %.16s…, not by the checkpoint key it is checked against (%.16s…)", what, keyID, id)
 	}
-	sig, err := hex.DecodeString(c.Signature)
-	if err != nil || !ed25519.Verify(pub, c.digest(), sig) {
-		return fmt.Errorf("checkpoint %d: signature invalid: checkpoint edited or forged", c.ID)
+	b, err := hex.DecodeString(sig)
+	if err != nil || !ed25519.Verify(pub, digest(), b) {
+		return fmt.Errorf("%s: signature invalid: edited or forged", what)
 	}
 	return nil
 }
 
 // AddCheckpoint feeds a stored checkpoint, before any record: it checks the
 // signature with pub and records where each writer's chain resumes, so that
-// Add accepts a chain whose first rows were pruned. Feed checkpoints in
-// ascending ID order; later ones supersede earlier ones. A bad checkpoint
+// Add accepts a chain whose first rows were pruned. Feed every checkpoint,
+// in ascending ID order (1, 2, ...: a missing one is a break); later ones
+// supersede earlier ones. A bad checkpoint
 // breaks verification like a bad row (the error wraps ErrChainBroken).
 func (v *ChainVerifier) AddCheckpoint(cp *Checkpoint, pub ed25519.PublicKey) error {
 	if v.err != nil {
@@ -109,6 +116,12 @@ func (v *ChainVerifier) AddCheckpoint(cp *Checkpoint, pub ed25519.PublicKey) err
 		v.err = &ChainError{Problem: err.Error()}
 		return v.err
 	}
+	if cp.ID != v.lastCheckpoint+1 {
+		// Prune numbers checkpoints 1, 2, ...: a gap is a deleted one.
+		v.err = &ChainError{Problem: fmt.Sprintf("checkpoint %d follows checkpoint %d: checkpoints deleted or reordered", cp.ID, v.lastCheckpoint)}
+		return v.err
+	}
+	v.lastCheckpoint = cp.ID
 	if v.anchors == nil {
 		v.anchors = make(map[string]CheckpointEntry)
 	}

@@ -65,7 +65,7 @@ func TestChainVerifierAnchors(t *testing.T) {
 		{name: "no key configured", cps: []*Checkpoint{signedCheckpoint(1, CheckpointEntry{"a", 3, c[2].Hash, 3})},
 			rows: c[3:], wantWords: "no checkpoint key"},
 		{name: "signed by another key", cps: []*Checkpoint{signedCheckpoint(1, CheckpointEntry{"a", 3, c[2].Hash, 3})},
-			key: otherKey.Public().(ed25519.PublicKey), rows: c[3:], wantWords: "not by this server's checkpoint key"},
+			key: otherKey.Public().(ed25519.PublicKey), rows: c[3:], wantWords: "not by the checkpoint key it is checked against"},
 		{name: "hash does not link", cps: []*Checkpoint{signedCheckpoint(1, CheckpointEntry{"a", 3, "bogus", 3})},
 			key: pub, rows: c[3:], wantSeq: 4, wantWords: "prev_hash"},
 		{name: "rows before the resume point", cps: []*Checkpoint{signedCheckpoint(1, CheckpointEntry{"a", 3, c[2].Hash, 3})},

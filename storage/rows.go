@@ -46,12 +46,13 @@ func CollectRecords(rows Rows, scan ScanRecordFunc) ([]Record, error) {
 }
 
 // YieldRecords reads every remaining row of rows with scan into one reused
-// Record and yields it until yield returns false; an error is yielded last.
+// Record and yields it until yield returns false; an error is yielded last,
+// an *UnreadableRowError for a row scan cannot decode.
 func YieldRecords(rows Rows, scan ScanRecordFunc, yield func(*Record, error) bool) {
 	var r Record
 	for rows.Next() {
 		if err := scan(rows, &r); err != nil {
-			yield(nil, err)
+			yield(nil, &UnreadableRowError{Writer: r.Writer, Seq: r.Seq, Err: err})
 			return
 		}
 		if !yield(&r, nil) {

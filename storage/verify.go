@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"iter"
@@ -59,6 +60,8 @@ type ChainVerifier struct {
 	prevHash string
 	seen     map[string]struct{}
 	anchors  map[string]CheckpointEntry // where pruned chains resume; see AddCheckpoint
+	// lastCheckpoint is the ID of the last checkpoint added.
+	lastCheckpoint uint64
 }
 
 // NewChainVerifier returns an empty verifier.
@@ -132,9 +135,56 @@ func (v *ChainVerifier) Result() VerifyResult {
 // one (a read failure) or the input is not grouped by writer; a broken chain
 // is reported in the result with OK false.
 func VerifyRecords(records iter.Seq2[*Record, error]) (VerifyResult, error) {
+	return VerifySnapshot(Snapshot{Records: records}, nil)
+}
+
+// Snapshot is one consistent read of an audit store, as its Verify and
+// Export see it: the prune checkpoints by ascending ID, and every record
+// grouped by writer in ascending seq order.
+type Snapshot struct {
+	Checkpoints []Checkpoint
+	// Records may reuse the *Record it yields; it yields an
+	// *UnreadableRowError for a row that cannot be decoded.
+	Records iter.Seq2[*Record, error]
+}
+
+// UnreadableRowError reports a stored row that cannot be decoded (a value
+// no store writes): verification reports it as a break, not a read failure.
+type UnreadableRowError struct {
+	Writer string // the row's writer, as far as it could be read
+	Seq    uint64 // the row's seq, or the one before it
+	Err    error
+}
+
+// Error implements error.
+func (e *UnreadableRowError) Error() string {
+	return fmt.Sprintf("writer %q: unreadable row near seq %d: %v", e.Writer, e.Seq, e.Err)
+}
+
+// Unwrap returns the decoding error.
+func (e *UnreadableRowError) Unwrap() error { return e.Err }
+
+// VerifySnapshot checks snap: every checkpoint's signature with pub, then
+// every chain from seq 1 or from where a checkpoint says it resumes (see
+// ChainVerifier), stopping at the first break. A broken chain, a bad
+// checkpoint or an unreadable row is reported in the result with OK false;
+// the error is for read failures and input not grouped by writer.
+func VerifySnapshot(snap Snapshot, pub ed25519.PublicKey) (VerifyResult, error) {
 	var v ChainVerifier
-	for r, err := range records {
-		if err != nil {
+	for i := range snap.Checkpoints {
+		if err := v.AddCheckpoint(&snap.Checkpoints[i], pub); err != nil {
+			return v.Result(), nil
+		}
+	}
+	for r, err := range snap.Records {
+		var unreadable *UnreadableRowError
+		switch {
+		case errors.As(err, &unreadable):
+			res := v.Result()
+			res.Records++
+			res.OK, res.Writer, res.Seq, res.Problem = false, unreadable.Writer, unreadable.Seq, unreadable.Error()
+			return res, nil
+		case err != nil:
 			return v.Result(), fmt.Errorf("storage: verify: reading records: %w", err)
 		}
 		if err := v.Add(r); err != nil {
@@ -144,5 +194,6 @@ func VerifyRecords(records iter.Seq2[*Record, error]) (VerifyResult, error) {
 			return v.Result(), err
 		}
 	}
+	_ = v.Finish() // a break is reported in the result
 	return v.Result(), nil
 }

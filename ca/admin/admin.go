@@ -1,12 +1,13 @@
 // Package admin serves Castellan's AdminService: operator issuance, the trust
-// bundle, the audit log (list, get, verify, prune), CA rotation and the
-// rotation of the key-encryption key. Every call
+// bundle, the audit log (list, get, verify, prune, export and the checkpoint
+// key), CA rotation and the rotation of the key-encryption key. Every call
 // passes the issuer's operator gate (ca.Issuer.Operator); operator actions are
 // audited through the issuer's ca.Auditor; errors leave through ca.Status.
 package admin
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -30,6 +31,12 @@ type AuditReader interface {
 	// Prune removes records older than before, leaving a signed checkpoint
 	// (nil when nothing was old enough).
 	Prune(ctx context.Context, before time.Time) (*storage.Checkpoint, error)
+	// Export sends the whole log, from one snapshot, to sink, ending in a
+	// head signed with the checkpoint key (storage.ExportSnapshot).
+	Export(ctx context.Context, sink storage.ExportSink) error
+	// CheckpointPublicKey checks checkpoints and export heads; nil without
+	// a checkpoint key.
+	CheckpointPublicKey() ed25519.PublicKey
 }
 
 // Rotation is the CA rotation workflow the admin API drives (package

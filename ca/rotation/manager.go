@@ -48,6 +48,18 @@ type Store interface {
 	RaiseDependents(ctx context.Context, keyID string, t time.Time) error
 }
 
+// AuditedStore is a Store that keeps the audit log in the same database
+// (storage/postgres) and saves a state change together with its audit
+// record, in one transaction: the change and its record commit together or
+// not at all, whatever fails or dies in between, so no replica killed
+// mid-step leaves half a step behind. The manager uses it when the Store
+// has it; otherwise it appends the record, then saves.
+type AuditedStore interface {
+	// SaveAudited is Save plus the append of rec to the audit log; on
+	// success rec holds its stored form.
+	SaveAudited(ctx context.Context, version uint64, cas []storage.CARecord, rec *storage.Record) error
+}
+
 // Defaults of Config.
 const (
 	// DefaultPropagationWindow covers a full 24 h certificate lifetime: every

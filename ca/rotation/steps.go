@@ -297,7 +297,8 @@ func (m *Manager) retire(v *view, target, only string, force bool, now time.Time
 	return ch, nil
 }
 
-// commit saves next in place of v, audited by e: the record is written
+// commit saves next in place of v, audited by e. With an AuditedStore the
+// state and its record are one transaction. Otherwise the record is written
 // first, so that no state change goes unrecorded; if the save then fails, a
 // second record says so. On success next carries the new version.
 //
@@ -310,10 +311,19 @@ func (m *Manager) commit(ctx context.Context, v, next *view, e auditEntry) error
 			return fmt.Errorf("rotation: CA %s would be saved without its key", c.KeyID)
 		}
 	}
-	if err := m.record(ctx, e); err != nil {
-		return fmt.Errorf("rotation: audit: %w", err)
+	var err error
+	if as, ok := m.cfg.Store.(AuditedStore); ok {
+		err = as.SaveAudited(ctx, v.version, next.records(), m.audit.Build(ctx, e.action(m)))
+		if errors.Is(err, storage.ErrConflict) {
+			return err // neither was stored: the caller plans again on the new state
+		}
+	} else {
+		if err := m.record(ctx, e); err != nil {
+			return fmt.Errorf("rotation: audit: %w", err)
+		}
+		err = m.cfg.Store.Save(ctx, v.version, next.records())
 	}
-	if err := m.cfg.Store.Save(ctx, v.version, next.records()); err != nil {
+	if err != nil {
 		e.outcome, e.detail = storage.OutcomeFailed, e.detail+": not applied: "+err.Error()
 		e.err = ca.Refuse(ca.ErrUnavailable, adminapi.ReasonCAStateDown, err)
 		if aerr := m.record(ctx, e); aerr != nil {
@@ -336,9 +346,14 @@ type auditEntry struct {
 // record appends a Kind operator audit record through the CA's one
 // operator-action path; a failure is logged there and returned.
 func (m *Manager) record(ctx context.Context, e auditEntry) error {
-	_, err := m.audit.Record(ctx, ca.Action{Method: e.method, Caller: e.caller, Outcome: e.outcome, Reason: e.reason,
-		Signer: m.cfg.Backend.Name(), Detail: e.detail, Err: e.err})
+	_, err := m.audit.Record(ctx, e.action(m))
 	return err
+}
+
+// action is e as the CA's operator action.
+func (e auditEntry) action(m *Manager) ca.Action {
+	return ca.Action{Method: e.method, Caller: e.caller, Outcome: e.outcome, Reason: e.reason,
+		Signer: m.cfg.Backend.Name(), Detail: e.detail, Err: e.err}
 }
 
 // stamp formats t for messages.

@@ -85,6 +85,9 @@ func openAuditStore(ctx context.Context, cfg Config, logger *slog.Logger) (audit
 	if err != nil {
 		return nil, err
 	}
+	if err := writeCheckpointPublicKey(filepath.Join(cfg.DataDir, datadir.AuditCheckpointPublicKey), key); err != nil {
+		return nil, err
+	}
 	if cfg.AuditDSN == "" {
 		return embedded.Open(ctx, filepath.Join(cfg.DataDir, datadir.AuditDB), embedded.Options{Writer: cfg.AuditWriter,
 			MaxBatch: cfg.AuditMaxBatch, MaxBatchDelay: cfg.AuditBatchDelay, CheckpointKey: key, Logger: logger})
@@ -129,4 +132,18 @@ func loadCheckpointKey(path string, logger *slog.Logger) (ed25519.PrivateKey, er
 		return nil, fmt.Errorf("audit checkpoint key %s: %T is not an Ed25519 key", path, k)
 	}
 	return key, nil
+}
+
+// writeCheckpointPublicKey publishes the checkpoint key's public half in the
+// data directory, where operators take it to hand auditors with an export
+// (it is also served by `castellanctl audit checkpoint-key`).
+func writeCheckpointPublicKey(path string, key ed25519.PrivateKey) error {
+	b, err := keyfile.MarshalPublicKeyPEM(key.Public())
+	if err == nil {
+		err = atomicfile.Write(path, b, 0o644)
+	}
+	if err != nil {
+		return fmt.Errorf("audit checkpoint public key: %w", err)
+	}
+	return nil
 }

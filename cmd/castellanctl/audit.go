@@ -1,16 +1,13 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"encoding/csv"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"iter"
-	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -154,9 +151,12 @@ func cmdAuditShow(ctx context.Context, g *globals, args []string, stdout, stderr
 			return errors.New("audit show: no record matches")
 		}
 	}
-	enc := json.NewEncoder(stdout)
+	enc, text := json.NewEncoder(stdout), textOut{stdout}
 	for i, p := range recs {
-		r := adminapi.RecordFromProto(p)
+		r, err := adminapi.RecordFromProto(p)
+		if err != nil {
+			return fmt.Errorf("audit show: %w", err)
+		}
 		if *output == "json" {
 			if err := enc.Encode(&r); err != nil {
 				return err
@@ -164,86 +164,15 @@ func cmdAuditShow(ctx context.Context, g *globals, args []string, stdout, stderr
 			continue
 		}
 		if i > 0 {
-			fmt.Fprintln(stdout)
+			text.println()
 		}
 		header, row := csvHeader(), csvRow(&r)
 		for j, name := range header {
 			if row[j] != "" {
-				fmt.Fprintf(stdout, "%-19s %s\n", name+":", row[j])
+				text.printf("%-19s %s\n", name+":", row[j])
 			}
 		}
 	}
-	return nil
-}
-
-// cmdAuditExport writes every matching record, across all writers in
-// (writer, seq) order, as JSON lines or CSV: the offline copy an auditor or
-// SIEM ingests.
-func cmdAuditExport(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) (err error) {
-	fs := newFlagSet("audit export", stderr)
-	filters := bindAuditFilters(fs)
-	format := fs.String("format", "jsonl", "jsonl | csv")
-	outPath := fs.String("out", "", "file to write (default: standard output)")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	req, err := filters()
-	if err != nil {
-		return fmt.Errorf("audit export: %w", err)
-	}
-	if *format != "jsonl" && *format != "csv" {
-		return errors.New("audit export: --format must be jsonl or csv")
-	}
-	client, closeConn, err := g.dial()
-	if err != nil {
-		return err
-	}
-	defer closeConn()
-
-	out := stdout
-	if *outPath != "" {
-		f, err := os.OpenFile(*outPath, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
-		if err != nil {
-			return fmt.Errorf("audit export: %w", err)
-		}
-		defer func() {
-			if cerr := f.Close(); err == nil && cerr != nil {
-				err = fmt.Errorf("audit export: %w", cerr)
-			}
-		}()
-		out = f
-	}
-	bw := bufio.NewWriter(out)
-	cw, enc := csv.NewWriter(bw), json.NewEncoder(bw)
-	if *format == "csv" {
-		if err := cw.Write(csvHeader()); err != nil {
-			return err
-		}
-	}
-	total := 0
-	for p, err := range auditPages(ctx, client, req, func(int) int { return storage.MaxLimit }) {
-		if err != nil {
-			return fmt.Errorf("audit export: after %d records: %w", total, err)
-		}
-		r := adminapi.RecordFromProto(p)
-		if *format == "csv" {
-			err = cw.Write(csvRow(&r))
-		} else {
-			err = enc.Encode(&r)
-		}
-		if err != nil {
-			return fmt.Errorf("audit export: %w", err)
-		}
-		total++
-	}
-	cw.Flush()
-	if err := cw.Error(); err != nil {
-		return fmt.Errorf("audit export: %w", err)
-	}
-	if err := bw.Flush(); err != nil {
-		return fmt.Errorf("audit export: %w", err)
-	}
-	fmt.Fprintf(stderr, "exported %d records\n", total)
 	return nil
 }
 
@@ -292,14 +221,15 @@ func cmdAuditPrune(ctx context.Context, g *globals, args []string, stdout, stder
 	if err != nil {
 		return fmt.Errorf("audit prune: %w", err)
 	}
+	out := textOut{stdout}
 	if resp.GetCheckpointId() == 0 {
-		fmt.Fprintf(stdout, "nothing older than %s to prune\n", before.UTC().Format(time.RFC3339))
+		out.printf("nothing older than %s to prune\n", before.UTC().Format(time.RFC3339))
 		return nil
 	}
-	fmt.Fprintf(stdout, "pruned %d records older than %s from %d writer(s); checkpoint %d signed by key %.16s…\n",
+	out.printf("pruned %d records older than %s from %d writer(s); checkpoint %d signed by key %.16s…\n",
 		resp.GetRemoved(), before.UTC().Format(time.RFC3339), len(resp.GetWriters()), resp.GetCheckpointId(), resp.GetKeyId())
 	for _, w := range resp.GetWriters() {
-		fmt.Fprintf(stdout, "  %s: %d removed, chain resumes at seq %d (prev hash %.16s…)\n", w.GetWriter(), w.GetRemoved(), w.GetSeq()+1, w.GetHash())
+		out.printf("  %s: %d removed, chain resumes at seq %d (prev hash %.16s…)\n", w.GetWriter(), w.GetRemoved(), w.GetSeq()+1, w.GetHash())
 	}
 	return nil
 }

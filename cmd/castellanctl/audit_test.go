@@ -11,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/castellan-ca/castellan/cmd/internal/datadir"
 	"github.com/castellan-ca/castellan/storage"
 	"github.com/castellan-ca/castellan/storage/postgres/pgtest"
 	"github.com/jackc/pgx/v5"
@@ -73,11 +74,11 @@ func TestAuditCommandsBothStores(t *testing.T) {
 
 			t.Run("export", func(t *testing.T) {
 				out := mustCtl(t, data, "audit", "export")
+				lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
 				var exported []storage.Record
-				dec := json.NewDecoder(strings.NewReader(out))
-				for dec.More() {
+				for _, line := range lines[:len(lines)-1] {
 					var r storage.Record
-					if err := dec.Decode(&r); err != nil {
+					if err := json.Unmarshal([]byte(line), &r); err != nil {
 						t.Fatal(err)
 					}
 					if r.ComputeHash() != r.Hash {
@@ -85,10 +86,22 @@ func TestAuditCommandsBothStores(t *testing.T) {
 					}
 					exported = append(exported, r)
 				}
+				if !strings.HasPrefix(lines[len(lines)-1], `{"head":`) {
+					t.Errorf("export does not end in its head: %s", lines[len(lines)-1])
+				}
 				if len(exported) != len(recs) {
 					t.Errorf("export wrote %d records, list shows %d", len(exported), len(recs))
 				}
-				path := filepath.Join(t.TempDir(), "audit.csv")
+				path := filepath.Join(t.TempDir(), "audit.jsonl")
+				if err := os.WriteFile(path, []byte(out), 0o600); err != nil {
+					t.Fatal(err)
+				}
+				verified := mustCtl(t, data, "audit", "verify", "--file", path, "--checkpoint-key",
+					filepath.Join(data, datadir.AuditCheckpointPublicKey))
+				if !strings.HasPrefix(verified, fmt.Sprintf("export intact: %d records of 1 writer(s)", len(recs))) {
+					t.Errorf("audit verify --file: %q", verified)
+				}
+				path = filepath.Join(t.TempDir(), "audit.csv")
 				mustCtl(t, data, "audit", "export", "--format", "csv", "--out", path)
 				f, err := os.Open(path)
 				if err != nil {
@@ -115,6 +128,12 @@ func TestAuditCommandsBothStores(t *testing.T) {
 				}
 				if out := mustCtl(t, data, "audit", "verify"); !strings.Contains(out, "intact") || !strings.Contains(out, "1 signed prune checkpoint") {
 					t.Fatalf("audit verify after prune: %q", out)
+				}
+				export := filepath.Join(t.TempDir(), "pruned.jsonl")
+				mustCtl(t, data, "audit", "export", "--out", export)
+				if out := mustCtl(t, data, "audit", "verify", "--file", export, "--checkpoint-key",
+					filepath.Join(data, datadir.AuditCheckpointPublicKey)); !strings.Contains(out, "export intact: 2 records of 1 writer(s), 1 prune checkpoint(s)") {
+					t.Fatalf("audit verify --file after prune: %q", out)
 				}
 				if tamper == nil {
 					return

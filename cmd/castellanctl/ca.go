@@ -93,7 +93,7 @@ func caStep(ctx context.Context, g *globals, what, output string, stdout io.Writ
 	}
 	st := adminapi.RotationStatusFromProto(status)
 	if output == "table" {
-		fmt.Fprintln(stdout, st.Summary)
+		textOut{stdout}.println(st.Summary)
 	}
 	return printCAStatus(stdout, st, output)
 }
@@ -165,7 +165,8 @@ func printCAStatus(w io.Writer, st *adminapi.RotationStatus, output string) erro
 	if st.Schedule {
 		schedule = "on"
 	}
-	fmt.Fprintf(w, "backend %s, state version %d, propagation window %s, schedule %s\n", st.Backend, st.Version, st.PropagationWindow, schedule)
+	out := textOut{w}
+	out.printf("backend %s, state version %d, propagation window %s, schedule %s\n", st.Backend, st.Version, st.PropagationWindow, schedule)
 	if len(st.SealedUnder) > 0 {
 		keks := make([]string, len(st.SealedUnder))
 		for i, id := range st.SealedUnder {
@@ -175,7 +176,7 @@ func printCAStatus(w io.Writer, st *adminapi.RotationStatus, output string) erro
 		if len(keks) > 1 {
 			note = " (rekey under way: the first is the new KEK)"
 		}
-		fmt.Fprintf(w, "CA keys sealed under KEK %s%s\n", strings.Join(keks, ", "), note)
+		out.printf("CA keys sealed under KEK %s%s\n", strings.Join(keks, ", "), note)
 	}
 	var held []string
 	for _, c := range st.CAs {
@@ -184,10 +185,11 @@ func printCAStatus(w io.Writer, st *adminapi.RotationStatus, output string) erro
 		}
 	}
 	if len(held) > 0 {
-		fmt.Fprintf(w, "CA keys held by a key provider (sealed under no KEK): %s\n", strings.Join(held, ", "))
+		out.printf("CA keys held by a key provider (sealed under no KEK): %s\n", strings.Join(held, ", "))
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ROLE\tKEY ID\tPHASE\tNOT BEFORE\tNOT AFTER\tDEPENDENTS UNTIL\tNEXT STEP\tSUBJECT")
+	table := textOut{tw}
+	table.println("ROLE\tKEY ID\tPHASE\tNOT BEFORE\tNOT AFTER\tDEPENDENTS UNTIL\tNEXT STEP\tSUBJECT")
 	for _, c := range st.CAs {
 		phase := c.Phase
 		if c.Issuing {
@@ -197,7 +199,7 @@ func printCAStatus(w io.Writer, st *adminapi.RotationStatus, output string) erro
 		if c.Source != "managed" {
 			role += " (" + c.Source + ")"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", role, c.KeyID, phase, stamp(c.NotBefore), stamp(c.NotAfter),
+		table.printf("%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", role, c.KeyID, phase, stamp(c.NotBefore), stamp(c.NotAfter),
 			stamp(c.DependentsUntil), nextStep(c), c.Subject)
 	}
 	return tw.Flush()

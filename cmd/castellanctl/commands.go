@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -101,7 +102,7 @@ func cmdIssue(ctx context.Context, g *globals, args []string, stdout, stderr io.
 		if err := atomicfile.Write(p, []byte(f.data), f.mode); err != nil {
 			return fmt.Errorf("write %s: %w", p, err)
 		}
-		fmt.Fprintln(stdout, p)
+		textOut{stdout}.println(p)
 	}
 	return nil
 }
@@ -128,8 +129,9 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 	defer closeConn()
 
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	table := textOut{tw}
 	if *output == "table" {
-		fmt.Fprintln(tw, "SEQ\tTIME\tKIND\tOUTCOME\tCODE\tREASON\tCALLER\tGRANTED\tSERIAL\tWRITER")
+		table.println("SEQ\tTIME\tKIND\tOUTCOME\tCODE\tREASON\tCALLER\tGRANTED\tSERIAL\tWRITER")
 	}
 	enc := json.NewEncoder(stdout)
 	const page = 1000
@@ -143,14 +145,17 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 		if err != nil {
 			return fmt.Errorf("audit list: %w", err)
 		}
-		r := adminapi.RecordFromProto(p)
+		r, err := adminapi.RecordFromProto(p)
+		if err != nil {
+			return fmt.Errorf("audit list: %w", err)
+		}
 		if *output == "json" {
 			if err := enc.Encode(&r); err != nil {
 				return err
 			}
 			continue
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Kind, r.Outcome,
+		table.printf("%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Kind, r.Outcome,
 			r.Code, r.Reason, r.Caller, r.GrantedIdentity, r.Serial, r.Writer)
 	}
 	return tw.Flush()
@@ -158,8 +163,21 @@ func cmdAuditList(ctx context.Context, g *globals, args []string, stdout, stderr
 
 func cmdAuditVerify(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("audit verify", stderr)
+	file := fs.String("file", "", "verify this export (castellanctl audit export) offline, without the server")
+	key := fs.String("checkpoint-key", "", "with --file: the checkpoint public key (PEM) the export must be signed by")
+	previous := fs.String("previous", "", "with --file: an earlier export of the same log; every record its head names must still be there")
+	allowUnsigned := fs.Bool("allow-unsigned", false, "with --file: exit 0 for an export without a signed head whose chains are intact")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("audit verify: unexpected arguments %v", fs.Args())
+	}
+	if *file != "" {
+		return cmdAuditVerifyFile(*file, *key, *previous, *allowUnsigned, stdout)
+	}
+	if *key != "" || *previous != "" || *allowUnsigned {
+		return errors.New("audit verify: --checkpoint-key, --previous and --allow-unsigned go with --file")
 	}
 	client, closeConn, err := g.dial()
 	if err != nil {
@@ -170,14 +188,15 @@ func cmdAuditVerify(ctx context.Context, g *globals, args []string, stdout, stde
 	if err != nil {
 		return fmt.Errorf("audit verify: %w", err)
 	}
+	out := textOut{stdout}
 	if !res.GetOk() {
-		fmt.Fprintf(stdout, "audit log BROKEN at writer %s seq %d: %s (%d records checked)\n", res.GetWriter(), res.GetSeq(), res.GetProblem(), res.GetRecords())
+		out.printf("audit log BROKEN at writer %s seq %d: %s (%d records checked)\n", res.GetWriter(), res.GetSeq(), res.GetProblem(), res.GetRecords())
 		return exitError{1}
 	}
-	fmt.Fprintf(stdout, "audit log intact: %d records, %d writer(s)", res.GetRecords(), res.GetWriters())
+	out.printf("audit log intact: %d records, %d writer(s)", res.GetRecords(), res.GetWriters())
 	if n := res.GetCheckpoints(); n > 0 {
-		fmt.Fprintf(stdout, ", from %d signed prune checkpoint(s)", n)
+		out.printf(", from %d signed prune checkpoint(s)", n)
 	}
-	fmt.Fprintln(stdout)
+	out.println()
 	return nil
 }

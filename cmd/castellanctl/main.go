@@ -24,8 +24,13 @@ Commands:
   audit show WRITER/SEQ | --serial HEX | --fingerprint HEX
                               print records in full, undelivered markers included
   audit verify                check the audit hash chains; exit 1 on a break
+  audit verify --file EXPORT --checkpoint-key PUB [--previous EARLIER] [--allow-unsigned]
+                              verify an export offline, without the server
   audit export [filters] [--format jsonl|csv] [--out FILE]
-                              write every matching record, all writers, oldest first
+                              write every matching record, all writers, oldest first;
+                              without filters, jsonl is verifiable offline (checkpoints,
+                              records, a head signed with the checkpoint key)
+  audit checkpoint-key        print the checkpoint public key (PEM) exports are verified with
   audit prune --before DATE   remove records older than DATE, leaving a signed checkpoint
   ca status                   every CA: key id, phase, validity, latest dependent NotAfter
   ca rotate prepare|activate|retire [--target root|intermediate] [--force]
@@ -55,7 +60,7 @@ func main() {
 	case errors.Is(err, flag.ErrHelp):
 		os.Exit(2)
 	default:
-		fmt.Fprintln(os.Stderr, "castellanctl:", err)
+		textOut{os.Stderr}.println("castellanctl:", err)
 		os.Exit(1)
 	}
 }
@@ -64,10 +69,10 @@ func main() {
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var g globals
 	fs := flag.NewFlagSet("castellanctl", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs.SetOutput(linesOut{stderr})
 	g.bind(fs)
 	fs.Usage = func() {
-		fmt.Fprint(stderr, usage)
+		textOut{stderr}.printf(usage)
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -89,7 +94,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdCA(ctx, &g, rest[1:], stdout, stderr)
 	case "audit":
 		if len(rest) < 2 {
-			return fmt.Errorf("audit: want list, show, verify, export or prune")
+			return fmt.Errorf("audit: want list, show, verify, export, prune or checkpoint-key")
 		}
 		switch rest[1] {
 		case "list":
@@ -102,6 +107,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return cmdAuditExport(ctx, &g, rest[2:], stdout, stderr)
 		case "prune":
 			return cmdAuditPrune(ctx, &g, rest[2:], stdout, stderr)
+		case "checkpoint-key":
+			return cmdAuditCheckpointKey(ctx, &g, rest[2:], stdout, stderr)
 		}
 		return fmt.Errorf("audit: unknown subcommand %q", rest[1])
 	}
@@ -113,7 +120,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 // errors and usage to stderr and returns them rather than exiting.
 func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs.SetOutput(linesOut{stderr})
 	return fs
 }
 

@@ -108,20 +108,24 @@ type CAStatus struct {
 	KeyURI string
 }
 
-// RecordToProto converts an audit record for the admin API.
+// RecordToProto converts an audit record for the admin API. A field that is
+// not valid UTF-8 (a store written before sanitising) is sent readable, with
+// its exact bytes in invalid_utf8, which protobuf strings cannot carry.
 func RecordToProto(r *storage.Record) *adminpb.AuditRecord {
+	v, raw := r.SplitInvalidUTF8()
 	return &adminpb.AuditRecord{
-		Seq: r.Seq, Writer: r.Writer, Time: timestamp(r.Time), Kind: r.Kind, RequestId: r.RequestID, Peer: r.Peer,
-		AuthMethod: r.AuthMethod, Caller: r.Caller, ClusterId: r.ClusterID, RequestedIdentity: r.RequestedIdentity,
-		GrantedIdentity: r.GrantedIdentity, Outcome: r.Outcome, Reason: r.Reason, Code: r.Code, Serial: r.Serial,
-		NotBefore: timestamp(r.NotBefore), NotAfter: timestamp(r.NotAfter), CertSha256: r.CertSHA256, Signer: r.Signer,
-		IssuerKeyId: r.IssuerKeyID, Detail: r.Detail, PrevHash: r.PrevHash, Hash: r.Hash,
+		Seq: v.Seq, Writer: v.Writer, Time: timestamp(v.Time), Kind: v.Kind, RequestId: v.RequestID, Peer: v.Peer,
+		AuthMethod: v.AuthMethod, Caller: v.Caller, ClusterId: v.ClusterID, RequestedIdentity: v.RequestedIdentity,
+		GrantedIdentity: v.GrantedIdentity, Outcome: v.Outcome, Reason: v.Reason, Code: v.Code, Serial: v.Serial,
+		NotBefore: timestamp(v.NotBefore), NotAfter: timestamp(v.NotAfter), CertSha256: v.CertSHA256, Signer: v.Signer,
+		IssuerKeyId: v.IssuerKeyID, Detail: v.Detail, PrevHash: v.PrevHash, Hash: v.Hash, InvalidUtf8: raw,
 	}
 }
 
-// RecordFromProto is the inverse of RecordToProto, for castellanctl.
-func RecordFromProto(p *adminpb.AuditRecord) storage.Record {
-	return storage.Record{
+// RecordFromProto is the inverse of RecordToProto, for castellanctl: the
+// record comes back with its exact bytes, so that it hashes to its hash.
+func RecordFromProto(p *adminpb.AuditRecord) (storage.Record, error) {
+	r := storage.Record{
 		Seq: p.GetSeq(), Writer: p.GetWriter(), Time: fromTimestamp(p.GetTime()), Kind: p.GetKind(), RequestID: p.GetRequestId(),
 		Peer: p.GetPeer(), AuthMethod: p.GetAuthMethod(), Caller: p.GetCaller(), ClusterID: p.GetClusterId(),
 		RequestedIdentity: p.GetRequestedIdentity(), GrantedIdentity: p.GetGrantedIdentity(), Outcome: p.GetOutcome(),
@@ -129,6 +133,45 @@ func RecordFromProto(p *adminpb.AuditRecord) storage.Record {
 		NotAfter: fromTimestamp(p.GetNotAfter()), CertSHA256: p.GetCertSha256(), Signer: p.GetSigner(),
 		IssuerKeyID: p.GetIssuerKeyId(), Detail: p.GetDetail(), PrevHash: p.GetPrevHash(), Hash: p.GetHash(),
 	}
+	return r, r.JoinInvalidUTF8(p.GetInvalidUtf8())
+}
+
+// CheckpointToProto converts a prune checkpoint for the admin API.
+func CheckpointToProto(cp *storage.Checkpoint) *adminpb.AuditCheckpoint {
+	out := &adminpb.AuditCheckpoint{Id: cp.ID, Time: timestamp(cp.Time), Before: timestamp(cp.Before), KeyId: cp.KeyID,
+		Signature: cp.Signature}
+	for _, e := range cp.Writers {
+		out.Writers = append(out.Writers, &adminpb.AuditCheckpointEntry{Writer: e.Writer, Seq: e.Seq, Hash: e.Hash, Removed: e.Removed})
+	}
+	return out
+}
+
+// CheckpointFromProto is the inverse of CheckpointToProto.
+func CheckpointFromProto(p *adminpb.AuditCheckpoint) storage.Checkpoint {
+	cp := storage.Checkpoint{ID: p.GetId(), Time: fromTimestamp(p.GetTime()), Before: fromTimestamp(p.GetBefore()),
+		KeyID: p.GetKeyId(), Signature: p.GetSignature()}
+	for _, e := range p.GetWriters() {
+		cp.Writers = append(cp.Writers, storage.CheckpointEntry{Writer: e.GetWriter(), Seq: e.GetSeq(), Hash: e.GetHash(), Removed: e.GetRemoved()})
+	}
+	return cp
+}
+
+// HeadToProto converts an export head for the admin API.
+func HeadToProto(h *storage.Head) *adminpb.AuditExportHead {
+	out := &adminpb.AuditExportHead{Time: timestamp(h.Time), Checkpoints: h.Checkpoints, KeyId: h.KeyID, Signature: h.Signature}
+	for _, e := range h.Writers {
+		out.Writers = append(out.Writers, &adminpb.AuditChainHead{Writer: e.Writer, Seq: e.Seq, Hash: e.Hash})
+	}
+	return out
+}
+
+// HeadFromProto is the inverse of HeadToProto.
+func HeadFromProto(p *adminpb.AuditExportHead) storage.Head {
+	h := storage.Head{Time: fromTimestamp(p.GetTime()), Checkpoints: p.GetCheckpoints(), KeyID: p.GetKeyId(), Signature: p.GetSignature()}
+	for _, e := range p.GetWriters() {
+		h.Writers = append(h.Writers, storage.HeadEntry{Writer: e.GetWriter(), Seq: e.GetSeq(), Hash: e.GetHash()})
+	}
+	return h
 }
 
 // PruneToProto describes a prune of the records before before for the admin
@@ -139,8 +182,8 @@ func PruneToProto(before time.Time, cp *storage.Checkpoint) *adminpb.PruneAuditL
 		return out
 	}
 	out.CheckpointId, out.Time, out.KeyId, out.Signature = cp.ID, timestamp(cp.Time), cp.KeyID, cp.Signature
+	out.Writers = CheckpointToProto(cp).GetWriters()
 	for _, e := range cp.Writers {
-		out.Writers = append(out.Writers, &adminpb.AuditCheckpointEntry{Writer: e.Writer, Seq: e.Seq, Hash: e.Hash, Removed: e.Removed})
 		out.Removed += e.Removed
 	}
 	return out

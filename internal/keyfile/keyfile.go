@@ -117,3 +117,28 @@ func MarshalPrivateKeyPEM(key crypto.Signer) ([]byte, error) {
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
 }
+
+// MarshalPublicKeyPEM encodes pub as a PKIX "PUBLIC KEY" PEM block.
+func MarshalPublicKeyPEM(pub crypto.PublicKey) ([]byte, error) {
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return nil, fmt.Errorf("marshal public key: %w", err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), nil
+}
+
+// ParsePublicKeyPEM parses the first PEM block of data as a PKIX "PUBLIC KEY".
+func ParsePublicKeyPEM(data []byte) (crypto.PublicKey, error) {
+	block, _ := pem.Decode(data)
+	switch {
+	case block == nil:
+		return nil, errors.New("no PEM block found")
+	case block.Type != "PUBLIC KEY":
+		return nil, fmt.Errorf("unsupported PEM block %q (want PUBLIC KEY)", block.Type)
+	}
+	pub, err := x509.ParsePKIXPublicKey(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("parse PUBLIC KEY: %w", err)
+	}
+	return pub, nil
+}

@@ -99,3 +99,25 @@ func TestParsePrivateKeyPEM(t *testing.T) {
 		t.Error("non-PEM input accepted")
 	}
 }
+
+func TestPublicKeyPEM(t *testing.T) {
+	ed := signertest.LeafKeys()["ed25519"].(ed25519.PrivateKey)
+	b, err := keyfile.MarshalPublicKeyPEM(ed.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := keyfile.ParsePublicKeyPEM(b)
+	if err != nil || !ed.Public().(ed25519.PublicKey).Equal(pub) {
+		t.Fatalf("round trip = %v, %v", pub, err)
+	}
+	private, err := keyfile.MarshalPrivateKeyPEM(ed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, in := range map[string][]byte{"not PEM": []byte("x"), "private key": private,
+		"corrupt": pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: []byte("garbage")})} {
+		if _, err := keyfile.ParsePublicKeyPEM(in); err == nil {
+			t.Errorf("%s accepted", name)
+		}
+	}
+}

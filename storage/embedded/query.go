@@ -2,6 +2,7 @@ package embedded
 
 import (
 	"context"
+	"crypto/ed25519"
 	"database/sql"
 	"errors"
 	"fmt"
@@ -101,62 +102,64 @@ func (s *Store) Get(ctx context.Context, writer string, seq uint64) (*storage.Re
 	return &r, nil
 }
 
-// Verify streams every record, ordered by writer and seq, through the shared
-// storage.ChainVerifier. It reads one consistent snapshot (a single read
-// transaction under WAL) and stops at the first break. A broken chain is
-// reported with OK false and a nil error; the error is for read failures.
+// Verify checks every chain from one consistent snapshot
+// (storage.VerifySnapshot), the prune checkpoints against the store's
+// checkpoint key. A broken chain is reported with OK false and a nil error;
+// the error is for read failures.
 func (s *Store) Verify(ctx context.Context) (storage.VerifyResult, error) {
-	if s.isClosed.Load() {
-		return storage.VerifyResult{}, fmt.Errorf("embedded: verify: %w", storage.ErrClosed)
+	var res storage.VerifyResult
+	err := s.snapshot(ctx, func(snap storage.Snapshot) (err error) {
+		res, err = storage.VerifySnapshot(snap, storage.CheckpointPublicKey(s.opts.CheckpointKey))
+		return err
+	})
+	if err != nil {
+		return res, fmt.Errorf("embedded: verify: %w", err)
 	}
-	// One read transaction: checkpoints and rows from the same snapshot, so
-	// a concurrent prune is seen entirely or not at all.
+	return res, nil
+}
+
+// Export sends the whole log from one consistent snapshot to sink, ending
+// in a head signed with the store's checkpoint key (storage.ExportSnapshot).
+func (s *Store) Export(ctx context.Context, sink storage.ExportSink) error {
+	err := s.snapshot(ctx, func(snap storage.Snapshot) error {
+		return storage.ExportSnapshot(snap, s.opts.CheckpointKey, s.opts.Now(), sink)
+	})
+	if err != nil {
+		return fmt.Errorf("embedded: export: %w", err)
+	}
+	return nil
+}
+
+// CheckpointPublicKey returns the key that checks checkpoints and export
+// heads, or nil without a checkpoint key.
+func (s *Store) CheckpointPublicKey() ed25519.PublicKey {
+	return storage.CheckpointPublicKey(s.opts.CheckpointKey)
+}
+
+// snapshot runs fn on the checkpoints and every record ordered by writer
+// and seq, read in one transaction (a single snapshot under WAL), so a
+// concurrent prune is seen entirely or not at all.
+func (s *Store) snapshot(ctx context.Context, fn func(storage.Snapshot) error) error {
+	if s.isClosed.Load() {
+		return storage.ErrClosed
+	}
 	tx, err := s.rdb.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
 	if err != nil {
-		return storage.VerifyResult{}, fmt.Errorf("embedded: verify: %w", err)
+		return err
 	}
 	defer tx.Rollback() //nolint:errcheck // read-only
-	var (
-		v storage.ChainVerifier
-		r storage.Record // reused: the verifier keeps no reference
-	)
 	cps, err := loadCheckpoints(ctx, tx)
 	if err != nil {
-		return storage.VerifyResult{}, fmt.Errorf("embedded: verify: %w", err)
-	}
-	for i := range cps {
-		if err := v.AddCheckpoint(&cps[i], storage.CheckpointPublicKey(s.opts.CheckpointKey)); err != nil {
-			return v.Result(), nil
-		}
+		return err
 	}
 	rows, err := tx.QueryContext(ctx, "SELECT "+columns+" FROM audit_log ORDER BY writer, seq")
 	if err != nil {
-		return storage.VerifyResult{}, fmt.Errorf("embedded: verify: %w", err)
+		return err
 	}
 	defer rows.Close()
-	for rows.Next() {
-		if err := scanRecord(rows, &r); err != nil {
-			// A value that cannot be decoded was written by something other
-			// than this store: report it as a break, not as an I/O failure.
-			res := v.Result()
-			res.Records++
-			res.OK = false
-			res.Writer, res.Seq = r.Writer, r.Seq
-			res.Problem = fmt.Sprintf("writer %q: unreadable row near seq %d: %v", r.Writer, r.Seq, err)
-			return res, nil
-		}
-		if err := v.Add(&r); err != nil {
-			if errors.Is(err, storage.ErrChainBroken) {
-				return v.Result(), nil
-			}
-			return v.Result(), fmt.Errorf("embedded: verify: %w", err)
-		}
-	}
-	if err := rows.Err(); err != nil {
-		return v.Result(), fmt.Errorf("embedded: verify: %w", err)
-	}
-	_ = v.Finish() // a break is reported in the result
-	return v.Result(), nil
+	return fn(storage.Snapshot{Checkpoints: cps, Records: func(yield func(*storage.Record, error) bool) {
+		storage.YieldRecords(rows, scanRecord, yield)
+	}})
 }
 
 // scanRecord reads one row selected with columns into r.

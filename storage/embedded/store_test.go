@@ -330,9 +330,10 @@ func BenchmarkAppend(b *testing.B) {
 }
 
 // FuzzAuditRoundTrip: any record appended comes back, through Get and
-// List, as its sanitised form, and the chain verifies.
+// List, as its sanitised form, the chain verifies, and an export holding
+// it verifies offline.
 func FuzzAuditRoundTrip(f *testing.F) {
-	storagetest.FuzzRoundTrip(f, openStore(f, filepath.Join(f.TempDir(), "audit.db"), Options{}))
+	storagetest.FuzzRoundTrip(f, openStore(f, filepath.Join(f.TempDir(), "audit.db"), Options{CheckpointKey: testCheckpointKey}))
 }
 
 // TestVerifyReportsUndecodableRow: a value no store would write is a break

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/castellan-ca/castellan/storage"
@@ -98,25 +99,14 @@ func (s *Store) writeBatch(ctx context.Context, b *groupcommit.Batch) (err error
 			}
 		}
 	}()
-	var (
-		head *int64
-		prev *string
-	)
-	// One round trip: the transaction id (to settle the batch if COMMIT's
-	// answer is lost) and the chain head, read inside the transaction so a
-	// failed batch never advances it.
-	err = tx.QueryRow(ctx, `SELECT pg_current_xact_id()::text, h.seq, h.hash FROM (SELECT 1) AS one
-		LEFT JOIN LATERAL (SELECT seq, hash FROM audit_log WHERE writer = $1 ORDER BY seq DESC LIMIT 1) AS h ON true`,
-		s.writer).Scan(&u.xid, &head, &prev)
+	// The transaction id (to settle the batch if COMMIT's answer is lost)
+	// and the chain head, read inside the transaction so a failed batch
+	// never advances it.
+	xid, seq, prevHash, err := lockedHead(ctx, tx, s.writer)
 	if err != nil {
-		u.xid = ""
 		return fmt.Errorf("read chain head: %w", err)
 	}
-	var seq uint64
-	prevHash := ""
-	if head != nil {
-		seq, prevHash = uint64(*head), *prev //nolint:gosec // G115: seqs are written from [1, MaxInt64]; one tampered negative stays bit-exact, so the hash check reports it
-	}
+	u.xid = xid
 	u.lastSeq, u.lastHash = b.Seal(s.writer, seq, prevHash)
 	if _, err := tx.CopyFrom(ctx, pgx.Identifier{"audit_log"}, columns, &copySource{recs: b.Records, row: s.row}); err != nil {
 		return fmt.Errorf("insert seq %d..%d: %w", seq+1, u.lastSeq, classify(err))
@@ -131,6 +121,54 @@ func (s *Store) writeBatch(ctx context.Context, b *groupcommit.Batch) (err error
 	}
 	return nil
 }
+
+// chainLockClass is the first key of the transaction-scoped advisory lock
+// on one writer's chain (the second is hashtext(writer)). Every
+// transaction that appends to a chain takes it before it reads the chain's
+// head: the batch writer and an audited CA state save (SaveCAAudited) both
+// append to this process's chain and must never seal from the same head.
+const chainLockClass int32 = 0x636863 // "chc"
+
+// lockedHead takes writer's chain lock in tx, then reads tx's id and the
+// chain's newest seq and hash (0 and "" for an empty chain). The two are
+// separate statements, pipelined in one round trip: under READ COMMITTED
+// each statement reads its own snapshot, so the head is read after the lock
+// is held and sees what the previous holder committed.
+func lockedHead(ctx context.Context, tx pgx.Tx, writer string) (xid string, seq uint64, hash string, err error) {
+	var b pgx.Batch
+	b.Queue(`SELECT pg_advisory_xact_lock($1, hashtext($2))`, chainLockClass, writer)
+	b.Queue(`SELECT pg_current_xact_id()::text, h.seq, h.hash FROM (SELECT 1) AS one
+		LEFT JOIN LATERAL (SELECT seq, hash FROM audit_log WHERE writer = $1 ORDER BY seq DESC LIMIT 1) AS h ON true`, writer)
+	br := tx.SendBatch(ctx, &b)
+	defer func() {
+		if cerr := br.Close(); err == nil && cerr != nil {
+			xid, err = "", cerr
+		}
+	}()
+	if _, err := br.Exec(); err != nil {
+		return "", 0, "", fmt.Errorf("lock the chain: %w", err)
+	}
+	var (
+		head *int64
+		prev *string
+	)
+	if err := br.QueryRow().Scan(&xid, &head, &prev); err != nil {
+		return "", 0, "", err
+	}
+	if head != nil {
+		seq, hash = uint64(*head), *prev //nolint:gosec // G115: seqs are written from [1, MaxInt64]; one tampered negative stays bit-exact, so the hash check reports it
+	}
+	return xid, seq, hash, nil
+}
+
+// insertRecordSQL inserts one audit_log row (rowValues) outside COPY.
+var insertRecordSQL = func() string {
+	ph := make([]string, len(columns))
+	for i := range ph {
+		ph[i] = fmt.Sprintf("$%d", i+1)
+	}
+	return "INSERT INTO audit_log (" + strings.Join(columns, ", ") + ") VALUES (" + strings.Join(ph, ", ") + ")"
+}()
 
 // classify marks the server's refusals of a row's values with
 // storage.ErrRecordRejected, so that the queue retries the batch one record

@@ -79,38 +79,86 @@ func (s *Store) SaveCA(ctx context.Context, version uint64, cas []storage.CAReco
 	if s.isClosed.Load() {
 		return storage.ErrClosed
 	}
+	if err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return saveCA(ctx, tx, version, cas) }); err != nil {
+		return fmt.Errorf("postgres: save CA state: %w", err)
+	}
+	return nil
+}
+
+// SaveCAAudited is SaveCA and the append of rec, the record of the change,
+// to this store's audit chain, in one transaction: the state change and its
+// record commit together or not at all, whatever fails or dies in between
+// (a replica killed mid-step leaves no record of a change that did not
+// happen, and no change without its record). rec is validated and
+// sanitised as Append does; on success it holds its stored form and chain
+// fields.
+func (s *Store) SaveCAAudited(ctx context.Context, version uint64, cas []storage.CARecord, rec *storage.Record) error {
+	if s.isClosed.Load() {
+		return storage.ErrClosed
+	}
+	if err := rec.Validate(); err != nil {
+		return fmt.Errorf("postgres: save CA state: %w", err)
+	}
+	r := *rec
+	r.Sanitize()
+	if r.Time.IsZero() {
+		r.Time = s.opts.Now().UTC()
+	}
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		var (
-			tag pgconn.CommandTag
-			err error
-		)
-		if version == 0 {
-			tag, err = tx.Exec(ctx, `INSERT INTO ca_state (version) VALUES (1) ON CONFLICT (id) DO NOTHING`)
-		} else {
-			tag, err = tx.Exec(ctx, `UPDATE ca_state SET version = version + 1 WHERE version = $1`, int64(version)) //nolint:gosec // G115: a version counts saves from 1
+		if err := saveCA(ctx, tx, version, cas); err != nil {
+			return err
 		}
+		_, seq, prev, err := lockedHead(ctx, tx, s.writer)
 		if err != nil {
-			return err
+			return fmt.Errorf("read chain head: %w", err)
 		}
-		if tag.RowsAffected() != 1 {
-			return fmt.Errorf("stored version is not %d: %w", version, storage.ErrConflict)
+		r.Seal(s.writer, seq+1, prev)
+		if _, err := tx.Exec(ctx, insertRecordSQL, rowValues(&r)...); err != nil {
+			return fmt.Errorf("append the record: %w", err)
 		}
-		if _, err := tx.Exec(ctx, `DELETE FROM ca_authority`); err != nil {
-			return err
+		if s.opts.CAStateSaved != nil {
+			return s.opts.CAStateSaved(ctx, &r, false)
 		}
-		rows := make([][]any, len(cas))
-		for i, r := range cas {
-			rows[i] = []any{r.KeyID, r.Role, r.RootID, r.Source, r.Phase, r.CertDER, nilIfEmpty(r.SealedKey),
-				nullTime(r.PreparedAt), nullTime(r.ActivatedAt), nullTime(r.DeactivatedAt), nullTime(r.RetiredAt)}
-		}
-		_, err = tx.CopyFrom(ctx, pgx.Identifier{"ca_authority"}, []string{"key_id", "role", "root_id", "source", "phase",
-			"cert_der", "sealed_key", "prepared_at", "activated_at", "deactivated_at", "retired_at"}, pgx.CopyFromRows(rows))
-		return err
+		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("postgres: save CA state: %w", err)
 	}
+	*rec = r
+	if s.opts.CAStateSaved != nil {
+		return s.opts.CAStateSaved(ctx, &r, true)
+	}
 	return nil
+}
+
+// saveCA is SaveCA's work inside tx.
+func saveCA(ctx context.Context, tx pgx.Tx, version uint64, cas []storage.CARecord) error {
+	var (
+		tag pgconn.CommandTag
+		err error
+	)
+	if version == 0 {
+		tag, err = tx.Exec(ctx, `INSERT INTO ca_state (version) VALUES (1) ON CONFLICT (id) DO NOTHING`)
+	} else {
+		tag, err = tx.Exec(ctx, `UPDATE ca_state SET version = version + 1 WHERE version = $1`, int64(version)) //nolint:gosec // G115: a version counts saves from 1
+	}
+	if err != nil {
+		return err
+	}
+	if tag.RowsAffected() != 1 {
+		return fmt.Errorf("stored version is not %d: %w", version, storage.ErrConflict)
+	}
+	if _, err := tx.Exec(ctx, `DELETE FROM ca_authority`); err != nil {
+		return err
+	}
+	rows := make([][]any, len(cas))
+	for i, r := range cas {
+		rows[i] = []any{r.KeyID, r.Role, r.RootID, r.Source, r.Phase, r.CertDER, nilIfEmpty(r.SealedKey),
+			nullTime(r.PreparedAt), nullTime(r.ActivatedAt), nullTime(r.DeactivatedAt), nullTime(r.RetiredAt)}
+	}
+	_, err = tx.CopyFrom(ctx, pgx.Identifier{"ca_authority"}, []string{"key_id", "role", "root_id", "source", "phase",
+		"cert_der", "sealed_key", "prepared_at", "activated_at", "deactivated_at", "retired_at"}, pgx.CopyFromRows(rows))
+	return err
 }
 
 // RaiseDependents records that certificates issued by keyID live until at
@@ -140,6 +188,12 @@ func (c CAStore) Load(ctx context.Context) (*storage.CAState, error) { return c.
 // Save replaces the CAs if the stored version is still version.
 func (c CAStore) Save(ctx context.Context, version uint64, cas []storage.CARecord) error {
 	return c.s.SaveCA(ctx, version, cas)
+}
+
+// SaveAudited saves the CAs and their audit record in one transaction
+// (ca/rotation.AuditedStore).
+func (c CAStore) SaveAudited(ctx context.Context, version uint64, cas []storage.CARecord, rec *storage.Record) error {
+	return c.s.SaveCAAudited(ctx, version, cas, rec)
 }
 
 // RaiseDependents never lowers the stored bound of keyID.

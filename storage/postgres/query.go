@@ -2,6 +2,7 @@ package postgres
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"strconv"
@@ -101,58 +102,60 @@ func (s *Store) Get(ctx context.Context, writer string, seq uint64) (*storage.Re
 	return &r, nil
 }
 
-// Verify streams every record, ordered by writer and seq, through the shared
-// storage.ChainVerifier, after the prune checkpoints (checked against the
-// store's checkpoint key). It reads one snapshot (a REPEATABLE READ
-// transaction), so a concurrent prune is seen entirely or not at all, and
-// stops at the first break. A broken chain is reported with OK false and a
-// nil error; the error is for read failures.
+// Verify checks every chain from one snapshot (storage.VerifySnapshot), the
+// prune checkpoints against the store's checkpoint key. A broken chain is
+// reported with OK false and a nil error; the error is for read failures.
 func (s *Store) Verify(ctx context.Context) (storage.VerifyResult, error) {
-	if s.isClosed.Load() {
-		return storage.VerifyResult{}, fmt.Errorf("postgres: verify: %w", storage.ErrClosed)
+	var res storage.VerifyResult
+	err := s.snapshot(ctx, func(snap storage.Snapshot) (err error) {
+		res, err = storage.VerifySnapshot(snap, storage.CheckpointPublicKey(s.opts.CheckpointKey))
+		return err
+	})
+	if err != nil {
+		return res, fmt.Errorf("postgres: verify: %w", err)
 	}
-	var (
-		v   storage.ChainVerifier
-		res storage.VerifyResult
-	)
-	err := pgx.BeginTxFunc(ctx, s.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
+	return res, nil
+}
+
+// Export sends the whole log from one snapshot to sink, ending in a head
+// signed with the store's checkpoint key (storage.ExportSnapshot).
+func (s *Store) Export(ctx context.Context, sink storage.ExportSink) error {
+	err := s.snapshot(ctx, func(snap storage.Snapshot) error {
+		return storage.ExportSnapshot(snap, s.opts.CheckpointKey, s.opts.Now(), sink)
+	})
+	if err != nil {
+		return fmt.Errorf("postgres: export: %w", err)
+	}
+	return nil
+}
+
+// CheckpointPublicKey returns the key that checks checkpoints and export
+// heads, or nil without a checkpoint key.
+func (s *Store) CheckpointPublicKey() ed25519.PublicKey {
+	return storage.CheckpointPublicKey(s.opts.CheckpointKey)
+}
+
+// snapshot runs fn on the checkpoints and every record ordered by writer
+// and seq, read in one REPEATABLE READ transaction, so a concurrent prune
+// is seen entirely or not at all.
+func (s *Store) snapshot(ctx context.Context, fn func(storage.Snapshot) error) error {
+	if s.isClosed.Load() {
+		return storage.ErrClosed
+	}
+	return pgx.BeginTxFunc(ctx, s.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
 		cps, err := loadCheckpoints(ctx, tx)
 		if err != nil {
 			return err
-		}
-		for i := range cps {
-			if err := v.AddCheckpoint(&cps[i], storage.CheckpointPublicKey(s.opts.CheckpointKey)); err != nil {
-				return nil // reported in the result
-			}
 		}
 		rows, err := tx.Query(ctx, "SELECT "+selectColumns+" FROM audit_log ORDER BY writer, seq")
 		if err != nil {
 			return err
 		}
 		defer rows.Close()
-		var r storage.Record // reused: the verifier keeps no reference
-		for rows.Next() {
-			if err := scanRecord(rows, &r); err != nil {
-				return err
-			}
-			if err := v.Add(&r); err != nil {
-				if errors.Is(err, storage.ErrChainBroken) {
-					return nil
-				}
-				return err
-			}
-		}
-		if err := rows.Err(); err != nil {
-			return err
-		}
-		_ = v.Finish() // a break is reported in the result
-		return nil
+		return fn(storage.Snapshot{Checkpoints: cps, Records: func(yield func(*storage.Record, error) bool) {
+			storage.YieldRecords(rows, scanRecord, yield)
+		}})
 	})
-	res = v.Result()
-	if err != nil {
-		return res, fmt.Errorf("postgres: verify: %w", err)
-	}
-	return res, nil
 }
 
 // loadCheckpoints reads every checkpoint by ascending ID.

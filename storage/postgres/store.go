@@ -64,6 +64,12 @@ type Options struct {
 	Logger *slog.Logger
 	// Now fills Record.Time when the caller left it zero; nil means time.Now.
 	Now func() time.Time
+	// CAStateSaved, when set, runs inside every audited CA state save
+	// (SaveCAAudited) with the record it saves: once the state and the
+	// record are written, before COMMIT (committed false), and again after
+	// COMMIT (committed true). It may block; an error before COMMIT rolls
+	// the save back. A test seam: fault tests stop a replica at either point.
+	CAStateSaved func(ctx context.Context, rec *storage.Record, committed bool) error
 
 	// beforeCommit, when set (tests only), runs after a batch's inserts and
 	// before COMMIT; a non-nil error fails the batch.

@@ -133,9 +133,10 @@ func TestMaxBatchCapsTransaction(t *testing.T) {
 }
 
 // FuzzAuditRoundTrip: any record appended comes back, through Get and
-// List, as its sanitised form, and the chain verifies.
+// List, as its sanitised form, the chain verifies, and an export holding
+// it verifies offline.
 func FuzzAuditRoundTrip(f *testing.F) {
-	storagetest.FuzzRoundTrip(f, openStore(f, pgtest.DSN(f), Options{Writer: "fuzz"}))
+	storagetest.FuzzRoundTrip(f, openStore(f, pgtest.DSN(f), Options{Writer: "fuzz", CheckpointKey: testKey}))
 }
 
 func TestWriterDefaultsToNewChainPerOpen(t *testing.T) {

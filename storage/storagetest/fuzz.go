@@ -2,6 +2,7 @@ package storagetest
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"sort"
 	"strings"
@@ -60,8 +61,8 @@ func fuzzSeeds() [][]string {
 // FuzzRoundTrip is the audit round trip every store must pass: any record
 // appended to s, then read back with Get and List, must come back as its
 // sanitised form (Sanitized), be found by a search for its raw granted
-// identity, and continue a chain that verifies, incrementally and through
-// s.Verify. A record that fails Validate must be refused with
+// identity, and continue a chain that verifies, incrementally, through
+// s.Verify, and (for an Exporter) offline in an export that holds it exactly. A record that fails Validate must be refused with
 // ErrInvalidRecord. s must be empty and used by nothing else.
 func FuzzRoundTrip(f *testing.F, s Store) {
 	if n := len(CallerStringFields()); n != 16 {
@@ -122,8 +123,29 @@ func FuzzRoundTrip(f *testing.F, s Store) {
 			if res, err := s.Verify(ctx); err != nil || !res.OK || res.Records != int(got.Seq) {
 				t.Fatalf("Verify = %+v, %v; want OK with %d records", res, err, got.Seq)
 			}
+			checkExported(t, s, got) //nolint:contextcheck // exportOf runs under its own background context, as the other conformance helpers do
 		}
 	})
+}
+
+// checkExported exports s (when it is an Exporter with a checkpoint key):
+// the export must verify offline, signed, and end in last, exactly.
+func checkExported(t *testing.T, s Store, last storage.Record) {
+	x, ok := s.(Exporter)
+	if !ok || x.CheckpointPublicKey() == nil {
+		return
+	}
+	export := exportOf(t, s)
+	res := verifyExport(t, s, export, storage.VerifyOptions{})
+	if !res.OK || !res.Signed || res.Records != int(last.Seq) {
+		t.Fatalf("VerifyExport = %+v; want a signed export of %d records", res, last.Seq)
+	}
+	lines := strings.Split(strings.TrimSuffix(string(export), "\n"), "\n")
+	var r storage.Record
+	if err := json.Unmarshal([]byte(lines[len(lines)-2]), &r); err != nil {
+		t.Fatalf("last record line: %v", err)
+	}
+	assertSameRecord(t, r, last)
 }
 
 // equalRecords compares records field by field, times by instant.

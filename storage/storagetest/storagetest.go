@@ -113,6 +113,9 @@ func Run(t *testing.T, newEnv func(t *testing.T) Env) {
 		{"CloseCommitsQueued", CloseCommitsQueued},
 		{"RejectedRecordIsolated", testRejectedRecordIsolated},
 		{"HostileStrings", testHostileStrings},
+		{"Export", testExport},
+		{"ExportTamper", testExportTamper},
+		{"ExportPrevious", testExportPrevious},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -13,15 +13,18 @@ import (
 // Paths inside a data directory.
 const (
 	AuditDB = "audit.db" // embedded audit store
-	// AuditCheckpointKey signs audit prune checkpoints (Ed25519, 0600).
+	// AuditCheckpointKey signs audit prune checkpoints and export heads (Ed25519, 0600).
 	AuditCheckpointKey = "audit-checkpoint-key.pem"
-	SelfSignedDir      = "ca"             // CA state; the active root's certificate as ca-cert.pem
-	CAState            = "state.json"     // in SelfSignedDir: CA rotation state, keys sealed (0600)
-	RootCert           = "root-cert.pem"  // current trust bundle, rewritten on every change
-	ServerInfo         = "server.json"    // where the server listens, for castellanctl
-	OperatorDir        = "operator"       // castellanctl's client credential
-	OperatorCert       = "cert-chain.pem" // in OperatorDir
-	OperatorKey        = "key.pem"        // in OperatorDir, 0600
+	// AuditCheckpointPublicKey is its public half (PEM "PUBLIC KEY", 0644),
+	// what an auditor verifies an export with.
+	AuditCheckpointPublicKey = "audit-checkpoint-key.pub.pem"
+	SelfSignedDir            = "ca"             // CA state; the active root's certificate as ca-cert.pem
+	CAState                  = "state.json"     // in SelfSignedDir: CA rotation state, keys sealed (0600)
+	RootCert                 = "root-cert.pem"  // current trust bundle, rewritten on every change
+	ServerInfo               = "server.json"    // where the server listens, for castellanctl
+	OperatorDir              = "operator"       // castellanctl's client credential
+	OperatorCert             = "cert-chain.pem" // in OperatorDir
+	OperatorKey              = "key.pem"        // in OperatorDir, 0600
 )
 
 // Default returns the per-user state directory: $XDG_STATE_HOME/castellan or ~/.local/state/castellan.

@@ -427,8 +427,14 @@ type AuditRecord struct {
 	Detail            string                 `protobuf:"bytes,21,opt,name=detail,proto3" json:"detail,omitempty"`
 	PrevHash          string                 `protobuf:"bytes,22,opt,name=prev_hash,json=prevHash,proto3" json:"prev_hash,omitempty"`
 	Hash              string                 `protobuf:"bytes,23,opt,name=hash,proto3" json:"hash,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// Fields whose stored value is not valid UTF-8 (written by a store before
+	// audit fields were sanitised), by their JSON name (caller,
+	// granted_identity, ...), as the exact bytes the record's hash covers.
+	// Protobuf strings must be valid UTF-8, so the string field carries the
+	// value with each run of invalid bytes replaced by U+FFFD.
+	InvalidUtf8   map[string][]byte `protobuf:"bytes,24,rep,name=invalid_utf8,json=invalidUtf8,proto3" json:"invalid_utf8,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *AuditRecord) Reset() {
@@ -620,6 +626,13 @@ func (x *AuditRecord) GetHash() string {
 		return x.Hash
 	}
 	return ""
+}
+
+func (x *AuditRecord) GetInvalidUtf8() map[string][]byte {
+	if x != nil {
+		return x.InvalidUtf8
+	}
+	return nil
 }
 
 // VerifyAuditLogRequest is empty: the whole log is checked.
@@ -1637,6 +1650,427 @@ func (x *CAInfo) GetKeyUri() string {
 	return ""
 }
 
+// ExportAuditLogRequest is empty: the whole log is exported.
+type ExportAuditLogRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportAuditLogRequest) Reset() {
+	*x = ExportAuditLogRequest{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportAuditLogRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportAuditLogRequest) ProtoMessage() {}
+
+func (x *ExportAuditLogRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportAuditLogRequest.ProtoReflect.Descriptor instead.
+func (*ExportAuditLogRequest) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{22}
+}
+
+// ExportAuditLogResponse is one message of the export stream: checkpoints
+// come before any record, the head only in the last message.
+type ExportAuditLogResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Checkpoints   []*AuditCheckpoint     `protobuf:"bytes,1,rep,name=checkpoints,proto3" json:"checkpoints,omitempty"`
+	Records       []*AuditRecord         `protobuf:"bytes,2,rep,name=records,proto3" json:"records,omitempty"`
+	Head          *AuditExportHead       `protobuf:"bytes,3,opt,name=head,proto3" json:"head,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportAuditLogResponse) Reset() {
+	*x = ExportAuditLogResponse{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportAuditLogResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportAuditLogResponse) ProtoMessage() {}
+
+func (x *ExportAuditLogResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportAuditLogResponse.ProtoReflect.Descriptor instead.
+func (*ExportAuditLogResponse) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ExportAuditLogResponse) GetCheckpoints() []*AuditCheckpoint {
+	if x != nil {
+		return x.Checkpoints
+	}
+	return nil
+}
+
+func (x *ExportAuditLogResponse) GetRecords() []*AuditRecord {
+	if x != nil {
+		return x.Records
+	}
+	return nil
+}
+
+func (x *ExportAuditLogResponse) GetHead() *AuditExportHead {
+	if x != nil {
+		return x.Head
+	}
+	return nil
+}
+
+// AuditCheckpoint is a signed prune checkpoint: where pruned chains resume.
+type AuditCheckpoint struct {
+	state   protoimpl.MessageState  `protogen:"open.v1"`
+	Id      uint64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Time    *timestamppb.Timestamp  `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
+	Before  *timestamppb.Timestamp  `protobuf:"bytes,3,opt,name=before,proto3" json:"before,omitempty"`
+	Writers []*AuditCheckpointEntry `protobuf:"bytes,4,rep,name=writers,proto3" json:"writers,omitempty"`
+	// Hex SHA-256 of the Ed25519 public key that signed it.
+	KeyId string `protobuf:"bytes,5,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// Hex Ed25519 signature.
+	Signature     string `protobuf:"bytes,6,opt,name=signature,proto3" json:"signature,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditCheckpoint) Reset() {
+	*x = AuditCheckpoint{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditCheckpoint) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditCheckpoint) ProtoMessage() {}
+
+func (x *AuditCheckpoint) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditCheckpoint.ProtoReflect.Descriptor instead.
+func (*AuditCheckpoint) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *AuditCheckpoint) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *AuditCheckpoint) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *AuditCheckpoint) GetBefore() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Before
+	}
+	return nil
+}
+
+func (x *AuditCheckpoint) GetWriters() []*AuditCheckpointEntry {
+	if x != nil {
+		return x.Writers
+	}
+	return nil
+}
+
+func (x *AuditCheckpoint) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *AuditCheckpoint) GetSignature() string {
+	if x != nil {
+		return x.Signature
+	}
+	return ""
+}
+
+// AuditExportHead names, for an export, the newest record of every chain
+// and the newest checkpoint, signed with the checkpoint key: records cut
+// from the end of a chain, and whole chains left out, show against it.
+type AuditExportHead struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Time  *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=time,proto3" json:"time,omitempty"`
+	// Id of the newest prune checkpoint (0: none).
+	Checkpoints uint64            `protobuf:"varint,2,opt,name=checkpoints,proto3" json:"checkpoints,omitempty"`
+	Writers     []*AuditChainHead `protobuf:"bytes,3,rep,name=writers,proto3" json:"writers,omitempty"`
+	// Hex SHA-256 of the Ed25519 public key that signed it.
+	KeyId string `protobuf:"bytes,4,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// Hex Ed25519 signature.
+	Signature     string `protobuf:"bytes,5,opt,name=signature,proto3" json:"signature,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditExportHead) Reset() {
+	*x = AuditExportHead{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditExportHead) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditExportHead) ProtoMessage() {}
+
+func (x *AuditExportHead) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditExportHead.ProtoReflect.Descriptor instead.
+func (*AuditExportHead) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *AuditExportHead) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *AuditExportHead) GetCheckpoints() uint64 {
+	if x != nil {
+		return x.Checkpoints
+	}
+	return 0
+}
+
+func (x *AuditExportHead) GetWriters() []*AuditChainHead {
+	if x != nil {
+		return x.Writers
+	}
+	return nil
+}
+
+func (x *AuditExportHead) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *AuditExportHead) GetSignature() string {
+	if x != nil {
+		return x.Signature
+	}
+	return ""
+}
+
+// AuditChainHead is one chain's newest record.
+type AuditChainHead struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Writer        string                 `protobuf:"bytes,1,opt,name=writer,proto3" json:"writer,omitempty"`
+	Seq           uint64                 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
+	Hash          string                 `protobuf:"bytes,3,opt,name=hash,proto3" json:"hash,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditChainHead) Reset() {
+	*x = AuditChainHead{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditChainHead) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditChainHead) ProtoMessage() {}
+
+func (x *AuditChainHead) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditChainHead.ProtoReflect.Descriptor instead.
+func (*AuditChainHead) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *AuditChainHead) GetWriter() string {
+	if x != nil {
+		return x.Writer
+	}
+	return ""
+}
+
+func (x *AuditChainHead) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *AuditChainHead) GetHash() string {
+	if x != nil {
+		return x.Hash
+	}
+	return ""
+}
+
+// GetAuditCheckpointKeyRequest is empty.
+type GetAuditCheckpointKeyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetAuditCheckpointKeyRequest) Reset() {
+	*x = GetAuditCheckpointKeyRequest{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAuditCheckpointKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAuditCheckpointKeyRequest) ProtoMessage() {}
+
+func (x *GetAuditCheckpointKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAuditCheckpointKeyRequest.ProtoReflect.Descriptor instead.
+func (*GetAuditCheckpointKeyRequest) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{27}
+}
+
+// GetAuditCheckpointKeyResponse carries the checkpoint public key.
+type GetAuditCheckpointKeyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// PEM "PUBLIC KEY" (PKIX) of the Ed25519 key.
+	PublicKeyPem string `protobuf:"bytes,1,opt,name=public_key_pem,json=publicKeyPem,proto3" json:"public_key_pem,omitempty"`
+	// Hex SHA-256 of the raw public key, as in key_id fields.
+	KeyId         string `protobuf:"bytes,2,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetAuditCheckpointKeyResponse) Reset() {
+	*x = GetAuditCheckpointKeyResponse{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAuditCheckpointKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAuditCheckpointKeyResponse) ProtoMessage() {}
+
+func (x *GetAuditCheckpointKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAuditCheckpointKeyResponse.ProtoReflect.Descriptor instead.
+func (*GetAuditCheckpointKeyResponse) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *GetAuditCheckpointKeyResponse) GetPublicKeyPem() string {
+	if x != nil {
+		return x.PublicKeyPem
+	}
+	return ""
+}
+
+func (x *GetAuditCheckpointKeyResponse) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
 var File_castellan_admin_v1_admin_proto protoreflect.FileDescriptor
 
 const file_castellan_admin_v1_admin_proto_rawDesc = "" +
@@ -1669,7 +2103,7 @@ const file_castellan_admin_v1_admin_proto_rawDesc = "" +
 	" \x01(\tR\vafterWriter\x12\"\n" +
 	"\rissuer_key_id\x18\v \x01(\tR\vissuerKeyId\"U\n" +
 	"\x18ListAuditRecordsResponse\x129\n" +
-	"\arecords\x18\x01 \x03(\v2\x1f.castellan.admin.v1.AuditRecordR\arecords\"\xd8\x05\n" +
+	"\arecords\x18\x01 \x03(\v2\x1f.castellan.admin.v1.AuditRecordR\arecords\"\xed\x06\n" +
 	"\vAuditRecord\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x16\n" +
 	"\x06writer\x18\x02 \x01(\tR\x06writer\x12.\n" +
@@ -1699,7 +2133,11 @@ const file_castellan_admin_v1_admin_proto_rawDesc = "" +
 	"\rissuer_key_id\x18\x14 \x01(\tR\vissuerKeyId\x12\x16\n" +
 	"\x06detail\x18\x15 \x01(\tR\x06detail\x12\x1b\n" +
 	"\tprev_hash\x18\x16 \x01(\tR\bprevHash\x12\x12\n" +
-	"\x04hash\x18\x17 \x01(\tR\x04hash\"\x17\n" +
+	"\x04hash\x18\x17 \x01(\tR\x04hash\x12S\n" +
+	"\finvalid_utf8\x18\x18 \x03(\v20.castellan.admin.v1.AuditRecord.InvalidUtf8EntryR\vinvalidUtf8\x1a>\n" +
+	"\x10InvalidUtf8Entry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\fR\x05value:\x028\x01\"\x17\n" +
 	"\x15VerifyAuditLogRequest\"\xc2\x01\n" +
 	"\x16VerifyAuditLogResponse\x12\x0e\n" +
 	"\x02ok\x18\x01 \x01(\bR\x02ok\x12\x18\n" +
@@ -1773,7 +2211,33 @@ const file_castellan_admin_v1_admin_proto_rawDesc = "" +
 	"\fnext_step_at\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"nextStepAt\x12\x18\n" +
 	"\aissuing\x18\x0f \x01(\bR\aissuing\x12\x17\n" +
-	"\akey_uri\x18\x10 \x01(\tR\x06keyUri2\xaa\a\n" +
+	"\akey_uri\x18\x10 \x01(\tR\x06keyUri\"\x17\n" +
+	"\x15ExportAuditLogRequest\"\xd3\x01\n" +
+	"\x16ExportAuditLogResponse\x12E\n" +
+	"\vcheckpoints\x18\x01 \x03(\v2#.castellan.admin.v1.AuditCheckpointR\vcheckpoints\x129\n" +
+	"\arecords\x18\x02 \x03(\v2\x1f.castellan.admin.v1.AuditRecordR\arecords\x127\n" +
+	"\x04head\x18\x03 \x01(\v2#.castellan.admin.v1.AuditExportHeadR\x04head\"\xfe\x01\n" +
+	"\x0fAuditCheckpoint\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12.\n" +
+	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x122\n" +
+	"\x06before\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x06before\x12B\n" +
+	"\awriters\x18\x04 \x03(\v2(.castellan.admin.v1.AuditCheckpointEntryR\awriters\x12\x15\n" +
+	"\x06key_id\x18\x05 \x01(\tR\x05keyId\x12\x1c\n" +
+	"\tsignature\x18\x06 \x01(\tR\tsignature\"\xd6\x01\n" +
+	"\x0fAuditExportHead\x12.\n" +
+	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12 \n" +
+	"\vcheckpoints\x18\x02 \x01(\x04R\vcheckpoints\x12<\n" +
+	"\awriters\x18\x03 \x03(\v2\".castellan.admin.v1.AuditChainHeadR\awriters\x12\x15\n" +
+	"\x06key_id\x18\x04 \x01(\tR\x05keyId\x12\x1c\n" +
+	"\tsignature\x18\x05 \x01(\tR\tsignature\"N\n" +
+	"\x0eAuditChainHead\x12\x16\n" +
+	"\x06writer\x18\x01 \x01(\tR\x06writer\x12\x10\n" +
+	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x12\n" +
+	"\x04hash\x18\x03 \x01(\tR\x04hash\"\x1e\n" +
+	"\x1cGetAuditCheckpointKeyRequest\"\\\n" +
+	"\x1dGetAuditCheckpointKeyResponse\x12$\n" +
+	"\x0epublic_key_pem\x18\x01 \x01(\tR\fpublicKeyPem\x12\x15\n" +
+	"\x06key_id\x18\x02 \x01(\tR\x05keyId2\x97\t\n" +
 	"\fAdminService\x12i\n" +
 	"\x0eGetTrustBundle\x12).castellan.admin.v1.GetTrustBundleRequest\x1a*.castellan.admin.v1.GetTrustBundleResponse\"\x00\x12o\n" +
 	"\x10IssueCertificate\x12+.castellan.admin.v1.IssueCertificateRequest\x1a,.castellan.admin.v1.IssueCertificateResponse\"\x00\x12o\n" +
@@ -1783,7 +2247,9 @@ const file_castellan_admin_v1_admin_proto_rawDesc = "" +
 	"\rPruneAuditLog\x12(.castellan.admin.v1.PruneAuditLogRequest\x1a).castellan.admin.v1.PruneAuditLogResponse\"\x00\x12`\n" +
 	"\vGetCAStatus\x12&.castellan.admin.v1.GetCAStatusRequest\x1a'.castellan.admin.v1.GetCAStatusResponse\"\x00\x12W\n" +
 	"\bRotateCA\x12#.castellan.admin.v1.RotateCARequest\x1a$.castellan.admin.v1.RotateCAResponse\"\x00\x12T\n" +
-	"\aRekeyCA\x12\".castellan.admin.v1.RekeyCARequest\x1a#.castellan.admin.v1.RekeyCAResponse\"\x00BDZBgithub.com/castellan-ca/castellan/proto/castellan/admin/v1;adminpbb\x06proto3"
+	"\aRekeyCA\x12\".castellan.admin.v1.RekeyCARequest\x1a#.castellan.admin.v1.RekeyCAResponse\"\x00\x12k\n" +
+	"\x0eExportAuditLog\x12).castellan.admin.v1.ExportAuditLogRequest\x1a*.castellan.admin.v1.ExportAuditLogResponse\"\x000\x01\x12~\n" +
+	"\x15GetAuditCheckpointKey\x120.castellan.admin.v1.GetAuditCheckpointKeyRequest\x1a1.castellan.admin.v1.GetAuditCheckpointKeyResponse\"\x00BDZBgithub.com/castellan-ca/castellan/proto/castellan/admin/v1;adminpbb\x06proto3"
 
 var (
 	file_castellan_admin_v1_admin_proto_rawDescOnce sync.Once
@@ -1797,79 +2263,100 @@ func file_castellan_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_castellan_admin_v1_admin_proto_rawDescData
 }
 
-var file_castellan_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_castellan_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_castellan_admin_v1_admin_proto_goTypes = []any{
-	(*GetTrustBundleRequest)(nil),    // 0: castellan.admin.v1.GetTrustBundleRequest
-	(*GetTrustBundleResponse)(nil),   // 1: castellan.admin.v1.GetTrustBundleResponse
-	(*IssueCertificateRequest)(nil),  // 2: castellan.admin.v1.IssueCertificateRequest
-	(*IssueCertificateResponse)(nil), // 3: castellan.admin.v1.IssueCertificateResponse
-	(*ListAuditRecordsRequest)(nil),  // 4: castellan.admin.v1.ListAuditRecordsRequest
-	(*ListAuditRecordsResponse)(nil), // 5: castellan.admin.v1.ListAuditRecordsResponse
-	(*AuditRecord)(nil),              // 6: castellan.admin.v1.AuditRecord
-	(*VerifyAuditLogRequest)(nil),    // 7: castellan.admin.v1.VerifyAuditLogRequest
-	(*VerifyAuditLogResponse)(nil),   // 8: castellan.admin.v1.VerifyAuditLogResponse
-	(*GetAuditRecordRequest)(nil),    // 9: castellan.admin.v1.GetAuditRecordRequest
-	(*GetAuditRecordResponse)(nil),   // 10: castellan.admin.v1.GetAuditRecordResponse
-	(*PruneAuditLogRequest)(nil),     // 11: castellan.admin.v1.PruneAuditLogRequest
-	(*PruneAuditLogResponse)(nil),    // 12: castellan.admin.v1.PruneAuditLogResponse
-	(*AuditCheckpointEntry)(nil),     // 13: castellan.admin.v1.AuditCheckpointEntry
-	(*GetCAStatusRequest)(nil),       // 14: castellan.admin.v1.GetCAStatusRequest
-	(*GetCAStatusResponse)(nil),      // 15: castellan.admin.v1.GetCAStatusResponse
-	(*RotateCARequest)(nil),          // 16: castellan.admin.v1.RotateCARequest
-	(*RotateCAResponse)(nil),         // 17: castellan.admin.v1.RotateCAResponse
-	(*RekeyCARequest)(nil),           // 18: castellan.admin.v1.RekeyCARequest
-	(*RekeyCAResponse)(nil),          // 19: castellan.admin.v1.RekeyCAResponse
-	(*CAStatus)(nil),                 // 20: castellan.admin.v1.CAStatus
-	(*CAInfo)(nil),                   // 21: castellan.admin.v1.CAInfo
-	(*timestamppb.Timestamp)(nil),    // 22: google.protobuf.Timestamp
+	(*GetTrustBundleRequest)(nil),         // 0: castellan.admin.v1.GetTrustBundleRequest
+	(*GetTrustBundleResponse)(nil),        // 1: castellan.admin.v1.GetTrustBundleResponse
+	(*IssueCertificateRequest)(nil),       // 2: castellan.admin.v1.IssueCertificateRequest
+	(*IssueCertificateResponse)(nil),      // 3: castellan.admin.v1.IssueCertificateResponse
+	(*ListAuditRecordsRequest)(nil),       // 4: castellan.admin.v1.ListAuditRecordsRequest
+	(*ListAuditRecordsResponse)(nil),      // 5: castellan.admin.v1.ListAuditRecordsResponse
+	(*AuditRecord)(nil),                   // 6: castellan.admin.v1.AuditRecord
+	(*VerifyAuditLogRequest)(nil),         // 7: castellan.admin.v1.VerifyAuditLogRequest
+	(*VerifyAuditLogResponse)(nil),        // 8: castellan.admin.v1.VerifyAuditLogResponse
+	(*GetAuditRecordRequest)(nil),         // 9: castellan.admin.v1.GetAuditRecordRequest
+	(*GetAuditRecordResponse)(nil),        // 10: castellan.admin.v1.GetAuditRecordResponse
+	(*PruneAuditLogRequest)(nil),          // 11: castellan.admin.v1.PruneAuditLogRequest
+	(*PruneAuditLogResponse)(nil),         // 12: castellan.admin.v1.PruneAuditLogResponse
+	(*AuditCheckpointEntry)(nil),          // 13: castellan.admin.v1.AuditCheckpointEntry
+	(*GetCAStatusRequest)(nil),            // 14: castellan.admin.v1.GetCAStatusRequest
+	(*GetCAStatusResponse)(nil),           // 15: castellan.admin.v1.GetCAStatusResponse
+	(*RotateCARequest)(nil),               // 16: castellan.admin.v1.RotateCARequest
+	(*RotateCAResponse)(nil),              // 17: castellan.admin.v1.RotateCAResponse
+	(*RekeyCARequest)(nil),                // 18: castellan.admin.v1.RekeyCARequest
+	(*RekeyCAResponse)(nil),               // 19: castellan.admin.v1.RekeyCAResponse
+	(*CAStatus)(nil),                      // 20: castellan.admin.v1.CAStatus
+	(*CAInfo)(nil),                        // 21: castellan.admin.v1.CAInfo
+	(*ExportAuditLogRequest)(nil),         // 22: castellan.admin.v1.ExportAuditLogRequest
+	(*ExportAuditLogResponse)(nil),        // 23: castellan.admin.v1.ExportAuditLogResponse
+	(*AuditCheckpoint)(nil),               // 24: castellan.admin.v1.AuditCheckpoint
+	(*AuditExportHead)(nil),               // 25: castellan.admin.v1.AuditExportHead
+	(*AuditChainHead)(nil),                // 26: castellan.admin.v1.AuditChainHead
+	(*GetAuditCheckpointKeyRequest)(nil),  // 27: castellan.admin.v1.GetAuditCheckpointKeyRequest
+	(*GetAuditCheckpointKeyResponse)(nil), // 28: castellan.admin.v1.GetAuditCheckpointKeyResponse
+	nil,                                   // 29: castellan.admin.v1.AuditRecord.InvalidUtf8Entry
+	(*timestamppb.Timestamp)(nil),         // 30: google.protobuf.Timestamp
 }
 var file_castellan_admin_v1_admin_proto_depIdxs = []int32{
-	22, // 0: castellan.admin.v1.ListAuditRecordsRequest.since:type_name -> google.protobuf.Timestamp
-	22, // 1: castellan.admin.v1.ListAuditRecordsRequest.until:type_name -> google.protobuf.Timestamp
+	30, // 0: castellan.admin.v1.ListAuditRecordsRequest.since:type_name -> google.protobuf.Timestamp
+	30, // 1: castellan.admin.v1.ListAuditRecordsRequest.until:type_name -> google.protobuf.Timestamp
 	6,  // 2: castellan.admin.v1.ListAuditRecordsResponse.records:type_name -> castellan.admin.v1.AuditRecord
-	22, // 3: castellan.admin.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
-	22, // 4: castellan.admin.v1.AuditRecord.not_before:type_name -> google.protobuf.Timestamp
-	22, // 5: castellan.admin.v1.AuditRecord.not_after:type_name -> google.protobuf.Timestamp
-	6,  // 6: castellan.admin.v1.GetAuditRecordResponse.record:type_name -> castellan.admin.v1.AuditRecord
-	22, // 7: castellan.admin.v1.PruneAuditLogRequest.before:type_name -> google.protobuf.Timestamp
-	22, // 8: castellan.admin.v1.PruneAuditLogResponse.time:type_name -> google.protobuf.Timestamp
-	22, // 9: castellan.admin.v1.PruneAuditLogResponse.before:type_name -> google.protobuf.Timestamp
-	13, // 10: castellan.admin.v1.PruneAuditLogResponse.writers:type_name -> castellan.admin.v1.AuditCheckpointEntry
-	20, // 11: castellan.admin.v1.GetCAStatusResponse.status:type_name -> castellan.admin.v1.CAStatus
-	20, // 12: castellan.admin.v1.RotateCAResponse.status:type_name -> castellan.admin.v1.CAStatus
-	20, // 13: castellan.admin.v1.RekeyCAResponse.status:type_name -> castellan.admin.v1.CAStatus
-	21, // 14: castellan.admin.v1.CAStatus.cas:type_name -> castellan.admin.v1.CAInfo
-	22, // 15: castellan.admin.v1.CAInfo.not_before:type_name -> google.protobuf.Timestamp
-	22, // 16: castellan.admin.v1.CAInfo.not_after:type_name -> google.protobuf.Timestamp
-	22, // 17: castellan.admin.v1.CAInfo.prepared_at:type_name -> google.protobuf.Timestamp
-	22, // 18: castellan.admin.v1.CAInfo.activated_at:type_name -> google.protobuf.Timestamp
-	22, // 19: castellan.admin.v1.CAInfo.deactivated_at:type_name -> google.protobuf.Timestamp
-	22, // 20: castellan.admin.v1.CAInfo.retired_at:type_name -> google.protobuf.Timestamp
-	22, // 21: castellan.admin.v1.CAInfo.dependents_until:type_name -> google.protobuf.Timestamp
-	22, // 22: castellan.admin.v1.CAInfo.next_step_at:type_name -> google.protobuf.Timestamp
-	0,  // 23: castellan.admin.v1.AdminService.GetTrustBundle:input_type -> castellan.admin.v1.GetTrustBundleRequest
-	2,  // 24: castellan.admin.v1.AdminService.IssueCertificate:input_type -> castellan.admin.v1.IssueCertificateRequest
-	4,  // 25: castellan.admin.v1.AdminService.ListAuditRecords:input_type -> castellan.admin.v1.ListAuditRecordsRequest
-	7,  // 26: castellan.admin.v1.AdminService.VerifyAuditLog:input_type -> castellan.admin.v1.VerifyAuditLogRequest
-	9,  // 27: castellan.admin.v1.AdminService.GetAuditRecord:input_type -> castellan.admin.v1.GetAuditRecordRequest
-	11, // 28: castellan.admin.v1.AdminService.PruneAuditLog:input_type -> castellan.admin.v1.PruneAuditLogRequest
-	14, // 29: castellan.admin.v1.AdminService.GetCAStatus:input_type -> castellan.admin.v1.GetCAStatusRequest
-	16, // 30: castellan.admin.v1.AdminService.RotateCA:input_type -> castellan.admin.v1.RotateCARequest
-	18, // 31: castellan.admin.v1.AdminService.RekeyCA:input_type -> castellan.admin.v1.RekeyCARequest
-	1,  // 32: castellan.admin.v1.AdminService.GetTrustBundle:output_type -> castellan.admin.v1.GetTrustBundleResponse
-	3,  // 33: castellan.admin.v1.AdminService.IssueCertificate:output_type -> castellan.admin.v1.IssueCertificateResponse
-	5,  // 34: castellan.admin.v1.AdminService.ListAuditRecords:output_type -> castellan.admin.v1.ListAuditRecordsResponse
-	8,  // 35: castellan.admin.v1.AdminService.VerifyAuditLog:output_type -> castellan.admin.v1.VerifyAuditLogResponse
-	10, // 36: castellan.admin.v1.AdminService.GetAuditRecord:output_type -> castellan.admin.v1.GetAuditRecordResponse
-	12, // 37: castellan.admin.v1.AdminService.PruneAuditLog:output_type -> castellan.admin.v1.PruneAuditLogResponse
-	15, // 38: castellan.admin.v1.AdminService.GetCAStatus:output_type -> castellan.admin.v1.GetCAStatusResponse
-	17, // 39: castellan.admin.v1.AdminService.RotateCA:output_type -> castellan.admin.v1.RotateCAResponse
-	19, // 40: castellan.admin.v1.AdminService.RekeyCA:output_type -> castellan.admin.v1.RekeyCAResponse
-	32, // [32:41] is the sub-list for method output_type
-	23, // [23:32] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	30, // 3: castellan.admin.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	30, // 4: castellan.admin.v1.AuditRecord.not_before:type_name -> google.protobuf.Timestamp
+	30, // 5: castellan.admin.v1.AuditRecord.not_after:type_name -> google.protobuf.Timestamp
+	29, // 6: castellan.admin.v1.AuditRecord.invalid_utf8:type_name -> castellan.admin.v1.AuditRecord.InvalidUtf8Entry
+	6,  // 7: castellan.admin.v1.GetAuditRecordResponse.record:type_name -> castellan.admin.v1.AuditRecord
+	30, // 8: castellan.admin.v1.PruneAuditLogRequest.before:type_name -> google.protobuf.Timestamp
+	30, // 9: castellan.admin.v1.PruneAuditLogResponse.time:type_name -> google.protobuf.Timestamp
+	30, // 10: castellan.admin.v1.PruneAuditLogResponse.before:type_name -> google.protobuf.Timestamp
+	13, // 11: castellan.admin.v1.PruneAuditLogResponse.writers:type_name -> castellan.admin.v1.AuditCheckpointEntry
+	20, // 12: castellan.admin.v1.GetCAStatusResponse.status:type_name -> castellan.admin.v1.CAStatus
+	20, // 13: castellan.admin.v1.RotateCAResponse.status:type_name -> castellan.admin.v1.CAStatus
+	20, // 14: castellan.admin.v1.RekeyCAResponse.status:type_name -> castellan.admin.v1.CAStatus
+	21, // 15: castellan.admin.v1.CAStatus.cas:type_name -> castellan.admin.v1.CAInfo
+	30, // 16: castellan.admin.v1.CAInfo.not_before:type_name -> google.protobuf.Timestamp
+	30, // 17: castellan.admin.v1.CAInfo.not_after:type_name -> google.protobuf.Timestamp
+	30, // 18: castellan.admin.v1.CAInfo.prepared_at:type_name -> google.protobuf.Timestamp
+	30, // 19: castellan.admin.v1.CAInfo.activated_at:type_name -> google.protobuf.Timestamp
+	30, // 20: castellan.admin.v1.CAInfo.deactivated_at:type_name -> google.protobuf.Timestamp
+	30, // 21: castellan.admin.v1.CAInfo.retired_at:type_name -> google.protobuf.Timestamp
+	30, // 22: castellan.admin.v1.CAInfo.dependents_until:type_name -> google.protobuf.Timestamp
+	30, // 23: castellan.admin.v1.CAInfo.next_step_at:type_name -> google.protobuf.Timestamp
+	24, // 24: castellan.admin.v1.ExportAuditLogResponse.checkpoints:type_name -> castellan.admin.v1.AuditCheckpoint
+	6,  // 25: castellan.admin.v1.ExportAuditLogResponse.records:type_name -> castellan.admin.v1.AuditRecord
+	25, // 26: castellan.admin.v1.ExportAuditLogResponse.head:type_name -> castellan.admin.v1.AuditExportHead
+	30, // 27: castellan.admin.v1.AuditCheckpoint.time:type_name -> google.protobuf.Timestamp
+	30, // 28: castellan.admin.v1.AuditCheckpoint.before:type_name -> google.protobuf.Timestamp
+	13, // 29: castellan.admin.v1.AuditCheckpoint.writers:type_name -> castellan.admin.v1.AuditCheckpointEntry
+	30, // 30: castellan.admin.v1.AuditExportHead.time:type_name -> google.protobuf.Timestamp
+	26, // 31: castellan.admin.v1.AuditExportHead.writers:type_name -> castellan.admin.v1.AuditChainHead
+	0,  // 32: castellan.admin.v1.AdminService.GetTrustBundle:input_type -> castellan.admin.v1.GetTrustBundleRequest
+	2,  // 33: castellan.admin.v1.AdminService.IssueCertificate:input_type -> castellan.admin.v1.IssueCertificateRequest
+	4,  // 34: castellan.admin.v1.AdminService.ListAuditRecords:input_type -> castellan.admin.v1.ListAuditRecordsRequest
+	7,  // 35: castellan.admin.v1.AdminService.VerifyAuditLog:input_type -> castellan.admin.v1.VerifyAuditLogRequest
+	9,  // 36: castellan.admin.v1.AdminService.GetAuditRecord:input_type -> castellan.admin.v1.GetAuditRecordRequest
+	11, // 37: castellan.admin.v1.AdminService.PruneAuditLog:input_type -> castellan.admin.v1.PruneAuditLogRequest
+	14, // 38: castellan.admin.v1.AdminService.GetCAStatus:input_type -> castellan.admin.v1.GetCAStatusRequest
+	16, // 39: castellan.admin.v1.AdminService.RotateCA:input_type -> castellan.admin.v1.RotateCARequest
+	18, // 40: castellan.admin.v1.AdminService.RekeyCA:input_type -> castellan.admin.v1.RekeyCARequest
+	22, // 41: castellan.admin.v1.AdminService.ExportAuditLog:input_type -> castellan.admin.v1.ExportAuditLogRequest
+	27, // 42: castellan.admin.v1.AdminService.GetAuditCheckpointKey:input_type -> castellan.admin.v1.GetAuditCheckpointKeyRequest
+	1,  // 43: castellan.admin.v1.AdminService.GetTrustBundle:output_type -> castellan.admin.v1.GetTrustBundleResponse
+	3,  // 44: castellan.admin.v1.AdminService.IssueCertificate:output_type -> castellan.admin.v1.IssueCertificateResponse
+	5,  // 45: castellan.admin.v1.AdminService.ListAuditRecords:output_type -> castellan.admin.v1.ListAuditRecordsResponse
+	8,  // 46: castellan.admin.v1.AdminService.VerifyAuditLog:output_type -> castellan.admin.v1.VerifyAuditLogResponse
+	10, // 47: castellan.admin.v1.AdminService.GetAuditRecord:output_type -> castellan.admin.v1.GetAuditRecordResponse
+	12, // 48: castellan.admin.v1.AdminService.PruneAuditLog:output_type -> castellan.admin.v1.PruneAuditLogResponse
+	15, // 49: castellan.admin.v1.AdminService.GetCAStatus:output_type -> castellan.admin.v1.GetCAStatusResponse
+	17, // 50: castellan.admin.v1.AdminService.RotateCA:output_type -> castellan.admin.v1.RotateCAResponse
+	19, // 51: castellan.admin.v1.AdminService.RekeyCA:output_type -> castellan.admin.v1.RekeyCAResponse
+	23, // 52: castellan.admin.v1.AdminService.ExportAuditLog:output_type -> castellan.admin.v1.ExportAuditLogResponse
+	28, // 53: castellan.admin.v1.AdminService.GetAuditCheckpointKey:output_type -> castellan.admin.v1.GetAuditCheckpointKeyResponse
+	43, // [43:54] is the sub-list for method output_type
+	32, // [32:43] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_castellan_admin_v1_admin_proto_init() }
@@ -1883,7 +2370,7 @@ func file_castellan_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_castellan_admin_v1_admin_proto_rawDesc), len(file_castellan_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   22,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

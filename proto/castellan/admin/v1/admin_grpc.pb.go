@@ -22,15 +22,17 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	AdminService_GetTrustBundle_FullMethodName   = "/castellan.admin.v1.AdminService/GetTrustBundle"
-	AdminService_IssueCertificate_FullMethodName = "/castellan.admin.v1.AdminService/IssueCertificate"
-	AdminService_ListAuditRecords_FullMethodName = "/castellan.admin.v1.AdminService/ListAuditRecords"
-	AdminService_VerifyAuditLog_FullMethodName   = "/castellan.admin.v1.AdminService/VerifyAuditLog"
-	AdminService_GetAuditRecord_FullMethodName   = "/castellan.admin.v1.AdminService/GetAuditRecord"
-	AdminService_PruneAuditLog_FullMethodName    = "/castellan.admin.v1.AdminService/PruneAuditLog"
-	AdminService_GetCAStatus_FullMethodName      = "/castellan.admin.v1.AdminService/GetCAStatus"
-	AdminService_RotateCA_FullMethodName         = "/castellan.admin.v1.AdminService/RotateCA"
-	AdminService_RekeyCA_FullMethodName          = "/castellan.admin.v1.AdminService/RekeyCA"
+	AdminService_GetTrustBundle_FullMethodName        = "/castellan.admin.v1.AdminService/GetTrustBundle"
+	AdminService_IssueCertificate_FullMethodName      = "/castellan.admin.v1.AdminService/IssueCertificate"
+	AdminService_ListAuditRecords_FullMethodName      = "/castellan.admin.v1.AdminService/ListAuditRecords"
+	AdminService_VerifyAuditLog_FullMethodName        = "/castellan.admin.v1.AdminService/VerifyAuditLog"
+	AdminService_GetAuditRecord_FullMethodName        = "/castellan.admin.v1.AdminService/GetAuditRecord"
+	AdminService_PruneAuditLog_FullMethodName         = "/castellan.admin.v1.AdminService/PruneAuditLog"
+	AdminService_GetCAStatus_FullMethodName           = "/castellan.admin.v1.AdminService/GetCAStatus"
+	AdminService_RotateCA_FullMethodName              = "/castellan.admin.v1.AdminService/RotateCA"
+	AdminService_RekeyCA_FullMethodName               = "/castellan.admin.v1.AdminService/RekeyCA"
+	AdminService_ExportAuditLog_FullMethodName        = "/castellan.admin.v1.AdminService/ExportAuditLog"
+	AdminService_GetAuditCheckpointKey_FullMethodName = "/castellan.admin.v1.AdminService/GetAuditCheckpointKey"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -60,6 +62,14 @@ type AdminServiceClient interface {
 	// RekeyCA runs one step of a key-encryption key rotation: seal every CA
 	// key under a new KEK beside the old one, or finish by dropping the old.
 	RekeyCA(ctx context.Context, in *RekeyCARequest, opts ...grpc.CallOption) (*RekeyCAResponse, error)
+	// ExportAuditLog streams the whole audit log as one snapshot: every prune
+	// checkpoint, every record in (writer, seq) order, then a head signed with
+	// the checkpoint key that names each chain's newest record. It is the
+	// export an auditor verifies offline with the checkpoint public key.
+	ExportAuditLog(ctx context.Context, in *ExportAuditLogRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportAuditLogResponse], error)
+	// GetAuditCheckpointKey returns the public key that signs prune
+	// checkpoints and export heads.
+	GetAuditCheckpointKey(ctx context.Context, in *GetAuditCheckpointKeyRequest, opts ...grpc.CallOption) (*GetAuditCheckpointKeyResponse, error)
 }
 
 type adminServiceClient struct {
@@ -160,6 +170,35 @@ func (c *adminServiceClient) RekeyCA(ctx context.Context, in *RekeyCARequest, op
 	return out, nil
 }
 
+func (c *adminServiceClient) ExportAuditLog(ctx context.Context, in *ExportAuditLogRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportAuditLogResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &AdminService_ServiceDesc.Streams[0], AdminService_ExportAuditLog_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ExportAuditLogRequest, ExportAuditLogResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AdminService_ExportAuditLogClient = grpc.ServerStreamingClient[ExportAuditLogResponse]
+
+func (c *adminServiceClient) GetAuditCheckpointKey(ctx context.Context, in *GetAuditCheckpointKeyRequest, opts ...grpc.CallOption) (*GetAuditCheckpointKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetAuditCheckpointKeyResponse)
+	err := c.cc.Invoke(ctx, AdminService_GetAuditCheckpointKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -187,6 +226,14 @@ type AdminServiceServer interface {
 	// RekeyCA runs one step of a key-encryption key rotation: seal every CA
 	// key under a new KEK beside the old one, or finish by dropping the old.
 	RekeyCA(context.Context, *RekeyCARequest) (*RekeyCAResponse, error)
+	// ExportAuditLog streams the whole audit log as one snapshot: every prune
+	// checkpoint, every record in (writer, seq) order, then a head signed with
+	// the checkpoint key that names each chain's newest record. It is the
+	// export an auditor verifies offline with the checkpoint public key.
+	ExportAuditLog(*ExportAuditLogRequest, grpc.ServerStreamingServer[ExportAuditLogResponse]) error
+	// GetAuditCheckpointKey returns the public key that signs prune
+	// checkpoints and export heads.
+	GetAuditCheckpointKey(context.Context, *GetAuditCheckpointKeyRequest) (*GetAuditCheckpointKeyResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -223,6 +270,12 @@ func (UnimplementedAdminServiceServer) RotateCA(context.Context, *RotateCAReques
 }
 func (UnimplementedAdminServiceServer) RekeyCA(context.Context, *RekeyCARequest) (*RekeyCAResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RekeyCA not implemented")
+}
+func (UnimplementedAdminServiceServer) ExportAuditLog(*ExportAuditLogRequest, grpc.ServerStreamingServer[ExportAuditLogResponse]) error {
+	return status.Error(codes.Unimplemented, "method ExportAuditLog not implemented")
+}
+func (UnimplementedAdminServiceServer) GetAuditCheckpointKey(context.Context, *GetAuditCheckpointKeyRequest) (*GetAuditCheckpointKeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetAuditCheckpointKey not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -407,6 +460,35 @@ func _AdminService_RekeyCA_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_ExportAuditLog_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ExportAuditLogRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AdminServiceServer).ExportAuditLog(m, &grpc.GenericServerStream[ExportAuditLogRequest, ExportAuditLogResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AdminService_ExportAuditLogServer = grpc.ServerStreamingServer[ExportAuditLogResponse]
+
+func _AdminService_GetAuditCheckpointKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetAuditCheckpointKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).GetAuditCheckpointKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_GetAuditCheckpointKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).GetAuditCheckpointKey(ctx, req.(*GetAuditCheckpointKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -450,7 +532,17 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "RekeyCA",
 			Handler:    _AdminService_RekeyCA_Handler,
 		},
+		{
+			MethodName: "GetAuditCheckpointKey",
+			Handler:    _AdminService_GetAuditCheckpointKey_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "ExportAuditLog",
+			Handler:       _AdminService_ExportAuditLog_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "castellan/admin/v1/admin.proto",
 }

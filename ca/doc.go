@@ -48,6 +48,13 @@
 //     leaves through Status, the one place that maps an error kind (the Err*
 //     sentinels, wrapped in a Refusal with its audit reason) to a gRPC code.
 //
+// Requests that arrive through an API whose server authenticated the
+// requester (Kubernetes PodCertificateRequests and CertificateSigningRequests,
+// package ca/kubesign) enter at Issuer.IssueGrant instead of Issue: their
+// controller's Authorize replaces steps 2 to 4 (the apiserver checked proof
+// of possession; the controller decides the identity or DNS names), and steps
+// 5 to 8 are the same code (Issuer.run, Issuer.sign, CheckIssued, the audit).
+//
 // Certificates Castellan needs for itself (its serving certificate,
 // ServingCert; the operator credential) take steps 5 to 8 through
 // Issuer.IssueInternal. Operator actions are authenticated by

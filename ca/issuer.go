@@ -173,22 +173,35 @@ type Issued struct {
 // only once its record is committed, and an audit failure turns success into
 // ErrUnavailable. Returned errors are classified for Status.
 func (is *Issuer) Issue(ctx context.Context, req Request) (*Issued, error) {
+	rec := is.newRecord(req.Peer, req.ClusterID)
+	return is.run(ctx, rec, func(ctx context.Context) (*Issued, error) { return is.issue(ctx, req, rec) })
+}
+
+// newRecord starts the audit record of one certificate request.
+func (is *Issuer) newRecord(peer, clusterID string) *storage.Record {
+	return &storage.Record{
+		Time:      is.cfg.Now().UTC(),
+		Kind:      storage.KindCSR,
+		RequestID: newRequestID(is.cfg.Rand),
+		Peer:      peer,
+		ClusterID: clip(clusterID, 253),
+	}
+}
+
+// run is what every certificate request shares, whichever interface it came
+// through: an in-flight slot or an immediate ErrOverloaded, work (which fills
+// rec), the outcome in rec, the audit append (a certificate whose record is
+// not committed is withheld) and the metrics.
+func (is *Issuer) run(ctx context.Context, rec *storage.Record, work func(context.Context) (*Issued, error)) (*Issued, error) {
 	start := is.cfg.Now()
 	m := is.cfg.Metrics
 	m.csrCount.Inc()
-	rec := &storage.Record{
-		Time:      start.UTC(),
-		Kind:      storage.KindCSR,
-		RequestID: newRequestID(is.cfg.Rand),
-		Peer:      req.Peer,
-		ClusterID: clip(req.ClusterID, 253),
-	}
 	var out *Issued
 	var err error
 	select {
 	case is.slots <- struct{}{}:
 		m.inFlight.Inc()
-		out, err = is.issue(ctx, req, rec)
+		out, err = work(ctx)
 		err = callerGone(ctx, err)
 		<-is.slots
 		m.inFlight.Dec()

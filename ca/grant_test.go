@@ -134,7 +134,9 @@ func TestIssueGrantAuditDown(t *testing.T) {
 	key := leafKey("ecdsa-p256")
 	h := newHarness(t, harnessOpts{wrapAudit: func(ca.AuditLog) ca.AuditLog { return failingAudit{err: errors.New("disk full")} }})
 	out, err := h.issuer.IssueGrant(context.Background(), ca.GrantRequest{Method: "kubernetes.test",
-		Authorize: func(context.Context) (*ca.Grant, error) { return &ca.Grant{Identity: appID, PublicKey: key.Public()}, nil }})
+		Authorize: func(context.Context) (*ca.Grant, error) {
+			return &ca.Grant{Identity: appID, PublicKey: key.Public()}, nil
+		}})
 	if !errors.Is(err, ca.ErrUnavailable) || out != nil {
 		t.Fatalf("IssueGrant with the audit store down = %v, %v; want ErrUnavailable and no certificate", out, err)
 	}
@@ -150,7 +152,9 @@ func TestIssueGrantIdentityScope(t *testing.T) {
 	h := newHarness(t, harnessOpts{})
 	granted := spiffeid.RequireFromPath(td, "/ns/default/sa/granted")
 	out, err := h.issuer.IssueGrant(context.Background(), ca.GrantRequest{Method: "kubernetes.test", Requested: "spiffe://cluster.local/ns/kube-system/sa/admin",
-		Authorize: func(context.Context) (*ca.Grant, error) { return &ca.Grant{Identity: granted, PublicKey: key.Public()}, nil }})
+		Authorize: func(context.Context) (*ca.Grant, error) {
+			return &ca.Grant{Identity: granted, PublicKey: key.Public()}, nil
+		}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,4 +162,3 @@ func TestIssueGrantIdentityScope(t *testing.T) {
 		t.Errorf("leaf URI = %s, want the granted %s", got, granted)
 	}
 }
-

@@ -22,6 +22,7 @@ import (
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
 	"github.com/castellan-ca/castellan/signer/googlecas"
+	"github.com/castellan-ca/castellan/signer/kubernetes"
 	"github.com/castellan-ca/castellan/signer/vault"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -74,6 +75,7 @@ type server struct {
 	rotation    admin.Rotation
 	authn       authn.Chain
 	nodes       ca.NodeAuthorizer
+	kube        *kubeParts   // nil when Kubernetes is off
 	ready       []readyCheck // what /readyz checks beyond signer, store and serving certificate
 	issuer      *ca.Issuer
 	serving     *ca.ServingCert
@@ -93,7 +95,7 @@ func newServer(ctx context.Context, cfg Config, logger *slog.Logger) *server {
 // last, after every writer), the listeners last (they stop first).
 func (s *server) start(ctx context.Context) error {
 	for _, step := range []func(context.Context) error{
-		s.startStore, s.startSigner, s.startAuthn, s.startIssuer, s.startTrustFiles, s.startBundleEndpoint,
+		s.startStore, s.startSigner, s.startAuthn, s.startIssuer, s.startKubeSigners, s.startTrustFiles, s.startBundleEndpoint,
 		s.startGRPC, s.startMonitoring,
 	} {
 		if err := step(ctx); err != nil {
@@ -120,8 +122,8 @@ func (s *server) startStore(ctx context.Context) error {
 
 // startSigner puts the configured backend to use. The local backends
 // (selfsigned, intermediate) run through the CA rotation manager, which
-// tracks what each CA issued; the remote ones (Vault, CAS) rotate their own
-// keys and only report bundle changes.
+// tracks what each CA issued; the remote ones (Vault, CAS, a Kubernetes
+// signer) rotate their own keys and only report bundle changes.
 func (s *server) startSigner(ctx context.Context) error {
 	c := s.lc.start("signer")
 	audit := &ca.Auditor{Log: s.store, Timeout: s.cfg.AuditTimeout, Logger: s.logger}
@@ -130,6 +132,8 @@ func (s *server) startSigner(ctx context.Context) error {
 		return startVault(ctx, c, s.cfg, s.authority, audit, s.logger)
 	case googlecas.Backend:
 		return startGoogleCAS(ctx, c, s.cfg, s.authority, audit, s.logger)
+	case kubernetes.Backend:
+		return startKubernetesSigner(c, s.cfg, s.authority, audit, s.logger)
 	}
 	m, err := startRotation(ctx, s.cfg, s.td, s.authority, s.store, s.logger)
 	if err != nil {
@@ -163,7 +167,7 @@ func (s *server) startAuthn(ctx context.Context) error {
 		return err
 	}
 	s.authn = append(s.authn, kubeParts.authenticator)
-	s.nodes = kubeParts.nodes
+	s.nodes, s.kube = kubeParts.nodes, kubeParts
 	s.ready = append(s.ready, kubeParts.ready)
 	return nil
 }

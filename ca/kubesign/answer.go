@@ -82,14 +82,14 @@ func (a *answerer) respond(ctx context.Context, t target) bool {
 			a.metrics.count(a.api, t.signerName(), outcomeUndelivered, time.Time{}, a.now())
 			return false
 		}
-		a.answers.keep(t.uid(), pendingAnswer{out: out, at: now})
+		a.answers.keep(t.uid(), pendingAnswer{out: out, signer: t.signerName(), at: now})
 		a.logger.Warn("certificate not written into the request; retrying with the same certificate", "request", t.id(), "error", err)
 		return true
 	}
 	fail := judge(refusal) == failed
 	reason, err := t.refuse(ctx, refusal, fail)
 	if err != nil && !errors.Is(err, errAnswered) {
-		a.answers.keep(t.uid(), pendingAnswer{refusal: refusal, at: now})
+		a.answers.keep(t.uid(), pendingAnswer{refusal: refusal, signer: t.signerName(), at: now})
 		a.logger.Warn("refusal not written into the request; retrying", "request", t.id(), "error", err)
 		return true
 	}
@@ -101,6 +101,20 @@ func (a *answerer) respond(ctx context.Context, t target) bool {
 	a.metrics.count(a.api, t.signerName(), outcome, t.since(), a.now())
 	a.logger.Info("certificate request refused", "request", t.id(), "outcome", outcome, "reason", reason, "error", refusal)
 	return false
+}
+
+// abandon records every certificate still waiting for its status write as
+// undelivered: this process stops answering (it no longer leads), and the
+// next leader signs such requests afresh.
+func (a *answerer) abandon() {
+	for _, p := range a.answers.drain() {
+		if p.out != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), finishTimeout)
+			a.issuer.Undelivered(ctx, p.out, errors.New("status not written before this replica stopped leading"))
+			cancel()
+			a.metrics.count(a.api, p.signer, outcomeUndelivered, time.Time{}, a.now())
+		}
+	}
 }
 
 // pending returns the answer an earlier attempt got for t but could not
@@ -137,6 +151,7 @@ type answers struct {
 type pendingAnswer struct {
 	out     *ca.Issued
 	refusal error
+	signer  string
 	at      time.Time
 }
 
@@ -185,6 +200,18 @@ func (a *answers) keep(uid types.UID, p pendingAnswer) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.pending[uid] = p
+}
+
+// drain returns and forgets every pending answer.
+func (a *answers) drain() []pendingAnswer {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]pendingAnswer, 0, len(a.pending))
+	for uid, p := range a.pending {
+		out = append(out, p)
+		delete(a.pending, uid)
+	}
+	return out
 }
 
 // take returns and forgets uid's pending answer, if any.

@@ -122,7 +122,7 @@ func (c *CSRSigners) Run(ctx context.Context) error {
 		return err
 	}
 	s.Logger.Info("certificatesigningrequest signer running", "signers", strings.Join(slices.Sorted(maps.Keys(s.policies)), ","))
-	ctl.handle = s.handle
+	ctl.handle, ctl.stopped = s.handle, s.abandon
 	ctl.run(ctx)
 	return nil
 }

@@ -41,6 +41,11 @@ const (
 	DefaultRetryWindow = 10 * time.Minute
 	// callTimeout bounds one apiserver call.
 	callTimeout = 10 * time.Second
+	// handleTimeout bounds the answer to one request (signing, audit, status
+	// write); finishTimeout what is left of it once leadership ends: less
+	// than the lease's margin between a missed renewal and its expiry.
+	handleTimeout = 30 * time.Second
+	finishTimeout = 4 * time.Second
 	// maxMessage bounds a condition message (the API allows 32 KiB).
 	maxMessage = 1024
 )
@@ -167,6 +172,8 @@ type controller struct {
 	queue   workqueue.TypedRateLimitingInterface[string]
 	workers int
 	handle  func(ctx context.Context, key string) (again bool)
+	// stopped runs once the workers have returned.
+	stopped func()
 	logger  *slog.Logger
 }
 
@@ -193,6 +200,9 @@ func (c *controller) handlers() cache.ResourceEventHandler {
 }
 
 // run works the queue until ctx ends, then returns once every worker has.
+// A request being answered when ctx ends (this replica stops leading) is
+// finished, within finishTimeout, rather than cut off between its audit
+// record and its status write; no new one is started.
 func (c *controller) run(ctx context.Context) {
 	var wg sync.WaitGroup
 	for range c.workers {
@@ -202,7 +212,15 @@ func (c *controller) run(ctx context.Context) {
 				if shutdown {
 					return
 				}
-				if c.handle(ctx, key) && ctx.Err() == nil {
+				ictx, cancel := context.WithTimeout(context.WithoutCancel(ctx), handleTimeout)
+				stop := context.AfterFunc(ctx, func() {
+					// Leadership ended: finish within the bound, not callTimeout's.
+					time.AfterFunc(finishTimeout, cancel)
+				})
+				again := c.handle(ictx, key)
+				stop()
+				cancel()
+				if again && ctx.Err() == nil {
 					c.queue.AddRateLimited(key)
 				} else {
 					c.queue.Forget(key)
@@ -214,6 +232,9 @@ func (c *controller) run(ctx context.Context) {
 	<-ctx.Done()
 	c.queue.ShutDown()
 	wg.Wait()
+	if c.stopped != nil {
+		c.stopped()
+	}
 }
 
 // waitSynced waits for the informers' caches, or reports why not.

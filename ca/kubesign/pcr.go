@@ -140,7 +140,7 @@ func (p *PodCertificates) Run(ctx context.Context) error {
 		version = "v1beta1"
 	}
 	s.Logger.Info("podcertificaterequest signer running", "signers", strings.Join(s.SignerNames, ","), "version", version, "v1beta1_served", api.v1beta1)
-	c.handle = s.handle
+	c.handle, c.stopped = s.handle, s.abandon
 	c.run(ctx)
 	return nil
 }

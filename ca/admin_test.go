@@ -20,9 +20,15 @@ import (
 
 // fakeRotation records the request and answers with a fixed result.
 type fakeRotation struct {
-	got adminapi.RotateRequest
-	err error
-	st  *adminapi.RotationStatus
+	got   adminapi.RotateRequest
+	rekey adminapi.RekeyRequest
+	err   error
+	st    *adminapi.RotationStatus
+}
+
+func (f *fakeRotation) Rekey(_ context.Context, req adminapi.RekeyRequest) (*adminapi.RotationStatus, error) {
+	f.rekey = req
+	return f.st, f.err
 }
 
 func (f *fakeRotation) Status(context.Context) (*adminapi.RotationStatus, error) { return f.st, f.err }
@@ -42,8 +48,11 @@ func TestServerRotation(t *testing.T) {
 	h := newHarness(t, harnessOpts{})
 	at := time.Date(2031, 5, 6, 7, 8, 9, 0, time.UTC)
 	status := &adminapi.RotationStatus{Backend: "selfsigned", Version: 7, PropagationWindow: time.Hour, Schedule: true, Summary: "did it",
+		SealedUnder: []string{"0123456789abcdef", "fedcba9876543210"},
 		CAs: []adminapi.CAStatus{{KeyID: "ab", RootKeyID: "ab", Role: "root", Source: "managed", Phase: "active", Subject: "CN=r",
-			NotBefore: at, NotAfter: at.Add(time.Hour), DependentsUntil: at.Add(time.Minute), NextStepAt: at.Add(2 * time.Minute), Issuing: true}}}
+			NotBefore: at, NotAfter: at.Add(time.Hour), DependentsUntil: at.Add(time.Minute), NextStepAt: at.Add(2 * time.Minute), Issuing: true},
+			{KeyID: "cd", RootKeyID: "ab", Role: "intermediate", Source: "managed", Phase: "active", Subject: "CN=i",
+				NotBefore: at, NotAfter: at.Add(time.Hour), KeyURI: "pkcs11:id=cd;object=cd"}}}
 	operator := peerCtx(h.operatorCert(t))
 	workload := peerCtx(signLeaf(t, h.root, signertest.Key(3), appID.URL(), nil))
 
@@ -68,16 +77,22 @@ func TestServerRotation(t *testing.T) {
 			wantStatus(t, err, tc.wantCode, tc.wantMsg)
 			_, serr := s.GetCAStatus(tc.ctx, &adminpb.GetCAStatusRequest{})
 			wantStatus(t, serr, tc.wantCode, tc.wantMsg)
+			rekeyed, rerr := s.RekeyCA(tc.ctx, &adminpb.RekeyCARequest{NewKekFile: "/etc/castellan/kek/next"})
+			wantStatus(t, rerr, tc.wantCode, tc.wantMsg)
 			if tc.wantCode != codes.OK {
 				return
 			}
 			if got := tc.rotation.(*fakeRotation).got; got != (adminapi.RotateRequest{Step: "activate", Target: "intermediate", Force: true, Caller: operatorID.String()}) {
 				t.Errorf("Rotate got %+v", got)
 			}
+			if got := tc.rotation.(*fakeRotation).rekey; got != (adminapi.RekeyRequest{NewKEKFile: "/etc/castellan/kek/next", Caller: operatorID.String()}) {
+				t.Errorf("Rekey got %+v", got)
+			}
 			// What castellanctl reads back is what the rotation reported.
-			back := adminapi.RotationStatusFromProto(resp.GetStatus())
-			if fmt.Sprint(back) != fmt.Sprint(status) {
-				t.Errorf("status round trip:\n%+v\nwant\n%+v", back, status)
+			for _, st := range []*adminpb.CAStatus{resp.GetStatus(), rekeyed.GetStatus()} {
+				if back := adminapi.RotationStatusFromProto(st); fmt.Sprint(back) != fmt.Sprint(status) {
+					t.Errorf("status round trip:\n%+v\nwant\n%+v", back, status)
+				}
 			}
 		})
 	}
@@ -115,6 +130,7 @@ func TestAdminAuthenticatorDown(t *testing.T) {
 			_, err := s.RotateCA(ctx, &adminpb.RotateCARequest{Step: "prepare", Target: "root"})
 			return err
 		},
+		"RekeyCA": func() error { _, err := s.RekeyCA(ctx, &adminpb.RekeyCARequest{Finish: true}); return err },
 		"IssueCertificate": func() error {
 			_, err := s.IssueCertificate(ctx, &adminpb.IssueCertificateRequest{Csr: ztunnelCSR(t, signertest.Key(7), appID), Identity: appID.String()})
 			return err

@@ -9,12 +9,25 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
+// Refusal reasons of the CSR's names and attributes.
+const (
+	// ReasonCSRForbiddenSAN: the CSR asks for a SAN of another type than URI.
+	ReasonCSRForbiddenSAN = "csr.forbidden_san"
+	// ReasonCSRSANMismatch: the CSR's SAN extension is not exactly the
+	// granted URI (another URI, several names, a malformed extension).
+	ReasonCSRSANMismatch = "csr.san_mismatch"
+	// ReasonCSRAttributes: the CSR carries attributes besides one extension request.
+	ReasonCSRAttributes = "csr.attributes"
+)
+
 // MaxCSRBytes bounds the PEM CSR a client may send; real CSRs are 1-2 KiB.
 const MaxCSRBytes = 16 << 10
 
 // ParseCSR decodes and checks an untrusted PEM CSR for the granted identity:
 // exactly one CERTIFICATE REQUEST block, a valid self-signature, an accepted
-// key, and no SAN other than (at most) the granted URI. Subject is ignored. The
+// key, no attribute but one extension request, and either no subjectAltName
+// extension (the grant supplies it) or one that holds exactly the granted URI
+// and nothing else, whatever the name type. Subject is ignored. The
 // returned error wraps ErrInvalidRequest or ErrKeyType and carries a reason code.
 func ParseCSR(csrPEM string, grant spiffeid.ID) (*x509.CertificateRequest, error) {
 	if len(csrPEM) > MaxCSRBytes {
@@ -40,17 +53,17 @@ func ParseCSR(csrPEM string, grant spiffeid.ID) (*x509.CertificateRequest, error
 	if err := CheckPublicKey(csr.PublicKey); err != nil {
 		return nil, Refuse(ErrInvalidRequest, "csr.key", err)
 	}
-	if len(csr.DNSNames)+len(csr.IPAddresses)+len(csr.EmailAddresses) != 0 {
-		return nil, Refuse(ErrInvalidRequest, "csr.forbidden_san", fmt.Errorf("CSR asks for DNS, IP or email SANs; workload certificates carry only the URI SAN"))
+	if err := checkCSRAttributes(csr); err != nil {
+		return nil, Refuse(ErrInvalidRequest, ReasonCSRAttributes, err)
 	}
-	switch len(csr.URIs) {
-	case 0:
-	case 1:
-		if csr.URIs[0].String() != grant.String() {
-			return nil, Refuse(ErrInvalidRequest, "csr.san_mismatch", fmt.Errorf("CSR asks for URI SAN %q, caller is granted %q", csr.URIs[0].String(), grant.String()))
+	names, present, err := subjectAltNames(csr.Extensions)
+	if err != nil {
+		return nil, Refuse(ErrInvalidRequest, ReasonCSRSANMismatch, fmt.Errorf("CSR: %w", err))
+	}
+	if present {
+		if reason, err := onlyGrantedURI(names, grant.String()); err != nil {
+			return nil, Refuse(ErrInvalidRequest, reason, err)
 		}
-	default:
-		return nil, Refuse(ErrInvalidRequest, "csr.san_mismatch", fmt.Errorf("CSR asks for %d URI SANs, only the granted identity is allowed", len(csr.URIs)))
 	}
 	return csr, nil
 }

@@ -2,8 +2,10 @@ package ca_test
 
 import (
 	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"net"
 	"strings"
 	"testing"
@@ -150,6 +152,10 @@ func FuzzParseCSR(f *testing.F) {
 			f.Add(tc.csr)
 		}
 	}
+	key := signertest.Key(7)
+	for _, elem := range hostileNames(f) {
+		f.Add(csrWithExtensions(f, key, sanExtension(true, grantedURI(), elem)))
+	}
 	f.Fuzz(func(t *testing.T, s string) {
 		csr, err := ca.ParseCSR(s, appID)
 		if err != nil {
@@ -170,11 +176,32 @@ func FuzzParseCSR(f *testing.F) {
 		if err := ca.CheckPublicKey(csr.PublicKey); err != nil {
 			t.Fatalf("accepted CSR's key is refused: %v", err)
 		}
-		if len(csr.DNSNames)+len(csr.IPAddresses)+len(csr.EmailAddresses) != 0 {
-			t.Fatalf("accepted CSR asks for DNS %v IP %v email %v", csr.DNSNames, csr.IPAddresses, csr.EmailAddresses)
-		}
-		if len(csr.URIs) > 1 || (len(csr.URIs) == 1 && csr.URIs[0].String() != appID.String()) {
-			t.Fatalf("accepted CSR asks for URIs %v", csr.URIs)
+		if uri, present, err := onlyURISAN(csr.Extensions); present && (err != nil || uri != appID.String()) {
+			t.Fatalf("accepted CSR's SAN is not exactly the granted URI: %q, %v", uri, err)
 		}
 	})
+}
+
+// onlyURISAN reads the subjectAltName of exts with encoding/asn1, an
+// oracle independent of the code under test: the one URI it holds, or an
+// error unless it holds exactly one name, a primitive [6], in one extension.
+func onlyURISAN(exts []pkix.Extension) (uri string, present bool, err error) {
+	for _, e := range exts {
+		if !e.Id.Equal(oidSAN) {
+			continue
+		}
+		if present {
+			return "", true, errors.New("two SAN extensions")
+		}
+		present = true
+		var names []asn1.RawValue
+		if rest, err := asn1.Unmarshal(e.Value, &names); err != nil || len(rest) != 0 {
+			return "", true, fmt.Errorf("SAN does not parse: %v", err)
+		}
+		if len(names) != 1 || names[0].Class != asn1.ClassContextSpecific || names[0].Tag != 6 || names[0].IsCompound {
+			return "", true, fmt.Errorf("SAN holds %d names, not exactly one URI: %x", len(names), e.Value)
+		}
+		uri = string(names[0].Bytes)
+	}
+	return uri, present, nil
 }

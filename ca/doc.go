@@ -23,19 +23,23 @@
 //     NodeAuthorizer grants (ztunnel asking for a pod on its node). The CSR's
 //     own SANs are never trusted.
 //  4. CSR checks. ParseCSR decodes the untrusted PEM, verifies its
-//     signature, accepts the key (CheckPublicKey) and refuses any SAN other
-//     than the granted identity.
+//     signature, accepts the key (CheckPublicKey), refuses attributes other
+//     than one extension request (checkCSRAttributes) and reads the raw SAN
+//     extension (subjectAltNames): absent, or exactly the granted URI, and no
+//     name of any other type.
 //  5. Profile. TTLPolicy.Grant turns the requested lifetime into the granted
 //     one, and Issuer.sign builds the leaf template (LeafTemplate): empty
 //     subject, the granted URI SAN, usages, NotBefore backdated by the
-//     clock-skew allowance, a random serial.
+//     clock-skew allowance, a random serial, and a subject key identifier
+//     derived from the key (signer.KeyID).
 //  6. Signing. Issuer.sign hands the template to the active signer of the
 //     Authority's State (signer.Signer.Sign); a backend that cannot answer
 //     is ErrUnavailable, a caller that hung up meanwhile is its own reason
 //     (ReasonCallerGone, callerGone), any other failure ErrInternal.
 //  7. Result check. CheckIssued (with the issuer's path cache) re-checks
-//     what the backend returned against what was asked for: key, SANs,
-//     subject, lifetime, usages, and a chain to the trust bundle, so a
+//     what the backend returned against what was asked for: key, SANs (from
+//     the raw extension, sameNames), subject, lifetime, usages, and a chain
+//     to the trust bundle, so a
 //     misbehaving backend never reaches a client.
 //  8. Audit. Issue fills the record (fillRecord) and appends it through the
 //     Auditor, under the one audit timeout and detached from the caller's

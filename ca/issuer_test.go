@@ -182,6 +182,9 @@ func checkIssued(t *testing.T, out *ca.Issued, roots []*x509.Certificate, id spi
 	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != id.String() {
 		t.Errorf("leaf URIs = %v, want [%s]", leaf.URIs, id)
 	}
+	if ski, err := signer.KeyID(leaf.PublicKey); err != nil || !bytes.Equal(leaf.SubjectKeyId, ski) {
+		t.Errorf("leaf SubjectKeyId = %x, want the key's RFC 7093 id %x (%v)", leaf.SubjectKeyId, ski, err)
+	}
 	if !leaf.NotBefore.Equal(now.Add(-signer.DefaultClockSkew)) {
 		t.Errorf("NotBefore = %s, want now-2m = %s", leaf.NotBefore, now.Add(-signer.DefaultClockSkew))
 	}

@@ -16,6 +16,8 @@ import (
 // misbehaving backend (remote PKI, misconfigured CA) can never hand a client a
 // certificate Castellan did not decide on: key, SANs, subject, lifetime, CA flag, usages,
 // and a chain that verifies to the trust bundle with the leaf inside its issuer's life.
+// The SANs are read from the raw extension: exactly the template's names, and
+// no name of any other type (san.go).
 //
 // Each call builds and verifies the whole path; the issuer uses an
 // issuerPathCache, which checks the same things with one signature check per leaf.
@@ -33,16 +35,13 @@ func (paths *issuerPathCache) checkIssued(chain *signer.Chain, tmpl *x509.Certif
 	if k, ok := leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(pub) {
 		return errors.New("leaf key is not the requested key")
 	}
-	if len(leaf.URIs) != len(tmpl.URIs) {
-		return fmt.Errorf("leaf has %d URI SANs, want %d", len(leaf.URIs), len(tmpl.URIs))
+	// From the raw extension, so that every name type counts (san.go).
+	names, _, err := subjectAltNames(leaf.Extensions)
+	if err != nil {
+		return fmt.Errorf("leaf: %w", err)
 	}
-	for i := range tmpl.URIs {
-		if leaf.URIs[i].String() != tmpl.URIs[i].String() {
-			return fmt.Errorf("leaf URI SAN %q, want %q", leaf.URIs[i], tmpl.URIs[i])
-		}
-	}
-	if !slices.Equal(leaf.DNSNames, tmpl.DNSNames) || len(leaf.IPAddresses) != len(tmpl.IPAddresses) || len(leaf.EmailAddresses) != 0 {
-		return fmt.Errorf("leaf carries SANs that were not granted")
+	if err := sameNames(names, tmpl); err != nil {
+		return err
 	}
 	// Remote backends may copy the CSR's subject (a Vault role with
 	// use_csr_common_name); the subject is part of the profile too.

@@ -167,7 +167,7 @@ func verifyIssued(t *testing.T, got *certv1.PodCertificateRequest, roots []*x509
 	if err != nil {
 		t.Fatalf("leaf does not chain to the ClusterTrustBundle: %v", err)
 	}
-	checkProfile(t, leaf, verified[0][1], id, pub, 128)
+	checkProfile(t, leaf, verified[0][1], id, pub, 128, "")
 	st := got.Status
 	if !st.NotBefore.Time.Equal(leaf.NotBefore) || !st.NotAfter.Time.Equal(leaf.NotAfter) {
 		t.Errorf("status validity %s..%s, leaf %s..%s", st.NotBefore, st.NotAfter, leaf.NotBefore, leaf.NotAfter)

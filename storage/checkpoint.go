@@ -55,20 +55,20 @@ func CheckpointKeyID(pub ed25519.PublicKey) string {
 // digest is SHA-256 over the canonical encoding of every field but Signature,
 // built like Record.ComputeHash (length-prefixed, fixed order).
 func (c *Checkpoint) digest() []byte {
-	e := encoder{h: sha256.New()}
-	e.h.Write([]byte(checkpointDomain))
-	e.uint64(c.ID)
-	e.time(c.Time)
-	e.time(c.Before)
-	e.uint64(uint64(len(c.Writers)))
+	b := []byte(checkpointDomain)
+	b = appendUint64(b, c.ID)
+	b = appendTime(b, c.Time)
+	b = appendTime(b, c.Before)
+	b = appendUint64(b, uint64(len(c.Writers)))
 	for _, w := range c.Writers {
-		e.string(w.Writer)
-		e.uint64(w.Seq)
-		e.string(w.Hash)
-		e.uint64(w.Removed)
+		b = appendString(b, w.Writer)
+		b = appendUint64(b, w.Seq)
+		b = appendString(b, w.Hash)
+		b = appendUint64(b, w.Removed)
 	}
-	e.string(c.KeyID)
-	return e.h.Sum(nil)
+	b = appendString(b, c.KeyID)
+	sum := sha256.Sum256(b)
+	return sum[:]
 }
 
 // Sign sorts the entries, sets KeyID and Signature.

@@ -1,5 +1,7 @@
-// Package storage defines Castellan's audit record, its hash chain and the
-// chain verifier shared by every audit store (embedded SQLite, PostgreSQL).
+// Package storage defines Castellan's audit record, its hash chain, the
+// chain verifier and the string sanitiser (Sanitize) shared by every audit
+// store (embedded SQLite, PostgreSQL); storage/groupcommit is their shared
+// group-commit queue.
 //
 // Stores return plain Go errors wrapped with %w; mapping them to gRPC codes is
 // the caller's job.
@@ -11,7 +13,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"hash"
 	"time"
 )
 
@@ -50,6 +51,11 @@ const (
 	ReasonResponseLost = "delivery.response_lost"
 )
 
+// ReasonRecordRejected is the reason of a substitute record (see Rejected):
+// the store refused a caller's record for a data reason and stored this one
+// in its place.
+const ReasonRecordRejected = "audit.record_rejected"
+
 // Sentinel errors shared by every store; match them with errors.Is.
 var (
 	// ErrClosed is returned by every method of a store after Close.
@@ -58,6 +64,18 @@ var (
 	ErrNotFound = errors.New("storage: record not found")
 	// ErrInvalidRecord is returned by Append for a record that fails Validate.
 	ErrInvalidRecord = errors.New("storage: invalid record")
+	// ErrCommitUnconfirmed is wrapped, beside the context's error, by an
+	// Append whose caller gave up while its record was being committed: the
+	// record may be in the log, and then an undelivered marker follows it.
+	ErrCommitUnconfirmed = errors.New("storage: caller gave up while its record was being committed")
+	// ErrRecordRejected is wrapped by the error a store's batch write returns
+	// when the database refused a record for a data reason (not an outage),
+	// and by the Append of that record: a substitute (Rejected) was stored in
+	// its place while the other records of its batch committed.
+	ErrRecordRejected = errors.New("storage: record refused by the database")
+	// ErrSchemaTooNew is returned by a store's Open on a database migrated by
+	// a newer Castellan.
+	ErrSchemaTooNew = errors.New("storage: schema is newer than this binary supports")
 )
 
 // Record is one audit entry: a CreateCertificate outcome or an operator action.
@@ -133,32 +151,36 @@ const hashDomain = "castellan.audit.record.v1\x00"
 // encoding injective: two different records never encode the same bytes.
 // Locations and monotonic readings do not affect the hash.
 func (r *Record) ComputeHash() string {
-	e := encoder{h: sha256.New()}
-	e.h.Write([]byte(hashDomain))
-	e.uint64(r.Seq)
-	e.string(r.Writer)
-	e.time(r.Time)
-	e.string(r.Kind)
-	e.string(r.RequestID)
-	e.string(r.Peer)
-	e.string(r.AuthMethod)
-	e.string(r.Caller)
-	e.string(r.ClusterID)
-	e.string(r.RequestedIdentity)
-	e.string(r.GrantedIdentity)
-	e.string(r.Outcome)
-	e.string(r.Reason)
-	e.string(r.Code)
-	e.string(r.Serial)
-	e.time(r.NotBefore)
-	e.time(r.NotAfter)
-	e.string(r.CertSHA256)
-	e.string(r.Signer)
-	e.string(r.IssuerKeyID)
-	e.string(r.Detail)
-	e.string(r.PrevHash)
-	var sum [sha256.Size]byte
-	return hex.EncodeToString(e.h.Sum(sum[:0]))
+	// The encoding is built in a stack buffer and hashed at once: this runs
+	// for every record appended and every record verified.
+	var stack [1024]byte
+	b := append(stack[:0], hashDomain...)
+	b = appendUint64(b, r.Seq)
+	b = appendString(b, r.Writer)
+	b = appendTime(b, r.Time)
+	b = appendString(b, r.Kind)
+	b = appendString(b, r.RequestID)
+	b = appendString(b, r.Peer)
+	b = appendString(b, r.AuthMethod)
+	b = appendString(b, r.Caller)
+	b = appendString(b, r.ClusterID)
+	b = appendString(b, r.RequestedIdentity)
+	b = appendString(b, r.GrantedIdentity)
+	b = appendString(b, r.Outcome)
+	b = appendString(b, r.Reason)
+	b = appendString(b, r.Code)
+	b = appendString(b, r.Serial)
+	b = appendTime(b, r.NotBefore)
+	b = appendTime(b, r.NotAfter)
+	b = appendString(b, r.CertSHA256)
+	b = appendString(b, r.Signer)
+	b = appendString(b, r.IssuerKeyID)
+	b = appendString(b, r.Detail)
+	b = appendString(b, r.PrevHash)
+	sum := sha256.Sum256(b)
+	var hexSum [2 * sha256.Size]byte
+	hex.Encode(hexSum[:], sum[:])
+	return string(hexSum[:])
 }
 
 // Seal sets r's chain fields: Writer, Seq, PrevHash and then Hash. Stores
@@ -170,31 +192,20 @@ func (r *Record) Seal(writer string, seq uint64, prevHash string) {
 	r.Hash = r.ComputeHash()
 }
 
-type encoder struct {
-	h   hash.Hash
-	buf [13]byte
+// appendUint64, appendString and appendTime append the canonical encoding
+// of one field to b.
+func appendUint64(b []byte, v uint64) []byte { return binary.BigEndian.AppendUint64(b, v) }
+
+func appendString(b []byte, s string) []byte {
+	return append(appendUint64(b, uint64(len(s))), s...)
 }
 
-func (e *encoder) uint64(v uint64) {
-	binary.BigEndian.PutUint64(e.buf[:8], v)
-	e.h.Write(e.buf[:8])
-}
-
-func (e *encoder) string(s string) {
-	e.uint64(uint64(len(s)))
-	e.h.Write([]byte(s))
-}
-
-func (e *encoder) time(t time.Time) {
+func appendTime(b []byte, t time.Time) []byte {
 	if t.IsZero() {
-		e.buf[0] = 0
-		e.h.Write(e.buf[:1])
-		return
+		return append(b, 0)
 	}
-	e.buf[0] = 1
-	binary.BigEndian.PutUint64(e.buf[1:9], uint64(t.Unix()))
-	binary.BigEndian.PutUint32(e.buf[9:13], uint32(t.Nanosecond()))
-	e.h.Write(e.buf[:13])
+	b = binary.BigEndian.AppendUint64(append(b, 1), uint64(t.Unix())) //nolint:gosec // G115: two's complement, a bijection on int64 (times before 1970 too); stored chains fix this encoding
+	return binary.BigEndian.AppendUint32(b, uint32(t.Nanosecond()))   //nolint:gosec // G115: Nanosecond is in [0, 1e9)
 }
 
 // Query limits.
@@ -250,4 +261,15 @@ func Undelivered(orig *Record, at time.Time, reason, why string) *Record {
 		IssuerKeyID: orig.IssuerKeyID,
 		Detail:      fmt.Sprintf("record %s/%d (outcome %s) was not delivered: %s", orig.Writer, orig.Seq, orig.Outcome, why),
 	}
+}
+
+// Rejected returns the record stored in place of orig when the database
+// refused orig for a data reason: orig's Time, Kind and RequestID (which
+// link it to the server's log line), OutcomeFailed and ReasonRecordRejected.
+// It copies nothing else, so that whatever made orig unacceptable is not in
+// it; its chain fields are left for the store.
+func Rejected(orig *Record) *Record {
+	return &Record{Time: orig.Time, Kind: orig.Kind, RequestID: orig.RequestID, Outcome: OutcomeFailed,
+		Reason: ReasonRecordRejected,
+		Detail: "the audit store refused this request's record for a data reason; this record stands in its place (cause in the server log)"}
 }

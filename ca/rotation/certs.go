@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"time"
 
@@ -48,8 +49,10 @@ func (m *Manager) newKey(ctx context.Context) (crypto.Signer, error) {
 	return k, nil
 }
 
-// managedEntry seals key and returns a prepared managed CA record for cert.
-// rootID is "" for a root (it is its own root).
+// managedEntry returns a prepared managed CA record for cert. A key held by
+// a key provider is stored as its URI (keyRef) here; any other key is cached
+// for sealNew, which seals it before the state is saved. rootID is ""
+// for a root (it is its own root).
 func (m *Manager) managedEntry(cert *x509.Certificate, key crypto.Signer, role, rootID string, now time.Time) (*entry, error) {
 	id := keyID(cert)
 	if id == "" {
@@ -58,11 +61,47 @@ func (m *Manager) managedEntry(cert *x509.Certificate, key crypto.Signer, role, 
 	if rootID == "" {
 		rootID = id
 	}
-	sealed, err := m.cfg.Sealer.Seal(id, key)
-	if err != nil {
-		return nil, err
+	var stored []byte
+	if pk, ok := key.(providerKey); ok {
+		stored = keyRef(pk.URI())
 	}
 	m.cacheKey(id, key)
 	return &entry{cert: cert, CARecord: storage.CARecord{KeyID: id, Role: role, RootID: rootID, Source: storage.SourceManaged,
-		Phase: storage.PhasePrepared, CertDER: cert.Raw, SealedKey: sealed, PreparedAt: now}}, nil
+		Phase: storage.PhasePrepared, CertDER: cert.Raw, SealedKey: stored, PreparedAt: now}}, nil
+}
+
+// sealNew seals the keys of the CAs next adds to v (managed, not retired,
+// no stored key: a key provider's key already has its URI) under the KEKs
+// v's sealed keys are sealed under, in the same order, so that every replica
+// that opens the state's keys opens the new ones too; under this replica's
+// KEK when v holds no sealed key yet. During a rekey a replica that lacks
+// one of those KEKs cannot, and the step is refused; keys made in a key
+// provider need no KEK and are never refused for it.
+func (m *Manager) sealNew(v, next *view) error {
+	ids, err := v.sealedUnder()
+	if err != nil {
+		return err
+	}
+	sealer := m.currentSealer()
+	if len(ids) == 0 {
+		ids = []string{sealer.ID()}
+	}
+	for _, e := range next.cas {
+		if e.Source != storage.SourceManaged || e.Phase == storage.PhaseRetired || len(e.SealedKey) > 0 {
+			continue
+		}
+		key := m.cachedKey(e.KeyID)
+		if key == nil {
+			return fmt.Errorf("rotation: CA %s: no key to seal", e.KeyID)
+		}
+		sealed, err := sealer.sealUnder(ids, e.KeyID, key)
+		if errors.Is(err, ErrKEKNotHeld) {
+			return refused("the CA keys are sealed under KEKs %s (a rekey is under way) and this replica does not hold all of them: run this step on a replica that was given the new KEK, or finish the rekey first", kekList(ids))
+		}
+		if err != nil {
+			return fmt.Errorf("rotation: %w", err)
+		}
+		e.SealedKey = sealed
+	}
+	return nil
 }

@@ -6,7 +6,8 @@
 //
 // The state (certificates, phases, keys sealed under a key-encryption key,
 // and an upper bound of what each CA issued) lives in a Store shared by every
-// replica. Any replica may run a step (compare-and-swap on the state's
+// replica. The key-encryption key itself is replaced without downtime by
+// Rekey (rekey.go). Any replica may run a step (compare-and-swap on the state's
 // version); one leader runs the schedule; every replica polls the store and
 // swaps its ca.Authority when the state changes.
 package rotation
@@ -80,6 +81,10 @@ type Config struct {
 	// Sealer encrypts keys at rest; nil stores them unencrypted (allowed
 	// only for a store that is a local file).
 	Sealer *Sealer
+	// KEKFiles are the files on this replica that Rekey may read a new
+	// key-encryption key from (its configured KEK files); none refuses
+	// rekeys.
+	KEKFiles []string
 	// RootLifetime of generated roots; zero means DefaultRootLifetime.
 	RootLifetime time.Duration
 	// IntermediateLifetime of generated intermediates; zero means roots sign
@@ -115,8 +120,11 @@ type Manager struct {
 	external    *local.Signer // the External backend's CA
 	externalGen int
 
-	keyMu sync.Mutex
-	keys  map[string]crypto.Signer // opened keys, by key id
+	keyMu  sync.Mutex
+	keys   map[string]crypto.Signer // opened keys, by key id
+	sealer *Sealer                  // the KEKs held: Config.Sealer, and a rekey's target once run here
+	// warnedAt is the state version of the last warnOnce.
+	warnedAt uint64
 
 	depMu    sync.Mutex
 	reserved map[string]time.Time // dependents bounds this replica has stored
@@ -159,7 +167,8 @@ func New(cfg Config) (*Manager, error) {
 		cfg.Rand = rand.Reader
 	}
 	audit := &ca.Auditor{Log: cfg.Audit, Timeout: cfg.AuditTimeout, Now: cfg.Now, Rand: cfg.Rand, Logger: cfg.Logger}
-	return &Manager{cfg: cfg, audit: audit, generator: gen, keys: map[string]crypto.Signer{}, reserved: map[string]time.Time{}}, nil
+	return &Manager{cfg: cfg, audit: audit, generator: gen, keys: map[string]crypto.Signer{}, sealer: cfg.Sealer,
+		reserved: map[string]time.Time{}}, nil
 }
 
 // now is the clock, in UTC at the store's precision (PostgreSQL keeps
@@ -180,8 +189,9 @@ const maxAttempts = 8
 // Bootstrap brings the managed state to a usable shape and applies it: on
 // first start it imports the root of earlier versions (Generator.ImportRoot) or
 // generates a root (and an intermediate when configured); it adds or drops
-// the intermediate layer when the configuration changed, and seals keys
-// stored without the configured KEK. Only for a Generator backend.
+// the intermediate layer when the configuration changed. Keys stay sealed
+// as they are: moving them to another KEK is Rekey's, an explicit and
+// audited step. Only for a Generator backend.
 func (m *Manager) Bootstrap(ctx context.Context) error {
 	if m.generator == nil {
 		return fmt.Errorf("rotation: the %s backend's CA is not generated: nothing to bootstrap", m.cfg.Backend.Name())
@@ -191,7 +201,11 @@ func (m *Manager) Bootstrap(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		m.checkKEK(v)
 		next, detail, err := m.bootstrapPlan(ctx, v)
+		if err == nil && next != nil {
+			err = m.sealNew(v, next)
+		}
 		if err != nil {
 			return err
 		}
@@ -215,18 +229,6 @@ func (m *Manager) bootstrapPlan(ctx context.Context, v *view) (*view, string, er
 	n := v.clone()
 	now := m.now()
 	var did []string
-	for _, e := range n.cas {
-		if e.Source == storage.SourceManaged && e.Phase != storage.PhaseRetired && len(e.SealedKey) > 0 && !m.cfg.Sealer.sealedWith(e.SealedKey) {
-			key, err := m.cfg.Sealer.Open(e.KeyID, e.SealedKey)
-			if err != nil {
-				return nil, "", err
-			}
-			if e.SealedKey, err = m.cfg.Sealer.Seal(e.KeyID, key); err != nil {
-				return nil, "", err
-			}
-			did = append(did, "sealed key of "+e.KeyID+" under KEK "+m.cfg.Sealer.ID())
-		}
-	}
 	did = append(did, deactivate(n, storage.SourceExternal, now)...)
 	root := n.managed(storage.RoleRoot, storage.PhaseActive)
 	if root == nil {
@@ -302,7 +304,7 @@ func (m *Manager) firstRoot(ctx context.Context, now time.Time) (*entry, crypto.
 		if err != nil {
 			return nil, nil, "", fmt.Errorf("rotation: import %s: %w", from, err)
 		}
-		if m.cfg.Sealer != nil {
+		if m.cfg.Sealer.configured() {
 			m.cfg.Logger.Warn("the imported root key is sealed in the CA state; its plaintext file is no longer read: remove it once backed up", "from", from)
 		}
 		return e, key, "imported " + from + " as", nil
@@ -315,14 +317,26 @@ func (m *Manager) firstRoot(ctx context.Context, now time.Time) (*entry, crypto.
 	return e, key, "generated", err
 }
 
-// key returns e's private key, opening (and caching) it.
+// key returns e's private key, opening (and caching) it: unsealed from
+// the state, or the key provider's key at the URI stored there.
 func (m *Manager) key(e *entry) (crypto.Signer, error) {
 	m.keyMu.Lock()
 	defer m.keyMu.Unlock()
 	if k, ok := m.keys[e.KeyID]; ok {
 		return k, nil
 	}
-	k, err := m.cfg.Sealer.Open(e.KeyID, e.SealedKey)
+	var (
+		k   crypto.Signer
+		err error
+	)
+	if uri, ok := refURI(e.SealedKey); ok {
+		if m.generator == nil {
+			return nil, fmt.Errorf("rotation: CA %s: its key is in a key provider (%s), which only the selfsigned backend opens", e.KeyID, uri)
+		}
+		k, err = m.generator.OpenKey(uri, e.cert.PublicKey)
+	} else {
+		k, err = m.sealer.Open(e.KeyID, e.SealedKey)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("rotation: %w", err)
 	}
@@ -337,6 +351,20 @@ func (m *Manager) cacheKey(id string, k crypto.Signer) {
 	m.keyMu.Lock()
 	defer m.keyMu.Unlock()
 	m.keys[id] = k
+}
+
+// cachedKey returns the key of a CA this replica made or opened, or nil.
+func (m *Manager) cachedKey(id string) crypto.Signer {
+	m.keyMu.Lock()
+	defer m.keyMu.Unlock()
+	return m.keys[id]
+}
+
+// currentSealer returns the KEKs this replica holds now.
+func (m *Manager) currentSealer() *Sealer {
+	m.keyMu.Lock()
+	defer m.keyMu.Unlock()
+	return m.sealer
 }
 
 // refresh reloads the shared state and applies it if it changed.

@@ -61,6 +61,14 @@ func (m *Manager) Tick(ctx context.Context) error {
 		if req == nil {
 			return nil
 		}
+		if missing := m.missingKEKs(v); req.Step == adminapi.StepPrepare && len(missing) > 0 {
+			// A rekey is under way and this leader could not seal the new
+			// key for every replica: wait for the new KEK or the finish,
+			// without an audit record every poll interval.
+			m.warnOnce(v.version, "scheduled CA prepare waits: a KEK rekey is under way and this replica does not hold every KEK the CA keys are sealed under",
+				"step", req.Target, "missing_kek_ids", kekList(missing))
+			return nil
+		}
 		if _, err := m.rotate(ctx, *req, keyID); err != nil {
 			if errors.Is(err, ca.ErrPrecondition) {
 				// Another replica or an operator got there first.

@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -24,13 +25,62 @@ import (
 
 func testKEK(b byte) []byte { return bytes.Repeat([]byte{b}, KEKSize) }
 
-func mustSealer(t *testing.T, kek []byte) *Sealer {
+// withKEK configures kek as the replica's own KEK.
+func withKEK(t *testing.T, kek []byte) option {
+	return func(c *Config) { c.Sealer = mustSealer(t, kek) }
+}
+
+func mustSealer(t testing.TB, kek []byte) *Sealer {
 	t.Helper()
 	s, err := NewSealer(kek)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return s
+}
+
+// FuzzOpenStoredKey: a stored key comes from the shared CA state, which
+// whoever can write the database can change. Any blob opens or fails, never
+// panics; a key URI is never taken for key material; and a blob that opens
+// has sealings that sealedUnder reads.
+func FuzzOpenStoredKey(f *testing.F) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		f.Fatal(err)
+	}
+	one := mustSealer(f, testKEK(1))
+	both, second, err := one.Hold(testKEK(2))
+	if err != nil {
+		f.Fatal(err)
+	}
+	plain, _ := (*Sealer)(nil).Seal("01", key)
+	sealed, _ := one.Seal("01", key)
+	multiple, err := both.sealUnder([]string{second, one.ID()}, "01", key)
+	if err != nil {
+		f.Fatal(err)
+	}
+	for _, seed := range [][]byte{nil, {formatPlain}, {formatAESGCM}, {formatMultiple, 2}, {formatKeyURI}, keyRef("pkcs11:id=01;object=01"),
+		plain, sealed, multiple, multiple[:len(multiple)-1], append([]byte{formatMultiple, 2, 0, 3}, keyRef("a:b")...)} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, blob []byte) {
+		for _, s := range []*Sealer{nil, one, both} {
+			k, err := s.Open("01", blob)
+			if isKeyRef(blob) {
+				if !errors.Is(err, ErrKeyInProvider) {
+					t.Fatalf("Open of the key URI %q: %v, want ErrKeyInProvider", blob, err)
+				}
+				continue
+			}
+			if err != nil {
+				continue
+			}
+			ids, serr := sealedUnder(blob)
+			if k == nil || serr != nil || len(ids) == 0 {
+				t.Fatalf("opened %x (key %v) but its sealings do not read: %v %v", blob, k != nil, ids, serr)
+			}
+		}
+	})
 }
 
 func TestSealOpen(t *testing.T) {
@@ -49,6 +99,31 @@ func TestSealOpen(t *testing.T) {
 	}
 	flipped := bytes.Clone(sealed)
 	flipped[len(flipped)-1] ^= 1
+
+	// Sealings under two KEKs, as during a rekey: 1 (new) first, then 2.
+	both, idNew, err := wrong.Hold(testKEK(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	two, err := both.sealUnder([]string{idNew, wrong.ID()}, "id1", key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A store without a KEK being rekeyed: sealed under 1 and unencrypted.
+	migrating, _, err := (*Sealer)(nil).Hold(testKEK(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	besidePlain, err := migrating.sealUnder([]string{idNew, ""}, "id1", key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	firstFlipped := bytes.Clone(two)
+	firstFlipped[2+2+40] ^= 1 // inside the first sealing's ciphertext
+	nested := append([]byte{formatMultiple, 2, 0, byte(len(two))}, two...)
+	nested = append(nested, 0, byte(len(sealed)))
+	nested = append(nested, sealed...)
+
 	for _, tc := range []struct {
 		name    string
 		sealer  *Sealer
@@ -58,12 +133,23 @@ func TestSealOpen(t *testing.T) {
 	}{
 		{"sealed, right KEK", right, "id1", sealed, nil},
 		{"plain, no KEK", nil, "id1", plain, nil},
-		{"plain read with a KEK (before resealing)", right, "id1", plain, nil},
+		{"plain with a KEK configured", right, "id1", plain, ErrUnsealed},
 		{"wrong KEK", wrong, "id1", sealed, ErrWrongKEK},
 		{"no KEK", nil, "id1", sealed, ErrNoKEK},
-		{"moved to another CA's row", right, "id2", sealed, ErrWrongKEK},
+		{"moved to another CA's row", right, "id1x", sealed, ErrWrongKEK},
 		{"tampered ciphertext", right, "id1", flipped, ErrWrongKEK},
 		{"truncated", right, "id1", sealed[:10], ErrWrongKEK},
+		{"two sealings, the new KEK only", right, "id1", two, nil},
+		{"two sealings, the old KEK only", wrong, "id1", two, nil},
+		{"two sealings, neither KEK", mustSealer(t, testKEK(3)), "id1", two, ErrWrongKEK},
+		{"two sealings, no KEK", nil, "id1", two, ErrNoKEK},
+		{"two sealings, the first tampered", right, "id1", firstFlipped, ErrWrongKEK},
+		{"two sealings, truncated", wrong, "id1", two[:len(two)-5], ErrWrongKEK},
+		{"two sealings, a count of one", wrong, "id1", append([]byte{formatMultiple, 1}, two[2:]...), ErrWrongKEK},
+		{"nested sealings", wrong, "id1", nested, ErrWrongKEK},
+		{"beside an unencrypted copy, KEK configured", right, "id1", besidePlain, ErrUnsealed},
+		{"beside an unencrypted copy, no KEK configured", nil, "id1", besidePlain, nil},
+		{"beside an unencrypted copy, no KEK configured but the new one held", migrating, "id1", besidePlain, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := tc.sealer.Open(tc.id, tc.blob)
@@ -76,8 +162,19 @@ func TestSealOpen(t *testing.T) {
 		})
 	}
 	der, _ := x509.MarshalPKCS8PrivateKey(key)
-	if bytes.Contains(sealed, der) || bytes.Contains(sealed, der[len(der)-32:]) {
-		t.Errorf("the sealed key contains its plaintext")
+	for name, blob := range map[string][]byte{"sealed": sealed, "two sealings": two} {
+		if bytes.Contains(blob, der) || bytes.Contains(blob, der[len(der)-32:]) {
+			t.Errorf("%s: the stored key contains its plaintext", name)
+		}
+	}
+	if ids, err := sealedUnder(two); err != nil || fmt.Sprint(ids) != fmt.Sprint([]string{idNew, wrong.ID()}) {
+		t.Errorf("sealedUnder = %v, %v; want [%s %s]", ids, err, idNew, wrong.ID())
+	}
+	if _, err := right.sealUnder([]string{""}, "id1", key); !errors.Is(err, ErrUnsealed) {
+		t.Errorf("a replica with a KEK stored a key unencrypted: %v", err)
+	}
+	if _, err := right.sealUnder([]string{wrong.ID()}, "id1", key); !errors.Is(err, ErrKEKNotHeld) {
+		t.Errorf("sealed under a KEK not held: %v", err)
 	}
 }
 
@@ -114,8 +211,8 @@ func TestReadKEKFile(t *testing.T) {
 }
 
 // TestKeysEncryptedAtRest checks the stored state: every key is ciphertext
-// under the KEK, the KEK is nowhere in the data directory, a wrong or
-// missing KEK is refused, and keys stored before a KEK was set get sealed.
+// under the KEK, the KEK is nowhere in the data directory, and a wrong or
+// missing KEK is refused.
 func TestKeysEncryptedAtRest(t *testing.T) {
 	kekDir, dataDir := t.TempDir(), t.TempDir()
 	kek := testKEK(9)
@@ -126,14 +223,7 @@ func TestKeysEncryptedAtRest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	withKEK := func(k []byte) option { return func(c *Config) { c.Sealer = mustSealer(t, k) } }
-
-	// Start without a KEK, as an existing installation would, then set one.
-	h := newHarnessIn(t, dataDir, nil, nil, withIntermediates)
-	h = newHarnessIn(t, dataDir, h.store, h.clock, withIntermediates, withKEK(readKEK))
-	if recs := h.audit.since(0); len(recs) != 1 || !strings.Contains(recs[0].Detail, "sealed key of") {
-		t.Errorf("setting a KEK did not reseal the stored keys: %+v", recs)
-	}
+	h := newHarnessIn(t, dataDir, nil, nil, withIntermediates, withKEK(t, readKEK))
 	h.mustRotate(t, adminapi.StepPrepare, adminapi.TargetRoot, false)
 	h.issue(t)
 
@@ -192,7 +282,7 @@ func TestKeysEncryptedAtRest(t *testing.T) {
 		opts []option
 		want error
 	}{
-		{"wrong KEK", []option{withKEK(testKEK(8))}, ErrWrongKEK},
+		{"wrong KEK", []option{withKEK(t, testKEK(8))}, ErrWrongKEK},
 		{"no KEK", nil, ErrNoKEK},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -165,6 +165,7 @@ func (m *Manager) prepareAt(e *entry) time.Time {
 // status renders v for operators.
 func (m *Manager) status(v *view) *adminapi.RotationStatus {
 	st := &adminapi.RotationStatus{Backend: m.cfg.Backend.Name(), Version: v.version, PropagationWindow: m.cfg.PropagationWindow, Schedule: m.cfg.Schedule}
+	st.SealedUnder, _ = v.sealedUnder()
 	issuer := m.issuerKeyID(v)
 	order := slices.Clone(v.cas)
 	slices.SortStableFunc(order, func(a, b *entry) int {
@@ -181,6 +182,7 @@ func (m *Manager) status(v *view) *adminapi.RotationStatus {
 			Subject: e.cert.Subject.String(), NotBefore: e.cert.NotBefore, NotAfter: e.cert.NotAfter,
 			PreparedAt: e.PreparedAt, ActivatedAt: e.ActivatedAt, DeactivatedAt: e.DeactivatedAt, RetiredAt: e.RetiredAt,
 			DependentsUntil: v.dependentsUntil(e), Issuing: e.KeyID == issuer && e.Phase == storage.PhaseActive}
+		cs.KeyURI, _ = refURI(e.SealedKey)
 		switch e.Phase {
 		case storage.PhasePrepared:
 			cs.NextStepAt = m.activateAt(e)

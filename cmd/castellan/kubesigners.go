@@ -254,7 +254,7 @@ func startKubernetesSigner(c *component, cfg Config, authority *ca.Authority, au
 	s, err = kubernetes.New(kubernetes.Config{Client: client, SignerName: k.SignerName, Approve: k.Approve, RootsFile: k.RootsFile,
 		Timeout: k.Timeout, RefreshInterval: k.RefreshInterval, Logger: logger,
 		OnChange: func() {
-			reuseSigner(c.ctx, authority, audit, logger, kubernetes.Backend, s, "roots of Kubernetes signer "+k.SignerName+" changed")
+			reuseSigner(c.ctx, authority, audit, logger, kubernetes.Backend, s, "roots of Kubernetes signer "+k.SignerName+" changed", nil)
 		},
 	})
 	if err != nil {

@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -13,6 +16,7 @@ import (
 	"github.com/castellan-ca/castellan/ca/bundleserver"
 	"github.com/castellan-ca/castellan/ca/rotation"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
+	"github.com/castellan-ca/castellan/signer/cakey"
 	"github.com/castellan-ca/castellan/signer/intermediate"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage/cafile"
@@ -29,6 +33,7 @@ type RotationConfig struct {
 	ScheduleFraction       float64       `yaml:"rotationScheduleFraction"`
 	CAStatePoll            time.Duration `yaml:"caStatePollInterval"`
 	CAKEKFile              string        `yaml:"caKEKFile"`
+	CAKEKFiles             []string      `yaml:"caKEKFiles"`
 	BundleEndpointListen   string        `yaml:"bundleEndpointListen"`
 	BundleEndpointAuth     string        `yaml:"bundleEndpointAuth"`
 	BundleEndpointCertFile string        `yaml:"bundleEndpointCertFile"`
@@ -54,6 +59,7 @@ func bindRotationFlags(fs *flag.FlagSet, c *RotationConfig) {
 	fs.Float64Var(&c.ScheduleFraction, "rotation-schedule-fraction", c.ScheduleFraction, "fraction of a CA's lifetime at which the schedule prepares its successor")
 	fs.DurationVar(&c.CAStatePoll, "ca-state-poll-interval", c.CAStatePoll, "how often replicas reload the shared CA state")
 	fs.StringVar(&c.CAKEKFile, "ca-kek-file", c.CAKEKFile, "key-encryption key (32 bytes, raw or base64) sealing CA keys at rest; required with auditDSN; never inside dataDir")
+	fs.Var(listFlag{&c.CAKEKFiles}, "ca-kek-files", "comma-separated further key-encryption key files this replica holds (those present are read at start) and that `castellanctl ca rekey --new-kek-file` may name; never inside dataDir")
 	fs.StringVar(&c.BundleEndpointListen, "bundle-endpoint-listen", c.BundleEndpointListen, "SPIFFE bundle endpoint listen address (empty: off)")
 	fs.StringVar(&c.BundleEndpointAuth, "bundle-endpoint-auth", c.BundleEndpointAuth, "bundle endpoint authentication: https_spiffe | https_web")
 	fs.StringVar(&c.BundleEndpointCertFile, "bundle-endpoint-cert-file", c.BundleEndpointCertFile, "https_web: certificate chain PEM")
@@ -77,6 +83,14 @@ func (c RotationConfig) validate(bad func(key, format string, a ...any), cfg Con
 	}
 	if c.CAKEKFile != "" && cfg.DataDir != "" && inside(c.CAKEKFile, cfg.DataDir) {
 		bad("caKEKFile", "must not be inside dataDir: the key-encryption key never lives beside the keys it protects")
+	}
+	for i, f := range c.CAKEKFiles {
+		switch {
+		case f == "":
+			bad(fmt.Sprintf("caKEKFiles[%d]", i), "must not be empty")
+		case cfg.DataDir != "" && inside(f, cfg.DataDir):
+			bad(fmt.Sprintf("caKEKFiles[%d]", i), "must not be inside dataDir: the key-encryption key never lives beside the keys it protects")
+		}
 	}
 	if cfg.AuditDSN != "" && cfg.Signer == selfsigned.Backend && c.CAKEKFile == "" {
 		bad("caKEKFile", "required with auditDSN: CA keys in a shared database are always encrypted")
@@ -119,7 +133,8 @@ func inside(path, dir string) bool {
 // share one, else a file in the data directory) and puts the configured CA
 // to use. The caller runs the manager (Manager.Run): it follows the shared
 // state and, on the leader, the schedule.
-func startRotation(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, audit auditStore, logger *slog.Logger) (*rotation.Manager, error) {
+func startRotation(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, audit auditStore,
+	keys *cakey.Provider, logger *slog.Logger) (*rotation.Manager, error) {
 	logger = logger.With("component", "ca-rotation")
 	var (
 		store  rotation.Store
@@ -139,13 +154,13 @@ func startRotation(ctx context.Context, cfg Config, td spiffeid.TrustDomain, aut
 	if err != nil {
 		return nil, err
 	}
-	backend, err := rotationBackend(cfg, td, logger)
+	backend, err := rotationBackend(cfg, td, keys, logger)
 	if err != nil {
 		return nil, err
 	}
 	m, err := rotation.New(rotation.Config{
 		Authority: authority, Store: store, Backend: backend, Leader: leader, Audit: audit, AuditTimeout: cfg.AuditTimeout,
-		Sealer: sealer, RootLifetime: cfg.RootLifetime, IntermediateLifetime: cfg.IntermediateLifetime,
+		Sealer: sealer, KEKFiles: kekFiles(cfg), RootLifetime: cfg.RootLifetime, IntermediateLifetime: cfg.IntermediateLifetime,
 		PropagationWindow: cfg.PropagationWindow, Schedule: cfg.RotationSchedule, ScheduleFraction: cfg.ScheduleFraction,
 		PollInterval: cfg.CAStatePoll, Logger: logger,
 	})
@@ -160,32 +175,60 @@ func startRotation(ctx context.Context, cfg Config, td spiffeid.TrustDomain, aut
 
 // rotationBackend is the configured local backend: selfsigned (generated
 // CAs, the root of earlier versions in the data directory) or intermediate
-// (the operator's cacerts directory).
-func rotationBackend(cfg Config, td spiffeid.TrustDomain, logger *slog.Logger) (rotation.Backend, error) {
+// (the operator's cacerts directory), with its keys in keys when set.
+func rotationBackend(cfg Config, td spiffeid.TrustDomain, keys *cakey.Provider, logger *slog.Logger) (rotation.Backend, error) {
 	switch cfg.Signer {
 	case selfsigned.Backend:
 		return selfsigned.NewGenerator(selfsigned.Options{Dir: filepath.Join(cfg.DataDir, datadir.SelfSignedDir), TrustDomain: td,
-			KeyType: cfg.RootKeyType})
+			KeyType: cfg.RootKeyType, Keys: keys})
 	case intermediate.Backend:
-		return &intermediate.Source{Dir: cfg.CACertsDir, Interval: cfg.CACertsPoll, Logger: logger}, nil
+		return &intermediate.Source{Dir: cfg.CACertsDir, Interval: cfg.CACertsPoll, Logger: logger, Keys: keys, KeyURI: cfg.CACertsKeyURI}, nil
 	}
 	return nil, fmt.Errorf("signer: unknown backend %q", cfg.Signer)
 }
 
-// openSealer reads the key-encryption key, when one is configured.
+// kekFiles are the key-encryption key files of this replica: caKEKFile,
+// then caKEKFiles. They are the only files a KEK rekey reads a new KEK from.
+func kekFiles(cfg Config) []string {
+	var out []string
+	if cfg.CAKEKFile != "" {
+		out = append(out, cfg.CAKEKFile)
+	}
+	return append(out, cfg.CAKEKFiles...)
+}
+
+// openSealer reads the key-encryption key, when one is configured, and the
+// further KEK files present (a rekey under way, or prepared for).
 func openSealer(cfg Config, logger *slog.Logger) (*rotation.Sealer, error) {
-	if cfg.CAKEKFile == "" {
-		return nil, nil
+	var sealer *rotation.Sealer
+	if cfg.CAKEKFile != "" {
+		kek, err := rotation.ReadKEKFile(cfg.CAKEKFile)
+		if err != nil {
+			return nil, err
+		}
+		defer clear(kek)
+		if sealer, err = rotation.NewSealer(kek); err != nil {
+			return nil, err
+		}
+		logger.Info("CA keys sealed under a key-encryption key", "kek_id", sealer.ID())
 	}
-	kek, err := rotation.ReadKEKFile(cfg.CAKEKFile)
-	if err != nil {
-		return nil, err
+	for _, f := range cfg.CAKEKFiles {
+		if _, err := os.Stat(f); errors.Is(err, fs.ErrNotExist) {
+			// It may appear later (a key added to a mounted Secret): a rekey reads it then.
+			logger.Info("further key-encryption key file not present (yet)", "file", f)
+			continue
+		}
+		kek, err := rotation.ReadKEKFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("caKEKFiles: %w", err)
+		}
+		var id string
+		sealer, id, err = sealer.Hold(kek)
+		clear(kek)
+		if err != nil {
+			return nil, fmt.Errorf("caKEKFiles: %s: %w", f, err)
+		}
+		logger.Info("further key-encryption key held", "file", f, "kek_id", id)
 	}
-	defer clear(kek)
-	sealer, err := rotation.NewSealer(kek)
-	if err != nil {
-		return nil, err
-	}
-	logger.Info("CA keys sealed under a key-encryption key", "kek_id", sealer.ID())
 	return sealer, nil
 }

@@ -30,6 +30,10 @@ Commands:
   ca status                   every CA: key id, phase, validity, latest dependent NotAfter
   ca rotate prepare|activate|retire [--target root|intermediate] [--force]
                               run one CA rotation step (refused when unsafe unless --force)
+  ca rekey --new-kek-file FILE | --finish
+                              seal every CA key under the key-encryption key in FILE (a
+                              file on the server, one it is configured with) beside the
+                              old one; --finish drops the old once every replica has it
 
 Global flags:
 `

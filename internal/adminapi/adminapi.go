@@ -34,7 +34,20 @@ const (
 	ReasonRotationRefused = "ca.rotate.refused"
 	// ReasonCAStateDown: the CA state store failed.
 	ReasonCAStateDown = "ca.state.unavailable"
+	// ReasonRekeyRefused: a KEK rekey step refused as unsafe or impossible now.
+	ReasonRekeyRefused = "ca.rekey.refused"
 )
+
+// RekeyRequest is one operator step of a key-encryption key rotation.
+type RekeyRequest struct {
+	// NewKEKFile names a file on the server holding the new KEK; it must be
+	// one of the server's configured KEK files. Empty with Finish.
+	NewKEKFile string
+	// Finish drops the sealings under every KEK but the rekey's new one.
+	Finish bool
+	// Caller names the operator, for the audit record.
+	Caller string
+}
 
 // RotateRequest is one operator rotation step.
 type RotateRequest struct {
@@ -60,8 +73,13 @@ type RotationStatus struct {
 	Schedule bool
 	// CAs lists every CA, retired ones included, roots first.
 	CAs []CAStatus
-	// Summary describes what the last step did (Rotate only).
+	// Summary describes what the last step did (Rotate and Rekey only).
 	Summary string
+	// SealedUnder lists the ids of the key-encryption keys the CA keys
+	// sealed in the state are sealed under, the newest first ("" for
+	// unencrypted keys); two during a rekey, none when the state seals no key
+	// (keys a key provider holds have none: CAStatus.KeyURI).
+	SealedUnder []string
 }
 
 // CAStatus is one CA of RotationStatus.
@@ -85,6 +103,9 @@ type CAStatus struct {
 	NextStepAt time.Time
 	// Issuing marks the CA that signs workload certificates now.
 	Issuing bool
+	// KeyURI is where a key provider (HSM, KMS) holds the CA's key; empty
+	// for a key sealed in the state, an external CA and a retired one.
+	KeyURI string
 }
 
 // RecordToProto converts an audit record for the admin API.
@@ -128,13 +149,13 @@ func PruneToProto(before time.Time, cp *storage.Checkpoint) *adminpb.PruneAuditL
 // StatusToProto converts a rotation status for the admin API.
 func StatusToProto(st *RotationStatus) *adminpb.CAStatus {
 	out := &adminpb.CAStatus{Backend: st.Backend, Version: st.Version, PropagationWindowSeconds: int64(st.PropagationWindow / time.Second),
-		Schedule: st.Schedule, Summary: st.Summary}
+		Schedule: st.Schedule, Summary: st.Summary, SealedUnder: st.SealedUnder}
 	for _, c := range st.CAs {
 		out.Cas = append(out.Cas, &adminpb.CAInfo{
 			KeyId: c.KeyID, RootKeyId: c.RootKeyID, Role: c.Role, Source: c.Source, Phase: c.Phase, Subject: c.Subject,
 			NotBefore: timestamp(c.NotBefore), NotAfter: timestamp(c.NotAfter), PreparedAt: timestamp(c.PreparedAt),
 			ActivatedAt: timestamp(c.ActivatedAt), DeactivatedAt: timestamp(c.DeactivatedAt), RetiredAt: timestamp(c.RetiredAt),
-			DependentsUntil: timestamp(c.DependentsUntil), NextStepAt: timestamp(c.NextStepAt), Issuing: c.Issuing,
+			DependentsUntil: timestamp(c.DependentsUntil), NextStepAt: timestamp(c.NextStepAt), Issuing: c.Issuing, KeyUri: c.KeyURI,
 		})
 	}
 	return out
@@ -143,13 +164,14 @@ func StatusToProto(st *RotationStatus) *adminpb.CAStatus {
 // RotationStatusFromProto is the inverse of StatusToProto, for castellanctl.
 func RotationStatusFromProto(p *adminpb.CAStatus) *RotationStatus {
 	st := &RotationStatus{Backend: p.GetBackend(), Version: p.GetVersion(), PropagationWindow: time.Duration(p.GetPropagationWindowSeconds()) * time.Second,
-		Schedule: p.GetSchedule(), Summary: p.GetSummary()}
+		Schedule: p.GetSchedule(), Summary: p.GetSummary(), SealedUnder: p.GetSealedUnder()}
 	for _, c := range p.GetCas() {
 		st.CAs = append(st.CAs, CAStatus{
 			KeyID: c.GetKeyId(), RootKeyID: c.GetRootKeyId(), Role: c.GetRole(), Source: c.GetSource(), Phase: c.GetPhase(), Subject: c.GetSubject(),
 			NotBefore: fromTimestamp(c.GetNotBefore()), NotAfter: fromTimestamp(c.GetNotAfter()), PreparedAt: fromTimestamp(c.GetPreparedAt()),
 			ActivatedAt: fromTimestamp(c.GetActivatedAt()), DeactivatedAt: fromTimestamp(c.GetDeactivatedAt()), RetiredAt: fromTimestamp(c.GetRetiredAt()),
 			DependentsUntil: fromTimestamp(c.GetDependentsUntil()), NextStepAt: fromTimestamp(c.GetNextStepAt()), Issuing: c.GetIssuing(),
+			KeyURI: c.GetKeyUri(),
 		})
 	}
 	return st

@@ -24,6 +24,7 @@ import (
 	"github.com/castellan-ca/castellan/internal/atomicfile"
 	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
+	"github.com/castellan-ca/castellan/signer/cakey"
 	"github.com/castellan-ca/castellan/signer/local"
 )
 
@@ -41,11 +42,15 @@ const (
 // DefaultLifetime is the validity of a generated root.
 const DefaultLifetime = 10 * 365 * 24 * time.Hour
 
-// Subject CNs of generated CAs.
+// Subject CNs of generated CAs: the name, then a space and the first 8 bytes
+// of the CA's key id in hex, so that every CA Castellan generates has a
+// subject of its own. Go's chain building (and others') tries every CA whose
+// subject matches the issuer name and gives up after 100 signature checks,
+// which CA generations sharing one subject reach.
 const (
-	// RootCommonName is the subject CN of generated roots.
+	// RootCommonName begins the subject CN of generated roots.
 	RootCommonName = "Castellan Root CA"
-	// IntermediateCommonName is the subject CN of generated intermediates.
+	// IntermediateCommonName begins the subject CN of generated intermediates.
 	IntermediateCommonName = "Castellan Intermediate CA"
 )
 
@@ -63,6 +68,10 @@ type Options struct {
 	Now func() time.Time
 	// Rand supplies serials and signing randomness; nil means crypto/rand.
 	Rand io.Reader
+	// Keys, when set, is the HSM or KMS in which NewGenerator's Generator
+	// creates every CA key; nil keeps keys in memory (sealed in the CA
+	// state). Load does not use it.
+	Keys *cakey.Provider
 }
 
 // Load returns a signer for the root in opts.Dir. On first start (neither file
@@ -225,17 +234,28 @@ func newSigner(opts Options, root *x509.Certificate, key crypto.Signer) (*local.
 }
 
 // NewRoot creates a self-signed root for td with key, valid from notBefore to
-// notAfter: O=<td>, CN=RootCommonName, URI SAN spiffe://<td> (the SPIFFE
+// notAfter: O=<td>, CN=RootCommonName and the key id, URI SAN spiffe://<td> (the SPIFFE
 // X.509-SVID CA convention), random 128-bit serial, CA:true, certSign|crlSign|
 // digitalSignature and a SubjectKeyId. Rotation uses it to mint the next root.
 func NewRoot(td spiffeid.TrustDomain, key crypto.Signer, notBefore, notAfter time.Time, random io.Reader) (*x509.Certificate, error) {
 	return newCA(td, RootCommonName, key, nil, key, notBefore, notAfter, random)
 }
 
-// newCA certifies key as a CA of td named cn, valid from notBefore to
-// notAfter, signed by parent with parentKey; a nil parent makes a
-// self-signed root, any other CA signs leaves only (path length zero). Go
-// marks basicConstraints critical and derives the SubjectKeyId from the key.
+// caKeyID returns the SubjectKeyId of a new CA certificate for key: the id
+// a key made in a key provider was created with (it names the key there and
+// must exist before the key does), else RFC 7093's of the public key. The
+// subject's common name ends in its first 8 bytes either way.
+func caKeyID(key crypto.Signer) ([]byte, error) {
+	if k, ok := key.(*cakey.Key); ok && len(k.ID()) >= 8 {
+		return k.ID(), nil
+	}
+	return signer.KeyID(key.Public())
+}
+
+// newCA certifies key as a CA of td named cn and its key id (a subject
+// unique to the key), valid from notBefore to notAfter, signed by parent with
+// parentKey; a nil parent makes a self-signed root, any other CA signs leaves
+// only (path length zero). Go marks basicConstraints critical.
 func newCA(td spiffeid.TrustDomain, cn string, key crypto.Signer, parent *x509.Certificate, parentKey crypto.Signer,
 	notBefore, notAfter time.Time, random io.Reader) (*x509.Certificate, error) {
 	if random == nil {
@@ -245,9 +265,14 @@ func newCA(td spiffeid.TrustDomain, cn string, key crypto.Signer, parent *x509.C
 	if err != nil {
 		return nil, err
 	}
+	ski, err := caKeyID(key)
+	if err != nil {
+		return nil, err
+	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
-		Subject:               pkix.Name{Organization: []string{td.Name()}, CommonName: cn},
+		Subject:               pkix.Name{Organization: []string{td.Name()}, CommonName: fmt.Sprintf("%s %x", cn, ski[:8])},
+		SubjectKeyId:          ski,
 		URIs:                  []*url.URL{td.ID().URL()},
 		NotBefore:             notBefore.UTC(),
 		NotAfter:              notAfter.UTC(),

@@ -6,6 +6,7 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -57,7 +58,7 @@ func TestFirstStartThenReload(t *testing.T) {
 		name string
 		ok   bool
 	}{
-		{"subject", root.Subject.CommonName == selfsigned.RootCommonName && len(root.Subject.Organization) == 1 && root.Subject.Organization[0] == td.Name()},
+		{"subject", root.Subject.CommonName == fmt.Sprintf("%s %x", selfsigned.RootCommonName, root.SubjectKeyId[:8]) && len(root.Subject.Organization) == 1 && root.Subject.Organization[0] == td.Name()},
 		{"URI SAN", len(root.URIs) == 1 && root.URIs[0].String() == "spiffe://cluster.local"},
 		{"CA", root.BasicConstraintsValid && root.IsCA},
 		{"key usage", root.KeyUsage == x509.KeyUsageCertSign|x509.KeyUsageCRLSign|x509.KeyUsageDigitalSignature},

@@ -45,6 +45,10 @@ type Factory struct {
 	// which its server counts from when it signs (the Kubernetes CSR API's
 	// expirationSeconds); zero means exact.
 	NotAfterSlack time.Duration
+	// UnsupportedKeys names the LeafKeys families the backend cannot certify
+	// (AWS Private CA has no Ed25519): Sign must refuse them with an error
+	// wrapping signer.ErrUnsupportedKey, which the issuer reports to the caller.
+	UnsupportedKeys []string
 }
 
 // concurrentSigners is the number of goroutines in the concurrency subtest.
@@ -64,7 +68,14 @@ func Run(t *testing.T, f Factory) {
 		s := f.New(t)
 		for name, key := range LeafKeys() {
 			t.Run(name, func(t *testing.T) {
-				tmpl := newTemplate(t, id, key.Public(), time.Hour)
+				tmpl := newTemplate(t, s, id, key.Public(), time.Hour)
+				if slices.Contains(f.UnsupportedKeys, name) {
+					chain, err := s.Sign(t.Context(), Request(t, tmpl, id, key))
+					if !errors.Is(err, signer.ErrUnsupportedKey) || chain != nil {
+						t.Errorf("Sign with an unsupported %s key: chain %v, err %v; want none and signer.ErrUnsupportedKey", name, chain != nil, err)
+					}
+					return
+				}
 				chain := sign(t, s, tmpl, id, key)
 				checkProfile(t, f, chain, s.TrustBundle(), tmpl, id, key.Public())
 			})
@@ -74,17 +85,17 @@ func Run(t *testing.T, f Factory) {
 	t.Run("ChainStructure", func(t *testing.T) {
 		s := f.New(t)
 		key := Key(1)
-		chain := sign(t, s, newTemplate(t, id, key.Public(), time.Hour), id, key)
+		chain := sign(t, s, newTemplate(t, s, id, key.Public(), time.Hour), id, key)
 		checkChain(t, chain, s.TrustBundle())
 	})
 
 	t.Run("TTLClampedToIssuer", func(t *testing.T) {
 		s := f.New(t)
 		key := Key(2)
-		first := sign(t, s, newTemplate(t, id, key.Public(), time.Hour), id, key)
+		first := sign(t, s, newTemplate(t, s, id, key.Public(), time.Hour), id, key)
 		issuer := issuerOf(t, first, s.TrustBundle())
 
-		tmpl := newTemplate(t, id, key.Public(), time.Hour)
+		tmpl := newTemplate(t, s, id, key.Public(), time.Hour)
 		tmpl.NotAfter = issuer.NotAfter.Add(5 * 365 * 24 * time.Hour)
 		asked := tmpl.NotAfter
 		chain := sign(t, s, tmpl, id, key)
@@ -103,7 +114,7 @@ func Run(t *testing.T, f Factory) {
 		errs := make([]error, concurrentSigners)
 		var wg sync.WaitGroup
 		for i := range concurrentSigners {
-			req := Request(t, newTemplate(t, id, Key(i).Public(), time.Hour), id, Key(i))
+			req := Request(t, newTemplate(t, s, id, Key(i).Public(), time.Hour), id, Key(i))
 			wg.Go(func() {
 				chains[i], errs[i] = s.Sign(t.Context(), req)
 			})
@@ -134,7 +145,7 @@ func Run(t *testing.T, f Factory) {
 		ctx, cancel := context.WithCancel(t.Context())
 		cancel()
 		key := Key(3)
-		chain, err := s.Sign(ctx, Request(t, newTemplate(t, id, key.Public(), time.Hour), id, key))
+		chain, err := s.Sign(ctx, Request(t, newTemplate(t, s, id, key.Public(), time.Hour), id, key))
 		if !errors.Is(err, context.Canceled) {
 			t.Errorf("Sign with a cancelled context: err = %v, want one wrapping context.Canceled", err)
 		}
@@ -150,7 +161,7 @@ func Run(t *testing.T, f Factory) {
 		s := f.New(t)
 		key := Key(4)
 		restore := f.Outage(t, s)
-		chain, err := s.Sign(t.Context(), Request(t, newTemplate(t, id, key.Public(), time.Hour), id, key))
+		chain, err := s.Sign(t.Context(), Request(t, newTemplate(t, s, id, key.Public(), time.Hour), id, key))
 		if !errors.Is(err, signer.ErrSignerUnavailable) {
 			t.Errorf("Sign during an outage: err = %v, want one wrapping signer.ErrSignerUnavailable", err)
 		}
@@ -162,7 +173,7 @@ func Run(t *testing.T, f Factory) {
 		// backoff, and until it reconnects every failure must stay retryable.
 		deadline := time.Now().Add(30 * time.Second)
 		for {
-			chain, err := s.Sign(t.Context(), Request(t, newTemplate(t, id, key.Public(), time.Hour), id, key))
+			chain, err := s.Sign(t.Context(), Request(t, newTemplate(t, s, id, key.Public(), time.Hour), id, key))
 			if err == nil && chain != nil && chain.Leaf != nil {
 				break
 			}
@@ -178,15 +189,20 @@ func Run(t *testing.T, f Factory) {
 }
 
 // newTemplate returns the workload profile with whole-second times, since
-// certificates carry no fractions and fields are compared exactly.
-func newTemplate(t *testing.T, id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration) *x509.Certificate {
+// certificates carry no fractions and fields are compared exactly, and with
+// the subject s asks for, as the issuer builds it.
+func newTemplate(t *testing.T, s signer.Signer, id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration) *x509.Certificate {
 	t.Helper()
 	serial, err := signer.NewSerial(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
 	now := time.Now().Truncate(time.Second)
-	return Template(id, pub, serial, now.Add(-signer.DefaultClockSkew), now.Add(ttl))
+	tmpl := Template(id, pub, serial, now.Add(-signer.DefaultClockSkew), now.Add(ttl))
+	if sub, ok := s.(signer.Subjecter); ok {
+		tmpl.Subject = sub.LeafSubject(id)
+	}
+	return tmpl
 }
 
 // Template is a workload leaf as the issuer asks backends to sign it
@@ -266,10 +282,18 @@ func checkProfile(t *testing.T, f Factory, chain *signer.Chain, bundle []*x509.C
 			sanCritical = ext.Critical
 		}
 	}
-	if !sanCritical {
+	// RFC 5280 4.2.1.6: critical with an empty subject (MUST), else not (SHOULD).
+	emptySubject := len(tmpl.Subject.ToRDNSequence()) == 0
+	switch {
+	case emptySubject && !sanCritical:
 		t.Error("SAN extension is not critical (required with an empty subject)")
+	case !emptySubject && sanCritical:
+		t.Errorf("SAN extension is critical beside the subject %q (RFC 5280: non-critical)", tmpl.Subject)
 	}
-	if len(leaf.Subject.Names) != 0 {
+	if got, want := leaf.Subject.ToRDNSequence().String(), tmpl.Subject.ToRDNSequence().String(); got != want {
+		t.Errorf("subject = %q, want %q", got, want)
+	}
+	if emptySubject && len(leaf.Subject.Names) != 0 {
 		t.Errorf("subject = %q, want empty", leaf.Subject)
 	}
 	if leaf.KeyUsage != tmpl.KeyUsage {

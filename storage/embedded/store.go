@@ -1,9 +1,10 @@
 // Package embedded is Castellan's zero-setup audit store: a single SQLite
 // file (pure Go, modernc.org/sqlite) holding one hash chain per writer.
 //
-// Appends are durable (WAL, synchronous=FULL) and group-committed: one
-// goroutine writes every queued record in a single transaction, so the cost
-// of an fsync is shared by all concurrent callers.
+// Appends are durable (WAL, synchronous=FULL) and group-committed
+// (storage/groupcommit): one goroutine writes every queued record in a
+// single transaction, so the cost of an fsync is shared by all concurrent
+// callers.
 package embedded
 
 import (
@@ -18,11 +19,11 @@ import (
 	"net/url"
 	"os"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/castellan-ca/castellan/storage"
+	"github.com/castellan-ca/castellan/storage/groupcommit"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" database/sql driver
 )
@@ -49,14 +50,12 @@ type Options struct {
 	// beforeCommit, when set (tests only), runs after a batch's inserts and
 	// before COMMIT; a non-nil error is treated as a commit failure.
 	beforeCommit func(batchSize int) error
+	// hooks are the group-commit queue's test seams (tests only).
+	hooks groupcommit.Hooks
 }
 
 // Stats counts the writer's work since Open.
-type Stats struct {
-	Batches  uint64 // committed transactions
-	Records  uint64 // committed records
-	Failures uint64 // batches that failed and were rolled back
-}
+type Stats = groupcommit.Stats
 
 // Store is the embedded audit store. It is safe for concurrent use.
 type Store struct {
@@ -70,17 +69,8 @@ type Store struct {
 	insert *sql.Stmt // prepared on wdb
 	head   *sql.Stmt // prepared on wdb
 
-	// mu guards closed and sends on queue: Append sends under RLock, Close
-	// takes the write lock before closing queue, so no send can race the close.
-	mu     sync.RWMutex
-	closed bool
-	queue  chan *appendReq
-	done   chan struct{} // closed when the writer goroutine has exited
-
+	q        *groupcommit.Queue
 	isClosed atomic.Bool // fast check for readers
-	batches  atomic.Uint64
-	records  atomic.Uint64
-	failures atomic.Uint64
 }
 
 // schema holds one migration per schema version; never edit a shipped entry,
@@ -142,11 +132,10 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 		// DSN parameters; neither gives a durable audit log.
 		return nil, fmt.Errorf("embedded: open: invalid path %q", path)
 	}
-	if opts.MaxBatch <= 0 {
-		opts.MaxBatch = 256
-	}
-	if opts.MaxBatchDelay < 0 {
-		opts.MaxBatchDelay = 0
+	if opts.Writer != "" {
+		if err := storage.ValidateWriter(opts.Writer); err != nil {
+			return nil, fmt.Errorf("embedded: open: %w", err)
+		}
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
@@ -172,24 +161,19 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 	s.wdb.SetConnMaxLifetime(0)
 	s.wdb.SetConnMaxIdleTime(0)
 	if err := s.init(ctx); err != nil {
-		s.wdb.Close()
-		return nil, err
+		return nil, errors.Join(err, s.wdb.Close())
 	}
 	s.rdb, err = sql.Open("sqlite", dsn(path, "_pragma=query_only(1)"))
 	if err != nil {
-		s.closeDBs()
-		return nil, fmt.Errorf("embedded: open %s for reading: %w", path, err)
+		return nil, errors.Join(fmt.Errorf("embedded: open %s for reading: %w", path, err), s.closeDBs())
 	}
 	s.rdb.SetMaxOpenConns(4)
 	if err := s.rdb.PingContext(ctx); err != nil {
-		s.closeDBs()
-		return nil, fmt.Errorf("embedded: open %s for reading: %w", path, err)
+		return nil, errors.Join(fmt.Errorf("embedded: open %s for reading: %w", path, err), s.closeDBs())
 	}
 
-	// A buffer of one batch lets callers queue while a commit is running.
-	s.queue = make(chan *appendReq, opts.MaxBatch)
-	s.done = make(chan struct{})
-	go s.run()
+	s.q = groupcommit.New(groupcommit.Config{Name: "embedded", Writer: s.writer, MaxBatch: opts.MaxBatch,
+		MaxBatchDelay: opts.MaxBatchDelay, Now: opts.Now, Logger: log, Commit: s.writeBatch, Hooks: opts.hooks})
 	log.Info("audit store opened", "path", path, "writer", s.writer)
 	return s, nil
 }
@@ -276,7 +260,7 @@ func migrate(ctx context.Context, db *sql.DB) error {
 		return err
 	}
 	if version > len(schema) {
-		return fmt.Errorf("schema version %d is newer than this binary supports (%d)", version, len(schema))
+		return fmt.Errorf("%w: version %d, this binary knows up to %d", storage.ErrSchemaTooNew, version, len(schema))
 	}
 	for v := version; v < len(schema); v++ {
 		if _, err := tx.ExecContext(ctx, schema[v]); err != nil {
@@ -309,9 +293,7 @@ func writerID(ctx context.Context, db *sql.DB) (string, error) {
 func (s *Store) Writer() string { return s.writer }
 
 // Stats returns counters of the writer's work since Open.
-func (s *Store) Stats() Stats {
-	return Stats{Batches: s.batches.Load(), Records: s.records.Load(), Failures: s.failures.Load()}
-}
+func (s *Store) Stats() Stats { return s.q.Stats() }
 
 // Ping reports whether the database answers, for readiness checks.
 func (s *Store) Ping(ctx context.Context) error {
@@ -326,20 +308,14 @@ func (s *Store) Ping(ctx context.Context) error {
 }
 
 // Close stops accepting appends, waits for queued records to be committed
-// (their callers get the real outcome), and closes the database. Calling it
-// again returns nil.
+// (their callers get the real outcome) and for one last attempt to write
+// pending undelivered markers, and closes the database. Calling it again
+// returns nil.
 func (s *Store) Close() error {
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
+	if !s.isClosed.CompareAndSwap(false, true) {
 		return nil
 	}
-	s.closed = true
-	s.isClosed.Store(true)
-	close(s.queue)
-	s.mu.Unlock()
-
-	<-s.done
+	s.q.Close()
 	err := s.closeDBs()
 	s.log.Info("audit store closed", "path", s.path, "writer", s.writer)
 	return err

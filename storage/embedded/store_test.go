@@ -7,13 +7,16 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"sync"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/castellan-ca/castellan/storage"
+	"github.com/castellan-ca/castellan/storage/groupcommit"
 	"github.com/castellan-ca/castellan/storage/storagetest"
+	"modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
 )
 
 // rawDB opens path with database/sql directly, bypassing the store: the
@@ -26,7 +29,11 @@ func openRaw(t *testing.T, path string) *rawDB {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { db.Close() })
+	t.Cleanup(func() {
+		if err := db.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
 	return &rawDB{db: db}
 }
 
@@ -36,39 +43,61 @@ func (r *rawDB) Exec(ctx context.Context, query string, args ...any) error {
 	return err
 }
 
-func openStore(t *testing.T, path string, opts Options) *Store {
+func openStore(t testing.TB, path string, opts Options) *Store {
 	t.Helper()
 	s, err := Open(context.Background(), path, opts)
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
-	t.Cleanup(func() { s.Close() })
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
 	return s
 }
 
 // testCheckpointKey signs prune checkpoints in tests (fixed: deterministic).
 var testCheckpointKey = ed25519.NewKeyFromSeed(make([]byte, ed25519.SeedSize))
 
+// reject makes the file refuse, with a CHECK constraint failure, every
+// record whose granted identity is identity: SQLite cannot add a CHECK to
+// audit_log, so a trigger copies such a row into a checked table.
+func (r *rawDB) reject(ctx context.Context, identity string) error {
+	lit := "'" + strings.ReplaceAll(identity, "'", "''") + "'"
+	return r.Exec(ctx, `CREATE TABLE refused (v TEXT CHECK (v <> `+lit+`));
+		CREATE TRIGGER refuse BEFORE INSERT ON audit_log WHEN NEW.granted_identity = `+lit+`
+		BEGIN INSERT INTO refused VALUES (NEW.granted_identity); END`)
+}
+
+// env is a conformance Env over a fresh file; base sets the options every
+// store of it opens with.
+func env(t *testing.T, base Options) storagetest.Env {
+	path := filepath.Join(t.TempDir(), "audit.db")
+	raw := openRaw(t, path)
+	open := func(t *testing.T, tune storagetest.Tuning) storagetest.Store {
+		opts := base
+		opts.CheckpointKey = testCheckpointKey
+		tune.Apply(&opts.MaxBatch, &opts.MaxBatchDelay, &opts.hooks)
+		return openStore(t, path, opts)
+	}
+	return storagetest.Env{
+		Open:      func(t *testing.T) storagetest.Store { return open(t, storagetest.Tuning{}) },
+		OpenTuned: open,
+		Reject:    raw.reject,
+		Tamper:    raw,
+	}
+}
+
 func TestConformance(t *testing.T) {
-	storagetest.Run(t, func(t *testing.T) storagetest.Env {
-		path := filepath.Join(t.TempDir(), "audit.db")
-		return storagetest.Env{
-			Open: func(t *testing.T) storagetest.Store {
-				return openStore(t, path, Options{CheckpointKey: testCheckpointKey})
-			},
-			Tamper: openRaw(t, path),
-		}
-	})
+	storagetest.Run(t, func(t *testing.T) storagetest.Env { return env(t, Options{}) })
 }
 
 func TestConformanceWithBatchDelay(t *testing.T) {
 	storagetest.Run(t, func(t *testing.T) storagetest.Env {
-		path := filepath.Join(t.TempDir(), "audit.db")
-		return storagetest.Env{
-			Open: func(t *testing.T) storagetest.Store {
-				return openStore(t, path, Options{MaxBatch: 7, MaxBatchDelay: time.Millisecond, CheckpointKey: testCheckpointKey})
-			},
-		}
+		e := env(t, Options{MaxBatch: 7, MaxBatchDelay: time.Millisecond})
+		e.Tamper = nil
+		return e
 	})
 }
 
@@ -135,21 +164,20 @@ func appendConcurrently(s *Store, n int, prefix string) []error {
 }
 
 func TestGroupCommitBatches(t *testing.T) {
-	s := openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{MaxBatchDelay: 50 * time.Millisecond})
-	n := storagetest.GroupCommitBatches(t, s, func() (uint64, uint64) {
-		st := s.Stats()
-		return st.Records, st.Batches
-	}, record)
-	t.Logf("100 concurrent appends committed in %d transactions", n)
+	s := storagetest.GroupCommitBatches(t, env(t, Options{}).OpenTuned, record).(*Store)
+	if st := s.Stats(); st.Records != 100 || st.Batches != 1 {
+		t.Fatalf("stats %+v, want 100 records in 1 transaction", st)
+	}
 }
 
 func TestMaxBatchCapsTransaction(t *testing.T) {
-	storagetest.MaxBatchCapsTransaction(t, func(t *testing.T, onBatch func(int)) storagetest.Store {
-		return openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{
-			MaxBatch: 8, MaxBatchDelay: 20 * time.Millisecond,
-			beforeCommit: func(n int) error { onBatch(n); return nil },
-		})
-	}, record)
+	storagetest.MaxBatchCapsTransaction(t, env(t, Options{}).OpenTuned, record)
+}
+
+// neverFires is a batch delay that runs out only when its test fires it:
+// a batch commits exactly when MaxBatch records are queued.
+func neverFires() groupcommit.Hooks {
+	return groupcommit.Hooks{NewTimer: (&storagetest.ManualTimers{}).NewTimer}
 }
 
 // TestCommitFailureFailsWholeBatch injects a failure at COMMIT into a batch
@@ -162,7 +190,7 @@ func TestCommitFailureFailsWholeBatch(t *testing.T) {
 		failedLen atomic.Int64
 	)
 	s := openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{
-		MaxBatch: 10, MaxBatchDelay: 10 * time.Second, // commit when exactly 10 are queued
+		MaxBatch: 10, MaxBatchDelay: time.Hour, hooks: neverFires(), // commit when exactly 10 are queued
 		beforeCommit: func(n int) error {
 			if fail.CompareAndSwap(true, false) {
 				failedLen.Store(int64(n))
@@ -222,7 +250,7 @@ func TestCommitFailureFailsWholeBatch(t *testing.T) {
 // chain continuing from the last committed record.
 func TestInsertFailureRollsBack(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "audit.db")
-	s := openStore(t, path, Options{MaxBatch: 5, MaxBatchDelay: 10 * time.Second})
+	s := openStore(t, path, Options{MaxBatch: 5, MaxBatchDelay: time.Hour, hooks: neverFires()})
 	ctx := context.Background()
 	for _, err := range appendConcurrently(s, 5, "ok") {
 		if err != nil {
@@ -230,6 +258,8 @@ func TestInsertFailureRollsBack(t *testing.T) {
 		}
 	}
 	raw := openRaw(t, path)
+	// A trigger's RAISE is not a refusal of the row's values (a CHECK, a
+	// type): it fails the whole batch rather than one record.
 	if err := raw.Exec(ctx, `CREATE TRIGGER poison BEFORE INSERT ON audit_log
 		WHEN NEW.granted_identity = 'poison-3' BEGIN SELECT RAISE(ABORT, 'poisoned row'); END`); err != nil {
 		t.Fatal(err)
@@ -237,6 +267,9 @@ func TestInsertFailureRollsBack(t *testing.T) {
 	for i, err := range appendConcurrently(s, 5, "poison") {
 		if err == nil {
 			t.Fatalf("caller %d of the poisoned batch succeeded", i)
+		}
+		if se := (*sqlite.Error)(nil); !errors.As(err, &se) || se.Code() != sqlite3.SQLITE_CONSTRAINT_TRIGGER || errors.Is(err, storage.ErrRecordRejected) {
+			t.Fatalf("caller %d of the poisoned batch got %v; want the trigger's SQLite error, not a record refusal", i, err)
 		}
 	}
 	if err := raw.Exec(ctx, `DROP TRIGGER poison`); err != nil {
@@ -264,32 +297,11 @@ func TestInsertFailureRollsBack(t *testing.T) {
 	}
 }
 
+// TestCloseWaitsForQueuedAppends: records queued when Close starts are
+// committed, on disk after a reopen, and their callers told so; an Append
+// once Close has begun is refused and written nowhere.
 func TestCloseWaitsForQueuedAppends(t *testing.T) {
-	s := openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{MaxBatchDelay: 200 * time.Millisecond})
-	var wg sync.WaitGroup
-	errs := make([]error, 20)
-	for i := range errs {
-		wg.Go(func() { errs[i] = s.Append(context.Background(), record("q")) })
-	}
-	time.Sleep(50 * time.Millisecond) // let them queue inside the batch delay
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	wg.Wait()
-	var ok, closed int
-	for _, err := range errs {
-		switch {
-		case err == nil:
-			ok++
-		case errors.Is(err, storage.ErrClosed):
-			closed++
-		default:
-			t.Fatalf("unexpected error %v", err)
-		}
-	}
-	if ok+closed != 20 || uint64(ok) != s.Stats().Records {
-		t.Fatalf("%d succeeded, %d closed; store committed %d", ok, closed, s.Stats().Records)
-	}
+	storagetest.CloseCommitsQueued(t, env(t, Options{}))
 }
 
 func BenchmarkAppend(b *testing.B) {
@@ -317,6 +329,12 @@ func BenchmarkAppend(b *testing.B) {
 	}
 }
 
+// FuzzAuditRoundTrip: any record appended comes back, through Get and
+// List, as its sanitised form, and the chain verifies.
+func FuzzAuditRoundTrip(f *testing.F) {
+	storagetest.FuzzRoundTrip(f, openStore(f, filepath.Join(f.TempDir(), "audit.db"), Options{}))
+}
+
 // TestVerifyReportsUndecodableRow: a value no store would write is a break
 // in the chain (OK false), not an I/O error.
 func TestVerifyReportsUndecodableRow(t *testing.T) {
@@ -336,5 +354,56 @@ func TestVerifyReportsUndecodableRow(t *testing.T) {
 	res, err := s.Verify(ctx)
 	if err != nil || res.OK || res.Seq != 2 || res.Writer != s.Writer() {
 		t.Fatalf("Verify = %+v, %v; want OK false at seq 2", res, err)
+	}
+}
+
+func TestOpenRefusesInvalidWriterAndNewerSchema(t *testing.T) {
+	dir := t.TempDir()
+	for _, w := range []string{"a\x00b", "line\nbreak", strings.Repeat("w", storage.MaxWriterLen+1)} {
+		if _, err := Open(context.Background(), filepath.Join(dir, "w.db"), Options{Writer: w}); !errors.Is(err, storage.ErrInvalidWriter) {
+			t.Errorf("Open with writer %.20q = %v, want ErrInvalidWriter", w, err)
+		}
+	}
+	path := filepath.Join(dir, "audit.db")
+	s := openStore(t, path, Options{})
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := openRaw(t, path).Exec(context.Background(), `UPDATE schema_version SET version = 999`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(context.Background(), path, Options{}); !errors.Is(err, storage.ErrSchemaTooNew) {
+		t.Fatalf("Open on a newer schema = %v, want ErrSchemaTooNew", err)
+	}
+}
+
+// TestClassify pins which SQLite errors refuse one record (the batch is
+// retried record by record) and which fail the batch.
+func TestClassify(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "c.db")
+	raw := openRaw(t, path)
+	ctx := context.Background()
+	if err := raw.Exec(ctx, `CREATE TABLE c (v TEXT NOT NULL CHECK (v <> 'bad') UNIQUE)`); err != nil {
+		t.Fatal(err)
+	}
+	if err := raw.Exec(ctx, `INSERT INTO c VALUES ('one')`); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, sql string
+		rejected  bool
+	}{
+		{"check", `INSERT INTO c VALUES ('bad')`, true},
+		{"not null", `INSERT INTO c VALUES (NULL)`, true},
+		{"unique", `INSERT INTO c VALUES ('one')`, false},
+		{"syntax", `INSERT INTO nowhere VALUES (1)`, false},
+	} {
+		err := raw.Exec(ctx, tc.sql)
+		if err == nil {
+			t.Fatalf("%s: statement succeeded", tc.name)
+		}
+		if got := errors.Is(classify(err), storage.ErrRecordRejected); got != tc.rejected {
+			t.Errorf("%s (%v): rejected = %v, want %v", tc.name, err, got, tc.rejected)
+		}
 	}
 }

@@ -2,9 +2,10 @@
 // pool), one hash chain per writer, so several replicas append to one
 // database without contending on a chain head.
 //
-// Appends are durable (the server's synchronous_commit) and group-committed:
-// one goroutine per store writes every queued record of its writer in one
-// transaction (COPY), so concurrent callers share one commit. Each caller is
+// Appends are durable (the server's synchronous_commit) and group-committed
+// (storage/groupcommit): one goroutine per store writes every queued record
+// of its writer in one transaction (COPY), so concurrent callers share one
+// commit. Each caller is
 // released only when the transaction holding its record has committed, or
 // with an error; an error means the record is absent from the log or, when
 // the store cannot rule out that it committed, followed by an "undelivered"
@@ -25,11 +26,11 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/castellan-ca/castellan/storage"
+	"github.com/castellan-ca/castellan/storage/groupcommit"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
@@ -67,15 +68,12 @@ type Options struct {
 	// beforeCommit, when set (tests only), runs after a batch's inserts and
 	// before COMMIT; a non-nil error fails the batch.
 	beforeCommit func(ctx context.Context, tx pgx.Tx, batchSize int) error
+	// hooks are the group-commit queue's test seams (tests only).
+	hooks groupcommit.Hooks
 }
 
 // Stats counts the writer's work since Open.
-type Stats struct {
-	Batches     uint64 // committed transactions
-	Records     uint64 // committed records, markers included
-	Failures    uint64 // batches that failed
-	Undelivered uint64 // undelivered markers committed
-}
+type Stats = groupcommit.Stats
 
 // Store is the PostgreSQL audit store. It is safe for concurrent use.
 type Store struct {
@@ -84,18 +82,11 @@ type Store struct {
 	opts   Options
 	log    *slog.Logger
 
-	// mu guards closed and sends on queue, as in the embedded store: Close
-	// takes the write lock before closing queue.
-	mu     sync.RWMutex
-	closed bool
-	queue  chan *appendReq
-	done   chan struct{}
-
-	isClosed    atomic.Bool
-	batches     atomic.Uint64
-	records     atomic.Uint64
-	failures    atomic.Uint64
-	undelivered atomic.Uint64
+	q        *groupcommit.Queue
+	isClosed atomic.Bool
+	// Only the queue's writer goroutine (writeBatch, settle) touches these.
+	unsettled *unsettledTx // the last failed transaction, when it may have committed
+	row       []any        // one audit_log row for COPY, len(columns) long
 }
 
 //go:embed migrations/*.sql
@@ -105,17 +96,8 @@ var migrationFiles embed.FS
 // schema migrations and starts the writer goroutine. The caller must Close
 // the store.
 func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
-	if opts.MaxBatch <= 0 {
-		opts.MaxBatch = 256
-	}
-	if opts.MaxBatchDelay < 0 {
-		opts.MaxBatchDelay = 0
-	}
 	if opts.CommitTimeout <= 0 {
 		opts.CommitTimeout = 10 * time.Second
-	}
-	if opts.RetryInterval <= 0 {
-		opts.RetryInterval = time.Second
 	}
 	if opts.MaxConns <= 0 {
 		opts.MaxConns = 8
@@ -133,6 +115,9 @@ func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
 			return nil, fmt.Errorf("postgres: writer id: %w", err)
 		}
 		opts.Writer = w
+	}
+	if err := storage.ValidateWriter(opts.Writer); err != nil {
+		return nil, fmt.Errorf("postgres: open: %w", err)
 	}
 	cfg, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
@@ -152,10 +137,10 @@ func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
 		pool.Close()
 		return nil, err
 	}
-	s := &Store{pool: pool, writer: opts.Writer, opts: opts, log: log}
-	s.queue = make(chan *appendReq, opts.MaxBatch)
-	s.done = make(chan struct{})
-	go s.run()
+	s := &Store{pool: pool, writer: opts.Writer, opts: opts, log: log, row: make([]any, len(columns))}
+	s.q = groupcommit.New(groupcommit.Config{Name: "postgres", Writer: s.writer, MaxBatch: opts.MaxBatch,
+		MaxBatchDelay: opts.MaxBatchDelay, CommitTimeout: opts.CommitTimeout, RetryInterval: opts.RetryInterval,
+		Now: opts.Now, Logger: log, Commit: s.writeBatch, Settle: s.settle, Hooks: opts.hooks})
 	log.Info("audit store opened", "store", "postgres", "host", cfg.ConnConfig.Host, "database", cfg.ConnConfig.Database, "writer", s.writer)
 	return s, nil
 }
@@ -201,7 +186,7 @@ func Migrate(ctx context.Context, pool *pgxpool.Pool) error {
 			return err
 		}
 		if n := len(steps); current > steps[n-1].version {
-			return fmt.Errorf("schema version %d is newer than this binary supports (%d)", current, steps[n-1].version)
+			return fmt.Errorf("%w: version %d, this binary knows up to %d", storage.ErrSchemaTooNew, current, steps[n-1].version)
 		}
 		for _, m := range steps {
 			if m.version <= current {
@@ -259,10 +244,7 @@ func migrations() ([]migration, error) {
 func (s *Store) Writer() string { return s.writer }
 
 // Stats returns counters of the writer's work since Open.
-func (s *Store) Stats() Stats {
-	return Stats{Batches: s.batches.Load(), Records: s.records.Load(), Failures: s.failures.Load(),
-		Undelivered: s.undelivered.Load()}
-}
+func (s *Store) Stats() Stats { return s.q.Stats() }
 
 // Ping reports whether the database answers within ctx, for readiness
 // checks: /readyz goes unready while PostgreSQL is down or too slow.
@@ -282,17 +264,10 @@ func (s *Store) Ping(ctx context.Context) error {
 // pending undelivered markers, and closes the pool. Calling it again
 // returns nil.
 func (s *Store) Close() error {
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
+	if !s.isClosed.CompareAndSwap(false, true) {
 		return nil
 	}
-	s.closed = true
-	s.isClosed.Store(true)
-	close(s.queue)
-	s.mu.Unlock()
-
-	<-s.done
+	s.q.Close()
 	s.pool.Close()
 	s.log.Info("audit store closed", "store", "postgres", "writer", s.writer)
 	return nil

@@ -3,6 +3,7 @@ package postgres
 import (
 	"context"
 	"crypto/ed25519"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"github.com/castellan-ca/castellan/storage/postgres/pgtest"
 	"github.com/castellan-ca/castellan/storage/storagetest"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
@@ -41,30 +43,48 @@ func openStore(t testing.TB, dsn string, opts Options) *Store {
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
-	t.Cleanup(func() { s.Close() })
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
 	return s
 }
 
+// reject makes the database refuse, with a CHECK constraint violation
+// (SQLSTATE 23514), every record whose granted identity is identity.
+func (r rawDB) reject(ctx context.Context, identity string) error {
+	return r.Exec(ctx, `ALTER TABLE audit_log ADD CONSTRAINT refused CHECK (granted_identity <> `+
+		"'"+strings.ReplaceAll(identity, "'", "''")+"'"+`)`)
+}
+
+// env is a conformance Env over a fresh database; base sets the options
+// every store of it opens with.
+func env(t *testing.T, base Options) storagetest.Env {
+	dsn := pgtest.DSN(t)
+	open := func(t *testing.T, tune storagetest.Tuning) storagetest.Store {
+		opts := base
+		opts.CheckpointKey = testKey
+		tune.Apply(&opts.MaxBatch, &opts.MaxBatchDelay, &opts.hooks)
+		return openStore(t, dsn, opts)
+	}
+	return storagetest.Env{
+		Open:      func(t *testing.T) storagetest.Store { return open(t, storagetest.Tuning{}) },
+		OpenTuned: open,
+		Reject:    rawDB{dsn}.reject,
+		Tamper:    rawDB{dsn},
+	}
+}
+
 func TestConformance(t *testing.T) {
-	storagetest.Run(t, func(t *testing.T) storagetest.Env {
-		dsn := pgtest.DSN(t)
-		return storagetest.Env{
-			Open: func(t *testing.T) storagetest.Store {
-				return openStore(t, dsn, Options{Writer: "conformance", CheckpointKey: testKey})
-			},
-			Tamper: rawDB{dsn},
-		}
-	})
+	storagetest.Run(t, func(t *testing.T) storagetest.Env { return env(t, Options{Writer: "conformance"}) })
 }
 
 func TestConformanceWithBatchDelay(t *testing.T) {
 	storagetest.Run(t, func(t *testing.T) storagetest.Env {
-		dsn := pgtest.DSN(t)
-		return storagetest.Env{
-			Open: func(t *testing.T) storagetest.Store {
-				return openStore(t, dsn, Options{Writer: "delay", MaxBatch: 7, MaxBatchDelay: 1e6, CheckpointKey: testKey})
-			},
-		}
+		e := env(t, Options{Writer: "delay", MaxBatch: 7, MaxBatchDelay: 1e6})
+		e.Tamper = nil
+		return e
 	})
 }
 
@@ -101,19 +121,21 @@ func TestOpenRejectsBadDSN(t *testing.T) {
 }
 
 func TestGroupCommitBatches(t *testing.T) {
-	s := openStore(t, pgtest.DSN(t), Options{MaxBatchDelay: 50 * time.Millisecond})
-	storagetest.GroupCommitBatches(t, s, func() (uint64, uint64) {
-		st := s.Stats()
-		return st.Records, st.Batches
-	}, record)
+	s := storagetest.GroupCommitBatches(t, env(t, Options{}).OpenTuned, record).(*Store)
+	if st := s.Stats(); st.Records != 100 || st.Batches != 1 {
+		t.Fatalf("stats %+v, want 100 records in 1 transaction", st)
+	}
 	mustVerify(t, s, 100)
 }
 
 func TestMaxBatchCapsTransaction(t *testing.T) {
-	storagetest.MaxBatchCapsTransaction(t, func(t *testing.T, onBatch func(int)) storagetest.Store {
-		return openStore(t, pgtest.DSN(t), Options{MaxBatch: 8, MaxBatchDelay: 20 * time.Millisecond,
-			beforeCommit: func(_ context.Context, _ pgx.Tx, n int) error { onBatch(n); return nil }})
-	}, record)
+	storagetest.MaxBatchCapsTransaction(t, env(t, Options{}).OpenTuned, record)
+}
+
+// FuzzAuditRoundTrip: any record appended comes back, through Get and
+// List, as its sanitised form, and the chain verifies.
+func FuzzAuditRoundTrip(f *testing.F) {
+	storagetest.FuzzRoundTrip(f, openStore(f, pgtest.DSN(f), Options{Writer: "fuzz"}))
 }
 
 func TestWriterDefaultsToNewChainPerOpen(t *testing.T) {
@@ -211,7 +233,48 @@ func TestConcurrentMigrations(t *testing.T) {
 	if _, err := conn.Exec(context.Background(), `INSERT INTO castellan_schema (version, name) VALUES (999, 'future')`); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Open(context.Background(), dsn, Options{}); err == nil || !strings.Contains(err.Error(), "newer") {
+	if _, err := Open(context.Background(), dsn, Options{}); !errors.Is(err, storage.ErrSchemaTooNew) {
 		t.Fatalf("Open on a newer schema = %v; want a refusal", err)
+	}
+}
+
+func TestOpenRefusesInvalidWriter(t *testing.T) {
+	dsn := pgtest.DSN(t)
+	for _, w := range []string{"a\x00b", "line\nbreak", strings.Repeat("w", storage.MaxWriterLen+1)} {
+		if _, err := Open(context.Background(), dsn, Options{Writer: w}); !errors.Is(err, storage.ErrInvalidWriter) {
+			t.Errorf("Open with writer %.20q = %v, want ErrInvalidWriter", w, err)
+		}
+	}
+}
+
+// TestClassify pins which server errors refuse one record (the batch is
+// retried record by record) and which fail the batch.
+func TestClassify(t *testing.T) {
+	for _, tc := range []struct {
+		code     string
+		rejected bool
+	}{
+		{"22021", true},  // invalid byte sequence for the encoding
+		{"22001", true},  // string too long for the column
+		{"23514", true},  // CHECK constraint
+		{"23502", true},  // NOT NULL
+		{"54000", true},  // index row too large
+		{"23505", false}, // duplicate (writer, seq): another process writes this chain
+		{"08006", false}, // connection failure
+		{"57P01", false}, // server shutting down
+		{"53100", false}, // disk full
+		{"40001", false}, // serialization failure
+		{"P0001", false}, // a trigger's RAISE
+	} {
+		err := classify(fmt.Errorf("insert: %w", &pgconn.PgError{Code: tc.code}))
+		if got := errors.Is(err, storage.ErrRecordRejected); got != tc.rejected {
+			t.Errorf("SQLSTATE %s: rejected = %v, want %v", tc.code, got, tc.rejected)
+		}
+		if pgErr := (*pgconn.PgError)(nil); !errors.As(err, &pgErr) || pgErr.Code != tc.code {
+			t.Errorf("SQLSTATE %s: the server's error is no longer wrapped: %v", tc.code, err)
+		}
+	}
+	if err := classify(errInjected); errors.Is(err, storage.ErrRecordRejected) || !errors.Is(err, errInjected) {
+		t.Errorf("classify(non-server error) = %v", err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"reflect"
 	"strings"
 	"testing"
@@ -42,15 +43,21 @@ func openPruner(t *testing.T, env Env, n int) (Store, Pruner, []*storage.Record)
 
 func seqsOfList(t *testing.T, s Store) []uint64 {
 	t.Helper()
+	return listAll(t, s, func(r *storage.Record) uint64 { return r.Seq })
+}
+
+// listAll maps f over every record s lists, in (Writer, Seq) order.
+func listAll[T any](t *testing.T, s Store, f func(r *storage.Record) T) []T {
+	t.Helper()
 	got, err := s.List(context.Background(), storage.Query{Limit: storage.MaxLimit})
 	if err != nil {
 		t.Fatalf("List: %v", err)
 	}
-	var seqs []uint64
-	for _, r := range got {
-		seqs = append(seqs, r.Seq)
+	var out []T
+	for i := range got {
+		out = append(out, f(&got[i]))
 	}
-	return seqs
+	return out
 }
 
 func mustVerifyCheckpoints(t *testing.T, s Store, wantRecords, wantCheckpoints int) {
@@ -187,6 +194,9 @@ func testListPaging(t *testing.T, env Env) {
 		{"after writer and seq with limit", storage.Query{AfterWriter: w, AfterSeq: 1, Limit: 2}, []uint64{2, 3}},
 		{"after an earlier writer", storage.Query{AfterWriter: w[:len(w)-1], AfterSeq: 99}, []uint64{1, 2, 3, 4, 5}},
 		{"after a later writer", storage.Query{AfterWriter: w + "~", AfterSeq: 0}, nil},
+		{"after writer and a seq past MaxInt64", storage.Query{AfterWriter: w, AfterSeq: math.MaxInt64 + 1}, nil},
+		{"after writer and the largest seq", storage.Query{AfterWriter: w, AfterSeq: math.MaxUint64}, nil},
+		{"after an earlier writer and the largest seq", storage.Query{AfterWriter: w[:len(w)-1], AfterSeq: math.MaxUint64}, []uint64{1, 2, 3, 4, 5}},
 		{"issuer key id", storage.Query{IssuerKeyID: "beef"}, []uint64{4}},
 		{"issuer key id other", storage.Query{IssuerKeyID: "cafe", AfterSeq: 3}, []uint64{5}},
 	}

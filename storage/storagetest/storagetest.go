@@ -15,8 +15,10 @@ package storagetest
 import (
 	"context"
 	"testing"
+	"time"
 
 	"github.com/castellan-ca/castellan/storage"
+	"github.com/castellan-ca/castellan/storage/groupcommit"
 )
 
 // Store is the audit store contract the suite checks.
@@ -52,8 +54,37 @@ type Env struct {
 	// It fails the test itself on error; the suite closes every store it
 	// opens.
 	Open func(t *testing.T) Store
+	// OpenTuned opens a store like Open whose group-commit queue
+	// (storage/groupcommit) runs with tune. Optional: without it the
+	// group-commit subtests are skipped.
+	OpenTuned func(t *testing.T, tune Tuning) Store
+	// Reject is optional: it makes the backing data refuse, for a data
+	// reason the store reports as storage.ErrRecordRejected (a CHECK
+	// constraint), every record whose GrantedIdentity is identity. Without
+	// it the rejected-record subtest is skipped.
+	Reject func(ctx context.Context, identity string) error
 	// Tamper is optional; without it the tamper subtests are skipped.
 	Tamper Tamper
+}
+
+// Tuning is what Env.OpenTuned sets beyond Env.Open: the group-commit
+// queue's batch size and delay (zero: the store's defaults) and test hooks.
+type Tuning struct {
+	MaxBatch      int
+	MaxBatchDelay time.Duration
+	Hooks         groupcommit.Hooks
+}
+
+// Apply sets a store's group-commit options from tune: the batch size and
+// delay where tune sets them, and the hooks.
+func (tune Tuning) Apply(maxBatch *int, maxBatchDelay *time.Duration, hooks *groupcommit.Hooks) {
+	if tune.MaxBatch > 0 {
+		*maxBatch = tune.MaxBatch
+	}
+	if tune.MaxBatchDelay > 0 {
+		*maxBatchDelay = tune.MaxBatchDelay
+	}
+	*hooks = tune.Hooks
 }
 
 // Run runs the conformance suite; newEnv is called once per subtest and
@@ -77,6 +108,11 @@ func Run(t *testing.T, newEnv func(t *testing.T) Env) {
 		{"ListPagingAndIssuer", testListPaging},
 		{"Prune", testPrune},
 		{"PruneRefusesBrokenChain", testPruneRefusesBrokenChain},
+		{"CancelledWhileQueued", testCancelledWhileQueued},
+		{"CancelledWhileCommitting", testCancelledWhileCommitting},
+		{"CloseCommitsQueued", CloseCommitsQueued},
+		{"RejectedRecordIsolated", testRejectedRecordIsolated},
+		{"HostileStrings", testHostileStrings},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

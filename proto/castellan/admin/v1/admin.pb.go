@@ -1257,6 +1257,109 @@ func (x *RotateCAResponse) GetStatus() *CAStatus {
 	return nil
 }
 
+// RekeyCARequest is one step of a key-encryption key rotation.
+type RekeyCARequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Path of a file on the server that holds the new KEK: one of the KEK
+	// files its configuration names (caKEKFile, caKEKFiles). The key itself
+	// never travels over the wire. Empty with finish.
+	NewKekFile string `protobuf:"bytes,1,opt,name=new_kek_file,json=newKekFile,proto3" json:"new_kek_file,omitempty"`
+	// Drop the sealings under every KEK but the new one, once every replica
+	// holds it.
+	Finish        bool `protobuf:"varint,2,opt,name=finish,proto3" json:"finish,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RekeyCARequest) Reset() {
+	*x = RekeyCARequest{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RekeyCARequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RekeyCARequest) ProtoMessage() {}
+
+func (x *RekeyCARequest) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RekeyCARequest.ProtoReflect.Descriptor instead.
+func (*RekeyCARequest) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *RekeyCARequest) GetNewKekFile() string {
+	if x != nil {
+		return x.NewKekFile
+	}
+	return ""
+}
+
+func (x *RekeyCARequest) GetFinish() bool {
+	if x != nil {
+		return x.Finish
+	}
+	return false
+}
+
+// RekeyCAResponse carries the state after the step.
+type RekeyCAResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Status        *CAStatus              `protobuf:"bytes,1,opt,name=status,proto3" json:"status,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RekeyCAResponse) Reset() {
+	*x = RekeyCAResponse{}
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RekeyCAResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RekeyCAResponse) ProtoMessage() {}
+
+func (x *RekeyCAResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RekeyCAResponse.ProtoReflect.Descriptor instead.
+func (*RekeyCAResponse) Descriptor() ([]byte, []int) {
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *RekeyCAResponse) GetStatus() *CAStatus {
+	if x != nil {
+		return x.Status
+	}
+	return nil
+}
+
 // CAStatus is the rotation state.
 type CAStatus struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1270,15 +1373,19 @@ type CAStatus struct {
 	Schedule bool `protobuf:"varint,4,opt,name=schedule,proto3" json:"schedule,omitempty"`
 	// Every CA, retired ones included.
 	Cas []*CAInfo `protobuf:"bytes,5,rep,name=cas,proto3" json:"cas,omitempty"`
-	// What the step did (RotateCA only).
-	Summary       string `protobuf:"bytes,6,opt,name=summary,proto3" json:"summary,omitempty"`
+	// What the step did (RotateCA and RekeyCA only).
+	Summary string `protobuf:"bytes,6,opt,name=summary,proto3" json:"summary,omitempty"`
+	// Ids of the key-encryption keys the CA keys sealed in the state are sealed
+	// under, the newest first; two while a rekey is under way, "" for
+	// unencrypted keys. Keys held by a key provider (key_uri) have none.
+	SealedUnder   []string `protobuf:"bytes,7,rep,name=sealed_under,json=sealedUnder,proto3" json:"sealed_under,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CAStatus) Reset() {
 	*x = CAStatus{}
-	mi := &file_castellan_admin_v1_admin_proto_msgTypes[18]
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1290,7 +1397,7 @@ func (x *CAStatus) String() string {
 func (*CAStatus) ProtoMessage() {}
 
 func (x *CAStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_castellan_admin_v1_admin_proto_msgTypes[18]
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1303,7 +1410,7 @@ func (x *CAStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CAStatus.ProtoReflect.Descriptor instead.
 func (*CAStatus) Descriptor() ([]byte, []int) {
-	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{18}
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CAStatus) GetBackend() string {
@@ -1348,6 +1455,13 @@ func (x *CAStatus) GetSummary() string {
 	return ""
 }
 
+func (x *CAStatus) GetSealedUnder() []string {
+	if x != nil {
+		return x.SealedUnder
+	}
+	return nil
+}
+
 // CAInfo is one CA key and certificate.
 type CAInfo struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1373,14 +1487,17 @@ type CAInfo struct {
 	// When the next step is safe without force (or scheduled).
 	NextStepAt *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=next_step_at,json=nextStepAt,proto3" json:"next_step_at,omitempty"`
 	// Whether it signs workload certificates now.
-	Issuing       bool `protobuf:"varint,15,opt,name=issuing,proto3" json:"issuing,omitempty"`
+	Issuing bool `protobuf:"varint,15,opt,name=issuing,proto3" json:"issuing,omitempty"`
+	// URI of its key in the key provider (HSM, KMS) that holds it, for a
+	// managed CA whose key is not sealed in the state; empty otherwise.
+	KeyUri        string `protobuf:"bytes,16,opt,name=key_uri,json=keyUri,proto3" json:"key_uri,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CAInfo) Reset() {
 	*x = CAInfo{}
-	mi := &file_castellan_admin_v1_admin_proto_msgTypes[19]
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1392,7 +1509,7 @@ func (x *CAInfo) String() string {
 func (*CAInfo) ProtoMessage() {}
 
 func (x *CAInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_castellan_admin_v1_admin_proto_msgTypes[19]
+	mi := &file_castellan_admin_v1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1405,7 +1522,7 @@ func (x *CAInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CAInfo.ProtoReflect.Descriptor instead.
 func (*CAInfo) Descriptor() ([]byte, []int) {
-	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{19}
+	return file_castellan_admin_v1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CAInfo) GetKeyId() string {
@@ -1513,6 +1630,13 @@ func (x *CAInfo) GetIssuing() bool {
 	return false
 }
 
+func (x *CAInfo) GetKeyUri() string {
+	if x != nil {
+		return x.KeyUri
+	}
+	return ""
+}
+
 var File_castellan_admin_v1_admin_proto protoreflect.FileDescriptor
 
 const file_castellan_admin_v1_admin_proto_rawDesc = "" +
@@ -1613,14 +1737,21 @@ const file_castellan_admin_v1_admin_proto_rawDesc = "" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x14\n" +
 	"\x05force\x18\x03 \x01(\bR\x05force\"H\n" +
 	"\x10RotateCAResponse\x124\n" +
-	"\x06status\x18\x01 \x01(\v2\x1c.castellan.admin.v1.CAStatusR\x06status\"\xe0\x01\n" +
+	"\x06status\x18\x01 \x01(\v2\x1c.castellan.admin.v1.CAStatusR\x06status\"J\n" +
+	"\x0eRekeyCARequest\x12 \n" +
+	"\fnew_kek_file\x18\x01 \x01(\tR\n" +
+	"newKekFile\x12\x16\n" +
+	"\x06finish\x18\x02 \x01(\bR\x06finish\"G\n" +
+	"\x0fRekeyCAResponse\x124\n" +
+	"\x06status\x18\x01 \x01(\v2\x1c.castellan.admin.v1.CAStatusR\x06status\"\x83\x02\n" +
 	"\bCAStatus\x12\x18\n" +
 	"\abackend\x18\x01 \x01(\tR\abackend\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x04R\aversion\x12<\n" +
 	"\x1apropagation_window_seconds\x18\x03 \x01(\x03R\x18propagationWindowSeconds\x12\x1a\n" +
 	"\bschedule\x18\x04 \x01(\bR\bschedule\x12,\n" +
 	"\x03cas\x18\x05 \x03(\v2\x1a.castellan.admin.v1.CAInfoR\x03cas\x12\x18\n" +
-	"\asummary\x18\x06 \x01(\tR\asummary\"\xa8\x05\n" +
+	"\asummary\x18\x06 \x01(\tR\asummary\x12!\n" +
+	"\fsealed_under\x18\a \x03(\tR\vsealedUnder\"\xc1\x05\n" +
 	"\x06CAInfo\x12\x15\n" +
 	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x1e\n" +
 	"\vroot_key_id\x18\x02 \x01(\tR\trootKeyId\x12\x12\n" +
@@ -1641,7 +1772,8 @@ const file_castellan_admin_v1_admin_proto_rawDesc = "" +
 	"\x10dependents_until\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\x0fdependentsUntil\x12<\n" +
 	"\fnext_step_at\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"nextStepAt\x12\x18\n" +
-	"\aissuing\x18\x0f \x01(\bR\aissuing2\xd4\x06\n" +
+	"\aissuing\x18\x0f \x01(\bR\aissuing\x12\x17\n" +
+	"\akey_uri\x18\x10 \x01(\tR\x06keyUri2\xaa\a\n" +
 	"\fAdminService\x12i\n" +
 	"\x0eGetTrustBundle\x12).castellan.admin.v1.GetTrustBundleRequest\x1a*.castellan.admin.v1.GetTrustBundleResponse\"\x00\x12o\n" +
 	"\x10IssueCertificate\x12+.castellan.admin.v1.IssueCertificateRequest\x1a,.castellan.admin.v1.IssueCertificateResponse\"\x00\x12o\n" +
@@ -1650,7 +1782,8 @@ const file_castellan_admin_v1_admin_proto_rawDesc = "" +
 	"\x0eGetAuditRecord\x12).castellan.admin.v1.GetAuditRecordRequest\x1a*.castellan.admin.v1.GetAuditRecordResponse\"\x00\x12f\n" +
 	"\rPruneAuditLog\x12(.castellan.admin.v1.PruneAuditLogRequest\x1a).castellan.admin.v1.PruneAuditLogResponse\"\x00\x12`\n" +
 	"\vGetCAStatus\x12&.castellan.admin.v1.GetCAStatusRequest\x1a'.castellan.admin.v1.GetCAStatusResponse\"\x00\x12W\n" +
-	"\bRotateCA\x12#.castellan.admin.v1.RotateCARequest\x1a$.castellan.admin.v1.RotateCAResponse\"\x00BDZBgithub.com/castellan-ca/castellan/proto/castellan/admin/v1;adminpbb\x06proto3"
+	"\bRotateCA\x12#.castellan.admin.v1.RotateCARequest\x1a$.castellan.admin.v1.RotateCAResponse\"\x00\x12T\n" +
+	"\aRekeyCA\x12\".castellan.admin.v1.RekeyCARequest\x1a#.castellan.admin.v1.RekeyCAResponse\"\x00BDZBgithub.com/castellan-ca/castellan/proto/castellan/admin/v1;adminpbb\x06proto3"
 
 var (
 	file_castellan_admin_v1_admin_proto_rawDescOnce sync.Once
@@ -1664,7 +1797,7 @@ func file_castellan_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_castellan_admin_v1_admin_proto_rawDescData
 }
 
-var file_castellan_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_castellan_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_castellan_admin_v1_admin_proto_goTypes = []any{
 	(*GetTrustBundleRequest)(nil),    // 0: castellan.admin.v1.GetTrustBundleRequest
 	(*GetTrustBundleResponse)(nil),   // 1: castellan.admin.v1.GetTrustBundleResponse
@@ -1684,54 +1817,59 @@ var file_castellan_admin_v1_admin_proto_goTypes = []any{
 	(*GetCAStatusResponse)(nil),      // 15: castellan.admin.v1.GetCAStatusResponse
 	(*RotateCARequest)(nil),          // 16: castellan.admin.v1.RotateCARequest
 	(*RotateCAResponse)(nil),         // 17: castellan.admin.v1.RotateCAResponse
-	(*CAStatus)(nil),                 // 18: castellan.admin.v1.CAStatus
-	(*CAInfo)(nil),                   // 19: castellan.admin.v1.CAInfo
-	(*timestamppb.Timestamp)(nil),    // 20: google.protobuf.Timestamp
+	(*RekeyCARequest)(nil),           // 18: castellan.admin.v1.RekeyCARequest
+	(*RekeyCAResponse)(nil),          // 19: castellan.admin.v1.RekeyCAResponse
+	(*CAStatus)(nil),                 // 20: castellan.admin.v1.CAStatus
+	(*CAInfo)(nil),                   // 21: castellan.admin.v1.CAInfo
+	(*timestamppb.Timestamp)(nil),    // 22: google.protobuf.Timestamp
 }
 var file_castellan_admin_v1_admin_proto_depIdxs = []int32{
-	20, // 0: castellan.admin.v1.ListAuditRecordsRequest.since:type_name -> google.protobuf.Timestamp
-	20, // 1: castellan.admin.v1.ListAuditRecordsRequest.until:type_name -> google.protobuf.Timestamp
+	22, // 0: castellan.admin.v1.ListAuditRecordsRequest.since:type_name -> google.protobuf.Timestamp
+	22, // 1: castellan.admin.v1.ListAuditRecordsRequest.until:type_name -> google.protobuf.Timestamp
 	6,  // 2: castellan.admin.v1.ListAuditRecordsResponse.records:type_name -> castellan.admin.v1.AuditRecord
-	20, // 3: castellan.admin.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
-	20, // 4: castellan.admin.v1.AuditRecord.not_before:type_name -> google.protobuf.Timestamp
-	20, // 5: castellan.admin.v1.AuditRecord.not_after:type_name -> google.protobuf.Timestamp
+	22, // 3: castellan.admin.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	22, // 4: castellan.admin.v1.AuditRecord.not_before:type_name -> google.protobuf.Timestamp
+	22, // 5: castellan.admin.v1.AuditRecord.not_after:type_name -> google.protobuf.Timestamp
 	6,  // 6: castellan.admin.v1.GetAuditRecordResponse.record:type_name -> castellan.admin.v1.AuditRecord
-	20, // 7: castellan.admin.v1.PruneAuditLogRequest.before:type_name -> google.protobuf.Timestamp
-	20, // 8: castellan.admin.v1.PruneAuditLogResponse.time:type_name -> google.protobuf.Timestamp
-	20, // 9: castellan.admin.v1.PruneAuditLogResponse.before:type_name -> google.protobuf.Timestamp
+	22, // 7: castellan.admin.v1.PruneAuditLogRequest.before:type_name -> google.protobuf.Timestamp
+	22, // 8: castellan.admin.v1.PruneAuditLogResponse.time:type_name -> google.protobuf.Timestamp
+	22, // 9: castellan.admin.v1.PruneAuditLogResponse.before:type_name -> google.protobuf.Timestamp
 	13, // 10: castellan.admin.v1.PruneAuditLogResponse.writers:type_name -> castellan.admin.v1.AuditCheckpointEntry
-	18, // 11: castellan.admin.v1.GetCAStatusResponse.status:type_name -> castellan.admin.v1.CAStatus
-	18, // 12: castellan.admin.v1.RotateCAResponse.status:type_name -> castellan.admin.v1.CAStatus
-	19, // 13: castellan.admin.v1.CAStatus.cas:type_name -> castellan.admin.v1.CAInfo
-	20, // 14: castellan.admin.v1.CAInfo.not_before:type_name -> google.protobuf.Timestamp
-	20, // 15: castellan.admin.v1.CAInfo.not_after:type_name -> google.protobuf.Timestamp
-	20, // 16: castellan.admin.v1.CAInfo.prepared_at:type_name -> google.protobuf.Timestamp
-	20, // 17: castellan.admin.v1.CAInfo.activated_at:type_name -> google.protobuf.Timestamp
-	20, // 18: castellan.admin.v1.CAInfo.deactivated_at:type_name -> google.protobuf.Timestamp
-	20, // 19: castellan.admin.v1.CAInfo.retired_at:type_name -> google.protobuf.Timestamp
-	20, // 20: castellan.admin.v1.CAInfo.dependents_until:type_name -> google.protobuf.Timestamp
-	20, // 21: castellan.admin.v1.CAInfo.next_step_at:type_name -> google.protobuf.Timestamp
-	0,  // 22: castellan.admin.v1.AdminService.GetTrustBundle:input_type -> castellan.admin.v1.GetTrustBundleRequest
-	2,  // 23: castellan.admin.v1.AdminService.IssueCertificate:input_type -> castellan.admin.v1.IssueCertificateRequest
-	4,  // 24: castellan.admin.v1.AdminService.ListAuditRecords:input_type -> castellan.admin.v1.ListAuditRecordsRequest
-	7,  // 25: castellan.admin.v1.AdminService.VerifyAuditLog:input_type -> castellan.admin.v1.VerifyAuditLogRequest
-	9,  // 26: castellan.admin.v1.AdminService.GetAuditRecord:input_type -> castellan.admin.v1.GetAuditRecordRequest
-	11, // 27: castellan.admin.v1.AdminService.PruneAuditLog:input_type -> castellan.admin.v1.PruneAuditLogRequest
-	14, // 28: castellan.admin.v1.AdminService.GetCAStatus:input_type -> castellan.admin.v1.GetCAStatusRequest
-	16, // 29: castellan.admin.v1.AdminService.RotateCA:input_type -> castellan.admin.v1.RotateCARequest
-	1,  // 30: castellan.admin.v1.AdminService.GetTrustBundle:output_type -> castellan.admin.v1.GetTrustBundleResponse
-	3,  // 31: castellan.admin.v1.AdminService.IssueCertificate:output_type -> castellan.admin.v1.IssueCertificateResponse
-	5,  // 32: castellan.admin.v1.AdminService.ListAuditRecords:output_type -> castellan.admin.v1.ListAuditRecordsResponse
-	8,  // 33: castellan.admin.v1.AdminService.VerifyAuditLog:output_type -> castellan.admin.v1.VerifyAuditLogResponse
-	10, // 34: castellan.admin.v1.AdminService.GetAuditRecord:output_type -> castellan.admin.v1.GetAuditRecordResponse
-	12, // 35: castellan.admin.v1.AdminService.PruneAuditLog:output_type -> castellan.admin.v1.PruneAuditLogResponse
-	15, // 36: castellan.admin.v1.AdminService.GetCAStatus:output_type -> castellan.admin.v1.GetCAStatusResponse
-	17, // 37: castellan.admin.v1.AdminService.RotateCA:output_type -> castellan.admin.v1.RotateCAResponse
-	30, // [30:38] is the sub-list for method output_type
-	22, // [22:30] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	20, // 11: castellan.admin.v1.GetCAStatusResponse.status:type_name -> castellan.admin.v1.CAStatus
+	20, // 12: castellan.admin.v1.RotateCAResponse.status:type_name -> castellan.admin.v1.CAStatus
+	20, // 13: castellan.admin.v1.RekeyCAResponse.status:type_name -> castellan.admin.v1.CAStatus
+	21, // 14: castellan.admin.v1.CAStatus.cas:type_name -> castellan.admin.v1.CAInfo
+	22, // 15: castellan.admin.v1.CAInfo.not_before:type_name -> google.protobuf.Timestamp
+	22, // 16: castellan.admin.v1.CAInfo.not_after:type_name -> google.protobuf.Timestamp
+	22, // 17: castellan.admin.v1.CAInfo.prepared_at:type_name -> google.protobuf.Timestamp
+	22, // 18: castellan.admin.v1.CAInfo.activated_at:type_name -> google.protobuf.Timestamp
+	22, // 19: castellan.admin.v1.CAInfo.deactivated_at:type_name -> google.protobuf.Timestamp
+	22, // 20: castellan.admin.v1.CAInfo.retired_at:type_name -> google.protobuf.Timestamp
+	22, // 21: castellan.admin.v1.CAInfo.dependents_until:type_name -> google.protobuf.Timestamp
+	22, // 22: castellan.admin.v1.CAInfo.next_step_at:type_name -> google.protobuf.Timestamp
+	0,  // 23: castellan.admin.v1.AdminService.GetTrustBundle:input_type -> castellan.admin.v1.GetTrustBundleRequest
+	2,  // 24: castellan.admin.v1.AdminService.IssueCertificate:input_type -> castellan.admin.v1.IssueCertificateRequest
+	4,  // 25: castellan.admin.v1.AdminService.ListAuditRecords:input_type -> castellan.admin.v1.ListAuditRecordsRequest
+	7,  // 26: castellan.admin.v1.AdminService.VerifyAuditLog:input_type -> castellan.admin.v1.VerifyAuditLogRequest
+	9,  // 27: castellan.admin.v1.AdminService.GetAuditRecord:input_type -> castellan.admin.v1.GetAuditRecordRequest
+	11, // 28: castellan.admin.v1.AdminService.PruneAuditLog:input_type -> castellan.admin.v1.PruneAuditLogRequest
+	14, // 29: castellan.admin.v1.AdminService.GetCAStatus:input_type -> castellan.admin.v1.GetCAStatusRequest
+	16, // 30: castellan.admin.v1.AdminService.RotateCA:input_type -> castellan.admin.v1.RotateCARequest
+	18, // 31: castellan.admin.v1.AdminService.RekeyCA:input_type -> castellan.admin.v1.RekeyCARequest
+	1,  // 32: castellan.admin.v1.AdminService.GetTrustBundle:output_type -> castellan.admin.v1.GetTrustBundleResponse
+	3,  // 33: castellan.admin.v1.AdminService.IssueCertificate:output_type -> castellan.admin.v1.IssueCertificateResponse
+	5,  // 34: castellan.admin.v1.AdminService.ListAuditRecords:output_type -> castellan.admin.v1.ListAuditRecordsResponse
+	8,  // 35: castellan.admin.v1.AdminService.VerifyAuditLog:output_type -> castellan.admin.v1.VerifyAuditLogResponse
+	10, // 36: castellan.admin.v1.AdminService.GetAuditRecord:output_type -> castellan.admin.v1.GetAuditRecordResponse
+	12, // 37: castellan.admin.v1.AdminService.PruneAuditLog:output_type -> castellan.admin.v1.PruneAuditLogResponse
+	15, // 38: castellan.admin.v1.AdminService.GetCAStatus:output_type -> castellan.admin.v1.GetCAStatusResponse
+	17, // 39: castellan.admin.v1.AdminService.RotateCA:output_type -> castellan.admin.v1.RotateCAResponse
+	19, // 40: castellan.admin.v1.AdminService.RekeyCA:output_type -> castellan.admin.v1.RekeyCAResponse
+	32, // [32:41] is the sub-list for method output_type
+	23, // [23:32] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_castellan_admin_v1_admin_proto_init() }
@@ -1745,7 +1883,7 @@ func file_castellan_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_castellan_admin_v1_admin_proto_rawDesc), len(file_castellan_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   20,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

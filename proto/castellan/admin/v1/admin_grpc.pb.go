@@ -30,6 +30,7 @@ const (
 	AdminService_PruneAuditLog_FullMethodName    = "/castellan.admin.v1.AdminService/PruneAuditLog"
 	AdminService_GetCAStatus_FullMethodName      = "/castellan.admin.v1.AdminService/GetCAStatus"
 	AdminService_RotateCA_FullMethodName         = "/castellan.admin.v1.AdminService/RotateCA"
+	AdminService_RekeyCA_FullMethodName          = "/castellan.admin.v1.AdminService/RekeyCA"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -56,6 +57,9 @@ type AdminServiceClient interface {
 	GetCAStatus(ctx context.Context, in *GetCAStatusRequest, opts ...grpc.CallOption) (*GetCAStatusResponse, error)
 	// RotateCA runs one rotation step: prepare, activate or retire.
 	RotateCA(ctx context.Context, in *RotateCARequest, opts ...grpc.CallOption) (*RotateCAResponse, error)
+	// RekeyCA runs one step of a key-encryption key rotation: seal every CA
+	// key under a new KEK beside the old one, or finish by dropping the old.
+	RekeyCA(ctx context.Context, in *RekeyCARequest, opts ...grpc.CallOption) (*RekeyCAResponse, error)
 }
 
 type adminServiceClient struct {
@@ -146,6 +150,16 @@ func (c *adminServiceClient) RotateCA(ctx context.Context, in *RotateCARequest, 
 	return out, nil
 }
 
+func (c *adminServiceClient) RekeyCA(ctx context.Context, in *RekeyCARequest, opts ...grpc.CallOption) (*RekeyCAResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RekeyCAResponse)
+	err := c.cc.Invoke(ctx, AdminService_RekeyCA_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -170,6 +184,9 @@ type AdminServiceServer interface {
 	GetCAStatus(context.Context, *GetCAStatusRequest) (*GetCAStatusResponse, error)
 	// RotateCA runs one rotation step: prepare, activate or retire.
 	RotateCA(context.Context, *RotateCARequest) (*RotateCAResponse, error)
+	// RekeyCA runs one step of a key-encryption key rotation: seal every CA
+	// key under a new KEK beside the old one, or finish by dropping the old.
+	RekeyCA(context.Context, *RekeyCARequest) (*RekeyCAResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -203,6 +220,9 @@ func (UnimplementedAdminServiceServer) GetCAStatus(context.Context, *GetCAStatus
 }
 func (UnimplementedAdminServiceServer) RotateCA(context.Context, *RotateCARequest) (*RotateCAResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RotateCA not implemented")
+}
+func (UnimplementedAdminServiceServer) RekeyCA(context.Context, *RekeyCARequest) (*RekeyCAResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RekeyCA not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -369,6 +389,24 @@ func _AdminService_RotateCA_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_RekeyCA_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RekeyCARequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).RekeyCA(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_RekeyCA_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).RekeyCA(ctx, req.(*RekeyCARequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -407,6 +445,10 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RotateCA",
 			Handler:    _AdminService_RotateCA_Handler,
+		},
+		{
+			MethodName: "RekeyCA",
+			Handler:    _AdminService_RekeyCA_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -212,6 +212,12 @@ func (c *controller) run(ctx context.Context) {
 				if shutdown {
 					return
 				}
+				if ctx.Err() != nil {
+					// No longer leading: the queue still hands out what it
+					// holds, which the next leader answers; start none of it.
+					c.queue.Done(key)
+					return
+				}
 				ictx, cancel := context.WithTimeout(context.WithoutCancel(ctx), handleTimeout)
 				stop := context.AfterFunc(ctx, func() {
 					// Leadership ended: finish within the bound, not callTimeout's.

@@ -124,9 +124,14 @@ func pcrPeer(pcr *certv1.PodCertificateRequest) string {
 
 // pcrRecords returns the audit records of PodCertificateRequests, by peer.
 func pcrRecords(recs []auditRecord) map[string][]auditRecord {
+	return recordsByPeer(recs, "kubernetes.pcr")
+}
+
+// recordsByPeer returns the audit records of auth method, by peer.
+func recordsByPeer(recs []auditRecord, method string) map[string][]auditRecord {
 	out := map[string][]auditRecord{}
 	for _, r := range recs {
-		if r.AuthMethod == "kubernetes.pcr" {
+		if r.AuthMethod == method {
 			out[r.Peer] = append(out[r.Peer], r)
 		}
 	}
@@ -278,7 +283,10 @@ func TestPodCertificates(t *testing.T) {
 			ObjectMeta: metav1.ObjectMeta{GenerateName: "old-kubelet-"},
 			Spec: certv1beta1.PodCertificateRequestSpec{SignerName: defaultPodSigner, PodName: pod.Name, PodUID: pod.UID,
 				ServiceAccountName: web.Name, ServiceAccountUID: web.UID, NodeName: kl.nodeName(), NodeUID: kl.node.UID,
-				MaxExpirationSeconds: ptr.To[int32](3600), PKIXPublicKey: pkix, ProofOfPossession: proof},
+				MaxExpirationSeconds: ptr.To[int32](3600),
+				PKIXPublicKey:        pkix,  //nolint:staticcheck // SA1019: what a 1.35 kubelet sends, the case under test
+				ProofOfPossession:    proof, //nolint:staticcheck // SA1019: likewise
+			},
 		}, metav1.CreateOptions{})
 		if err != nil {
 			t.Fatalf("create through v1beta1: %v", err)

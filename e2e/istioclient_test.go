@@ -59,7 +59,7 @@ const (
 // pilot-agent on a VM does, then checks the certificate, the audit trail,
 // refusals, metrics and a clean shutdown.
 func TestIstioClient(t *testing.T) {
-	for _, signer := range []string{"selfsigned", "intermediate", "vault", "googlecas", "awspca"} {
+	for _, signer := range []string{"selfsigned", "intermediate", "vault", "googlecas", "awspca", "kubernetes"} {
 		t.Run(signer, func(t *testing.T) {
 			t.Parallel()
 			testBackend(t, signer, nil)

@@ -51,8 +51,8 @@ func csrRequesterRules(signers ...string) []rbacv1.PolicyRule {
 }
 
 // csrRequester returns a client authenticated as the service account
-// ns/name, allowed to create and approve CSRs of signers.
-func csrRequester(t *testing.T, env *kubeenv.Env, ns, name string, signers ...string) kubernetes.Interface {
+// ns/name, allowed to create and approve CSRs of signers, and its token.
+func csrRequester(t *testing.T, env *kubeenv.Env, ns, name string, signers ...string) (kubernetes.Interface, string) {
 	t.Helper()
 	ctx := t.Context()
 	env.CreateServiceAccount(t, ns, name)
@@ -68,11 +68,12 @@ func csrRequester(t *testing.T, env *kubeenv.Env, ns, name string, signers ...st
 		t.Fatal(err)
 	}
 	token := env.Token(t, ns, name, kubeenv.TokenOptions{ExpirationSeconds: 3600})
-	c, err := kubernetes.NewForConfig(&rest.Config{Host: env.URL, BearerToken: token, TLSClientConfig: rest.TLSClientConfig{CAData: env.CAPEM}})
+	c, err := kubernetes.NewForConfig(&rest.Config{Host: env.URL, BearerToken: token, TLSClientConfig: rest.TLSClientConfig{CAData: env.CAPEM},
+		QPS: env.Config.QPS, Burst: env.Config.Burst})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return c
+	return c, token
 }
 
 // csrPEM makes a PEM CSR for key with the given SANs.
@@ -175,8 +176,8 @@ func TestCSRSigner(t *testing.T) {
 	kc := castellanKubeconfigFor(t, env, signerRBAC{podSigners: []string{defaultPodSigner}, csrSigners: []string{raSigner, dnsSigner}}, leaseNS)
 	env.CreateNamespace(t, "istio-system", nil)
 	env.CreateNamespace(t, "other", nil)
-	istiod := csrRequester(t, env, "istio-system", "istiod", raSigner, dnsSigner)
-	other := csrRequester(t, env, "other", "intruder", raSigner, dnsSigner)
+	istiod, _ := csrRequester(t, env, "istio-system", "istiod", raSigner, dnsSigner)
+	other, _ := csrRequester(t, env, "other", "intruder", raSigner, dnsSigner)
 
 	dir := t.TempDir()
 	cfgFile := filepath.Join(dir, "castellan.yaml")

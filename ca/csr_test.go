@@ -196,7 +196,7 @@ func onlyURISAN(exts []pkix.Extension) (uri string, present bool, err error) {
 		present = true
 		var names []asn1.RawValue
 		if rest, err := asn1.Unmarshal(e.Value, &names); err != nil || len(rest) != 0 {
-			return "", true, fmt.Errorf("SAN does not parse: %v", err)
+			return "", true, fmt.Errorf("SAN does not parse: %w", err)
 		}
 		if len(names) != 1 || names[0].Class != asn1.ClassContextSpecific || names[0].Tag != 6 || names[0].IsCompound {
 			return "", true, fmt.Errorf("SAN holds %d names, not exactly one URI: %x", len(names), e.Value)

@@ -239,7 +239,12 @@ func startFake(t *testing.T, bin string, args ...string) (io.WriteCloser, *bufio
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", bin, err)
 	}
-	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
+	t.Cleanup(func() {
+		if err := stdin.Close(); err != nil {
+			t.Errorf("close %s's stdin: %v", bin, err)
+		}
+		_ = cmd.Wait() // its exit status after stdin closed says nothing
+	})
 	out := bufio.NewReader(stdout)
 	line, err := out.ReadString('\n')
 	if err != nil {

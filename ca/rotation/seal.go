@@ -342,12 +342,12 @@ func joinSealings(parts [][]byte) ([]byte, error) {
 	case len(parts) == 0 || len(parts) > maxSealings:
 		return nil, fmt.Errorf("a key is sealed under 1 to %d KEKs, not %d: finish the rekey under way first", maxSealings, len(parts))
 	}
-	out := []byte{formatMultiple, byte(len(parts))}
+	out := []byte{formatMultiple, byte(len(parts))} //nolint:gosec // G115: len(parts) <= maxSealings, checked above
 	for _, p := range parts {
 		if len(p) > 0xffff {
 			return nil, errors.New("sealed key too large")
 		}
-		out = binary.BigEndian.AppendUint16(out, uint16(len(p)))
+		out = binary.BigEndian.AppendUint16(out, uint16(len(p))) //nolint:gosec // G115: len(p) <= 0xffff, checked above
 		out = append(out, p...)
 	}
 	return out, nil

@@ -163,7 +163,7 @@ func loadRetainedRoots(path string) ([]awspca.RetainedRoot, error) {
 	for i, r := range onDisk {
 		certs, err := signer.ParseCertificatesPEM([]byte(r.Root))
 		if err != nil || len(certs) != 1 {
-			return nil, fmt.Errorf("%s: root %d: want one PEM certificate (%v)", path, i, err)
+			return nil, fmt.Errorf("%s: root %d: want one PEM certificate (%w)", path, i, err)
 		}
 		out = append(out, awspca.RetainedRoot{Cert: certs[0], Until: r.Until})
 	}

@@ -66,7 +66,7 @@ func storedKeysOpen(dsn string, format byte, keks ...string) error {
 			keys[id] = key
 		}
 		if err := rows.Err(); err != nil || len(keys) == 0 {
-			return fmt.Errorf("%d keys stored: %v", len(keys), err)
+			return fmt.Errorf("%d keys stored: %w", len(keys), err)
 		}
 		for id, key := range keys {
 			if key[0] != format {

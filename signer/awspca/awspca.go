@@ -171,7 +171,7 @@ var (
 // so that a wrong ARN, region or missing permission fails at start-up.
 // Call Run to keep the trust bundle current.
 func New(ctx context.Context, cfg Config) (*Signer, error) {
-	tmpl, err := cfg.fill()
+	tmpl, err := fill(&cfg)
 	if err != nil {
 		return nil, fmt.Errorf("aws pca signer: %w", err)
 	}
@@ -236,8 +236,9 @@ func (c Config) template() (string, error) {
 	return tmpl, nil
 }
 
-// fill checks cfg and applies defaults; it returns the template ARN.
-func (c *Config) fill() (string, error) {
+// fill checks c and applies defaults; it returns the template ARN. (A
+// function, not a method: Config's methods read a value.)
+func fill(c *Config) (string, error) {
 	tmpl, err := c.template()
 	if err != nil {
 		return "", err

@@ -74,7 +74,7 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 	}
 	issuing, err := signer.ParseCertificatesPEM([]byte(aws.ToString(out.Certificate)))
 	if err != nil || len(issuing) != 1 {
-		return false, fmt.Errorf("CA certificate of %s: want one certificate (%v)", s.cfg.CertificateAuthorityARN, err)
+		return false, fmt.Errorf("CA certificate of %s: want one certificate (%w)", s.cfg.CertificateAuthorityARN, err)
 	}
 	chain := issuing
 	if p := aws.ToString(out.CertificateChain); p != "" { // empty for a root CA

@@ -50,7 +50,7 @@ const (
 	DefaultHealthTTL = 10 * time.Second
 )
 
-// ErrPINRefused: the token refused the PIN of the PIN file (wrong, or the
+// ErrPINRefused means the token refused the PIN of the PIN file (wrong, or the
 // user PIN is locked). The same PIN is not tried again until the file
 // changes, since HSMs lock the user after a few wrong attempts.
 var ErrPINRefused = errors.New("PKCS#11 token refused the PIN")

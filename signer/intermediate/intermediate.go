@@ -152,7 +152,10 @@ func Load(dir string, now func() time.Time) (*local.Signer, error) {
 }
 
 func load(dir string, now func() time.Time, pk providerKey) (*local.Signer, error) {
-	s, err := build(readSnapshot(dir), now, pk)
+	// Loading happens at startup or on an operator's rotation step, neither
+	// of which hands a context down the External interface; the key check
+	// is bounded by keyCheckTimeout.
+	s, err := build(context.Background(), readSnapshot(dir), now, pk)
 	if err != nil {
 		return nil, fmt.Errorf("intermediate: %w", err)
 	}
@@ -173,7 +176,7 @@ const keyCheckTimeout = 10 * time.Second
 // open returns the provider's key for cert. A key that is not cert's is
 // refused; a provider that cannot be reached now is not (the CA reports
 // Unavailable and readiness fails until it can).
-func (pk providerKey) open(snap *snapshot, l layout, cert *x509.Certificate) (crypto.Signer, error) {
+func (pk providerKey) open(ctx context.Context, snap *snapshot, l layout, cert *x509.Certificate) (crypto.Signer, error) {
 	if snap.has(l.key) {
 		return nil, fmt.Errorf("%s exists, but the CA key is %s in the key provider: remove the file (a CA key on disk defeats the HSM)", snap.path(l.key), pk.uri)
 	}
@@ -181,7 +184,7 @@ func (pk providerKey) open(snap *snapshot, l layout, cert *x509.Certificate) (cr
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), keyCheckTimeout)
+	ctx, cancel := context.WithTimeout(ctx, keyCheckTimeout)
 	defer cancel()
 	if err := k.Check(ctx); errors.Is(err, local.ErrKeyMismatch) {
 		return nil, fmt.Errorf("%s is not the key of %s: %w", pk.uri, snap.path(l.cert), err)
@@ -189,7 +192,7 @@ func (pk providerKey) open(snap *snapshot, l layout, cert *x509.Certificate) (cr
 	return k, nil
 }
 
-func build(snap *snapshot, now func() time.Time, pk providerKey) (*local.Signer, error) {
+func build(ctx context.Context, snap *snapshot, now func() time.Time, pk providerKey) (*local.Signer, error) {
 	if now == nil {
 		now = time.Now
 	}
@@ -236,7 +239,7 @@ func build(snap *snapshot, now func() time.Time, pk providerKey) (*local.Signer,
 		err error
 	)
 	if pk.uri != "" {
-		key, err = pk.open(snap, l, cert)
+		key, err = pk.open(ctx, snap, l, cert)
 	} else {
 		key, err = snap.key(l.key)
 	}
@@ -318,7 +321,7 @@ func watch(ctx context.Context, dir string, interval time.Duration, logger *slog
 		case <-ctx.Done():
 			return
 		case <-ticker.C:
-			w.poll()
+			w.poll(ctx)
 		}
 	}
 }
@@ -344,7 +347,7 @@ func newWatcher(dir, interval string, logger *slog.Logger, pk providerKey, onCha
 }
 
 // poll reads dir once and hands over a changed set that validates.
-func (w *watcher) poll() {
+func (w *watcher) poll(ctx context.Context) {
 	snap := readSnapshot(w.dir)
 	if snap.hash == w.last {
 		return
@@ -352,7 +355,7 @@ func (w *watcher) poll() {
 	// Remember even an invalid set, so it is reported once, not every tick,
 	// and any later change (e.g. the second half of a non-atomic update) is retried.
 	w.last = snap.hash
-	s, err := build(snap, time.Now, w.pk)
+	s, err := build(ctx, snap, time.Now, w.pk)
 	if err != nil {
 		w.logger.Error("intermediate CA changed but the new material is invalid; keeping the current CA", logDir, w.dir, logError, err.Error())
 		return
@@ -434,7 +437,7 @@ func (s *Source) Watch(ctx context.Context, onChange func(ca *local.Signer, deta
 		case <-ctx.Done():
 			return
 		case done := <-s.Polls:
-			w.poll()
+			w.poll(ctx)
 			close(done)
 		}
 	}

@@ -172,6 +172,7 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 		return nil, errors.Join(fmt.Errorf("embedded: open %s for reading: %w", path, err), s.closeDBs())
 	}
 
+	//nolint:contextcheck // the queue's writer outlives Open's ctx by design: Close ends it
 	s.q = groupcommit.New(groupcommit.Config{Name: "embedded", Writer: s.writer, MaxBatch: opts.MaxBatch,
 		MaxBatchDelay: opts.MaxBatchDelay, Now: opts.Now, Logger: log, Commit: s.writeBatch, Hooks: opts.hooks})
 	log.Info("audit store opened", "path", path, "writer", s.writer)

@@ -138,6 +138,7 @@ func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s := &Store{pool: pool, writer: opts.Writer, opts: opts, log: log, row: make([]any, len(columns))}
+	//nolint:contextcheck // the queue's writer outlives Open's ctx by design: Close ends it
 	s.q = groupcommit.New(groupcommit.Config{Name: "postgres", Writer: s.writer, MaxBatch: opts.MaxBatch,
 		MaxBatchDelay: opts.MaxBatchDelay, CommitTimeout: opts.CommitTimeout, RetryInterval: opts.RetryInterval,
 		Now: opts.Now, Logger: log, Commit: s.writeBatch, Settle: s.settle, Hooks: opts.hooks})

@@ -8,7 +8,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
-	"crypto/sha1"
+	"crypto/sha1" //nolint:gosec // G505: RFC 5280 method 1 key identifiers, as PCA makes them; not a security use
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
@@ -241,7 +241,7 @@ func (s *Server) build(req *IssueRequest, now time.Time) (*x509.Certificate, err
 		return nil, err
 	}
 	spki, _ := x509.MarshalPKIXPublicKey(csr.PublicKey)
-	ski := sha1.Sum(subjectPublicKeyBits(spki))
+	ski := sha1.Sum(subjectPublicKeyBits(spki)) //nolint:gosec // G401: a key identifier (RFC 5280 §4.2.1.2 method 1), not a signature
 	tmpl := &x509.Certificate{SerialNumber: serial, NotBefore: notBefore, NotAfter: notAfter, SignatureAlgorithm: alg,
 		RawSubject: csr.RawSubject, SubjectKeyId: ski[:]}
 	if !tdef.blank {

@@ -15,11 +15,9 @@
 package pcatest
 
 import (
-	"context"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -36,14 +34,15 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/acmpca"
 	"github.com/aws/aws-sdk-go-v2/service/acmpca/schemas"
 	"github.com/aws/smithy-go/transport/http/protocol/awsjson"
+	"github.com/castellan-ca/castellan/internal/awswire"
 )
 
 // The fake's account, region and the only credentials it accepts.
 const (
 	Region          = "eu-west-1"
 	Account         = "111122223333"
-	AccessKeyID     = "AKIAFAKEPCACASTELLAN"
-	SecretAccessKey = "fake-pca-secret-access-key-for-tests-only"
+	AccessKeyID     = "AKIAFAKEPCACASTELLAN"                      //nolint:gosec // G101: the fake's own test credential, valid nowhere else
+	SecretAccessKey = "fake-pca-secret-access-key-for-tests-only" //nolint:gosec // G101: the fake's own test credential, valid nowhere else
 	// CAID is the id part of the CA's ARN.
 	CAID = "0f3c9a52-7d41-4b8e-9e07-5c2b1d6a8f10"
 	// idempotencyWindow is how long PCA remembers an idempotency token.
@@ -262,7 +261,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case r.Method != http.MethodPost || r.URL.Path != "/":
 		writeError(w, http.StatusNotFound, "UnknownOperationException", "PCA serves POST / only")
 		return
-	case r.Header.Get("Content-Type") != "application/x-amz-json-1.1":
+	case r.Header.Get("Content-Type") != awswire.ContentType:
 		writeError(w, http.StatusBadRequest, "SerializationException", "Content-Type must be application/x-amz-json-1.1")
 		return
 	}
@@ -310,8 +309,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case err != nil:
 		writeError(w, http.StatusInternalServerError, "InternalFailure", err.Error())
 	default:
-		w.Header().Set("Content-Type", "application/x-amz-json-1.1")
-		_ = json.NewEncoder(w).Encode(out)
+		awswire.Write(w, out)
 	}
 }
 
@@ -334,10 +332,7 @@ func writeInjected(w http.ResponseWriter, code string) {
 }
 
 func writeError(w http.ResponseWriter, status int, code, msg string) {
-	w.Header().Set("Content-Type", "application/x-amz-json-1.1")
-	w.Header().Set("X-Amzn-ErrorType", code)
-	w.WriteHeader(status)
-	_ = json.NewEncoder(w).Encode(map[string]string{"__type": code, "message": msg})
+	awswire.Error(w, status, code, msg)
 }
 
 // verifySignature recomputes the request's SigV4 signature over the headers
@@ -369,7 +364,7 @@ func verifySignature(r *http.Request, body []byte) (code, msg string) {
 		return "IncompleteSignatureException", "X-Amz-Date missing or malformed"
 	}
 	// Rebuild the request with exactly the headers it says it signed.
-	req, err := http.NewRequest(r.Method, "http://"+r.Host+r.URL.RequestURI(), nil)
+	req, err := http.NewRequestWithContext(r.Context(), r.Method, "http://"+r.Host+r.URL.RequestURI(), nil) //nolint:gosec // G704: never sent; rebuilt only to recompute its signature
 	if err != nil {
 		return "IncompleteSignatureException", err.Error()
 	}
@@ -383,7 +378,7 @@ func verifySignature(r *http.Request, body []byte) (code, msg string) {
 		}
 	}
 	sum := sha256.Sum256(body)
-	if err := v4.NewSigner().SignHTTP(context.Background(), Credentials(), req, hex.EncodeToString(sum[:]), "acm-pca", Region, signingTime); err != nil {
+	if err := v4.NewSigner().SignHTTP(r.Context(), Credentials(), req, hex.EncodeToString(sum[:]), "acm-pca", Region, signingTime); err != nil {
 		return "IncompleteSignatureException", err.Error()
 	}
 	if req.Header.Get("Authorization") != auth {

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/castellan-ca/castellan/internal/awswire"
 )
 
 // AWS is an AWS KMS endpoint on 127.0.0.1 (the JSON 1.1 protocol of the
@@ -99,14 +101,11 @@ func (a *AWS) serve(w http.ResponseWriter, r *http.Request) {
 }
 
 func writeAWS(w http.ResponseWriter, out any, ae *awsError) {
-	w.Header().Set("Content-Type", "application/x-amz-json-1.1")
 	if ae != nil {
-		w.Header().Set("X-Amzn-ErrorType", ae.typ)
-		w.WriteHeader(ae.status)
-		_ = json.NewEncoder(w).Encode(map[string]string{"__type": ae.typ, "message": ae.msg})
+		awswire.Error(w, ae.status, ae.typ, ae.msg)
 		return
 	}
-	_ = json.NewEncoder(w).Encode(out)
+	awswire.Write(w, out)
 }
 
 // awsSpecs maps KeySpec to the key made.

@@ -65,7 +65,10 @@ func Main(m *testing.M) int {
 		return 1
 	}
 	// Read by the C library at C_Initialize, which no test has called yet.
-	os.Setenv("SOFTHSM2_CONF", conf)
+	if err := os.Setenv("SOFTHSM2_CONF", conf); err != nil {
+		fmt.Fprintln(os.Stderr, "softhsmtest:", err)
+		return 1
+	}
 	dir = d
 	return m.Run()
 }
@@ -94,7 +97,7 @@ var token = sync.OnceValues(func() (*Token, error) {
 	}
 	ents, err := os.ReadDir(tokens)
 	if err != nil || len(ents) != 1 {
-		return nil, fmt.Errorf("token directory %s: %d entries, %v", tokens, len(ents), err)
+		return nil, fmt.Errorf("token directory %s: %d entries, %w", tokens, len(ents), err)
 	}
 	tk := &Token{Dir: dir, Module: module, PINFile: filepath.Join(dir, "pin"), tokenDir: filepath.Join(tokens, ents[0].Name())}
 	if err := os.WriteFile(tk.PINFile, []byte(PIN+"\n"), 0o600); err != nil {

@@ -40,20 +40,26 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "address to serve the PCA API on")
 	chainOut := flag.String("chain-out", "", "file to write the CA's chain to (PEM: CA, then root)")
 	flag.Parse()
-
-	s, err := pcatest.Listen(*listen, pcatest.Options{})
-	if err != nil {
+	if err := run(*listen, *chainOut); err != nil {
 		log.Fatal(err)
+	}
+}
+
+// run serves until stdin closes or a signal comes.
+func run(listen, chainOut string) error {
+	s, err := pcatest.Listen(listen, pcatest.Options{})
+	if err != nil {
+		return err
 	}
 	defer s.Stop()
 	writeChain := func() error {
-		if *chainOut == "" {
+		if chainOut == "" {
 			return nil
 		}
-		return os.WriteFile(*chainOut, []byte(signer.EncodePEM(s.CACertificate(), s.Root())), 0o644)
+		return os.WriteFile(chainOut, []byte(signer.EncodePEM(s.CACertificate(), s.Root())), 0o644)
 	}
 	if err := writeChain(); err != nil {
-		log.Fatal(err)
+		return err
 	}
 	fmt.Printf("listening on %s ca %s key %s secret %s\n", s.URL, s.CAARN, pcatest.AccessKeyID, pcatest.SecretAccessKey)
 
@@ -73,6 +79,7 @@ func main() {
 	case <-done:
 	case <-sig:
 	}
+	return nil
 }
 
 // command runs one stdin command and prints its "ok" answer.

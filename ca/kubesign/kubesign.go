@@ -245,13 +245,11 @@ func (c *controller) run(ctx context.Context) {
 
 // waitSynced waits for the informers' caches, or reports why not.
 func waitSynced(ctx context.Context, what string, synced ...cache.InformerSynced) error {
-	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
-		if ctx.Err() != nil {
-			return nil
-		}
-		return fmt.Errorf("%s: caches did not sync", what)
+	// ctx ending first (leadership or the process is over) is no failure.
+	if cache.WaitForCacheSync(ctx.Done(), synced...) || ctx.Err() != nil {
+		return nil
 	}
-	return nil
+	return fmt.Errorf("%s: caches did not sync", what)
 }
 
 // ReservedSignerName reports whether name is reserved for Kubernetes itself

@@ -252,7 +252,9 @@ func TestPodCertificatesBeta(t *testing.T) {
 	}
 	beta := &certv1beta1.PodCertificateRequest{ObjectMeta: v1.ObjectMeta, Spec: certv1beta1.PodCertificateRequestSpec{
 		SignerName: v1.Spec.SignerName, PodName: v1.Spec.PodName, PodUID: v1.Spec.PodUID, ServiceAccountName: v1.Spec.ServiceAccountName,
-		NodeName: v1.Spec.NodeName, MaxExpirationSeconds: v1.Spec.MaxExpirationSeconds, PKIXPublicKey: pkix}}
+		NodeName: v1.Spec.NodeName, MaxExpirationSeconds: v1.Spec.MaxExpirationSeconds,
+		PKIXPublicKey: pkix, //nolint:staticcheck // SA1019: what a 1.35 kubelet sends, the case under test
+	}}
 	if _, err := e.client.CertificatesV1beta1().PodCertificateRequests(testNS).Create(context.Background(), beta, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}

@@ -88,7 +88,7 @@ func (e *Election) Run(ctx context.Context, fn func(context.Context)) error {
 			logger.Info("leader election: started leading")
 			termCtx, endTerm := context.WithCancel(term)
 			stop := context.AfterFunc(ctx, endTerm)
-			fn(termCtx)
+			fn(termCtx) //nolint:contextcheck // termCtx is derived from ctx: le.Run makes term with context.WithCancel of electorCtx (from ctx) and hands it over through the leading channel, which the linter cannot follow
 			stop()
 			endTerm()
 			stopElector()

@@ -136,7 +136,7 @@ func (s *server) startSigner(ctx context.Context) error {
 	case awspca.Backend:
 		return startAWSPCA(ctx, c, s.cfg, s.authority, audit, s.logger)
 	case kubernetes.Backend:
-		return startKubernetesSigner(c, s.cfg, s.authority, audit, s.logger)
+		return startKubernetesSigner(c, s.cfg, s.authority, audit, s.logger) //nolint:contextcheck // it blocks on nothing; the signer's loop runs under c's context
 	}
 	keys, err := openKeyProvider(ctx, s.cfg, s.logger)
 	if err != nil {

@@ -17,7 +17,7 @@
 //     adds the peer address and the clusterid header (withConn) and runs
 //     Issuer.Issue. Issue takes an in-flight slot or refuses at once with
 //     ErrOverloaded (ResourceExhausted): Istio's clients set no deadline, so
-//     a CA that queues would stall them. Issuer.guardedIssue runs the steps
+//     a CA that queues would stall them. Issuer.guarded runs the steps
 //     below and turns a panic into ErrInternal (ReasonPanic), audited like
 //     any failure.
 //  2. Authentication. Issuer.authenticate asks the Authenticator (an
@@ -64,6 +64,13 @@
 //     (Issuer.Undelivered) when the client has already gone. Every error
 //     leaves through Status, the one place that maps an error kind (the Err*
 //     sentinels, wrapped in a Refusal with its audit reason) to a gRPC code.
+//
+// Requests that arrive through an API whose server authenticated the
+// requester (Kubernetes PodCertificateRequests and CertificateSigningRequests,
+// package ca/kubesign) enter at Issuer.IssueGrant instead of Issue: their
+// controller's Authorize replaces steps 2 to 4 (the apiserver checked proof
+// of possession; the controller decides the identity or DNS names), and steps
+// 5 to 8 are the same code (Issuer.run, Issuer.sign, CheckIssued, the audit).
 //
 // Certificates Castellan needs for itself (its serving certificate,
 // ServingCert; the operator credential) take steps 5 to 8 through

@@ -185,22 +185,35 @@ type Issued struct {
 // only once its record is committed, and an audit failure turns success into
 // ErrUnavailable. Returned errors are classified for Status.
 func (is *Issuer) Issue(ctx context.Context, req Request) (*Issued, error) {
+	rec := is.newRecord(req.Peer, req.ClusterID)
+	return is.run(ctx, rec, func(ctx context.Context) (*Issued, error) { return is.issue(ctx, req, rec) })
+}
+
+// newRecord starts the audit record of one certificate request.
+func (is *Issuer) newRecord(peer, clusterID string) *storage.Record {
+	return &storage.Record{
+		Time:      is.cfg.Now().UTC(),
+		Kind:      storage.KindCSR,
+		RequestID: newRequestID(is.cfg.Rand),
+		Peer:      storage.Sanitize(peer, storage.MaxNameLen),
+		ClusterID: storage.Sanitize(clusterID, storage.MaxNameLen),
+	}
+}
+
+// run is what every certificate request shares, whichever interface it came
+// through: an in-flight slot or an immediate ErrOverloaded, work (which fills
+// rec), the outcome in rec, the audit append (a certificate whose record is
+// not committed is withheld) and the metrics.
+func (is *Issuer) run(ctx context.Context, rec *storage.Record, work func(context.Context) (*Issued, error)) (*Issued, error) {
 	start := is.cfg.Now()
 	m := is.cfg.Metrics
 	m.csrCount.Inc()
-	rec := &storage.Record{
-		Time:      start.UTC(),
-		Kind:      storage.KindCSR,
-		RequestID: newRequestID(is.cfg.Rand),
-		Peer:      storage.Sanitize(req.Peer, storage.MaxNameLen),
-		ClusterID: storage.Sanitize(req.ClusterID, storage.MaxNameLen),
-	}
 	var out *Issued
 	var err error
 	select {
 	case is.slots <- struct{}{}:
 		m.inFlight.Inc()
-		out, err = is.guardedIssue(ctx, req, rec)
+		out, err = is.guarded(ctx, rec, work)
 		err = callerGone(ctx, err)
 		<-is.slots
 		m.inFlight.Dec()
@@ -271,16 +284,16 @@ func (is *Issuer) observe(rec *storage.Record, err error, start time.Time) {
 		"caller", rec.Caller, "code", code.String(), "reason", reason, "error", storage.Sanitize(err.Error(), storage.MaxDetailLen))
 }
 
-// guardedIssue runs issue, turning a panic into ErrInternal (ReasonPanic),
-// so that the request is audited like any other failure and the server
-// goes on serving.
-func (is *Issuer) guardedIssue(ctx context.Context, req Request, rec *storage.Record) (out *Issued, err error) {
+// guarded runs work (issue or issueGrant), turning a panic into
+// ErrInternal (ReasonPanic), so that the request is audited like any other
+// failure and the server goes on serving.
+func (is *Issuer) guarded(ctx context.Context, rec *storage.Record, work func(context.Context) (*Issued, error)) (out *Issued, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			out, err = nil, is.recovered(r, "request_id", rec.RequestID)
 		}
 	}()
-	return is.issue(ctx, req, rec)
+	return work(ctx)
 }
 
 // issue does the work of Issue between admission and audit, filling rec.

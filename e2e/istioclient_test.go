@@ -59,7 +59,7 @@ const (
 // pilot-agent on a VM does, then checks the certificate, the audit trail,
 // refusals, metrics and a clean shutdown.
 func TestIstioClient(t *testing.T) {
-	for _, signer := range []string{"selfsigned", "intermediate", "vault", "googlecas", "awspca"} {
+	for _, signer := range []string{"selfsigned", "intermediate", "vault", "googlecas", "awspca", "kubernetes"} {
 		t.Run(signer, func(t *testing.T) {
 			t.Parallel()
 			testBackend(t, signer, nil)
@@ -515,20 +515,36 @@ func verifyLeaf(t *testing.T, b *backend, leaf *x509.Certificate, intermediates 
 // issuing call.
 func checkLeaf(t *testing.T, b *backend, leaf, issuer *x509.Certificate, pub crypto.PublicKey, requested, done time.Time) {
 	t.Helper()
+	// Castellan's own signers use 128-bit serials; Vault and CAS pick up to 20 octets.
+	maxBits, wantSubject := 128, ""
+	if b.remote != nil {
+		maxBits, wantSubject = 159, b.remote.leafSubject
+	}
+	checkProfile(t, leaf, issuer, workloadID, pub, maxBits, wantSubject)
 
-	wantURI, _ := url.Parse(workloadID)
+	checkTime(t, "NotBefore", leaf.NotBefore, requested.Add(-clockSkew), done.Add(-clockSkew))
+	checkTime(t, "NotAfter", leaf.NotAfter, requested.Add(leafTTL), done.Add(leafTTL))
+	if got, want := leaf.NotAfter.Sub(leaf.NotBefore), leafTTL+clockSkew; got < want-timeTolerance || got > want+timeTolerance {
+		t.Errorf("leaf validity = %v, want %v ± %v", got, want, timeTolerance)
+	}
+}
+
+// checkProfile checks a workload leaf issued by issuer against the profile
+// of DESIGN.md §4 for identity id and key pub, whatever its validity: one
+// URI SAN, the subject, critical key usage and basic
+// constraints, usages, AuthorityKeyId, a random serial of 65 to maxBits bits.
+// wantSubject is the subject a remote backend sets ("" for Castellan's own).
+func checkProfile(t *testing.T, leaf, issuer *x509.Certificate, id string, pub crypto.PublicKey, maxBits int, wantSubject string) {
+	t.Helper()
+	wantURI, _ := url.Parse(id)
 	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != wantURI.String() {
-		t.Errorf("leaf URI SANs = %v, want exactly [%s]", leaf.URIs, workloadID)
+		t.Errorf("leaf URI SANs = %v, want exactly [%s]", leaf.URIs, id)
 	}
 	if len(leaf.DNSNames)+len(leaf.IPAddresses)+len(leaf.EmailAddresses) != 0 {
 		t.Errorf("leaf has DNS %v, IP %v, email %v SANs, want none", leaf.DNSNames, leaf.IPAddresses, leaf.EmailAddresses)
 	}
 	// Castellan's profile: an empty subject, so a critical SAN (RFC 5280);
 	// a backend that sets a subject (AWS PCA) marks the SAN non-critical.
-	wantSubject := ""
-	if b.remote != nil {
-		wantSubject = b.remote.leafSubject
-	}
 	for _, ext := range []struct {
 		name     string
 		oid      asn1.ObjectIdentifier
@@ -571,19 +587,8 @@ func checkLeaf(t *testing.T, b *backend, leaf, issuer *x509.Certificate, pub cry
 	if len(issuer.SubjectKeyId) == 0 || !bytes.Equal(leaf.AuthorityKeyId, issuer.SubjectKeyId) {
 		t.Errorf("leaf AuthorityKeyId = %x, want issuer SubjectKeyId %x", leaf.AuthorityKeyId, issuer.SubjectKeyId)
 	}
-	// Castellan's own signers use 128-bit serials; Vault and CAS pick up to 20 octets.
-	maxBits := 128
-	if b.remote != nil {
-		maxBits = 159
-	}
 	if s := leaf.SerialNumber; s.Sign() <= 0 || s.BitLen() <= 64 || s.BitLen() > maxBits {
 		t.Errorf("leaf serial %x has %d bits, want a positive random number of 65 to %d bits", s, s.BitLen(), maxBits)
-	}
-
-	checkTime(t, "NotBefore", leaf.NotBefore, requested.Add(-clockSkew), done.Add(-clockSkew))
-	checkTime(t, "NotAfter", leaf.NotAfter, requested.Add(leafTTL), done.Add(leafTTL))
-	if got, want := leaf.NotAfter.Sub(leaf.NotBefore), leafTTL+clockSkew; got < want-timeTolerance || got > want+timeTolerance {
-		t.Errorf("leaf validity = %v, want %v ± %v", got, want, timeTolerance)
 	}
 	if leaf.NotAfter.After(issuer.NotAfter) {
 		t.Errorf("leaf NotAfter %v is after the issuer's %v", leaf.NotAfter, issuer.NotAfter)

@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/castellan-ca/castellan/e2e/internal/kubeenv"
@@ -24,15 +26,70 @@ var (
 	}
 	castellanLeaseRules = []rbacv1.PolicyRule{
 		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, Verbs: []string{"create"}},
-		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, ResourceNames: []string{"castellan-root-configmaps"},
+		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, ResourceNames: []string{"castellan-root-configmaps", "castellan-kube-signers"},
 			Verbs: []string{"get", "update"}},
 	}
 )
 
+// signerRBAC is the configuration the chart derives the certificate APIs'
+// rules from (config.podCertificateSigners, csrSigners, clusterTrustBundles,
+// istioClusterTrustBundle).
+type signerRBAC struct {
+	podSigners  []string // the chart's default: defaultPodSigner
+	csrSigners  []string
+	istioBundle bool
+}
+
+// defaultSignerRBAC is what the chart's default values grant.
+var defaultSignerRBAC = signerRBAC{podSigners: []string{defaultPodSigner}}
+
+// defaultPodSigner is the signer name Castellan answers PodCertificateRequests of by default.
+const defaultPodSigner = "castellan.io/workload-identity"
+
+// rules are the chart's rules for o (clusterTrustBundles on).
+func (o signerRBAC) rules() []rbacv1.PolicyRule {
+	certs := func(res []string, verbs ...string) rbacv1.PolicyRule {
+		return rbacv1.PolicyRule{APIGroups: []string{"certificates.k8s.io"}, Resources: res, Verbs: verbs}
+	}
+	named := func(r rbacv1.PolicyRule, names []string) rbacv1.PolicyRule { r.ResourceNames = names; return r }
+	out := slices.Clone(castellanClusterRules)
+	if len(o.podSigners) > 0 {
+		out = append(out, certs([]string{"podcertificaterequests"}, "get", "list", "watch"),
+			certs([]string{"podcertificaterequests/status"}, "update"))
+	}
+	if len(o.csrSigners) > 0 {
+		out = append(out, certs([]string{"certificatesigningrequests"}, "get", "list", "watch"),
+			certs([]string{"certificatesigningrequests/status"}, "update"))
+	}
+	if sign := slices.Compact(append(slices.Clone(o.podSigners), o.csrSigners...)); len(sign) > 0 {
+		out = append(out, named(certs([]string{"signers"}, "sign"), sign))
+	}
+	var attest, bundles []string
+	for _, s := range o.podSigners {
+		attest, bundles = append(attest, s), append(bundles, strings.ReplaceAll(s, "/", ":")+":trust-bundle")
+	}
+	if o.istioBundle {
+		attest, bundles = append(attest, "istio.io/istiod-ca"), append(bundles, "istio.io:istiod-ca:root-cert")
+	}
+	if len(bundles) > 0 {
+		out = append(out, certs([]string{"clustertrustbundles"}, "create"),
+			named(certs([]string{"clustertrustbundles"}, "get", "list", "watch", "update", "delete"), bundles),
+			named(certs([]string{"signers"}, "attest"), attest))
+	}
+	return out
+}
+
 // castellanKubeconfig creates the service account castellan-system/castellan
-// with the chart's ClusterRole, and its lease Role in each of
-// leaseNamespaces (created here), and returns a kubeconfig with its token.
+// with the chart's ClusterRole for its default values, and its lease Role in
+// each of leaseNamespaces (created here), and returns a kubeconfig with its
+// token.
 func castellanKubeconfig(t *testing.T, env *kubeenv.Env, leaseNamespaces ...string) string {
+	t.Helper()
+	return castellanKubeconfigFor(t, env, defaultSignerRBAC, leaseNamespaces...)
+}
+
+// castellanKubeconfigFor is castellanKubeconfig with the chart's rules for o.
+func castellanKubeconfigFor(t *testing.T, env *kubeenv.Env, o signerRBAC, leaseNamespaces ...string) string {
 	t.Helper()
 	ctx := context.Background()
 	const ns, sa = "castellan-system", "castellan"
@@ -41,7 +98,7 @@ func castellanKubeconfig(t *testing.T, env *kubeenv.Env, leaseNamespaces ...stri
 	subject := []rbacv1.Subject{{Kind: "ServiceAccount", Name: sa, Namespace: ns}}
 	rbac := env.Client.RbacV1()
 	if _, err := rbac.ClusterRoles().Create(ctx, &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: "castellan"},
-		Rules: castellanClusterRules}, metav1.CreateOptions{}); err != nil {
+		Rules: o.rules()}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := rbac.ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: "castellan"},

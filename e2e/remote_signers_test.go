@@ -38,9 +38,10 @@ type remotePKI struct {
 
 // remoteBackends start the external PKI of each remote signer.
 var remoteBackends = map[string]func(*testing.T) *remotePKI{
-	"vault":     startOpenBao,
-	"googlecas": startFakeCAS,
-	"awspca":    func(t *testing.T) *remotePKI { return startFakePCA(t).pki },
+	"vault":      startOpenBao,
+	"googlecas":  startFakeCAS,
+	"awspca":     func(t *testing.T) *remotePKI { return startFakePCA(t).pki },
+	"kubernetes": startKubernetesBackend,
 }
 
 // startOpenBao runs OpenBao (openBao) and gives Castellan a token limited to

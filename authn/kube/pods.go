@@ -99,7 +99,47 @@ func slimPod(obj any) (any, error) {
 			Name: pod.Name, Namespace: pod.Namespace, UID: pod.UID,
 			ResourceVersion: pod.ResourceVersion, DeletionTimestamp: pod.DeletionTimestamp,
 		},
-		Spec:   corev1.PodSpec{NodeName: pod.Spec.NodeName, ServiceAccountName: pod.Spec.ServiceAccountName},
+		Spec: corev1.PodSpec{NodeName: pod.Spec.NodeName, ServiceAccountName: pod.Spec.ServiceAccountName,
+			Volumes: podCertificateVolumes(pod.Spec.Volumes)},
 		Status: corev1.PodStatus{Phase: pod.Status.Phase},
 	}, nil
+}
+
+// podCertificateVolumes keeps, of a pod's volumes, the signer names of its
+// podCertificate projections: the PodCertificateRequest signer checks that
+// the pod mounts its signer's volume (NodeRestriction checks it only for
+// kubelets).
+func podCertificateVolumes(vols []corev1.Volume) []corev1.Volume {
+	var out []corev1.Volume
+	for _, v := range vols {
+		if v.Projected == nil {
+			continue
+		}
+		var sources []corev1.VolumeProjection
+		for _, s := range v.Projected.Sources {
+			if s.PodCertificate != nil {
+				sources = append(sources, corev1.VolumeProjection{PodCertificate: &corev1.PodCertificateProjection{SignerName: s.PodCertificate.SignerName}})
+			}
+		}
+		if len(sources) > 0 {
+			out = append(out, corev1.Volume{Name: v.Name, VolumeSource: corev1.VolumeSource{Projected: &corev1.ProjectedVolumeSource{Sources: sources}}})
+		}
+	}
+	return out
+}
+
+// MountsPodCertificate reports whether pod has a projected podCertificate
+// volume source for signerName.
+func MountsPodCertificate(pod *corev1.Pod, signerName string) bool {
+	for _, v := range pod.Spec.Volumes {
+		if v.Projected == nil {
+			continue
+		}
+		for _, s := range v.Projected.Sources {
+			if s.PodCertificate != nil && s.PodCertificate.SignerName == signerName {
+				return true
+			}
+		}
+	}
+	return false
 }

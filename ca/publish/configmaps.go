@@ -1,5 +1,7 @@
-// Package publish distributes the trust bundle to workloads: the
-// istio-ca-root-cert ConfigMap in every namespace, kept equal to the bundle.
+// Package publish distributes the trust bundle to workloads, kept equal to it
+// through every rotation phase: the istio-ca-root-cert ConfigMap in every
+// namespace (ConfigMaps) and ClusterTrustBundles (TrustBundles), written by
+// the replica that Election makes leader.
 package publish
 
 import (
@@ -7,8 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sync"
-	"time"
 
 	"github.com/castellan-ca/castellan/ca"
 	corev1 "k8s.io/api/core/v1"
@@ -120,38 +120,19 @@ func (c *ConfigMaps) Run(ctx context.Context) error {
 	}
 	logger.Info("root configmap controller running")
 
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { // every bundle change rewrites every namespace
-		defer wg.Done()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-changed:
-			}
-			// Re-armed before listing: a change while we enqueue fires again.
-			changed = c.Bundle.Changed()
-			all, err := r.namespaces.List(labels.Everything())
-			if err != nil {
-				continue
-			}
-			for _, ns := range all {
-				queue.Add(ns.Name)
-			}
+	all := func() []string {
+		nss, err := r.namespaces.List(labels.Everything())
+		if err != nil {
+			return nil
 		}
-	}()
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for r.processNext(ctx, queue) {
-			}
-		}()
+		names := make([]string, len(nss))
+		for i, ns := range nss {
+			names[i] = ns.Name
+		}
+		return names
 	}
-	<-ctx.Done()
-	queue.ShutDown()
-	wg.Wait()
+	keep(ctx, keeper{bundle: c.Bundle, changed: changed, queue: queue, workers: workers, all: all,
+		reconcile: r.reconcile, logger: logger, what: "root configmap"})
 	return nil
 }
 
@@ -162,27 +143,6 @@ type reconciler struct {
 	namespaces listerscorev1.NamespaceLister
 	configMaps listerscorev1.ConfigMapLister
 	logger     *slog.Logger
-}
-
-// processNext handles one queued namespace; false once the queue shuts down.
-func (r *reconciler) processNext(ctx context.Context, queue workqueue.TypedRateLimitingInterface[string]) bool {
-	ns, shutdown := queue.Get()
-	if shutdown {
-		return false
-	}
-	defer queue.Done(ns)
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	err := r.reconcile(cctx, ns)
-	cancel()
-	if err != nil {
-		if ctx.Err() == nil {
-			r.logger.Warn("root configmap not written; retrying", "namespace", ns, "error", err)
-		}
-		queue.AddRateLimited(ns)
-		return true
-	}
-	queue.Forget(ns)
-	return true
 }
 
 // reconcile creates or updates the ConfigMap in namespace name so that its

@@ -33,8 +33,10 @@ type Election struct {
 }
 
 // Run calls fn with a context that ends when this replica stops being the
-// leader, and stands for election again afterwards, until ctx ends. fn must
-// return once its context ends; the next term starts only after it has.
+// leader or ctx ends, and stands for election again afterwards, until ctx
+// ends. fn must return once its context ends; the lease is released (when
+// ctx ended) only after it has, so another replica's term never overlaps
+// work this one is finishing, and the next term here starts only after it.
 func (e *Election) Run(ctx context.Context, fn func(context.Context)) error {
 	logger := e.Logger
 	if logger == nil {
@@ -73,18 +75,30 @@ func (e *Election) Run(ctx context.Context, fn func(context.Context)) error {
 		if err != nil {
 			return fmt.Errorf("leader election: %w", err)
 		}
+		// The elector's context ends only once fn has returned: with
+		// ReleaseOnCancel it releases the lease as soon as its context ends.
+		electorCtx, stopElector := context.WithCancel(context.WithoutCancel(ctx))
 		runDone := make(chan struct{})
 		go func() {
 			defer close(runDone)
-			le.Run(ctx) // acquire (or wait for ctx), then renew until that fails or ctx ends
+			le.Run(electorCtx) // acquire, then renew until that fails or electorCtx ends
 		}()
 		select {
 		case term := <-leading:
 			logger.Info("leader election: started leading")
-			fn(term) //nolint:contextcheck // term is derived from ctx: le.Run(ctx) makes it with context.WithCancel(ctx) and hands it over through the leading channel, which the linter cannot follow
+			termCtx, endTerm := context.WithCancel(term)
+			stop := context.AfterFunc(ctx, endTerm)
+			fn(termCtx) //nolint:contextcheck // termCtx is derived from ctx: le.Run makes term with context.WithCancel of electorCtx (from ctx) and hands it over through the leading channel, which the linter cannot follow
+			stop()
+			endTerm()
+			stopElector()
 			<-runDone
 			logger.Info("leader election: stopped leading")
+		case <-ctx.Done():
+			stopElector()
+			<-runDone
 		case <-runDone:
+			stopElector()
 		}
 	}
 	return nil

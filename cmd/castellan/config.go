@@ -125,7 +125,7 @@ func bindFlags(fs *flag.FlagSet, c *Config) {
 	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory for everything the server persists")
 	fs.Var(listFlag{&c.ServingDNSNames}, "serving-dns-names", "comma-separated DNS SANs of the serving certificate")
 	fs.DurationVar(&c.ServingCertTTL, "serving-cert-ttl", c.ServingCertTTL, "lifetime of the serving certificate (renewed at two thirds)")
-	fs.StringVar(&c.Signer, "signer", c.Signer, "signing backend: selfsigned | intermediate | vault | googlecas | awspca")
+	fs.StringVar(&c.Signer, "signer", c.Signer, "signing backend: selfsigned | intermediate | vault | googlecas | awspca | kubernetes")
 	fs.StringVar(&c.CACertsDir, "cacerts-dir", c.CACertsDir, "intermediate CA directory (Istio cacerts or kubernetes.io/tls layout)")
 	fs.DurationVar(&c.CACertsPoll, "cacerts-poll-interval", c.CACertsPoll, "how often --cacerts-dir is checked for changes")
 	fs.StringVar(&c.RootKeyType, "root-key-type", c.RootKeyType, "key type of a generated self-signed root: ecdsa-p256 | ecdsa-p384 | rsa-2048 | rsa-3072 | rsa-4096")
@@ -227,8 +227,10 @@ func (c Config) Validate() error {
 		c.GoogleCAS.validate(bad)
 	case "awspca":
 		c.AWSPCA.validate(bad, c.TrustDomain)
+	case "kubernetes":
+		c.KubernetesSigner.validate(bad)
 	default:
-		bad("signer", "%q is not one of selfsigned, intermediate, vault, googlecas, awspca", c.Signer)
+		bad("signer", "%q is not one of selfsigned, intermediate, vault, googlecas, awspca, kubernetes", c.Signer)
 	}
 	switch ca.TTLMode(c.TTLPolicy) {
 	case ca.TTLRefuse, ca.TTLClamp:

@@ -39,6 +39,9 @@ type KubeConfig struct {
 	RootConfigMaps      bool     `yaml:"rootConfigMaps"`
 	RootCMSelector      string   `yaml:"rootConfigMapNamespaceSelector"`
 	LeaderElectionNS    string   `yaml:"leaderElectionNamespace"`
+	// KubeSignersConfig holds the keys of Kubernetes' certificate APIs and
+	// of signer kubernetes (kubesigners.go).
+	KubeSignersConfig `yaml:",inline"`
 }
 
 // kubeDefaults are the Kubernetes defaults.
@@ -52,6 +55,7 @@ func kubeDefaults() KubeConfig {
 		KubeQPS:           50,
 		KubeBurst:         100,
 		RootConfigMaps:    true,
+		KubeSignersConfig: kubeSignersDefaults(),
 	}
 }
 
@@ -71,6 +75,7 @@ func bindKubeFlags(fs *flag.FlagSet, c *KubeConfig) {
 	fs.BoolVar(&c.RootConfigMaps, "root-configmaps", c.RootConfigMaps, "keep the istio-ca-root-cert ConfigMap in every namespace equal to the trust bundle")
 	fs.StringVar(&c.RootCMSelector, "root-configmap-namespace-selector", c.RootCMSelector, "label selector of the namespaces that get istio-ca-root-cert (default: all)")
 	fs.StringVar(&c.LeaderElectionNS, "leader-election-namespace", c.LeaderElectionNS, "namespace of the leader election Lease (default: Castellan's own, from the in-cluster or kubeconfig namespace)")
+	bindKubeSignerFlags(fs, &c.KubeSignersConfig)
 }
 
 // validate checks the Kubernetes keys.
@@ -120,6 +125,7 @@ func (c KubeConfig) validate(bad func(key, format string, a ...any)) {
 	if _, err := labels.Parse(c.RootCMSelector); err != nil {
 		bad("rootConfigMapNamespaceSelector", "%v", err)
 	}
+	c.KubeSignersConfig.validate(bad)
 }
 
 // kubeParts is what the Kubernetes integration adds to the server.
@@ -127,6 +133,11 @@ type kubeParts struct {
 	authenticator *kube.Authenticator
 	nodes         *kube.NodeAuthorizer
 	ready         readyCheck
+	// local is the local cluster (its pod cache); restCfg and ownNS
+	// reach it, for the signers of its certificate APIs.
+	local   *kube.Cluster
+	restCfg *rest.Config
+	ownNS   string
 }
 
 // inClusterNamespaceFile holds the namespace of the pod we run in.
@@ -186,6 +197,7 @@ func startKube(ctx context.Context, c *component, cfg Config, td spiffeid.TrustD
 		authenticator: &kube.Authenticator{TrustDomain: td, Clusters: clusters},
 		nodes:         &kube.NodeAuthorizer{TrustDomain: td, Clusters: clusters, Trusted: trusted},
 		ready:         readyCheck{"kubernetes", clusters.Ready},
+		local:         local, restCfg: restCfg, ownNS: ownNS,
 	}, nil
 }
 
@@ -204,10 +216,7 @@ func newKubeCluster(cfg Config, id string, restCfg *rest.Config, logger *slog.Lo
 // newKubeClient applies the client-side rate limits, so that a restart storm
 // is paced here rather than throttled by the apiserver.
 func newKubeClient(cfg Config, restCfg *rest.Config) (kubernetes.Interface, error) {
-	rc := rest.CopyConfig(restCfg)
-	rc.QPS, rc.Burst = float32(cfg.KubeQPS), cfg.KubeBurst
-	rc.UserAgent = "castellan"
-	return kubernetes.NewForConfig(rc)
+	return kubernetes.NewForConfig(rateLimited(cfg, restCfg))
 }
 
 // startRootConfigMaps runs, in c, the root ConfigMap controller on the
@@ -223,19 +232,9 @@ func startRootConfigMaps(c *component, cfg Config, restCfg *rest.Config, ownNS s
 			return fmt.Errorf("rootConfigMapNamespaceSelector: %w", err)
 		}
 	}
-	ns := cfg.LeaderElectionNS
-	if ns == "" {
-		ns = ownNS
-	}
-	if ns == "" {
-		ns = "default"
-	}
-	host, _ := os.Hostname()
-	var suffix [6]byte
-	_, _ = rand.Read(suffix[:])
 	logger = logger.With("component", "root-configmaps")
-	election := &publish.Election{Client: client, Namespace: ns, Name: leaseName,
-		Identity: host + "_" + hex.EncodeToString(suffix[:]), Logger: logger}
+	election := &publish.Election{Client: client, Namespace: leaseNamespace(cfg, ownNS), Name: leaseName,
+		Identity: replicaIdentity(), Logger: logger}
 	controller := &publish.ConfigMaps{Client: client, Bundle: authority, NamespaceSelector: sel, Logger: logger}
 	c.Go(func(ctx context.Context) error {
 		err := election.Run(ctx, func(ctx context.Context) {
@@ -249,6 +248,26 @@ func startRootConfigMaps(c *component, cfg Config, restCfg *rest.Config, ownNS s
 		return nil
 	})
 	return nil
+}
+
+// leaseNamespace is where the replicas' Leases live: leaderElectionNamespace,
+// else Castellan's own namespace, else default.
+func leaseNamespace(cfg Config, ownNS string) string {
+	switch {
+	case cfg.LeaderElectionNS != "":
+		return cfg.LeaderElectionNS
+	case ownNS != "":
+		return ownNS
+	}
+	return "default"
+}
+
+// replicaIdentity names this process in Leases: its host and a random suffix.
+func replicaIdentity() string {
+	host, _ := os.Hostname()
+	var suffix [6]byte
+	_, _ = rand.Read(suffix[:])
+	return host + "_" + hex.EncodeToString(suffix[:])
 }
 
 // loadKubeconfig returns the config of the kubeconfig at path, or the

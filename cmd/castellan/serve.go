@@ -24,6 +24,7 @@ import (
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
 	"github.com/castellan-ca/castellan/signer/awspca"
 	"github.com/castellan-ca/castellan/signer/googlecas"
+	"github.com/castellan-ca/castellan/signer/kubernetes"
 	"github.com/castellan-ca/castellan/signer/vault"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -88,6 +89,7 @@ type server struct {
 	rotation    admin.Rotation
 	authn       authn.Chain
 	nodes       ca.NodeAuthorizer
+	kube        *kubeParts   // nil when Kubernetes is off
 	ready       []readyCheck // what /readyz checks beyond signer, store and serving certificate
 	issuer      *ca.Issuer
 	serving     *ca.ServingCert
@@ -107,7 +109,7 @@ func newServer(ctx context.Context, cfg Config, logger *slog.Logger) *server {
 // last, after every writer), the listeners last (they stop first).
 func (s *server) start(ctx context.Context) error {
 	for _, step := range []func(context.Context) error{
-		s.startStore, s.startSigner, s.startAuthn, s.startIssuer, s.startTrustFiles, s.startBundleEndpoint,
+		s.startStore, s.startSigner, s.startAuthn, s.startIssuer, s.startKubeSigners, s.startTrustFiles, s.startBundleEndpoint,
 		s.startAdmission, s.startGRPC, s.startMonitoring,
 	} {
 		if err := step(ctx); err != nil {
@@ -134,8 +136,8 @@ func (s *server) startStore(ctx context.Context) error {
 
 // startSigner puts the configured backend to use. The local backends
 // (selfsigned, intermediate) run through the CA rotation manager, which
-// tracks what each CA issued; the remote ones (Vault, CAS, AWS PCA) rotate
-// their own keys and only report bundle changes.
+// tracks what each CA issued; the remote ones (Vault, CAS, AWS PCA, a
+// Kubernetes signer) rotate their own keys and only report bundle changes.
 func (s *server) startSigner(ctx context.Context) error {
 	c := s.lc.start("signer")
 	audit := &ca.Auditor{Log: s.store, Timeout: s.cfg.AuditTimeout, Logger: s.logger}
@@ -146,6 +148,8 @@ func (s *server) startSigner(ctx context.Context) error {
 		return startGoogleCAS(ctx, c, s.cfg, s.authority, audit, s.logger)
 	case awspca.Backend:
 		return startAWSPCA(ctx, c, s.cfg, s.authority, audit, s.logger)
+	case kubernetes.Backend:
+		return startKubernetesSigner(c, s.cfg, s.authority, audit, s.logger) //nolint:contextcheck // it blocks on nothing; the signer's loop runs under c's context
 	}
 	keys, err := openKeyProvider(ctx, s.cfg, s.logger)
 	if err != nil {
@@ -189,7 +193,7 @@ func (s *server) startAuthn(ctx context.Context) error {
 		return err
 	}
 	s.authn = append(s.authn, kubeParts.authenticator)
-	s.nodes = kubeParts.nodes
+	s.nodes, s.kube = kubeParts.nodes, kubeParts
 	s.ready = append(s.ready, kubeParts.ready)
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"path/filepath"
 	"text/tabwriter"
@@ -54,8 +55,14 @@ func cmdIssue(ctx context.Context, g *globals, args []string, stdout, stderr io.
 	if err != nil {
 		return err
 	}
-	// The CSR carries no SAN: the server puts the identity in; the CSR proves key possession.
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	// The CSR names the identity as pilot-agent's do: the server decides
+	// what is granted either way, but a backend that reads names only from
+	// the CSR (signer kubernetes forwards it to a cluster's CSR API) needs it.
+	id, err := url.Parse(*identity)
+	if err != nil {
+		return fmt.Errorf("issue: --identity: %w", err)
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{id}}, key)
 	if err != nil {
 		return fmt.Errorf("create CSR: %w", err)
 	}

@@ -39,13 +39,15 @@ func (e *Env) CreateNamespace(t testing.TB, name string, labels map[string]strin
 
 // CreateServiceAccount creates ns/name. There is no controller-manager, so
 // not even "default" exists until a test creates it.
-func (e *Env) CreateServiceAccount(t testing.TB, ns, name string) {
+func (e *Env) CreateServiceAccount(t testing.TB, ns, name string) *corev1.ServiceAccount {
 	t.Helper()
-	if _, err := e.Client.CoreV1().ServiceAccounts(ns).Create(ctx(t), &corev1.ServiceAccount{
+	sa, err := e.Client.CoreV1().ServiceAccounts(ns).Create(ctx(t), &corev1.ServiceAccount{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
-	}, metav1.CreateOptions{}); err != nil {
+	}, metav1.CreateOptions{})
+	if err != nil {
 		t.Fatalf("create service account %s/%s: %v", ns, name, err)
 	}
+	return sa
 }
 
 // CreateNode creates the Node object name, as its kubelet would register
@@ -63,8 +65,8 @@ func (e *Env) CreateNode(t testing.TB, name string) *corev1.Node {
 }
 
 // CreatePod creates a pod of service account sa scheduled on node (set
-// directly: there is no scheduler, and no kubelet ever runs it).
-func (e *Env) CreatePod(t testing.TB, ns, name, sa, node string) *corev1.Pod {
+// directly: there is no scheduler, and no kubelet ever runs it), with vols.
+func (e *Env) CreatePod(t testing.TB, ns, name, sa, node string, vols ...corev1.Volume) *corev1.Pod {
 	t.Helper()
 	pod, err := e.Client.CoreV1().Pods(ns).Create(ctx(t), &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
@@ -73,6 +75,7 @@ func (e *Env) CreatePod(t testing.TB, ns, name, sa, node string) *corev1.Pod {
 			NodeName:                     node,
 			AutomountServiceAccountToken: ptr.To(false),
 			Containers:                   []corev1.Container{{Name: "app", Image: "example.invalid/app"}},
+			Volumes:                      vols,
 		},
 	}, metav1.CreateOptions{})
 	if err != nil {

@@ -174,8 +174,8 @@ after the pod is scheduled), with messages naming the value.
 {{- fail (printf "config.%s: set by the chart when %s is given (it mounts the file); remove one of them" (index $pair 1) (index $pair 3)) }}
 {{- end }}
 {{- end }}
-{{- if not (has $signer (list "selfsigned" "intermediate" "vault" "googlecas" "awspca")) }}
-{{- fail (printf "config.signer: %q is not one of selfsigned, intermediate, vault, googlecas, awspca" $signer) }}
+{{- if not (has $signer (list "selfsigned" "intermediate" "vault" "googlecas" "awspca" "kubernetes")) }}
+{{- fail (printf "config.signer: %q is not one of selfsigned, intermediate, vault, googlecas, awspca, kubernetes" $signer) }}
 {{- end }}
 {{- if eq $signer "intermediate" }}
 {{- if not $v.intermediate.secretName }}

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/castellan-ca/castellan/authn"
@@ -75,6 +76,7 @@ type server struct {
 	authn       authn.Chain
 	nodes       ca.NodeAuthorizer
 	ready       []readyCheck // what /readyz checks beyond signer, store and serving certificate
+	kube        *kubeParts   // nil when Kubernetes is off
 	issuer      *ca.Issuer
 	serving     *ca.ServingCert
 
@@ -93,7 +95,7 @@ func newServer(ctx context.Context, cfg Config, logger *slog.Logger) *server {
 // last, after every writer), the listeners last (they stop first).
 func (s *server) start(ctx context.Context) error {
 	for _, step := range []func(context.Context) error{
-		s.startStore, s.startSigner, s.startAuthn, s.startIssuer, s.startTrustFiles, s.startBundleEndpoint,
+		s.startStore, s.startSigner, s.startAuthn, s.startIssuer, s.startPublish, s.startTrustFiles, s.startBundleEndpoint,
 		s.startGRPC, s.startMonitoring,
 	} {
 		if err := step(ctx); err != nil {
@@ -158,10 +160,11 @@ func (s *server) startAuthn(ctx context.Context) error {
 		s.authn = append(s.authn, oidcAuthn)
 	}
 	// Kubernetes service-account tokens come last: they claim every bearer token left.
-	kubeParts, err := startKube(ctx, c, s.cfg, s.td, s.authority, s.logger)
+	kubeParts, err := startKube(ctx, c, s.cfg, s.td, s.logger)
 	if err != nil || kubeParts == nil {
 		return err
 	}
+	s.kube = kubeParts
 	s.authn = append(s.authn, kubeParts.authenticator)
 	s.nodes = kubeParts.nodes
 	s.ready = append(s.ready, kubeParts.ready)
@@ -298,14 +301,14 @@ func closeWithin(timeout time.Duration, closeFn func(context.Context) error) {
 // issue: each component that can stop issuance added a check).
 func (s *server) startMonitoring(context.Context) error {
 	ready := append([]readyCheck{
-		{"signer", func(context.Context) error {
+		{name: "signer", check: func(context.Context) error {
 			if s.authority.Current() == nil {
 				return errors.New("no active signer")
 			}
 			return nil
 		}},
-		{"audit store", s.store.Ping},
-		{"serving certificate", func(ctx context.Context) error { _, err := s.serving.Current(ctx); return err }},
+		{name: "audit store", check: s.store.Ping},
+		{name: "serving certificate", check: func(ctx context.Context) error { _, err := s.serving.Current(ctx); return err }},
 	}, s.ready...)
 	lis, err := net.Listen("tcp", s.cfg.MonitoringListen)
 	if err != nil {
@@ -328,10 +331,13 @@ func (s *server) startMonitoring(context.Context) error {
 type readyCheck struct {
 	name  string
 	check func(context.Context) error
+	// warnOnly checks are details: their failure is shown in the answer,
+	// which stays 200 (issuance does not depend on them).
+	warnOnly bool
 }
 
 // monitoringHandler serves /metrics, /healthz (process alive) and /readyz
-// (every check passes).
+// (every check passes; failing warnOnly checks are listed as warnings).
 func monitoringHandler(reg *prometheus.Registry, ready []readyCheck) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
@@ -339,13 +345,19 @@ func monitoringHandler(reg *prometheus.Registry, ready []readyCheck) http.Handle
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
+		var warnings []string
 		for _, c := range ready {
-			if err := c.check(ctx); err != nil {
+			err := c.check(ctx)
+			switch {
+			case err == nil:
+			case c.warnOnly:
+				warnings = append(warnings, "warning: "+c.name+": "+err.Error()+"\n")
+			default:
 				http.Error(w, "not ready: "+c.name+": "+err.Error(), http.StatusServiceUnavailable)
 				return
 			}
 		}
-		io.WriteString(w, "ok\n")
+		io.WriteString(w, "ok\n"+strings.Join(warnings, ""))
 	})
 	return mux
 }

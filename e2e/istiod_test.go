@@ -8,7 +8,9 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"math/big"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,8 +20,12 @@ import (
 	"github.com/castellan-ca/castellan/e2e/internal/kubeenv"
 	"github.com/castellan-ca/castellan/e2e/internal/testproc"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/utils/ptr"
 )
 
 // Timing of the Istio control-plane tests: the agent's certificates live
@@ -44,6 +50,8 @@ type istioMesh struct {
 	agentWD  string
 	secure   string // istiod's secure xDS address (localhost:PORT)
 	watch    *xdsWatch
+	// castellanKC is the kubeconfig Castellan runs with: its chart's ServiceAccount.
+	castellanKC string
 }
 
 // TestIstioControlPlane runs Istio's own istiod (pilot-discovery, with
@@ -88,6 +96,8 @@ func testIstioSelfSigned(t *testing.T) {
 	m.waitBundleEverywhere(t, east)
 	m.finish(t, m.bundle(t))
 	m.checkRemote(t, east, eastTok)
+	m.checkSecretPrivileges(t)
+	m.checkRootCheck(t)
 }
 
 // testIstioIntermediate plugs in an intermediate (Istio's cacerts layout)
@@ -147,7 +157,7 @@ func startIstioMesh(t *testing.T, env *kubeenv.Env, cfg serverConfig, valueFiles
 	cfg.configFile = configFile
 	cfg.extraArgs = append([]string{"--kubeconfig", kc, "--leader-election-namespace", "castellan-system",
 		"--istiod-cert-ttl", istiodCertTTL.String(), "--ca-state-poll-interval", "200ms", "--clock-skew", "1s"}, cfg.extraArgs...)
-	m := &istioMesh{env: env, srv: startServer(t, cfg)}
+	m := &istioMesh{env: env, srv: startServer(t, cfg), castellanKC: kc}
 
 	// istiod, in a working directory laid out as its pod's volumes.
 	m.istiodWD = t.TempDir()
@@ -307,7 +317,9 @@ func (m *istioMesh) finish(t *testing.T, newRoots []*x509.Certificate) {
 	m.watch.waitCluster(t, "after-rotation.example.internal", istioWait)
 	// One more agent renewal under the final bundle.
 	first := readOrEmpty(filepath.Join(m.outputDir(), "cert-chain.pem"))
-	m.agent.waitUntil(t, "renewal", istioWait, func() bool { return string(readOrEmpty(filepath.Join(m.outputDir(), "cert-chain.pem"))) != string(first) })
+	m.agent.waitUntil(t, "renewal", istioWait, func() bool {
+		return string(readOrEmpty(filepath.Join(m.outputDir(), "cert-chain.pem"))) != string(first)
+	})
 	failures := m.watch.halt()
 	t.Logf("xDS: %d connections opened, %d pushes on the long-lived streams, %d failures", m.watch.opened.Load(), m.watch.responses.Load(), len(failures))
 	if len(failures) > 0 {
@@ -549,4 +561,80 @@ func pkixName(cn string) pkix.Name {
 
 func pemBlock(typ string, der []byte) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})
+}
+
+// checkSecretPrivileges: under the chart's RBAC and admission policy,
+// Castellan's ServiceAccount can create no Secret in istio-system but its
+// own, and read none but its own.
+func (m *istioMesh) checkSecretPrivileges(t *testing.T) {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := m.env.Client.CoreV1().Secrets("istio-system").Create(ctx, &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Name: "istiod-other"}, StringData: map[string]string{"k": "v"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", m.castellanKC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	as, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secrets := as.CoreV1().Secrets("istio-system")
+	for _, sec := range []*corev1.Secret{
+		{ObjectMeta: metav1.ObjectMeta{Name: "castellan-made"}, Type: corev1.SecretTypeOpaque},
+		{ObjectMeta: metav1.ObjectMeta{Name: "sa-token", Annotations: map[string]string{"kubernetes.io/service-account.name": "istiod"}},
+			Type: corev1.SecretTypeServiceAccountToken},
+	} {
+		_, err := secrets.Create(ctx, sec, metav1.CreateOptions{})
+		if !apierrors.IsInvalid(err) || !strings.Contains(err.Error(), "may create only the kubernetes.io/tls Secret istiod-tls") {
+			t.Errorf("create Secret %s as Castellan: %v, want the admission policy's refusal", sec.Name, err)
+		}
+	}
+	if _, err := secrets.Get(ctx, "istiod-other", metav1.GetOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("get another Secret as Castellan: %v, want Forbidden", err)
+	}
+	if _, err := secrets.Get(ctx, "istiod-tls", metav1.GetOptions{}); err != nil {
+		t.Errorf("get istiod-tls as Castellan: %v", err)
+	}
+}
+
+// checkRootCheck: a root ConfigMap Castellan cannot fix (immutable, holding
+// another root) shows in castellan_root_configmaps_out_of_sync and as a
+// /readyz warning naming its namespace, while /readyz stays 200.
+func (m *istioMesh) checkRootCheck(t *testing.T) {
+	t.Helper()
+	if got := m.srv.metrics(t)["castellan_root_configmaps_out_of_sync"]; got != 0 {
+		t.Errorf("castellan_root_configmaps_out_of_sync = %v after the rotation, want 0", got)
+	}
+	m.env.CreateNamespace(t, "stale", nil)
+	if _, err := m.env.Client.CoreV1().ConfigMaps("stale").Create(context.Background(), &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: "istio-ca-root-cert"}, Immutable: ptr.To(true),
+		Data: map[string]string{"root-cert.pem": string(encodeCerts(newPluginCA(t, "stale").root))}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(istioWait); ; time.Sleep(500 * time.Millisecond) {
+		code, body := httpGet(t, "http://"+m.srv.monAddr+"/readyz")
+		if m.srv.metrics(t)["castellan_root_configmaps_out_of_sync"] == 1 && code == 200 &&
+			strings.Contains(body, "warning: root configmaps: cluster Kubernetes: 1 differ from the trust bundle (stale)") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/readyz %d %q, out of sync %v: want 200 with a warning naming stale, and 1",
+				code, body, m.srv.metrics(t)["castellan_root_configmaps_out_of_sync"])
+		}
+	}
+}
+
+// httpGet returns the status and body of a GET.
+func httpGet(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := (&http.Client{Timeout: httpTimeout}).Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
 }

@@ -29,7 +29,7 @@ import (
 // The istiod-tls Secret, in the layout istiod reads from
 // ./var/run/secrets/istiod/tls (DESIGN.md §10).
 const (
-	IstiodSecretName = "istiod-tls"
+	IstiodSecretName = "istiod-tls" //nolint:gosec // the Secret's name, not a credential
 	IstiodNamespace  = "istio-system"
 	TLSCertKey       = corev1.TLSCertKey       // leaf, then intermediates
 	TLSKeyKey        = corev1.TLSPrivateKeyKey // PKCS#8

@@ -78,7 +78,11 @@ func newIstiodCert(t *testing.T, client *fake.Clientset, a *ca.Authority, audit 
 // getter reads the Secret from the fake API, as the lister would.
 func getter(client *fake.Clientset) func(string) (*corev1.Secret, error) {
 	return func(name string) (*corev1.Secret, error) {
-		return client.CoreV1().Secrets(IstiodNamespace).Get(context.Background(), name, metav1.GetOptions{})
+		o, err := client.Tracker().Get(corev1.SchemeGroupVersion.WithResource("secrets"), IstiodNamespace, name)
+		if err != nil {
+			return nil, err
+		}
+		return o.(*corev1.Secret), nil
 	}
 }
 

@@ -357,7 +357,7 @@ func monitoringHandler(reg *prometheus.Registry, ready []readyCheck) http.Handle
 				return
 			}
 		}
-		io.WriteString(w, "ok\n"+strings.Join(warnings, ""))
+		_, _ = io.WriteString(w, "ok\n"+strings.Join(warnings, ""))
 	})
 	return mux
 }

@@ -162,6 +162,27 @@ helm: $(HELM)
 TEST_DEPS += $(HELM)
 TEST_ENV  += CASTELLAN_TEST_HELM_BIN=$(HELM)
 
+# SoftHSM2 (Debian's softhsm2), a real PKCS#11 token for the CA-key tests
+# (signer/cakey, the selfsigned, intermediate and rotation tests, the HSM e2e):
+# each test binary initialises a throwaway token directory of its own
+# (../shared/recipes/softhsm.md). PKCS#11 needs cgo, so gcc comes along when
+# missing. Installed with apt-get when missing and possible.
+SOFTHSM_MODULE := /usr/lib/softhsm/libsofthsm2.so
+.PHONY: softhsm
+softhsm:
+	@if [ -r $(SOFTHSM_MODULE) ] && command -v softhsm2-util >/dev/null && command -v gcc >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "SoftHSM2 ($(SOFTHSM_MODULE), softhsm2-util) or gcc not found: install softhsm2 and gcc" >&2; exit 1; fi; \
+	echo "installing softhsm2 and gcc (a PKCS#11 token for the CA key tests, and cgo to reach it)" >&2; \
+	{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends softhsm2 gcc libc6-dev; } \
+	  || { echo "cannot install softhsm2 and gcc" >&2; exit 1; }; \
+	[ -r $(SOFTHSM_MODULE) ] || { echo "softhsm2 installed but $(SOFTHSM_MODULE) is missing" >&2; exit 1; }
+bench: softhsm
+TEST_DEPS += softhsm
+TEST_ENV  += CASTELLAN_TEST_SOFTHSM_MODULE=$(SOFTHSM_MODULE)
+UNIT_DEPS += softhsm
+UNIT_ENV  += CASTELLAN_TEST_SOFTHSM_MODULE=$(SOFTHSM_MODULE)
+
 # --- end of real components ---
 
 .PHONY: all run build test lint fmt-check golangci-lint tidy-check vuln proto proto-check proto-breaking tools unit fuzz e2e bench clean
@@ -333,7 +354,7 @@ e2e: build $(TEST_DEPS)
 
 ## bench: issuance pipeline benchmarks (numbers go to BENCHMARKS.md)
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem ./ca/ ./storage/...
+	$(GO) test -run '^$$' -bench . -benchmem ./ca/ ./storage/... ./signer/cakey/
 
 ## loadgen: 32 mTLS clients against the real binary (embedded audit), then Istio's own CA
 ## with the same client; not part of `make test`. Numbers and method: BENCHMARKS.md.

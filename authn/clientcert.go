@@ -144,9 +144,9 @@ type validity struct{ notBefore, notAfter time.Time }
 // prefixed so that no two different chains hash the same input.
 func chainKey(certs []*x509.Certificate) [32]byte {
 	h := sha256.New()
-	var n [4]byte
+	var n [8]byte
 	for _, c := range certs {
-		binary.BigEndian.PutUint32(n[:], uint32(len(c.Raw)))
+		binary.BigEndian.PutUint64(n[:], uint64(len(c.Raw)))
 		h.Write(n[:])
 		h.Write(c.Raw)
 	}

@@ -104,7 +104,9 @@ func newTestIssuer(t *testing.T, kids ...string) *testIssuer {
 
 func writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Type", "application/json")
-	_ = json.NewEncoder(w).Encode(v)
+	if err := json.NewEncoder(w).Encode(v); err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+	}
 }
 
 func writePEM(t *testing.T, path string, certs ...*x509.Certificate) {

@@ -50,7 +50,9 @@ func TestServerRotation(t *testing.T) {
 	status := &adminapi.RotationStatus{Backend: "selfsigned", Version: 7, PropagationWindow: time.Hour, Schedule: true, Summary: "did it",
 		SealedUnder: []string{"0123456789abcdef", "fedcba9876543210"},
 		CAs: []adminapi.CAStatus{{KeyID: "ab", RootKeyID: "ab", Role: "root", Source: "managed", Phase: "active", Subject: "CN=r",
-			NotBefore: at, NotAfter: at.Add(time.Hour), DependentsUntil: at.Add(time.Minute), NextStepAt: at.Add(2 * time.Minute), Issuing: true}}}
+			NotBefore: at, NotAfter: at.Add(time.Hour), DependentsUntil: at.Add(time.Minute), NextStepAt: at.Add(2 * time.Minute), Issuing: true},
+			{KeyID: "cd", RootKeyID: "ab", Role: "intermediate", Source: "managed", Phase: "active", Subject: "CN=i",
+				NotBefore: at, NotAfter: at.Add(time.Hour), KeyURI: "pkcs11:id=cd;object=cd"}}}
 	operator := peerCtx(h.operatorCert(t))
 	workload := peerCtx(signLeaf(t, h.root, signertest.Key(3), appID.URL(), nil))
 

@@ -308,6 +308,9 @@ func (is *Issuer) sign(ctx context.Context, st *State, sreq signer.SignRequest, 
 	}
 	if tmpl == nil {
 		tmpl = LeafTemplate(sreq.Identity, sreq.PublicKey, serial, now.Add(-is.cfg.ClockSkew), now.Add(sreq.TTL))
+		if s, ok := st.Signer.(signer.Subjecter); ok {
+			tmpl.Subject = s.LeafSubject(sreq.Identity)
+		}
 	} else {
 		tmpl.SerialNumber = serial
 		tmpl.NotBefore = now.Add(-is.cfg.ClockSkew).UTC()
@@ -323,6 +326,9 @@ func (is *Issuer) sign(ctx context.Context, st *State, sreq signer.SignRequest, 
 	if err != nil {
 		if errors.Is(err, signer.ErrSignerUnavailable) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
 			return nil, Refuse(ErrUnavailable, ReasonSignerDown, err)
+		}
+		if errors.Is(err, signer.ErrUnsupportedKey) {
+			return nil, Refuse(ErrKeyType, "csr.key", err)
 		}
 		return nil, Refuse(ErrInternal, ReasonSignerError, err)
 	}
@@ -407,6 +413,14 @@ func fillRecord(rec *storage.Record, chain *signer.Chain) {
 	rec.NotBefore, rec.NotAfter = leaf.NotBefore.UTC(), leaf.NotAfter.UTC()
 	rec.CertSHA256 = hex.EncodeToString(sum[:])
 	rec.IssuerKeyID = hex.EncodeToString(leaf.AuthorityKeyId)
+	if chain.BackendRef != "" {
+		// Appended, so an operator action keeps what it did (its purpose).
+		ref := "backend_ref=" + chain.BackendRef
+		if rec.Detail != "" {
+			ref = rec.Detail + "; " + ref
+		}
+		rec.Detail = clip(ref, 1024)
+	}
 }
 
 func issuerNotAfter(chain *signer.Chain, st *State) time.Time {
@@ -422,7 +436,7 @@ func issuerNotAfter(chain *signer.Chain, st *State) time.Time {
 func callerGone(ctx context.Context, err error) error {
 	var r *Refusal
 	cerr := ctx.Err()
-	if cerr == nil || !errors.As(err, &r) || r.Kind != ErrUnavailable {
+	if cerr == nil || !errors.As(err, &r) || !errors.Is(r.Kind, ErrUnavailable) {
 		return err
 	}
 	return Refuse(cerr, ReasonCallerGone, r.Err)

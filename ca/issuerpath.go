@@ -84,9 +84,9 @@ func constrains(c *x509.Certificate) bool {
 // every part length-prefixed so that different inputs never hash the same.
 func issuerKey(leaf *x509.Certificate, intermediates []*x509.Certificate) [32]byte {
 	h := sha256.New()
-	var n [4]byte
+	var n [8]byte
 	part := func(b []byte) {
-		binary.BigEndian.PutUint32(n[:], uint32(len(b)))
+		binary.BigEndian.PutUint64(n[:], uint64(len(b)))
 		h.Write(n[:])
 		h.Write(b)
 	}

@@ -42,6 +42,9 @@ type serverConfig struct {
 
 	// extraArgs are further flags, appended last (kubernetes).
 	extraArgs []string
+	// env are further NAME=value variables of the process (AWS credentials,
+	// SOFTHSM2_CONF).
+	env []string
 }
 
 // server is one running `castellan serve` process with its own data
@@ -92,6 +95,7 @@ func launch(t *testing.T, cfg serverConfig, dataDir string) (*server, error) {
 	}
 	args = append(args, cfg.extraArgs...)
 	s.cmd = exec.Command(castellanBin, args...)
+	s.cmd.Env = append(os.Environ(), cfg.env...)
 	s.cmd.Stdout = s.logs
 	s.cmd.Stderr = s.logs
 	t.Logf("starting %s %s", castellanBin, strings.Join(args, " "))
@@ -119,7 +123,7 @@ func launch(t *testing.T, cfg serverConfig, dataDir string) (*server, error) {
 		select {
 		case <-s.exited:
 			if strings.Contains(s.logs.String(), "address already in use") {
-				return nil, fmt.Errorf("%w: %v", testproc.ErrPortTaken, err)
+				return nil, fmt.Errorf("%w: %w", testproc.ErrPortTaken, err)
 			}
 		default:
 			_ = s.cmd.Process.Kill()

@@ -59,12 +59,21 @@ const (
 // pilot-agent on a VM does, then checks the certificate, the audit trail,
 // refusals, metrics and a clean shutdown.
 func TestIstioClient(t *testing.T) {
-	for _, signer := range []string{"selfsigned", "intermediate", "vault", "googlecas"} {
+	for _, signer := range []string{"selfsigned", "intermediate", "vault", "googlecas", "awspca"} {
 		t.Run(signer, func(t *testing.T) {
 			t.Parallel()
-			testBackend(t, signer)
+			testBackend(t, signer, nil)
 		})
 	}
+	// The self-signed root's key in a SoftHSM2 token (hsm_test.go).
+	t.Run("selfsigned-hsm", func(t *testing.T) {
+		t.Parallel()
+		hsm := newSoftHSM(t)
+		testBackend(t, "selfsigned", hsm.configure)
+		if got := hsm.objects(t); got != 2 {
+			t.Errorf("token holds %d key objects, want 2: the root's key pair, made there", got)
+		}
+	})
 }
 
 // backend is one server under test and what the tests know about its CA.
@@ -72,7 +81,7 @@ type backend struct {
 	signer string
 	srv    *server
 	ca     *testCA // the operator's CA for the intermediate signer, else nil
-	// remote is the external PKI of the vault and googlecas signers, else nil.
+	// remote is the external PKI of the vault, googlecas and awspca signers, else nil.
 	remote *remotePKI
 	// bundle is DIR/root-cert.pem as the server wrote it at start.
 	bundle []*x509.Certificate
@@ -90,11 +99,15 @@ type credential struct {
 	keyFile, chainFile string
 }
 
-// testBackend runs every step against one server with the given signer.
-// Steps depend on earlier ones, so a failed step ends the sequence.
-func testBackend(t *testing.T, signer string) {
+// testBackend runs every step against one server with the given signer,
+// configured further by setup unless nil. Steps depend on earlier ones, so
+// a failed step ends the sequence.
+func testBackend(t *testing.T, signer string, setup func(*serverConfig)) {
 	b := &backend{signer: signer, tempDir: t.TempDir}
 	cfg := serverConfig{signer: signer}
+	if setup != nil {
+		setup(&cfg)
+	}
 	if signer == "intermediate" {
 		b.ca = newTestCA(t)
 		b.wantIntermediates = []*x509.Certificate{b.ca.intermediate}
@@ -104,6 +117,7 @@ func testBackend(t *testing.T, signer string) {
 		b.remote = start(t)
 		b.wantIntermediates = b.remote.intermediates
 		cfg.extraArgs = append(cfg.extraArgs, b.remote.args...)
+		cfg.env = b.remote.env
 	}
 	b.srv = startServer(t, cfg)
 	rootFile := filepath.Join(b.srv.dataDir, "root-cert.pem")
@@ -509,24 +523,33 @@ func checkLeaf(t *testing.T, b *backend, leaf, issuer *x509.Certificate, pub cry
 	if len(leaf.DNSNames)+len(leaf.IPAddresses)+len(leaf.EmailAddresses) != 0 {
 		t.Errorf("leaf has DNS %v, IP %v, email %v SANs, want none", leaf.DNSNames, leaf.IPAddresses, leaf.EmailAddresses)
 	}
+	// Castellan's profile: an empty subject, so a critical SAN (RFC 5280);
+	// a backend that sets a subject (AWS PCA) marks the SAN non-critical.
+	wantSubject := ""
+	if b.remote != nil {
+		wantSubject = b.remote.leafSubject
+	}
 	for _, ext := range []struct {
-		name string
-		oid  asn1.ObjectIdentifier
+		name     string
+		oid      asn1.ObjectIdentifier
+		critical bool
 	}{
-		{"subjectAltName", oidSubjectAltName},
-		{"keyUsage", oidKeyUsage},
-		{"basicConstraints", oidBasicConstraints},
+		{"subjectAltName", oidSubjectAltName, wantSubject == ""},
+		{"keyUsage", oidKeyUsage, true},
+		{"basicConstraints", oidBasicConstraints, true},
 	} {
 		i := slices.IndexFunc(leaf.Extensions, func(e pkix.Extension) bool { return e.Id.Equal(ext.oid) })
 		switch {
 		case i < 0:
 			t.Errorf("leaf has no %s extension", ext.name)
-		case !leaf.Extensions[i].Critical:
-			t.Errorf("leaf %s extension is not critical", ext.name)
+		case leaf.Extensions[i].Critical != ext.critical:
+			t.Errorf("leaf %s extension critical = %v, want %v", ext.name, leaf.Extensions[i].Critical, ext.critical)
 		}
 	}
-	// An empty Name is an empty SEQUENCE.
-	if !bytes.Equal(leaf.RawSubject, []byte{0x30, 0x00}) {
+	switch {
+	case wantSubject != "" && leaf.Subject.String() != wantSubject:
+		t.Errorf("leaf subject = %q, want %q", leaf.Subject.String(), wantSubject)
+	case wantSubject == "" && !bytes.Equal(leaf.RawSubject, []byte{0x30, 0x00}): // an empty Name is an empty SEQUENCE
 		t.Errorf("leaf subject = %q, want empty", leaf.Subject.String())
 	}
 

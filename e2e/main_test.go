@@ -16,6 +16,7 @@ var (
 	castellanBin    string
 	castellanctlBin string
 	fakeCASBin      string // the fake Google CAS the googlecas backend talks to
+	fakePCABin      string // the fake AWS Private CA the awspca backend talks to
 )
 
 // buildTimeout bounds one `go build` of a binary under test. A cold build of
@@ -46,6 +47,7 @@ func run(m *testing.M) int {
 		{&castellanBin, "CASTELLAN_BIN", "./cmd/castellan"},
 		{&castellanctlBin, "CASTELLANCTL_BIN", "./cmd/castellanctl"},
 		{&fakeCASBin, "CASTELLAN_FAKECAS_BIN", "./signer/googlecas/castest/fakecas"},
+		{&fakePCABin, "CASTELLAN_FAKEPCA_BIN", "./signer/awspca/pcatest/fakepca"},
 	} {
 		path, err := binary(b.envVar, b.pkg, tmp)
 		if err != nil {

@@ -93,7 +93,7 @@ func (ca *testCA) writeCACerts(t *testing.T) string {
 // randomness since Go 1.26, so the scalar is built from a hash instead.
 func testKey(t *testing.T, label string) *ecdsa.PrivateKey {
 	t.Helper()
-	for i := 0; i < 16; i++ {
+	for i := range 16 {
 		seed := sha256.Sum256(fmt.Appendf(nil, "castellan-e2e/%s/%d", label, i))
 		if k, err := ecdsa.ParseRawPrivateKey(elliptic.P256(), seed[:]); err == nil {
 			return k

@@ -23,19 +23,24 @@ import (
 	"github.com/castellan-ca/castellan/e2e/internal/testproc"
 )
 
-// remotePKI is the external PKI a vault or googlecas server signs through.
+// remotePKI is the external PKI a vault, googlecas or awspca server signs through.
 type remotePKI struct {
 	// args are the castellan serve flags that select and reach it.
 	args []string
 	// roots are the trust bundle it must publish; intermediates the chain
 	// between leaf and root every response must carry.
 	roots, intermediates []*x509.Certificate
+	// env are variables the server needs to reach it (credentials).
+	env []string
+	// leafSubject is the subject workload leaves carry; empty means none.
+	leafSubject string
 }
 
 // remoteBackends start the external PKI of each remote signer.
 var remoteBackends = map[string]func(*testing.T) *remotePKI{
 	"vault":     startOpenBao,
 	"googlecas": startFakeCAS,
+	"awspca":    func(t *testing.T) *remotePKI { return startFakePCA(t).pki },
 }
 
 // startOpenBao runs OpenBao (openBao) and gives Castellan a token limited to
@@ -161,14 +166,17 @@ func (c *baoClient) healthy() bool {
 	if err != nil {
 		return false
 	}
-	resp.Body.Close()
+	_ = resp.Body.Close() // only the status is read; nothing to lose
 	return resp.StatusCode == http.StatusOK
 }
 
 // write POSTs body to path and returns the response's data (or auth) object.
 func (c *baoClient) write(path string, body map[string]any) map[string]any {
 	c.t.Helper()
-	b, _ := json.Marshal(body)
+	b, err := json.Marshal(body)
+	if err != nil {
+		c.t.Fatalf("openbao %s: %v", path, err)
+	}
 	req, _ := http.NewRequest(http.MethodPost, c.url+path, bytes.NewReader(b))
 	req.Header.Set("X-Vault-Token", "root")
 	resp, err := http.DefaultClient.Do(req)
@@ -200,24 +208,7 @@ func (c *baoClient) write(path string, body map[string]any) map[string]any {
 // test-only --google-cas-insecure.
 func startFakeCAS(t *testing.T) *remotePKI {
 	chainFile := filepath.Join(t.TempDir(), "chain.pem")
-	cmd := exec.Command(fakeCASBin, "-chain-out", chainFile)
-	stdin, err := cmd.StdinPipe() // fakecas exits when this closes
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start fakecas: %v", err)
-	}
-	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil {
-		t.Fatalf("fakecas: %v", err)
-	}
+	_, _, line := startFake(t, fakeCASBin, "-chain-out", chainFile)
 	var addr, pool string
 	if _, err := fmt.Sscanf(strings.TrimSpace(line), "listening on %s pool %s", &addr, &pool); err != nil {
 		t.Fatalf("fakecas printed %q: %v", line, err)
@@ -227,6 +218,33 @@ func startFakeCAS(t *testing.T) *remotePKI {
 		args:  []string{"--google-cas-ca-pool", pool, "--google-cas-endpoint", addr, "--google-cas-insecure"},
 		roots: chain[1:], intermediates: chain[:1],
 	}
+}
+
+// startFake runs a fake backend's process (fakecas, fakepca) until the test
+// ends, when its stdin closes, and returns its stdin, the rest of its stdout
+// and its first line ("listening on ...").
+func startFake(t *testing.T, bin string, args ...string) (io.WriteCloser, *bufio.Reader, string) {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
+	stdin, err := cmd.StdinPipe() // the fake exits when this closes
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", bin, err)
+	}
+	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
+	out := bufio.NewReader(stdout)
+	line, err := out.ReadString('\n')
+	if err != nil {
+		t.Fatalf("%s: %v", bin, err)
+	}
+	return stdin, out, line
 }
 
 func mustParse(t *testing.T, p string) []*x509.Certificate {

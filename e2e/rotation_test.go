@@ -295,7 +295,7 @@ func (w *workload) verifyRaw(raw [][]byte, usage x509.ExtKeyUsage, wantID string
 	return w.current().verify(chain, usage, wantID)
 }
 
-func (m *mesh) fail(format string, a ...any) {
+func (m *mesh) failf(format string, a ...any) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.failures = append(m.failures, time.Now().Format("15:04:05.000 ")+fmt.Sprintf(format, a...))
@@ -327,7 +327,7 @@ func (m *mesh) halt() {
 	m.stopOnce.Do(func() {
 		close(m.stop)
 		for _, w := range m.workloads {
-			w.lis.Close()
+			_ = w.lis.Close() // fails only if already closed: the serve loop ends either way
 		}
 		m.wg.Wait()
 	})
@@ -369,7 +369,7 @@ func (m *mesh) renewLoop(w *workload, offset time.Duration) {
 		}
 		next = rotRenewal
 		if err := m.renew(w); err != nil {
-			m.fail("%s: CSR: %v", w.id, err)
+			m.failf("%s: CSR: %v", w.id, err)
 		} else {
 			m.renewals.Add(1)
 		}
@@ -471,7 +471,7 @@ func (m *mesh) dialLoop(w, peer *workload) {
 			if m.stopped() {
 				return
 			}
-			m.fail("%s → %s: %v", w.id, peer.id, err)
+			m.failf("%s → %s: %v", w.id, peer.id, err)
 		} else {
 			m.handshakes.Add(1)
 		}

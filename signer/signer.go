@@ -10,6 +10,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -22,7 +23,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// Signer is one signing backend (self-signed root, intermediate, Vault, Google CAS).
+// Signer is one signing backend (self-signed root, intermediate, Vault, Google CAS, AWS Private CA).
 //
 // Contract: Sign returns a leaf whose SAN, key and validity match req (the issuer
 // re-checks every field, so a backend that deviates is caught, not trusted), with
@@ -33,6 +34,15 @@ type Signer interface {
 	Sign(ctx context.Context, req SignRequest) (*Chain, error)
 	// TrustBundle returns the roots that chains from Sign verify to.
 	TrustBundle() []*x509.Certificate
+}
+
+// Subjecter is implemented by a backend whose workload certificates must
+// carry a subject (AWS Private CA otherwise copies the CSR's subject, and
+// refuses an empty one without a critical SAN). The issuer puts
+// LeafSubject(id) into the template, so the result check expects it; the
+// other backends issue Castellan's empty subject.
+type Subjecter interface {
+	LeafSubject(id spiffeid.ID) pkix.Name
 }
 
 // SignRequest is what the issuer asks a backend to sign: the profile is decided
@@ -62,10 +72,20 @@ type Chain struct {
 	// signature verification once the issuer's path is known; every other
 	// check still runs. Remote backends leave it false.
 	SignatureChecked bool
+	// BackendRef is the backend's own name for the issued certificate (an
+	// AWS Private CA certificate ARN), recorded in the audit record so an
+	// operator can find the certificate in the backend's records; empty when
+	// the serial is the only reference.
+	BackendRef string
 }
 
 // ErrSignerUnavailable marks a signing failure that a retry may cure.
 var ErrSignerUnavailable = errors.New("signer unavailable")
+
+// ErrUnsupportedKey marks a request whose public key the backend cannot
+// certify (AWS Private CA has no Ed25519): the caller's key is at fault, not
+// the backend, and no retry with the same key will succeed.
+var ErrUnsupportedKey = errors.New("key type not supported by the signer")
 
 // DefaultClockSkew is how far certificates are backdated (NotBefore = now −
 // skew) so that relying parties whose clocks run behind accept them at once.
@@ -153,6 +173,18 @@ func SplitRoots(certs []*x509.Certificate) (inter, roots []*x509.Certificate) {
 		}
 	}
 	return inter, roots
+}
+
+// CheckChainOrder requires each certificate of chain to be signed by the next
+// one, so that a remote CA's chain runs from its issuing CA up to the root
+// its top names, as the trust bundle and the response layout assume.
+func CheckChainOrder(chain []*x509.Certificate) error {
+	for i := 0; i+1 < len(chain); i++ {
+		if err := chain[i].CheckSignatureFrom(chain[i+1]); err != nil {
+			return fmt.Errorf("%q is not signed by the next certificate %q: %w", chain[i].Subject.String(), chain[i+1].Subject.String(), err)
+		}
+	}
+	return nil
 }
 
 // ContainsCertificate reports whether set holds c, compared byte for byte.

@@ -3,6 +3,7 @@ package signer_test
 import (
 	"bytes"
 	"crypto/rand"
+	"crypto/x509"
 	"encoding/pem"
 	"errors"
 	"math/big"
@@ -80,6 +81,30 @@ func TestParseCertificatesPEM(t *testing.T) {
 			}
 			if signer.EncodePEM(got...) != strings.TrimSpace(tc.in)+"\n" {
 				t.Error("EncodePEM does not round-trip")
+			}
+		})
+	}
+}
+
+func TestCheckChainOrder(t *testing.T) {
+	root := signertest.NewRoot(t, "root", signertest.CertOptions{})
+	inter := root.NewIntermediate(t, "intermediate", signertest.CertOptions{})
+	issuing := inter.NewIntermediate(t, "issuing", signertest.CertOptions{})
+	other := signertest.NewRoot(t, "other root", signertest.CertOptions{})
+	for _, tc := range []struct {
+		name  string
+		chain []*x509.Certificate
+		ok    bool
+	}{
+		{"issuing up to the root", []*x509.Certificate{issuing.Cert, inter.Cert, root.Cert}, true},
+		{"a root alone", []*x509.Certificate{root.Cert}, true},
+		{"out of order", []*x509.Certificate{inter.Cert, issuing.Cert, root.Cert}, false},
+		{"a gap", []*x509.Certificate{issuing.Cert, root.Cert}, false},
+		{"another root on top", []*x509.Certificate{inter.Cert, other.Cert}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := signer.CheckChainOrder(tc.chain); (err == nil) != tc.ok {
+				t.Errorf("CheckChainOrder = %v, want ok=%v", err, tc.ok)
 			}
 		})
 	}

@@ -54,8 +54,9 @@ type CARecord struct {
 	// CertDER is the CA certificate.
 	CertDER []byte `json:"cert"`
 	// SealedKey is the private key as sealed by the rotation manager
-	// (encrypted under the key-encryption key when one is configured); empty
-	// for external CAs and once retired.
+	// (encrypted under the key-encryption key when one is configured), or,
+	// for a key held by a key provider (HSM, KMS), only the key's URI; the
+	// first byte says which. Empty for external CAs and once retired.
 	SealedKey []byte `json:"sealedKey,omitempty"`
 	// Phase change times; zero until the phase is reached.
 	PreparedAt    time.Time `json:"preparedAt,omitzero"`

@@ -204,8 +204,8 @@ func appendTime(b []byte, t time.Time) []byte {
 	if t.IsZero() {
 		return append(b, 0)
 	}
-	b = binary.BigEndian.AppendUint64(append(b, 1), uint64(t.Unix()))
-	return binary.BigEndian.AppendUint32(b, uint32(t.Nanosecond()))
+	b = binary.BigEndian.AppendUint64(append(b, 1), uint64(t.Unix())) //nolint:gosec // G115: two's complement, a bijection on int64 (times before 1970 too); stored chains fix this encoding
+	return binary.BigEndian.AppendUint32(b, uint32(t.Nanosecond()))   //nolint:gosec // G115: Nanosecond is in [0, 1e9)
 }
 
 // Query limits.

@@ -4,6 +4,7 @@ import (
 	"crypto/ed25519"
 	"encoding/json"
 	"fmt"
+	"math"
 	"time"
 )
 
@@ -80,7 +81,7 @@ func CollectCheckpoints(rows Rows) ([]Checkpoint, error) {
 		if err := rows.Scan(&id, &tNs, &beforeN, &writers, &cp.KeyID, &cp.Signature); err != nil {
 			return nil, fmt.Errorf("read checkpoints: %w", err)
 		}
-		cp.ID, cp.Time, cp.Before = uint64(id), time.Unix(0, tNs).UTC(), time.Unix(0, beforeN).UTC()
+		cp.ID, cp.Time, cp.Before = uint64(id), time.Unix(0, tNs).UTC(), time.Unix(0, beforeN).UTC() //nolint:gosec // G115: ids are written from [1, MaxInt64]; a tampered one stays bit-exact, so the signature check reports it
 		if err := json.Unmarshal([]byte(writers), &cp.Writers); err != nil {
 			// Not written by a store: let the signature check fail on it.
 			cp.Writers = []CheckpointEntry{{Writer: "undecodable: " + err.Error()}}
@@ -96,7 +97,7 @@ func CheckpointValues(cp *Checkpoint) ([]any, error) {
 	if err != nil {
 		return nil, err
 	}
-	return []any{int64(cp.ID), cp.Time.UnixNano(), ClampUnixNano(cp.Before), string(writers), cp.KeyID, cp.Signature}, nil
+	return []any{int64(cp.ID), cp.Time.UnixNano(), ClampUnixNano(cp.Before), string(writers), cp.KeyID, cp.Signature}, nil //nolint:gosec // G115: a checkpoint id is the last one plus one per prune
 }
 
 // CheckpointPublicKey returns the public half of a store's checkpoint key,
@@ -118,4 +119,15 @@ func ClampUnixNano(t time.Time) int64 {
 		return 1<<63 - 1
 	}
 	return t.UnixNano()
+}
+
+// ClampSeq converts a sequence number to the stores' signed 64-bit seq
+// column, saturating at MaxInt64: no stored seq is larger, so a bound beyond
+// it still means "after every record" instead of turning negative and
+// matching them all.
+func ClampSeq(seq uint64) int64 {
+	if seq > math.MaxInt64 {
+		return math.MaxInt64
+	}
+	return int64(seq)
 }

@@ -110,7 +110,7 @@ func TestChainVerifierErrors(t *testing.T) {
 	if !errors.Is(err, ErrChainBroken) || !errors.As(err, &ce) || ce.Seq != 2 {
 		t.Fatalf("Add = %v, want ChainError at seq 2", err)
 	}
-	if again := v.Add(chain("a", 3)[2]); again != err {
+	if again := v.Add(chain("a", 3)[2]); !errors.Is(again, err) {
 		t.Fatalf("Add after break = %v, want the first error", again)
 	}
 

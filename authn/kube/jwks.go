@@ -102,7 +102,10 @@ func (s *keySet) ready() error {
 	if s.cur.Load() == nil {
 		s.mu.Lock()
 		defer s.mu.Unlock()
-		return fmt.Errorf("service-account issuer keys not loaded yet (last error: %v)", s.lastErr)
+		if s.lastErr == nil {
+			return errors.New("service-account issuer keys not loaded yet")
+		}
+		return fmt.Errorf("service-account issuer keys not loaded yet (last error: %w)", s.lastErr)
 	}
 	return nil
 }

@@ -56,7 +56,7 @@ func newCA(t *testing.T) (*rotation.Manager, *ca.Authority, *ca.Issuer) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := m.Bootstrap(context.Background()); err != nil {
+	if err := m.Bootstrap(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	is, err := ca.NewIssuer(ca.Config{TrustDomain: td, Authenticator: noAuthn{}, Audit: discardAudit{}, Authority: authority})
@@ -104,7 +104,7 @@ func TestSPIFFEAuth(t *testing.T) {
 	m, authority, is := newCA(t)
 	url := start(t, Config{Authority: authority, TrustDomain: td, Auth: AuthSPIFFE, Issuer: is, RefreshHint: time.Minute})
 	endpointID := spiffeid.RequireFromPath(td, EndpointPath)
-	ctx := context.Background()
+	ctx := t.Context()
 	// The federating party's bootstrap bundle: what it trusts before the first fetch.
 	bootstrap := x509bundle.FromX509Authorities(td, authority.Current().Roots)
 
@@ -142,7 +142,7 @@ func TestSPIFFEAuth(t *testing.T) {
 	})
 	t.Run("a party trusting another root is refused", func(t *testing.T) {
 		_, stranger, _ := newCA(t)
-		if _, err := federation.FetchBundle(ctx, td, url, federation.WithSPIFFEAuth(
+		if _, err := federation.FetchBundle(t.Context(), td, url, federation.WithSPIFFEAuth(
 			x509bundle.FromX509Authorities(td, stranger.Current().Roots), endpointID)); err == nil {
 			t.Errorf("FetchBundle trusted an endpoint outside its bundle")
 		}

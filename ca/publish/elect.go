@@ -81,7 +81,7 @@ func (e *Election) Run(ctx context.Context, fn func(context.Context)) error {
 		select {
 		case term := <-leading:
 			logger.Info("leader election: started leading")
-			fn(term)
+			fn(term) //nolint:contextcheck // term is derived from ctx: le.Run(ctx) makes it with context.WithCancel(ctx) and hands it over through the leading channel, which the linter cannot follow
 			<-runDone
 			logger.Info("leader election: stopped leading")
 		case <-runDone:

@@ -29,8 +29,15 @@ type Backend interface {
 // key (its URI) where local keys store sealed bytes.
 type Generator interface {
 	Backend
-	// NewKey creates the private key of a new CA.
+	// NewKey creates the private key of a new CA. A key made inside a key
+	// provider has a URI() string method: the state stores that URI.
 	NewKey(ctx context.Context) (crypto.Signer, error)
+	// OpenKey returns the provider's key at uri (a URI NewKey's key gave),
+	// whose public key is pub.
+	OpenKey(uri string, pub crypto.PublicKey) (crypto.Signer, error)
+	// ProviderKeys reports whether NewKey makes keys inside a key provider:
+	// stored as URIs, they need no key-encryption key.
+	ProviderKeys() bool
 	// NewRoot certifies key as a self-signed root valid from notBefore to notAfter.
 	NewRoot(key crypto.Signer, notBefore, notAfter time.Time) (*x509.Certificate, error)
 	// NewIntermediate certifies key as a CA that signs leaves, under root and

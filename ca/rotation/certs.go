@@ -49,8 +49,9 @@ func (m *Manager) newKey(ctx context.Context) (crypto.Signer, error) {
 	return k, nil
 }
 
-// managedEntry returns a prepared managed CA record for cert, its key
-// cached for sealNew, which seals it before the state is saved. rootID is ""
+// managedEntry returns a prepared managed CA record for cert. A key held by
+// a key provider is stored as its URI (keyRef) here; any other key is cached
+// for sealNew, which seals it before the state is saved. rootID is ""
 // for a root (it is its own root).
 func (m *Manager) managedEntry(cert *x509.Certificate, key crypto.Signer, role, rootID string, now time.Time) (*entry, error) {
 	id := keyID(cert)
@@ -60,17 +61,22 @@ func (m *Manager) managedEntry(cert *x509.Certificate, key crypto.Signer, role, 
 	if rootID == "" {
 		rootID = id
 	}
+	var stored []byte
+	if pk, ok := key.(providerKey); ok {
+		stored = keyRef(pk.URI())
+	}
 	m.cacheKey(id, key)
 	return &entry{cert: cert, CARecord: storage.CARecord{KeyID: id, Role: role, RootID: rootID, Source: storage.SourceManaged,
-		Phase: storage.PhasePrepared, CertDER: cert.Raw, PreparedAt: now}}, nil
+		Phase: storage.PhasePrepared, CertDER: cert.Raw, SealedKey: stored, PreparedAt: now}}, nil
 }
 
 // sealNew seals the keys of the CAs next adds to v (managed, not retired,
-// no stored key) under the KEKs v's keys are sealed under, in the same
-// order, so that every replica that opens the state's keys opens the new
-// ones too; under this replica's KEK when v holds no key yet. During a
-// rekey a replica that lacks one of those KEKs cannot, and the step is
-// refused.
+// no stored key: a key provider's key already has its URI) under the KEKs
+// v's sealed keys are sealed under, in the same order, so that every replica
+// that opens the state's keys opens the new ones too; under this replica's
+// KEK when v holds no sealed key yet. During a rekey a replica that lacks
+// one of those KEKs cannot, and the step is refused; keys made in a key
+// provider need no KEK and are never refused for it.
 func (m *Manager) sealNew(v, next *view) error {
 	ids, err := v.sealedUnder()
 	if err != nil {

@@ -234,7 +234,7 @@ func only(t *testing.T, st *adminapi.RotationStatus, role, phase string) adminap
 
 func (h *harness) status(t *testing.T) *adminapi.RotationStatus {
 	t.Helper()
-	st, err := h.m.Status(context.Background())
+	st, err := h.m.Status(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}

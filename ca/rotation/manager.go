@@ -317,14 +317,26 @@ func (m *Manager) firstRoot(ctx context.Context, now time.Time) (*entry, crypto.
 	return e, key, "generated", err
 }
 
-// key returns e's private key, opening (and caching) it.
+// key returns e's private key, opening (and caching) it: unsealed from
+// the state, or the key provider's key at the URI stored there.
 func (m *Manager) key(e *entry) (crypto.Signer, error) {
 	m.keyMu.Lock()
 	defer m.keyMu.Unlock()
 	if k, ok := m.keys[e.KeyID]; ok {
 		return k, nil
 	}
-	k, err := m.sealer.Open(e.KeyID, e.SealedKey)
+	var (
+		k   crypto.Signer
+		err error
+	)
+	if uri, ok := refURI(e.SealedKey); ok {
+		if m.generator == nil {
+			return nil, fmt.Errorf("rotation: CA %s: its key is in a key provider (%s), which only the selfsigned backend opens", e.KeyID, uri)
+		}
+		k, err = m.generator.OpenKey(uri, e.cert.PublicKey)
+	} else {
+		k, err = m.sealer.Open(e.KeyID, e.SealedKey)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("rotation: %w", err)
 	}

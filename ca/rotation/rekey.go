@@ -34,6 +34,10 @@ const (
 //     dropped, after the replica running the step opened every key under
 //     the new KEK. From then on the old KEK opens nothing.
 //
+// Keys held by a key provider (an HSM or a KMS) are not sealed: the state
+// stores only their URI (formatKeyURI), so both steps leave them alone, and
+// new CA keys made in the provider during a rekey need no KEK at all.
+//
 // The new KEK never crosses the wire: the operator names a file on the
 // server, which must be one of its configured KEK files (Config.KEKFiles).
 
@@ -115,9 +119,12 @@ func (m *Manager) rekeyTarget(req adminapi.RekeyRequest) (*Sealer, string, error
 	return sealer, id, nil
 }
 
-// startRekey seals every key of v under target as well, first.
+// startRekey seals every sealed key of v under target as well, first.
 func (m *Manager) startRekey(v *view, sealer *Sealer, target string) (*view, string, error) {
 	n := v.clone()
+	if err := n.needSealed(); err != nil {
+		return nil, "", err
+	}
 	var did []string
 	var before []string
 	for _, e := range n.sealed() {
@@ -150,14 +157,17 @@ func (m *Manager) startRekey(v *view, sealer *Sealer, target string) (*view, str
 	if len(did) == 0 {
 		return nil, "", refused("every CA key is already sealed under KEK %s first: nothing to do (run ca rekey --finish once every replica holds it)", target)
 	}
-	return n, fmt.Sprintf("sealed the keys of %s under KEK %s beside %s; replicas holding only the old KEK keep working; once every replica holds KEK %s, run ca rekey --finish",
-		strings.Join(did, ", "), target, kekList(before), target), nil
+	return n, fmt.Sprintf("sealed the keys of %s under KEK %s beside %s%s; replicas holding only the old KEK keep working; once every replica holds KEK %s, run ca rekey --finish",
+		strings.Join(did, ", "), target, kekList(before), n.providerNote(), target), nil
 }
 
 // finishRekey keeps only the first sealing of every key of v, after
 // checking that it opens here, under the same KEK for every key.
 func (m *Manager) finishRekey(v *view, sealer *Sealer) (*view, string, error) {
 	n := v.clone()
+	if err := n.needSealed(); err != nil {
+		return nil, "", err
+	}
 	target, dropped := "", map[string]bool{}
 	for _, e := range n.sealed() {
 		parts, err := splitSealings(e.SealedKey)
@@ -200,27 +210,61 @@ func (m *Manager) finishRekey(v *view, sealer *Sealer) (*view, string, error) {
 			}
 		}
 	})
-	return n, fmt.Sprintf("every CA key is sealed under KEK %s only; %s no longer opens them (replicas still holding only that cannot start)",
-		target, strings.Join(old, ", ")), nil
+	return n, fmt.Sprintf("every CA key sealed in the state is sealed under KEK %s only; %s no longer opens them (replicas still holding only that cannot start)%s",
+		target, strings.Join(old, ", "), n.providerNote()), nil
 }
 
-// sealed returns the CAs whose keys the state holds: managed, not retired.
+// sealed returns the CAs whose keys the state holds sealed: managed, not
+// retired, and not held by a key provider.
 func (v *view) sealed() []*entry {
 	var out []*entry
 	for _, e := range v.cas {
-		if e.Source == storage.SourceManaged && e.Phase != storage.PhaseRetired && len(e.SealedKey) > 0 {
+		if e.Source == storage.SourceManaged && e.Phase != storage.PhaseRetired && len(e.SealedKey) > 0 && !isKeyRef(e.SealedKey) {
 			out = append(out, e)
 		}
 	}
 	return out
 }
 
-// sealedUnder returns the KEKs the state's keys are sealed under, in stored
-// order ("" for unencrypted), as its issuing CA's key shows (every key has
-// the same after each step); nil when the state holds no key.
+// inProvider returns the key ids of the CAs whose keys a key provider holds
+// (the state stores their URIs): managed, not retired.
+func (v *view) inProvider() []string {
+	var out []string
+	for _, e := range v.cas {
+		if e.Source == storage.SourceManaged && e.Phase != storage.PhaseRetired && isKeyRef(e.SealedKey) {
+			out = append(out, e.KeyID)
+		}
+	}
+	return out
+}
+
+// needSealed refuses a rekey step when the state seals no key: every CA key
+// is held by a key provider, and a KEK protects none of them.
+func (v *view) needSealed() error {
+	if len(v.sealed()) > 0 {
+		return nil
+	}
+	return refused("no CA key is sealed in the state: a key provider holds the keys of %s, and a KEK does not protect them: nothing to rekey (a replica's caKEKFile can simply be replaced)",
+		strings.Join(v.inProvider(), ", "))
+}
+
+// providerNote tells a rekey's summary which keys it left alone, held by a
+// key provider; "" when there are none.
+func (v *view) providerNote() string {
+	ids := v.inProvider()
+	if len(ids) == 0 {
+		return ""
+	}
+	return "; the keys of " + strings.Join(ids, ", ") + " are held by a key provider, not sealed: left as they are"
+}
+
+// sealedUnder returns the KEKs the state's sealed keys are sealed under, in
+// stored order ("" for unencrypted), as its issuing CA's key shows when that
+// is sealed (every sealed key has the same after each step); nil when the
+// state seals no key (keys held by a key provider have no KEK).
 func (v *view) sealedUnder() ([]string, error) {
 	keys := v.sealed()
-	if e := v.issuing(); e != nil && len(e.SealedKey) > 0 {
+	if e := v.issuing(); e != nil && slices.Contains(keys, e) {
 		keys = []*entry{e}
 	}
 	if len(keys) == 0 {
@@ -235,8 +279,12 @@ func (v *view) sealedUnder() ([]string, error) {
 
 // missingKEKs returns the KEKs v's keys are sealed under that this replica
 // does not hold (and "" when they are unencrypted but it has a KEK of its
-// own): those it cannot seal a new CA key under.
+// own): those it cannot seal a new CA key under. None when new CA keys are
+// made in a key provider: they are not sealed.
 func (m *Manager) missingKEKs(v *view) []string {
+	if m.generator != nil && m.generator.ProviderKeys() {
+		return nil
+	}
 	ids, err := v.sealedUnder()
 	if err != nil {
 		return nil // the step itself reports it

@@ -47,8 +47,8 @@ func (h *harness) rekey(file string, finish bool) (*adminapi.RotationStatus, err
 	return h.m.Rekey(context.Background(), adminapi.RekeyRequest{NewKEKFile: file, Finish: finish, Caller: operator})
 }
 
-// storedKEKs returns, per CA whose key the store holds, the KEK ids its key
-// is sealed under, in stored order.
+// storedKEKs returns, per CA whose key the store holds sealed (not a key
+// provider's URI), the KEK ids its key is sealed under, in stored order.
 func storedKEKs(t *testing.T, store Store) map[string][]string {
 	t.Helper()
 	st, err := store.Load(context.Background())
@@ -57,7 +57,7 @@ func storedKEKs(t *testing.T, store Store) map[string][]string {
 	}
 	out := map[string][]string{}
 	for _, r := range st.CAs {
-		if len(r.SealedKey) == 0 {
+		if len(r.SealedKey) == 0 || isKeyRef(r.SealedKey) {
 			continue
 		}
 		ids, err := sealedUnder(r.SealedKey)

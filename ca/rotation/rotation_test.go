@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -377,6 +378,85 @@ func TestAuditFailureStopsTheStep(t *testing.T) {
 	}
 	if after, _ := h.store.Load(context.Background()); after.Version != before.Version {
 		t.Errorf("an unaudited step changed the state")
+	}
+}
+
+// TestUnauditedRefusalIsNotARefusal: a refused step whose record the audit
+// log cannot take fails as a storage error, so neither an operator nor the
+// schedule (which passes over refusals) takes it for a plain refusal.
+func TestUnauditedRefusalIsNotARefusal(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	down := errors.New("audit store down")
+	h.audit.fail = down
+	before, _ := h.store.Load(context.Background())
+	_, err := h.rotate(adminapi.StepActivate, adminapi.TargetRoot, false) // nothing prepared: refused
+	if !errors.Is(err, down) || errors.Is(err, ca.ErrPrecondition) {
+		t.Fatalf("refused step with the audit log down: %v, want the audit failure and no refusal", err)
+	}
+	if after, _ := h.store.Load(context.Background()); after.Version != before.Version {
+		t.Errorf("a refused step changed the state")
+	}
+}
+
+// saveFails is a Store whose Save, once armed, fails with err and takes the
+// audit log down with it (one PostgreSQL can hold both), counting Loads and
+// Saves.
+type saveFails struct {
+	Store
+	audit        *auditLog
+	err, auditEr error
+	armed        bool
+	loads, saves int
+}
+
+func (s *saveFails) Load(ctx context.Context) (*storage.CAState, error) {
+	s.loads++
+	return s.Store.Load(ctx)
+}
+
+func (s *saveFails) Save(ctx context.Context, version uint64, cas []storage.CARecord) error {
+	if !s.armed {
+		return s.Store.Save(ctx, version, cas)
+	}
+	s.saves++
+	s.audit.mu.Lock()
+	s.audit.fail = s.auditEr
+	s.audit.mu.Unlock()
+	return s.err
+}
+
+// TestSaveAndCorrectionFail: the step is recorded, its save fails, and the
+// record saying it was not applied cannot be written either. The log now
+// holds a step that did not happen: the error says so (the audit failure),
+// and the step is not retried, even after a conflict.
+func TestSaveAndCorrectionFail(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		saveErr error
+	}{
+		{"store down", errors.New("CA state store down")},
+		{"conflict", fmt.Errorf("another replica saved first: %w", storage.ErrConflict)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			store := &saveFails{Store: openStore(t, t.TempDir()), err: tc.saveErr, auditEr: errors.New("audit store down")}
+			h := newHarness(t, store, nil)
+			store.audit, store.armed, store.loads = h.audit, true, 0
+			before, _ := store.Store.Load(context.Background())
+			n := h.audit.len()
+			_, err := h.rotate(adminapi.StepPrepare, adminapi.TargetRoot, false)
+			if !errors.Is(err, store.auditEr) || errors.Is(err, storage.ErrConflict) || errors.Is(err, ca.ErrPrecondition) {
+				t.Fatalf("prepare: %v, want the audit failure, neither a conflict nor a refusal", err)
+			}
+			if store.loads != 1 || store.saves != 1 {
+				t.Errorf("%d loads and %d saves, want 1 each: the step was retried", store.loads, store.saves)
+			}
+			if after, _ := store.Store.Load(context.Background()); after.Version != before.Version {
+				t.Errorf("a step whose save failed changed the state")
+			}
+			if recs := h.audit.since(n); len(recs) != 1 || recs[0].Outcome != storage.OutcomeOK || recs[0].Reason != ReasonRotate {
+				t.Errorf("audit records %+v, want the one written before the save", recs)
+			}
+		})
 	}
 }
 

@@ -27,7 +27,6 @@ import (
 // retire after the last leaf.
 func TestSchedule(t *testing.T) {
 	h := newHarness(t, nil, nil, withSchedule)
-	ctx := context.Background()
 	root := only(t, h.status(t), storage.RoleRoot, storage.PhaseActive)
 	life := root.NotAfter.Sub(root.NotBefore)
 	prepareAt := root.NotBefore.Add(time.Duration(float64(life) * DefaultScheduleFraction))
@@ -36,7 +35,7 @@ func TestSchedule(t *testing.T) {
 	}
 	tick := func() *adminapi.RotationStatus {
 		t.Helper()
-		if err := h.m.Tick(ctx); err != nil {
+		if err := h.m.Tick(t.Context()); err != nil {
 			t.Fatalf("Tick: %v", err)
 		}
 		return h.status(t)

@@ -35,16 +35,23 @@ var (
 	// ErrKEKNotHeld: a key must be sealed under a key-encryption key this
 	// replica does not hold (a rekey is under way and it has the old one only).
 	ErrKEKNotHeld = errors.New("key-encryption key not held by this replica")
+	// ErrKeyInProvider: the state holds only the URI of a key that a key
+	// provider (an HSM or a KMS) holds; there is nothing to unseal or reseal.
+	ErrKeyInProvider = errors.New("held by a key provider (HSM, KMS), not sealed in the state")
 )
 
-// Sealed key formats, the first byte of a stored key (or of one sealing
-// within formatMultiple).
+// Stored key formats, the first byte of a stored key; formatPlain and
+// formatAESGCM also start each sealing within formatMultiple.
 const (
 	formatPlain  byte = 0 // PKCS#8 DER, no KEK configured (embedded store only)
 	formatAESGCM byte = 1 // [1][8-byte KEK id][12-byte nonce][AES-256-GCM(PKCS#8 DER)]
 	// formatMultiple holds the key sealed under several KEKs while a rekey
 	// is under way, the rekey's target first: [2][count]([2-byte length][sealing])…
 	formatMultiple byte = 2
+	// formatKeyURI holds no key material, only where a key provider (an HSM
+	// or a KMS) holds the key: [3][UTF-8 key URI] (keyref.go). Never sealed,
+	// so never one of formatMultiple's sealings, and a rekey leaves it alone.
+	formatKeyURI byte = 3
 )
 
 // maxSealings bounds the sealings of one key: a rekey started on top of
@@ -280,6 +287,9 @@ func sealingKEK(p []byte) string {
 func splitSealings(blob []byte) ([][]byte, error) {
 	if len(blob) == 0 {
 		return nil, errors.New("none stored")
+	}
+	if uri, ok := refURI(blob); ok {
+		return nil, fmt.Errorf("%w: %s", ErrKeyInProvider, uri)
 	}
 	if blob[0] != formatMultiple {
 		return [][]byte{blob}, checkSealing(blob)

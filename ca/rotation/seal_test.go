@@ -30,13 +30,57 @@ func withKEK(t *testing.T, kek []byte) option {
 	return func(c *Config) { c.Sealer = mustSealer(t, kek) }
 }
 
-func mustSealer(t *testing.T, kek []byte) *Sealer {
+func mustSealer(t testing.TB, kek []byte) *Sealer {
 	t.Helper()
 	s, err := NewSealer(kek)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return s
+}
+
+// FuzzOpenStoredKey: a stored key comes from the shared CA state, which
+// whoever can write the database can change. Any blob opens or fails, never
+// panics; a key URI is never taken for key material; and a blob that opens
+// has sealings that sealedUnder reads.
+func FuzzOpenStoredKey(f *testing.F) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		f.Fatal(err)
+	}
+	one := mustSealer(f, testKEK(1))
+	both, second, err := one.Hold(testKEK(2))
+	if err != nil {
+		f.Fatal(err)
+	}
+	plain, _ := (*Sealer)(nil).Seal("01", key)
+	sealed, _ := one.Seal("01", key)
+	multiple, err := both.sealUnder([]string{second, one.ID()}, "01", key)
+	if err != nil {
+		f.Fatal(err)
+	}
+	for _, seed := range [][]byte{nil, {formatPlain}, {formatAESGCM}, {formatMultiple, 2}, {formatKeyURI}, keyRef("pkcs11:id=01;object=01"),
+		plain, sealed, multiple, multiple[:len(multiple)-1], append([]byte{formatMultiple, 2, 0, 3}, keyRef("a:b")...)} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, blob []byte) {
+		for _, s := range []*Sealer{nil, one, both} {
+			k, err := s.Open("01", blob)
+			if isKeyRef(blob) {
+				if !errors.Is(err, ErrKeyInProvider) {
+					t.Fatalf("Open of the key URI %q: %v, want ErrKeyInProvider", blob, err)
+				}
+				continue
+			}
+			if err != nil {
+				continue
+			}
+			ids, serr := sealedUnder(blob)
+			if k == nil || serr != nil || len(ids) == 0 {
+				t.Fatalf("opened %x (key %v) but its sealings do not read: %v %v", blob, k != nil, ids, serr)
+			}
+		}
+	})
 }
 
 func TestSealOpen(t *testing.T) {

@@ -182,6 +182,7 @@ func (m *Manager) status(v *view) *adminapi.RotationStatus {
 			Subject: e.cert.Subject.String(), NotBefore: e.cert.NotBefore, NotAfter: e.cert.NotAfter,
 			PreparedAt: e.PreparedAt, ActivatedAt: e.ActivatedAt, DeactivatedAt: e.DeactivatedAt, RetiredAt: e.RetiredAt,
 			DependentsUntil: v.dependentsUntil(e), Issuing: e.KeyID == issuer && e.Phase == storage.PhaseActive}
+		cs.KeyURI, _ = refURI(e.SealedKey)
 		switch e.Phase {
 		case storage.PhasePrepared:
 			cs.NextStepAt = m.activateAt(e)

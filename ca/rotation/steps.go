@@ -9,6 +9,7 @@ import (
 
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/internal/adminapi"
+	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/storage"
 )
 
@@ -63,9 +64,24 @@ func (m *Manager) rotate(ctx context.Context, req adminapi.RotateRequest, keyID 
 			err = m.sealNew(v, ch.next)
 		}
 		if err != nil {
-			if errors.Is(err, ca.ErrPrecondition) {
-				_ = m.record(ctx, auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeRefused,
-					reason: adminapi.ReasonRotationRefused, detail: describe(req) + ": refused: " + err.Error(), err: err})
+			var refusal auditEntry
+			switch {
+			case errors.Is(err, ca.ErrPrecondition):
+				refusal = auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeRefused,
+					reason: adminapi.ReasonRotationRefused, detail: describe(req) + ": refused: " + err.Error(), err: err}
+			case errors.Is(err, signer.ErrSignerUnavailable):
+				// The key provider (HSM, KMS) is down: a backend outage, audited as one.
+				refusal = auditEntry{method: method, caller: req.Caller, outcome: storage.OutcomeFailed,
+					reason: ca.ReasonSignerDown, detail: describe(req) + ": failed: " + err.Error(), err: ca.Refuse(ca.ErrUnavailable, ca.ReasonSignerDown, err)}
+			}
+			if refusal.method != "" {
+				if aerr := m.record(ctx, refusal); aerr != nil {
+					// Every operator action is audited, refusals too: one the
+					// log cannot take fails as a storage error (Unavailable,
+					// retry), like a step whose record fails. The refusal is
+					// named, not wrapped, so that it is not taken for one.
+					return nil, fmt.Errorf("rotation: audit of the refusal (%s): %w", err.Error(), aerr)
+				}
 			}
 			return nil, err
 		}
@@ -143,7 +159,7 @@ func (m *Manager) prepare(ctx context.Context, v *view, target string, now time.
 			return nil, err
 		}
 		n.cas = append(n.cas, e)
-		return &change{next: n, summary: fmt.Sprintf("prepared intermediate %s under root %s", e.KeyID, root.KeyID)}, nil
+		return &change{next: n, summary: fmt.Sprintf("prepared intermediate %s%s under root %s", e.KeyID, keyLocation(e), root.KeyID)}, nil
 	}
 	key, err := m.newKey(ctx)
 	if err != nil {
@@ -154,14 +170,14 @@ func (m *Manager) prepare(ctx context.Context, v *view, target string, now time.
 		return nil, err
 	}
 	n.cas = append(n.cas, e)
-	summary := fmt.Sprintf("prepared root %s (in the trust bundle from now on)", e.KeyID)
+	summary := fmt.Sprintf("prepared root %s%s (in the trust bundle from now on)", e.KeyID, keyLocation(e))
 	if m.cfg.IntermediateLifetime > 0 {
 		ie, err := m.newIntermediate(ctx, e, key, now)
 		if err != nil {
 			return nil, err
 		}
 		n.cas = append(n.cas, ie)
-		summary += fmt.Sprintf(" and intermediate %s under it", ie.KeyID)
+		summary += fmt.Sprintf(" and intermediate %s%s under it", ie.KeyID, keyLocation(ie))
 	}
 	return &change{next: n, summary: summary}, nil
 }
@@ -253,20 +269,28 @@ func (m *Manager) retire(v *view, target, only string, force bool, now time.Time
 		ch.forced = why
 	}
 	var did []string
-	for _, e := range todo {
+	kept := false // a key provider still holds a retired key
+	drop := func(e *entry) {
+		loc := keyLocation(e)
+		kept = kept || loc != ""
 		retire(e, now)
-		did = append(did, e.KeyID)
+		did = append(did, e.KeyID+loc)
+	}
+	for _, e := range todo {
+		drop(e)
 		if e.Role == storage.RoleRoot {
 			// CAs under a retired root cannot be trusted any more either.
 			for _, c := range n.cas {
 				if c.RootID == e.KeyID && c.KeyID != e.KeyID && c.Phase != storage.PhaseRetired && c.Phase != storage.PhaseActive {
-					retire(c, now)
-					did = append(did, c.KeyID)
+					drop(c)
 				}
 			}
 		}
 	}
 	ch.summary = "retired " + strings.Join(did, ", ")
+	if kept {
+		ch.summary += "; the key provider still holds their keys: delete them there once no longer needed"
+	}
 	if target == adminapi.TargetRoot {
 		ch.summary += " (removed from the trust bundle)"
 	}
@@ -276,6 +300,10 @@ func (m *Manager) retire(v *view, target, only string, force bool, now time.Time
 // commit saves next in place of v, audited by e: the record is written
 // first, so that no state change goes unrecorded; if the save then fails, a
 // second record says so. On success next carries the new version.
+//
+// When that second record fails too, the log says a step was done that was
+// not: the error names both failures and no longer wraps the save's (not
+// even a conflict), so the step is not retried into a log that misleads.
 func (m *Manager) commit(ctx context.Context, v, next *view, e auditEntry) error {
 	for _, c := range next.cas {
 		if c.Source == storage.SourceManaged && c.Phase != storage.PhaseRetired && len(c.SealedKey) == 0 {
@@ -288,7 +316,9 @@ func (m *Manager) commit(ctx context.Context, v, next *view, e auditEntry) error
 	if err := m.cfg.Store.Save(ctx, v.version, next.records()); err != nil {
 		e.outcome, e.detail = storage.OutcomeFailed, e.detail+": not applied: "+err.Error()
 		e.err = ca.Refuse(ca.ErrUnavailable, adminapi.ReasonCAStateDown, err)
-		_ = m.record(ctx, e)
+		if aerr := m.record(ctx, e); aerr != nil {
+			return fmt.Errorf("rotation: save CA state (%s); the audit record written before it says the step was done and could not be corrected: %w", err.Error(), aerr)
+		}
 		return fmt.Errorf("rotation: save CA state: %w", err)
 	}
 	next.version = v.version + 1

@@ -90,7 +90,7 @@ func openAuditStore(ctx context.Context, cfg Config, logger *slog.Logger) (audit
 			MaxBatch: cfg.AuditMaxBatch, MaxBatchDelay: cfg.AuditBatchDelay, CheckpointKey: key, Logger: logger})
 	}
 	return postgres.Open(ctx, cfg.AuditDSN, postgres.Options{Writer: cfg.AuditWriter, MaxBatch: cfg.AuditMaxBatch,
-		MaxBatchDelay: cfg.AuditBatchDelay, MaxConns: int32(cfg.AuditMaxConns), CommitTimeout: 2 * cfg.AuditTimeout,
+		MaxBatchDelay: cfg.AuditBatchDelay, MaxConns: int32(cfg.AuditMaxConns), CommitTimeout: 2 * cfg.AuditTimeout, //nolint:gosec // G115: validation keeps auditMaxConns in [2, 1000]
 		CheckpointKey: key, Logger: logger})
 }
 

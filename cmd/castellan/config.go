@@ -53,9 +53,12 @@ type Config struct {
 	AuditConfig `yaml:",inline"`
 	// RotationConfig holds the CA rotation keys (rotation.go), at the top level of the file.
 	RotationConfig `yaml:",inline"`
-	// Vault and GoogleCAS configure those signers (remote_signers.go).
+	// KeysConfig holds the key provider keys (keys.go), at the top level of the file.
+	KeysConfig `yaml:",inline"`
+	// Vault, GoogleCAS and AWSPCA configure those signers (remote_signers.go, awspca.go).
 	Vault     VaultConfig     `yaml:"vault"`
 	GoogleCAS GoogleCASConfig `yaml:"googleCAS"`
+	AWSPCA    AWSPCAConfig    `yaml:"awsPCA"`
 }
 
 // defaults returns the configuration used when nothing is set.
@@ -86,6 +89,7 @@ func defaults() Config {
 		RotationConfig:   rotationDefaults(),
 		Vault:            vaultDefaults(),
 		GoogleCAS:        googleCASDefaults(),
+		AWSPCA:           awsPCADefaults(),
 	}
 }
 
@@ -118,7 +122,7 @@ func bindFlags(fs *flag.FlagSet, c *Config) {
 	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory for everything the server persists")
 	fs.Var(listFlag{&c.ServingDNSNames}, "serving-dns-names", "comma-separated DNS SANs of the serving certificate")
 	fs.DurationVar(&c.ServingCertTTL, "serving-cert-ttl", c.ServingCertTTL, "lifetime of the serving certificate (renewed at two thirds)")
-	fs.StringVar(&c.Signer, "signer", c.Signer, "signing backend: selfsigned | intermediate | vault | googlecas")
+	fs.StringVar(&c.Signer, "signer", c.Signer, "signing backend: selfsigned | intermediate | vault | googlecas | awspca")
 	fs.StringVar(&c.CACertsDir, "cacerts-dir", c.CACertsDir, "intermediate CA directory (Istio cacerts or kubernetes.io/tls layout)")
 	fs.DurationVar(&c.CACertsPoll, "cacerts-poll-interval", c.CACertsPoll, "how often --cacerts-dir is checked for changes")
 	fs.StringVar(&c.RootKeyType, "root-key-type", c.RootKeyType, "key type of a generated self-signed root: ecdsa-p256 | ecdsa-p384 | rsa-2048 | rsa-3072 | rsa-4096")
@@ -136,7 +140,9 @@ func bindFlags(fs *flag.FlagSet, c *Config) {
 	bindKubeFlags(fs, &c.KubeConfig)
 	bindAuditFlags(fs, &c.AuditConfig)
 	bindRotationFlags(fs, &c.RotationConfig)
+	bindKeyFlags(fs, &c.KeysConfig)
 	bindRemoteSignerFlags(fs, &c.Vault, &c.GoogleCAS)
+	bindAWSPCAFlags(fs, &c.AWSPCA)
 }
 
 // loadConfig applies defaults, then the --config file (strict: unknown keys
@@ -144,7 +150,7 @@ func bindFlags(fs *flag.FlagSet, c *Config) {
 func loadConfig(args []string) (Config, error) {
 	c := defaults()
 	if path := configPath(args); path != "" {
-		b, err := os.ReadFile(path)
+		b, err := os.ReadFile(path) //nolint:gosec // G703: the path is the operator's own --config flag, read with the operator's rights; no request reaches it
 		if err != nil {
 			return c, fmt.Errorf("config: %w", err)
 		}
@@ -215,8 +221,10 @@ func (c Config) Validate() error {
 		c.Vault.validate(bad)
 	case "googlecas":
 		c.GoogleCAS.validate(bad)
+	case "awspca":
+		c.AWSPCA.validate(bad, c.TrustDomain)
 	default:
-		bad("signer", "%q is not one of selfsigned, intermediate, vault, googlecas", c.Signer)
+		bad("signer", "%q is not one of selfsigned, intermediate, vault, googlecas, awspca", c.Signer)
 	}
 	switch ca.TTLMode(c.TTLPolicy) {
 	case ca.TTLRefuse, ca.TTLClamp:
@@ -253,6 +261,7 @@ func (c Config) Validate() error {
 	c.KubeConfig.validate(bad)
 	c.AuditConfig.validate(bad)
 	c.RotationConfig.validate(bad, c)
+	c.KeysConfig.validate(bad, c)
 	if err := c.OIDC.Validate(); err != nil {
 		errs = append(errs, err) // names its own keys (oidc.issuers[i].…)
 	}

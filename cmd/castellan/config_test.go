@@ -90,6 +90,15 @@ func TestLoadConfig(t *testing.T) {
 		}},
 		{name: "further KEK file inside dataDir", args: []string{"--data-dir", "/var/lib/castellan", "--ca-kek-files", "/k/a,/var/lib/castellan/kek"},
 			wantErr: "caKEKFiles[1]: must not be inside dataDir"},
+		{name: "key provider", args: []string{"--key-provider", "pkcs11:module-path=/m.so;token=castellan?pin-source=/run/pin"}, check: func(t *testing.T, c Config) {
+			if c.KeyProvider != "pkcs11:module-path=/m.so;token=castellan?pin-source=/run/pin" {
+				t.Errorf("keyProvider = %q", c.KeyProvider)
+			}
+		}},
+		{name: "key provider with a PIN in it", file: "keyProvider: pkcs11:module-path=/m.so;token=t?pin-value=1234\n", wantErr: "keyProvider: key provider URI: pin-value is not accepted"},
+		{name: "key provider of a remote signer", args: []string{"--signer", "vault", "--key-provider", "awskms:region=eu-west-1"}, wantErr: "keyProvider: holds the keys of the selfsigned and intermediate"},
+		{name: "cacerts key URI without provider", args: []string{"--signer", "intermediate", "--cacerts-dir", "/x", "--cacerts-key-uri", "pkcs11:object=ca"}, wantErr: "cacertsKeyURI: needs keyProvider"},
+		{name: "cacerts key URI with selfsigned", args: []string{"--key-provider", "awskms:", "--cacerts-key-uri", "awskms:key-id=1"}, wantErr: "cacertsKeyURI: only the intermediate"},
 		{name: "unknown flag", args: []string{"--no-such-flag"}, wantErr: "no-such-flag"},
 		{name: "stray argument", args: []string{"extra"}, wantErr: "unexpected arguments"},
 	}

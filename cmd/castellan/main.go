@@ -16,10 +16,16 @@ func main() {
 		fmt.Fprintln(os.Stderr, usage)
 		os.Exit(2)
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := serve(ctx, os.Args[2:], os.Stderr); err != nil {
+	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "castellan:", err)
 		os.Exit(1)
 	}
+}
+
+// run serves until SIGINT or SIGTERM; its deferred stop restores the default
+// signal handling before main exits.
+func run() error {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return serve(ctx, os.Args[2:], os.Stderr)
 }

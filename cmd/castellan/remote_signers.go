@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -145,7 +147,8 @@ func startVault(ctx context.Context, c *component, cfg Config, authority *ca.Aut
 		Auth: auth, CAFile: v.CAFile, ServerName: v.ServerName, Timeout: v.Timeout, RefreshInterval: v.RefreshInterval,
 		Logger: logger,
 		OnChange: func() {
-			reuseSigner(c.ctx, authority, audit, logger, vault.Backend, s, "Vault issuer "+v.Mount+"/"+v.Issuer+" changed")
+			// Vault reports only its current chain: keep every root seen.
+			reuseSigner(c.ctx, authority, audit, logger, vault.Backend, s, "Vault issuer "+v.Mount+"/"+v.Issuer+" changed", authority.Current().Roots)
 		},
 	})
 	if err != nil {
@@ -175,15 +178,15 @@ func startGoogleCAS(ctx context.Context, c *component, cfg Config, authority *ca
 		CAPool: g.CAPool, CertificateAuthority: g.CertificateAuthority, Timeout: g.Timeout, RefreshInterval: g.RefreshInterval,
 		ClientOptions: opts, Logger: logger,
 		OnChange: func() {
-			reuseSigner(c.ctx, authority, audit, logger, googlecas.Backend, s, "Google CAS pool "+g.CAPool+" changed")
+			// CAS reports only the pool's current CAs: keep every root seen.
+			reuseSigner(c.ctx, authority, audit, logger, googlecas.Backend, s, "Google CAS pool "+g.CAPool+" changed", authority.Current().Roots)
 		},
 	})
 	if err != nil {
 		return err
 	}
 	if _, err := authority.Use(googlecas.Backend, s); err != nil {
-		s.Close()
-		return err
+		return errors.Join(err, s.Close())
 	}
 	c.Go(func(ctx context.Context) error {
 		s.Run(ctx)
@@ -192,12 +195,13 @@ func startGoogleCAS(ctx context.Context, c *component, cfg Config, authority *ca
 	return nil
 }
 
-// reuseSigner re-installs s after its trust bundle changed, keeping the
-// previous roots (certificates issued under them are still live), and audits it.
-func reuseSigner(ctx context.Context, authority *ca.Authority, audit *ca.Auditor, logger *slog.Logger, backend string, s signer.Signer, detail string) {
-	old := authority.Current()
+// reuseSigner re-installs s after its trust bundle changed, keeping retained
+// roots beside it (certificates issued under them are still live), and
+// audits it.
+func reuseSigner(ctx context.Context, authority *ca.Authority, audit *ca.Auditor, logger *slog.Logger, backend string, s signer.Signer, detail string,
+	retained []*x509.Certificate) {
 	act := ca.Action{Signer: backend, Detail: detail}
-	if st, err := authority.Use(backend, s, old.Roots...); err != nil {
+	if st, err := authority.Use(backend, s, retained...); err != nil {
 		act.Err, act.Detail = err, fmt.Sprintf("%s: %v", detail, err)
 		logger.Error("trust bundle update failed", "signer", backend, "error", err)
 	} else {

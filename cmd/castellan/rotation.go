@@ -16,6 +16,7 @@ import (
 	"github.com/castellan-ca/castellan/ca/bundleserver"
 	"github.com/castellan-ca/castellan/ca/rotation"
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
+	"github.com/castellan-ca/castellan/signer/cakey"
 	"github.com/castellan-ca/castellan/signer/intermediate"
 	"github.com/castellan-ca/castellan/signer/selfsigned"
 	"github.com/castellan-ca/castellan/storage/cafile"
@@ -132,7 +133,8 @@ func inside(path, dir string) bool {
 // share one, else a file in the data directory) and puts the configured CA
 // to use. The caller runs the manager (Manager.Run): it follows the shared
 // state and, on the leader, the schedule.
-func startRotation(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, audit auditStore, logger *slog.Logger) (*rotation.Manager, error) {
+func startRotation(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, audit auditStore,
+	keys *cakey.Provider, logger *slog.Logger) (*rotation.Manager, error) {
 	logger = logger.With("component", "ca-rotation")
 	var (
 		store  rotation.Store
@@ -152,7 +154,7 @@ func startRotation(ctx context.Context, cfg Config, td spiffeid.TrustDomain, aut
 	if err != nil {
 		return nil, err
 	}
-	backend, err := rotationBackend(cfg, td, logger)
+	backend, err := rotationBackend(cfg, td, keys, logger)
 	if err != nil {
 		return nil, err
 	}
@@ -173,14 +175,14 @@ func startRotation(ctx context.Context, cfg Config, td spiffeid.TrustDomain, aut
 
 // rotationBackend is the configured local backend: selfsigned (generated
 // CAs, the root of earlier versions in the data directory) or intermediate
-// (the operator's cacerts directory).
-func rotationBackend(cfg Config, td spiffeid.TrustDomain, logger *slog.Logger) (rotation.Backend, error) {
+// (the operator's cacerts directory), with its keys in keys when set.
+func rotationBackend(cfg Config, td spiffeid.TrustDomain, keys *cakey.Provider, logger *slog.Logger) (rotation.Backend, error) {
 	switch cfg.Signer {
 	case selfsigned.Backend:
 		return selfsigned.NewGenerator(selfsigned.Options{Dir: filepath.Join(cfg.DataDir, datadir.SelfSignedDir), TrustDomain: td,
-			KeyType: cfg.RootKeyType})
+			KeyType: cfg.RootKeyType, Keys: keys})
 	case intermediate.Backend:
-		return &intermediate.Source{Dir: cfg.CACertsDir, Interval: cfg.CACertsPoll, Logger: logger}, nil
+		return &intermediate.Source{Dir: cfg.CACertsDir, Interval: cfg.CACertsPoll, Logger: logger, Keys: keys, KeyURI: cfg.CACertsKeyURI}, nil
 	}
 	return nil, fmt.Errorf("signer: unknown backend %q", cfg.Signer)
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/castellan-ca/castellan/internal/atomicfile"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
+	"github.com/castellan-ca/castellan/signer/awspca"
 	"github.com/castellan-ca/castellan/signer/googlecas"
 	"github.com/castellan-ca/castellan/signer/vault"
 	"github.com/prometheus/client_golang/prometheus"
@@ -122,8 +123,8 @@ func (s *server) startStore(ctx context.Context) error {
 
 // startSigner puts the configured backend to use. The local backends
 // (selfsigned, intermediate) run through the CA rotation manager, which
-// tracks what each CA issued; the remote ones (Vault, CAS) rotate their own
-// keys and only report bundle changes.
+// tracks what each CA issued; the remote ones (Vault, CAS, AWS PCA) rotate
+// their own keys and only report bundle changes.
 func (s *server) startSigner(ctx context.Context) error {
 	c := s.lc.start("signer")
 	audit := &ca.Auditor{Log: s.store, Timeout: s.cfg.AuditTimeout, Logger: s.logger}
@@ -132,8 +133,17 @@ func (s *server) startSigner(ctx context.Context) error {
 		return startVault(ctx, c, s.cfg, s.authority, audit, s.logger)
 	case googlecas.Backend:
 		return startGoogleCAS(ctx, c, s.cfg, s.authority, audit, s.logger)
+	case awspca.Backend:
+		return startAWSPCA(ctx, c, s.cfg, s.authority, audit, s.logger)
 	}
-	m, err := startRotation(ctx, s.cfg, s.td, s.authority, s.store, s.logger)
+	keys, err := openKeyProvider(ctx, s.cfg, s.logger)
+	if err != nil {
+		return err
+	}
+	if keys != nil {
+		c.onStop(func() { _ = keys.Close() })
+	}
+	m, err := startRotation(ctx, s.cfg, s.td, s.authority, s.store, keys, s.logger)
 	if err != nil {
 		return err
 	}
@@ -152,7 +162,10 @@ func (s *server) startAuthn(ctx context.Context) error {
 	// OIDC goes before Kubernetes tokens: it claims only tokens whose iss is
 	// one of its issuers and passes every other token on.
 	if len(s.cfg.OIDC.Issuers) > 0 {
-		oidcAuthn, err := authn.NewOIDC(c.ctx, authn.OIDCOptions{TrustDomain: s.td, Config: s.cfg.OIDC, Logger: s.logger})
+		// NewOIDC does not block: c.ctx bounds its background discovery,
+		// which must run until shutdown reaches this component, not stop
+		// when serve's ctx ends while later components still take requests.
+		oidcAuthn, err := authn.NewOIDC(c.ctx, authn.OIDCOptions{TrustDomain: s.td, Config: s.cfg.OIDC, Logger: s.logger}) //nolint:contextcheck // c.ctx is the component's lifetime, derived from serve's ctx by lifecycle.start (WithoutCancel, then ended by shutdown)
 		if err != nil {
 			return err
 		}
@@ -234,7 +247,7 @@ func (s *server) startBundleEndpoint(ctx context.Context) error {
 	}
 	c := s.lc.start("bundle endpoint")
 	c.Go(func(context.Context) error { return srv.Serve() })
-	c.onStop(func() { closeWithin(5*time.Second, srv.Close) })
+	c.onStop(func() { closeWithin(ctx, 5*time.Second, srv.Close) })
 	return nil
 }
 
@@ -290,20 +303,26 @@ func gracefulStop(srv *grpc.Server, timeout time.Duration) {
 	srv.Stop() // waits for the handlers a timed-out graceful stop cancelled
 }
 
-// closeWithin calls closeFn with a context that gives it timeout.
-func closeWithin(timeout time.Duration, closeFn func(context.Context) error) {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+// closeWithin calls closeFn at shutdown, when ctx (serve's) may have ended:
+// with ctx's values, detached from its cancellation and bounded by timeout.
+func closeWithin(ctx context.Context, timeout time.Duration, closeFn func(context.Context) error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
 	defer cancel()
 	_ = closeFn(ctx)
 }
 
 // startMonitoring serves /metrics, /healthz (process alive) and /readyz (can
 // issue: each component that can stop issuance added a check).
-func (s *server) startMonitoring(context.Context) error {
+func (s *server) startMonitoring(ctx context.Context) error {
 	ready := append([]readyCheck{
-		{name: "signer", check: func(context.Context) error {
-			if s.authority.Current() == nil {
+		{name: "signer", check: func(ctx context.Context) error {
+			st := s.authority.Current()
+			if st == nil {
 				return errors.New("no active signer")
+			}
+			// A CA key in an HSM or KMS: can its provider sign now?
+			if c, ok := st.Signer.(checker); ok {
+				return c.Check(ctx)
 			}
 			return nil
 		}},
@@ -322,9 +341,15 @@ func (s *server) startMonitoring(context.Context) error {
 		}
 		return nil
 	})
-	c.onStop(func() { closeWithin(5*time.Second, srv.Shutdown) })
+	c.onStop(func() { closeWithin(ctx, 5*time.Second, srv.Shutdown) })
 	s.monitoringAddr = lis.Addr().String()
 	return nil
+}
+
+// checker is a signer that can tell whether it can sign now (a local CA
+// whose key is in an HSM or KMS).
+type checker interface {
+	Check(ctx context.Context) error
 }
 
 // readyCheck is one condition of /readyz.
@@ -341,7 +366,9 @@ type readyCheck struct {
 func monitoringHandler(reg *prometheus.Registry, ready []readyCheck) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = io.WriteString(w, "ok\n") // fails only when the prober hung up: no one left to tell
+	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
@@ -357,7 +384,7 @@ func monitoringHandler(reg *prometheus.Registry, ready []readyCheck) http.Handle
 				return
 			}
 		}
-		_, _ = io.WriteString(w, "ok\n"+strings.Join(warnings, ""))
+		_, _ = io.WriteString(w, "ok\n"+strings.Join(warnings, "")) // fails only when the prober hung up: no one left to tell
 	})
 	return mux
 }

@@ -125,7 +125,11 @@ func (s *testServer) conn(t *testing.T, operator bool) *grpc.ClientConn {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cc.Close() })
+	t.Cleanup(func() {
+		if err := cc.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
 	return cc
 }
 
@@ -336,7 +340,9 @@ func TestServeTLS(t *testing.T) {
 				t.Fatalf("TLS handshake: %v", err)
 			}
 			cs := c.(*tls.Conn).ConnectionState()
-			c.Close()
+			if err := c.Close(); err != nil {
+				t.Errorf("close: %v", err)
+			}
 			if cs.Version != tc.version || cs.NegotiatedProtocol != "h2" || len(cs.VerifiedChains) == 0 {
 				t.Errorf("version %x ALPN %q verified chains %d; want version %x, ALPN h2, a verified chain",
 					cs.Version, cs.NegotiatedProtocol, len(cs.VerifiedChains), tc.version)
@@ -365,7 +371,7 @@ func TestServeTLS(t *testing.T) {
 		defer cancel()
 		c, err := d.DialContext(ctx, "tcp", s.addr)
 		if err == nil {
-			c.Close()
+			_ = c.Close() // the test fails on the next line; this only releases the connection
 			t.Fatal("handshake for evil.example succeeded")
 		}
 		var herr x509.HostnameError
@@ -425,7 +431,7 @@ func TestServeShutdown(t *testing.T) {
 	}
 	for _, addr := range []string{s.addr, s.monAddr} {
 		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
-			c.Close()
+			_ = c.Close() // the test fails on the next line; this only releases the connection
 			t.Errorf("%s still accepts connections after serve returned", addr)
 		}
 	}

@@ -77,6 +77,9 @@ func auditPages(ctx context.Context, client adminpb.AdminServiceClient, req *adm
 			if size <= 0 {
 				return
 			}
+			if size > storage.MaxLimit {
+				size = storage.MaxLimit // the server's cap: a larger page would come back short and end the listing
+			}
 			req.Limit = int32(size)
 			resp, err := client.ListAuditRecords(ctx, req)
 			if err != nil {

@@ -139,6 +139,7 @@ type caJSON struct {
 	RetiredAt       time.Time `json:"retired_at,omitzero"`
 	DependentsUntil time.Time `json:"dependents_until,omitzero"`
 	NextStepAt      time.Time `json:"next_step_at,omitzero"`
+	KeyURI          string    `json:"key_uri,omitempty"`
 }
 
 func printCAStatus(w io.Writer, st *adminapi.RotationStatus, output string) error {
@@ -154,7 +155,7 @@ func printCAStatus(w io.Writer, st *adminapi.RotationStatus, output string) erro
 		}{st.Backend, st.Version, st.PropagationWindow.String(), st.Schedule, st.Summary, st.SealedUnder, nil}
 		for _, c := range st.CAs {
 			out.CAs = append(out.CAs, caJSON{c.KeyID, c.RootKeyID, c.Role, c.Source, c.Phase, c.Issuing, c.Subject, c.NotBefore,
-				c.NotAfter, c.PreparedAt, c.ActivatedAt, c.DeactivatedAt, c.RetiredAt, c.DependentsUntil, c.NextStepAt})
+				c.NotAfter, c.PreparedAt, c.ActivatedAt, c.DeactivatedAt, c.RetiredAt, c.DependentsUntil, c.NextStepAt, c.KeyURI})
 		}
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
@@ -175,6 +176,15 @@ func printCAStatus(w io.Writer, st *adminapi.RotationStatus, output string) erro
 			note = " (rekey under way: the first is the new KEK)"
 		}
 		fmt.Fprintf(w, "CA keys sealed under KEK %s%s\n", strings.Join(keks, ", "), note)
+	}
+	var held []string
+	for _, c := range st.CAs {
+		if c.KeyURI != "" {
+			held = append(held, c.KeyID+" at "+c.KeyURI)
+		}
+	}
+	if len(held) > 0 {
+		fmt.Fprintf(w, "CA keys held by a key provider (sealed under no KEK): %s\n", strings.Join(held, ", "))
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "ROLE\tKEY ID\tPHASE\tNOT BEFORE\tNOT AFTER\tDEPENDENTS UNTIL\tNEXT STEP\tSUBJECT")

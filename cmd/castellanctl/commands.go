@@ -40,7 +40,7 @@ func cmdBundle(ctx context.Context, g *globals, args []string, stdout, stderr io
 func cmdIssue(ctx context.Context, g *globals, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("issue", stderr)
 	identity := fs.String("identity", "", "SPIFFE ID to issue: spiffe://<trust-domain>/ns/<ns>/sa/<sa> (required)")
-	outDir := fs.String("out-dir", ".", "directory for key.pem (0600), cert-chain.pem and root-cert.pem")
+	outDir := fs.String("out-dir", ".", "directory for key.pem (0600), cert-chain.pem and root-cert.pem (created 0700 if missing)")
 	ttl := fs.Duration("ttl", 0, "requested lifetime (default: the server's default)")
 	keyType := fs.String("key-type", "ecdsa-p256", "key to generate: ecdsa-p256 | ecdsa-p384 | rsa-2048 | rsa-3072 | rsa-4096")
 	if err := fs.Parse(args); err != nil {
@@ -79,7 +79,8 @@ func cmdIssue(ctx context.Context, g *globals, args []string, stdout, stderr io.
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(*outDir, 0o755); err != nil {
+	// The directory holds a private key: one created here is its owner's only.
+	if err := os.MkdirAll(*outDir, 0o700); err != nil {
 		return err
 	}
 	var chain string

@@ -113,7 +113,15 @@ func verifyChain(chain, roots []*x509.Certificate) error {
 // issue runs `castellanctl issue` into a fresh directory and reads the result.
 func issue(t *testing.T, data, identity string, extra ...string) issuedFiles {
 	t.Helper()
-	return issueInto(t, data, filepath.Join(t.TempDir(), "out"), identity, extra...)
+	out := filepath.Join(t.TempDir(), "out")
+	f := issueInto(t, data, out, identity, extra...)
+	// castellanctl created out, which holds a private key: only its owner may enter it.
+	if fi, err := os.Stat(out); err != nil {
+		t.Error(err)
+	} else if fi.Mode().Perm() != 0o700 {
+		t.Errorf("--out-dir created with mode %v, want 0700", fi.Mode().Perm())
+	}
+	return f
 }
 
 // issueInto is issue with the --out-dir given.
@@ -657,7 +665,9 @@ func TestServeBinaryInvalidConfig(t *testing.T) {
 			t.Fatalf("castellan serve --signer nope: %v, want a non-zero exit", err)
 		}
 	case <-time.After(startTimeout):
-		cmd.Process.Kill()
+		if err := cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
+			t.Fatalf("castellan serve --signer nope still running after %s; kill: %v", startTimeout, err)
+		}
 		<-done
 		t.Fatalf("castellan serve --signer nope still running after %s", startTimeout)
 	}

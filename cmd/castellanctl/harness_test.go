@@ -11,7 +11,9 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
+	"io/fs"
 	"math/big"
 	"os"
 	"os/exec"
@@ -46,7 +48,9 @@ var (
 func TestMain(m *testing.M) {
 	code := m.Run()
 	if binDir != "" {
-		os.RemoveAll(binDir)
+		if err := os.RemoveAll(binDir); err != nil {
+			fmt.Fprintf(os.Stderr, "remove the castellan binary: %v\n", err)
+		}
 	}
 	os.Exit(code)
 }
@@ -58,25 +62,33 @@ func castellanBinary(t *testing.T) string {
 			binPath = p
 			return
 		}
-		binDir, binErr = os.MkdirTemp("", "castellanctl-test-")
-		if binErr != nil {
-			return
-		}
-		binPath = filepath.Join(binDir, "castellan")
-		args := []string{"build", "-o", binPath}
-		if raceEnabled {
-			args = append(args, "-race")
-		}
-		// `go test` puts its own toolchain first in PATH.
-		cmd := exec.Command("go", append(args, "github.com/castellan-ca/castellan/cmd/castellan")...)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			binErr = fmt.Errorf("go build castellan: %v\n%s", err, out)
-		}
+		binDir, binPath, binErr = buildCastellan()
 	})
 	if binErr != nil {
 		t.Fatal(binErr)
 	}
 	return binPath
+}
+
+// buildCastellan builds the binary into a new directory (returned even on a
+// build error, for TestMain to remove). Every test of this binary shares it,
+// so it cannot be a t.TempDir, which goes when its test ends.
+func buildCastellan() (dir, bin string, err error) {
+	dir, err = os.MkdirTemp("", "castellanctl-test-")
+	if err != nil {
+		return "", "", err
+	}
+	bin = filepath.Join(dir, "castellan")
+	args := []string{"build", "-o", bin}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	// `go test` puts its own toolchain first in PATH.
+	cmd := exec.Command("go", append(args, "github.com/castellan-ca/castellan/cmd/castellan")...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return dir, "", fmt.Errorf("go build castellan: %w\n%s", err, out)
+	}
+	return dir, bin, nil
 }
 
 // server is one `castellan serve` process on loopback ports.
@@ -134,7 +146,9 @@ func (s *server) stop() error {
 		select {
 		case <-s.exited:
 		case <-time.After(stopTimeout):
-			s.cmd.Process.Kill()
+			if err := s.cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
+				return fmt.Errorf("no exit within %s of SIGTERM; kill: %w", stopTimeout, err)
+			}
 			<-s.exited
 			return fmt.Errorf("no exit within %s of SIGTERM; killed", stopTimeout)
 		}
@@ -276,7 +290,9 @@ func writeCACerts(t *testing.T, dir string, root, inter *testCA, key crypto.Sign
 func swapLink(t *testing.T, link, target string) {
 	t.Helper()
 	tmp := link + ".tmp"
-	os.Remove(tmp)
+	if err := os.Remove(tmp); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		t.Fatal(err)
+	}
 	if err := os.Symlink(target, tmp); err != nil {
 		t.Fatal(err)
 	}

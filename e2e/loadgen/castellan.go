@@ -71,8 +71,7 @@ func castellanTarget(ctx context.Context, o options) (*target, error) {
 	}
 	info, err := readServerInfo(dir)
 	if err != nil {
-		t.stop()
-		return nil, fmt.Errorf("castellan data dir: %w (is `castellan serve --data-dir %s` running?)", err, dir)
+		return nil, errors.Join(fmt.Errorf("castellan data dir: %w (is `castellan serve --data-dir %s` running?)", err, dir), t.stop())
 	}
 	t.addr, t.serverName = info.Address, info.ServerName
 	if o.addr != "" {
@@ -82,8 +81,7 @@ func castellanTarget(ctx context.Context, o options) (*target, error) {
 		t.serverName = o.serverName
 	}
 	if err := bootstrapCastellan(ctx, t, dir, info.TrustDomain, o); err != nil {
-		t.stop()
-		return nil, err
+		return nil, errors.Join(err, t.stop())
 	}
 	return t, nil
 }
@@ -178,7 +176,7 @@ func startCastellan(ctx context.Context, o options) (_ *process, err error) {
 		dir, temp = d, true
 		defer func() {
 			if err != nil {
-				os.RemoveAll(d) // p.stop has not taken it over
+				err = errors.Join(err, os.RemoveAll(d)) // p.stop has not taken it over
 			}
 		}()
 	}
@@ -199,15 +197,16 @@ func startCastellan(ctx context.Context, o options) (_ *process, err error) {
 	cmd := exec.Command(o.castellanBin, args...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	if err := cmd.Start(); err != nil {
-		logFile.Close()
-		return nil, fmt.Errorf("start %s: %w", o.castellanBin, err)
+		return nil, errors.Join(fmt.Errorf("start %s: %w", o.castellanBin, err), logFile.Close())
 	}
 	exited := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(exited) }()
 	p := &process{pid: cmd.Process.Pid, dataDir: dir}
 	p.stop = func() error {
 		err := stopProcess(cmd.Process, exited)
-		logFile.Close()
+		if cerr := logFile.Close(); cerr != nil && err == nil {
+			err = cerr
+		}
 		if temp && !o.keep {
 			if rerr := os.RemoveAll(dir); rerr != nil && err == nil {
 				err = rerr
@@ -216,13 +215,11 @@ func startCastellan(ctx context.Context, o options) (_ *process, err error) {
 		return err
 	}
 	if err := waitHTTPReady(ctx, "http://"+monAddr+"/readyz", exited); err != nil {
-		p.stop()
-		logs, _ := os.ReadFile(logFile.Name())
-		return nil, fmt.Errorf("castellan serve: %w\n%s", err, truncate(string(logs), 4096))
+		logs, _ := os.ReadFile(logFile.Name()) // before p.stop, which removes a temporary data dir
+		return nil, errors.Join(fmt.Errorf("castellan serve: %w\n%s", err, truncate(string(logs), 4096)), p.stop())
 	}
 	if _, err := readServerInfo(dir); err != nil {
-		p.stop()
-		return nil, fmt.Errorf("castellan serve is ready but wrote no %s: %w", serverInfoFile, err)
+		return nil, errors.Join(fmt.Errorf("castellan serve is ready but wrote no %s: %w", serverInfoFile, err), p.stop())
 	}
 	return p, nil
 }
@@ -256,7 +253,7 @@ func waitHTTPReady(ctx context.Context, url string, exited <-chan struct{}) erro
 	for {
 		if resp, err := hc.Get(url); err == nil {
 			_, _ = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
+			_ = resp.Body.Close() // drained: a probe has nothing to lose
 			if resp.StatusCode == http.StatusOK {
 				return nil
 			}

@@ -61,17 +61,14 @@ func istioTarget(ctx context.Context, o options) (*target, error) {
 	}
 	logFile, err := os.Create(filepath.Join(dir, "istio.log"))
 	if err != nil {
-		os.RemoveAll(dir)
-		return nil, err
+		return nil, errors.Join(err, os.RemoveAll(dir))
 	}
 	validity := max(24*time.Hour, 2*(o.warmup+o.duration))
 	cmd := exec.Command(exe, istioServeCommand, "-dir", dir, "-clients", strconv.Itoa(o.clients),
 		"-ca-key", o.istioCAKey, "-client-ttl", validity.String())
 	cmd.Stderr = logFile
 	abandon := func(err error) (*target, error) {
-		logFile.Close()
-		os.RemoveAll(dir)
-		return nil, err
+		return nil, errors.Join(err, logFile.Close(), os.RemoveAll(dir))
 	}
 	stdin, err := cmd.StdinPipe() // closed by us: the child's cue to exit if we die
 	if err != nil {
@@ -98,13 +95,8 @@ func istioTarget(ctx context.Context, o options) (*target, error) {
 		close(exited)
 	}()
 	stop := func() error {
-		stdin.Close()
-		err := stopProcess(cmd.Process, exited)
-		logFile.Close()
-		if rerr := os.RemoveAll(dir); rerr != nil && err == nil {
-			err = rerr
-		}
-		return err
+		// Closing stdin is the child's cue to exit; SIGTERM follows anyway.
+		return errors.Join(stdin.Close(), stopProcess(cmd.Process, exited), logFile.Close(), os.RemoveAll(dir))
 	}
 	select {
 	case err = <-ready:
@@ -112,14 +104,12 @@ func istioTarget(ctx context.Context, o options) (*target, error) {
 		err = ctx.Err()
 	}
 	if err != nil {
-		stop()
-		logs, _ := os.ReadFile(logFile.Name())
-		return nil, fmt.Errorf("istio CA server: %w\n%s", err, truncate(string(logs), 4096))
+		logs, _ := os.ReadFile(logFile.Name()) // before stop, which removes dir
+		return nil, errors.Join(fmt.Errorf("istio CA server: %w\n%s", err, truncate(string(logs), 4096)), stop())
 	}
 	t, err := readIstioDir(dir)
 	if err != nil {
-		stop()
-		return nil, err
+		return nil, errors.Join(err, stop())
 	}
 	t.pid, t.stop = cmd.Process.Pid, stop
 	t.describe = fmt.Sprintf("Istio CA (istio.io/istio security/pkg/server/ca, %s CA key, child process)", o.istioCAKey)

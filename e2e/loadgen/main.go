@@ -81,12 +81,18 @@ func main() {
 		}
 		return
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := run(ctx, os.Args[1:], os.Stdout); err != nil {
+	if err := runUntilSignal(os.Args[1:]); err != nil {
 		fmt.Fprintf(os.Stderr, "loadgen: %v\n", err)
 		os.Exit(1)
 	}
+}
+
+// runUntilSignal is run, cancelled by SIGINT or SIGTERM; its deferred stop
+// restores the default signal handling before main exits.
+func runUntilSignal(args []string) error {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return run(ctx, args, os.Stdout)
 }
 
 // parseOptions reads and checks the flags.

@@ -75,9 +75,10 @@ type RotationStatus struct {
 	CAs []CAStatus
 	// Summary describes what the last step did (Rotate and Rekey only).
 	Summary string
-	// SealedUnder lists the ids of the key-encryption keys the CA keys are
-	// sealed under, the newest first ("" for unencrypted keys); two during
-	// a rekey, none when the state holds no key.
+	// SealedUnder lists the ids of the key-encryption keys the CA keys
+	// sealed in the state are sealed under, the newest first ("" for
+	// unencrypted keys); two during a rekey, none when the state seals no key
+	// (keys a key provider holds have none: CAStatus.KeyURI).
 	SealedUnder []string
 }
 
@@ -102,6 +103,9 @@ type CAStatus struct {
 	NextStepAt time.Time
 	// Issuing marks the CA that signs workload certificates now.
 	Issuing bool
+	// KeyURI is where a key provider (HSM, KMS) holds the CA's key; empty
+	// for a key sealed in the state, an external CA and a retired one.
+	KeyURI string
 }
 
 // RecordToProto converts an audit record for the admin API.
@@ -151,7 +155,7 @@ func StatusToProto(st *RotationStatus) *adminpb.CAStatus {
 			KeyId: c.KeyID, RootKeyId: c.RootKeyID, Role: c.Role, Source: c.Source, Phase: c.Phase, Subject: c.Subject,
 			NotBefore: timestamp(c.NotBefore), NotAfter: timestamp(c.NotAfter), PreparedAt: timestamp(c.PreparedAt),
 			ActivatedAt: timestamp(c.ActivatedAt), DeactivatedAt: timestamp(c.DeactivatedAt), RetiredAt: timestamp(c.RetiredAt),
-			DependentsUntil: timestamp(c.DependentsUntil), NextStepAt: timestamp(c.NextStepAt), Issuing: c.Issuing,
+			DependentsUntil: timestamp(c.DependentsUntil), NextStepAt: timestamp(c.NextStepAt), Issuing: c.Issuing, KeyUri: c.KeyURI,
 		})
 	}
 	return out
@@ -167,6 +171,7 @@ func RotationStatusFromProto(p *adminpb.CAStatus) *RotationStatus {
 			NotBefore: fromTimestamp(c.GetNotBefore()), NotAfter: fromTimestamp(c.GetNotAfter()), PreparedAt: fromTimestamp(c.GetPreparedAt()),
 			ActivatedAt: fromTimestamp(c.GetActivatedAt()), DeactivatedAt: fromTimestamp(c.GetDeactivatedAt()), RetiredAt: fromTimestamp(c.GetRetiredAt()),
 			DependentsUntil: fromTimestamp(c.GetDependentsUntil()), NextStepAt: fromTimestamp(c.GetNextStepAt()), Issuing: c.GetIssuing(),
+			KeyURI: c.GetKeyUri(),
 		})
 	}
 	return st

@@ -105,8 +105,7 @@ func New(ctx context.Context, cfg Config) (*Signer, error) {
 	}
 	s := &Signer{cfg: cfg, client: client, log: cfg.Logger, refreshc: make(chan struct{}, 1)}
 	if _, err := s.refresh(ctx); err != nil {
-		client.Close()
-		return nil, fmt.Errorf("google CAS signer: %w", err)
+		return nil, errors.Join(fmt.Errorf("google CAS signer: %w", err), client.Close())
 	}
 	return s, nil
 }

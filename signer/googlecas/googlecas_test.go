@@ -1,7 +1,6 @@
 package googlecas_test
 
 import (
-	"context"
 	"crypto/rand"
 	"crypto/x509"
 	"encoding/hex"
@@ -40,10 +39,12 @@ func newSigner(t *testing.T, fake *castest.Server, cfg googlecas.Config) *google
 	if err != nil {
 		t.Fatalf("googlecas.New: %v", err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { s.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done; s.Close() })
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
+	signertest.RunUntilCleanup(t, s.Run) // its cleanup runs first: Run ends before Close
 	return s
 }
 

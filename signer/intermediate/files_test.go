@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/castellan-ca/castellan/internal/atomicfile"
 	"github.com/castellan-ca/castellan/internal/keyfile"
@@ -70,8 +71,10 @@ func writeFiles(t *testing.T, dir string, files map[string][]byte) {
 // dangle, as after a Secret update that dropped a key.
 func swapFiles(t *testing.T, dir string, files map[string][]byte, keyMode os.FileMode) {
 	t.Helper()
-	ts, err := os.MkdirTemp(dir, "..ts-")
-	if err != nil {
+	// Beside ..data, named by the time as the kubelet names its own (Mkdir
+	// fails rather than reuse one).
+	ts := filepath.Join(dir, time.Now().Format("..2006_01_02_15_04_05.000000000"))
+	if err := os.Mkdir(ts, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	for name, data := range files {

@@ -20,6 +20,7 @@ import (
 
 	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
+	"github.com/castellan-ca/castellan/signer/cakey"
 	"github.com/castellan-ca/castellan/signer/local"
 )
 
@@ -147,14 +148,48 @@ type layout struct {
 // root of the root file, and nothing may be expired at now; errors name the
 // file at fault. Roots found in the chain are dropped from the response chain.
 func Load(dir string, now func() time.Time) (*local.Signer, error) {
-	s, err := build(readSnapshot(dir), now)
+	return load(dir, now, providerKey{})
+}
+
+func load(dir string, now func() time.Time, pk providerKey) (*local.Signer, error) {
+	s, err := build(readSnapshot(dir), now, pk)
 	if err != nil {
 		return nil, fmt.Errorf("intermediate: %w", err)
 	}
 	return s, nil
 }
 
-func build(snap *snapshot, now func() time.Time) (*local.Signer, error) {
+// providerKey names the CA key in a key provider (HSM, KMS), in place of
+// the key file; the zero value means the key file.
+type providerKey struct {
+	keys *cakey.Provider
+	uri  string
+}
+
+// keyCheckTimeout bounds the check, at load, that the provider's key is the
+// CA certificate's.
+const keyCheckTimeout = 10 * time.Second
+
+// open returns the provider's key for cert. A key that is not cert's is
+// refused; a provider that cannot be reached now is not (the CA reports
+// Unavailable and readiness fails until it can).
+func (pk providerKey) open(snap *snapshot, l layout, cert *x509.Certificate) (crypto.Signer, error) {
+	if snap.has(l.key) {
+		return nil, fmt.Errorf("%s exists, but the CA key is %s in the key provider: remove the file (a CA key on disk defeats the HSM)", snap.path(l.key), pk.uri)
+	}
+	k, err := pk.keys.Key(pk.uri, cert.PublicKey)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), keyCheckTimeout)
+	defer cancel()
+	if err := k.Check(ctx); errors.Is(err, local.ErrKeyMismatch) {
+		return nil, fmt.Errorf("%s is not the key of %s: %w", pk.uri, snap.path(l.cert), err)
+	}
+	return k, nil
+}
+
+func build(snap *snapshot, now func() time.Time, pk providerKey) (*local.Signer, error) {
 	if now == nil {
 		now = time.Now
 	}
@@ -196,7 +231,15 @@ func build(snap *snapshot, now func() time.Time) (*local.Signer, error) {
 		return nil, fmt.Errorf("%s: neither %s (Istio cacerts layout) nor %s (kubernetes.io/tls layout) found", snap.dir, CACertFile, TLSCertFile)
 	}
 
-	key, err := snap.key(l.key)
+	var (
+		key crypto.Signer
+		err error
+	)
+	if pk.uri != "" {
+		key, err = pk.open(snap, l, cert)
+	} else {
+		key, err = snap.key(l.key)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -259,10 +302,15 @@ const (
 // Load: the content at Watch's start is the baseline. It also warns when the
 // key file is readable by group or others.
 func Watch(ctx context.Context, dir string, interval time.Duration, logger *slog.Logger, onChange func(*local.Signer)) {
+	watch(ctx, dir, interval, logger, providerKey{}, onChange)
+}
+
+// watch is Watch with the CA key in a key provider when pk names one.
+func watch(ctx context.Context, dir string, interval time.Duration, logger *slog.Logger, pk providerKey, onChange func(*local.Signer)) {
 	if interval <= 0 {
 		interval = DefaultWatchInterval
 	}
-	w := newWatcher(dir, interval.String(), logger, onChange)
+	w := newWatcher(dir, interval.String(), logger, pk, onChange)
 	ticker := time.NewTicker(interval)
 	defer ticker.Stop()
 	for {
@@ -278,20 +326,21 @@ func Watch(ctx context.Context, dir string, interval time.Duration, logger *slog
 // watcher is the state of Watch between polls.
 type watcher struct {
 	dir      string
+	pk       providerKey
 	logger   *slog.Logger
 	onChange func(*local.Signer)
 	last     [sha256.Size]byte
 }
 
 // newWatcher reads the baseline of dir and warns about its key's mode.
-func newWatcher(dir, interval string, logger *slog.Logger, onChange func(*local.Signer)) *watcher {
+func newWatcher(dir, interval string, logger *slog.Logger, pk providerKey, onChange func(*local.Signer)) *watcher {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
 	snap := readSnapshot(dir)
 	warnKeyMode(logger, snap)
 	logger.Debug("watching intermediate CA files", logDir, dir, logInterval, interval)
-	return &watcher{dir: dir, logger: logger, onChange: onChange, last: snap.hash}
+	return &watcher{dir: dir, pk: pk, logger: logger, onChange: onChange, last: snap.hash}
 }
 
 // poll reads dir once and hands over a changed set that validates.
@@ -303,7 +352,7 @@ func (w *watcher) poll() {
 	// Remember even an invalid set, so it is reported once, not every tick,
 	// and any later change (e.g. the second half of a non-atomic update) is retried.
 	w.last = snap.hash
-	s, err := build(snap, time.Now)
+	s, err := build(snap, time.Now, w.pk)
 	if err != nil {
 		w.logger.Error("intermediate CA changed but the new material is invalid; keeping the current CA", logDir, w.dir, logError, err.Error())
 		return
@@ -341,18 +390,33 @@ type Source struct {
 	// for each channel it receives and closes the channel when that poll is
 	// done (tests drive the polls and wait for each).
 	Polls <-chan chan struct{}
+	// KeyURI, when set, names the CA's key in Keys (an HSM or KMS) in place
+	// of the key file (ca-key.pem, tls.key), which must then be absent.
+	KeyURI string
+	// Keys is the key provider holding KeyURI.
+	Keys *cakey.Provider
 }
+
+// providerKey is where the CA key is: KeyURI in Keys, or the key file.
+func (s *Source) providerKey() providerKey { return providerKey{keys: s.Keys, uri: s.KeyURI} }
 
 // Name returns Backend.
 func (s *Source) Name() string { return Backend }
 
 // Load reads and validates the CA in Dir (see Load); detail names it.
 func (s *Source) Load() (*local.Signer, string, error) {
-	ca, err := Load(s.Dir, s.Now)
+	if s.KeyURI != "" && s.Keys == nil {
+		return nil, "", fmt.Errorf("intermediate: the CA key %s needs a key provider (keyProvider)", s.KeyURI)
+	}
+	ca, err := load(s.Dir, s.Now, s.providerKey())
 	if err != nil {
 		return nil, "", err
 	}
-	return ca, "intermediate CA loaded from " + s.Dir + ": " + ca.Certificate().Subject.String(), nil
+	detail := "intermediate CA loaded from " + s.Dir + ": " + ca.Certificate().Subject.String()
+	if s.KeyURI != "" {
+		detail += " (key " + s.KeyURI + ")"
+	}
+	return ca, detail, nil
 }
 
 // Watch calls onChange with each new valid CA in Dir until ctx ends (see Watch).
@@ -361,10 +425,10 @@ func (s *Source) Watch(ctx context.Context, onChange func(ca *local.Signer, deta
 		onChange(ca, "intermediate CA reloaded from "+s.Dir+": "+ca.Certificate().Subject.String())
 	}
 	if s.Polls == nil {
-		Watch(ctx, s.Dir, s.Interval, s.Logger, reloaded)
+		watch(ctx, s.Dir, s.Interval, s.Logger, s.providerKey(), reloaded)
 		return
 	}
-	w := newWatcher(s.Dir, "driven", s.Logger, reloaded)
+	w := newWatcher(s.Dir, "driven", s.Logger, s.providerKey(), reloaded)
 	for {
 		select {
 		case <-ctx.Done():

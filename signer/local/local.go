@@ -194,7 +194,11 @@ func (s *Signer) Sign(ctx context.Context, req signer.SignRequest) (*signer.Chai
 		return nil, fmt.Errorf("local signer: no validity left: NotBefore %s, NotAfter %s (issuing CA expires %s)",
 			tmpl.NotBefore.UTC().Format(time.RFC3339), tmpl.NotAfter.UTC().Format(time.RFC3339), s.cert.NotAfter.UTC().Format(time.RFC3339))
 	}
-	der, err := x509.CreateCertificate(s.rand, &tmpl, s.cert, req.PublicKey, s.key)
+	key := s.key
+	if k, ok := key.(contextKey); ok {
+		key = k.WithContext(ctx) // a key in an HSM or KMS gives up when the request does
+	}
+	der, err := x509.CreateCertificate(s.rand, &tmpl, s.cert, req.PublicKey, key)
 	if err != nil {
 		return nil, fmt.Errorf("local signer: create certificate: %w", err)
 	}
@@ -205,6 +209,29 @@ func (s *Signer) Sign(ctx context.Context, req signer.SignRequest) (*signer.Chai
 	// CreateCertificate refuses a key that does not match s.cert and verifies
 	// the signature it made, so the leaf's signature is already checked.
 	return &signer.Chain{Leaf: leaf, Intermediates: append([]*x509.Certificate(nil), s.chain...), SignatureChecked: true}, nil
+}
+
+// contextKey is a CA key held outside the process (signer/cakey), whose
+// signatures can end with the request's context.
+type contextKey interface {
+	WithContext(ctx context.Context) crypto.Signer
+}
+
+// checkedKey is a CA key that can tell whether it can sign now.
+type checkedKey interface {
+	Check(ctx context.Context) error
+}
+
+// Check reports whether the CA key can sign now, for readiness: always for
+// a key in memory; a key in an HSM or KMS asks its provider, and a failure
+// wraps signer.ErrSignerUnavailable.
+func (s *Signer) Check(ctx context.Context) error {
+	if k, ok := s.key.(checkedKey); ok {
+		if err := k.Check(ctx); err != nil {
+			return fmt.Errorf("issuing CA %q: %w", s.cert.Subject.String(), err)
+		}
+	}
+	return nil
 }
 
 // TrustBundle returns the roots that chains from Sign verify to.

@@ -18,22 +18,26 @@ import (
 	"github.com/castellan-ca/castellan/internal/atomicfile"
 	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
+	"github.com/castellan-ca/castellan/signer/cakey"
 )
 
-// ErrRootWithoutKey: a root certificate of earlier versions is present but
-// its key is gone with the rotation state; replacing the root silently would
-// cut off every workload that trusts it.
+// ErrRootWithoutKey reports a root certificate of earlier versions whose key
+// is gone with the rotation state: replacing the root silently would cut off
+// every workload that trusts it.
 var ErrRootWithoutKey = errors.New("root certificate without its key")
 
 // Generator makes the CAs of the selfsigned backend for the CA rotation
 // manager (it implements ca/rotation.Generator): new keys, roots and
 // intermediates. The manager keeps keys and certificates in its shared state;
 // Dir only holds the root of earlier versions, imported once, and a copy of
-// the active root's certificate for operators and backups.
+// the active root's certificate for operators and backups. With a key
+// provider (Options.Keys) every new key is made inside the HSM or KMS and
+// the state keeps only its URI.
 type Generator struct {
 	dir     string
 	td      spiffeid.TrustDomain
 	keyType string
+	keys    *cakey.Provider
 	rand    io.Reader
 }
 
@@ -50,18 +54,46 @@ func NewGenerator(opts Options) (*Generator, error) {
 	if opts.Rand == nil {
 		opts.Rand = rand.Reader
 	}
-	return &Generator{dir: opts.Dir, td: opts.TrustDomain, keyType: opts.KeyType, rand: opts.Rand}, nil
+	return &Generator{dir: opts.Dir, td: opts.TrustDomain, keyType: opts.KeyType, keys: opts.Keys, rand: opts.Rand}, nil
 }
 
 // Name returns Backend.
 func (g *Generator) Name() string { return Backend }
 
-// NewKey creates the private key of a new CA, of the configured type.
+// NewKey creates the private key of a new CA, of the configured type: in
+// memory, or inside the key provider when there is one. A provider key
+// gets a random id of keyIDSize bytes, which names it in the provider and
+// becomes its CA certificate's SubjectKeyId (the CA's key id), since the id
+// must exist before the key does.
 func (g *Generator) NewKey(ctx context.Context) (crypto.Signer, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	return keyfile.GenerateKey(g.keyType)
+	if g.keys == nil {
+		return keyfile.GenerateKey(g.keyType)
+	}
+	id := make([]byte, keyIDSize)
+	if _, err := io.ReadFull(rand.Reader, id); err != nil {
+		return nil, fmt.Errorf("selfsigned: key id: %w", err)
+	}
+	return g.keys.CreateKey(ctx, id, g.keyType)
+}
+
+// keyIDSize is the length of the key id of a key made in a key provider:
+// 128 random bits never collide, and their hex (a PKCS#11 label) fits HSMs
+// that allow labels of 32 characters only.
+const keyIDSize = 16
+
+// ProviderKeys reports whether NewKey makes keys in a key provider.
+func (g *Generator) ProviderKeys() bool { return g.keys != nil }
+
+// OpenKey returns the key held by the key provider at uri, whose public key
+// is pub (its CA certificate's).
+func (g *Generator) OpenKey(uri string, pub crypto.PublicKey) (crypto.Signer, error) {
+	if g.keys == nil {
+		return nil, fmt.Errorf("selfsigned: CA key %s is held by a key provider, but none is configured (keyProvider)", uri)
+	}
+	return g.keys.Key(uri, pub)
 }
 
 // NewRoot certifies key as a root of the trust domain (see NewRoot).

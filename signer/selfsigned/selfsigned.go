@@ -24,6 +24,7 @@ import (
 	"github.com/castellan-ca/castellan/internal/atomicfile"
 	"github.com/castellan-ca/castellan/internal/keyfile"
 	"github.com/castellan-ca/castellan/signer"
+	"github.com/castellan-ca/castellan/signer/cakey"
 	"github.com/castellan-ca/castellan/signer/local"
 )
 
@@ -67,6 +68,10 @@ type Options struct {
 	Now func() time.Time
 	// Rand supplies serials and signing randomness; nil means crypto/rand.
 	Rand io.Reader
+	// Keys, when set, is the HSM or KMS in which NewGenerator's Generator
+	// creates every CA key; nil keeps keys in memory (sealed in the CA
+	// state). Load does not use it.
+	Keys *cakey.Provider
 }
 
 // Load returns a signer for the root in opts.Dir. On first start (neither file
@@ -236,6 +241,17 @@ func NewRoot(td spiffeid.TrustDomain, key crypto.Signer, notBefore, notAfter tim
 	return newCA(td, RootCommonName, key, nil, key, notBefore, notAfter, random)
 }
 
+// caKeyID returns the SubjectKeyId of a new CA certificate for key: the id
+// a key made in a key provider was created with (it names the key there and
+// must exist before the key does), else RFC 7093's of the public key. The
+// subject's common name ends in its first 8 bytes either way.
+func caKeyID(key crypto.Signer) ([]byte, error) {
+	if k, ok := key.(*cakey.Key); ok && len(k.ID()) >= 8 {
+		return k.ID(), nil
+	}
+	return signer.KeyID(key.Public())
+}
+
 // newCA certifies key as a CA of td named cn and its key id (a subject
 // unique to the key), valid from notBefore to notAfter, signed by parent with
 // parentKey; a nil parent makes a self-signed root, any other CA signs leaves
@@ -249,7 +265,7 @@ func newCA(td spiffeid.TrustDomain, cn string, key crypto.Signer, parent *x509.C
 	if err != nil {
 		return nil, err
 	}
-	ski, err := signer.KeyID(key.Public())
+	ski, err := caKeyID(key)
 	if err != nil {
 		return nil, err
 	}

@@ -40,6 +40,10 @@ type Factory struct {
 	// template's, for a backend whose server stamps it from its own clock
 	// (Vault backdates by its role's not_before_duration); zero means exact.
 	NotBeforeSlack time.Duration
+	// UnsupportedKeys names the LeafKeys families the backend cannot certify
+	// (AWS Private CA has no Ed25519): Sign must refuse them with an error
+	// wrapping signer.ErrUnsupportedKey, which the issuer reports to the caller.
+	UnsupportedKeys []string
 }
 
 // concurrentSigners is the number of goroutines in the concurrency subtest.
@@ -59,7 +63,14 @@ func Run(t *testing.T, f Factory) {
 		s := f.New(t)
 		for name, key := range LeafKeys() {
 			t.Run(name, func(t *testing.T) {
-				tmpl := newTemplate(t, id, key.Public(), time.Hour)
+				tmpl := newTemplate(t, s, id, key.Public(), time.Hour)
+				if slices.Contains(f.UnsupportedKeys, name) {
+					chain, err := s.Sign(t.Context(), Request(t, tmpl, id, key))
+					if !errors.Is(err, signer.ErrUnsupportedKey) || chain != nil {
+						t.Errorf("Sign with an unsupported %s key: chain %v, err %v; want none and signer.ErrUnsupportedKey", name, chain != nil, err)
+					}
+					return
+				}
 				chain := sign(t, s, tmpl, id, key)
 				checkProfile(t, f, chain, s.TrustBundle(), tmpl, id, key.Public())
 			})
@@ -69,17 +80,17 @@ func Run(t *testing.T, f Factory) {
 	t.Run("ChainStructure", func(t *testing.T) {
 		s := f.New(t)
 		key := Key(1)
-		chain := sign(t, s, newTemplate(t, id, key.Public(), time.Hour), id, key)
+		chain := sign(t, s, newTemplate(t, s, id, key.Public(), time.Hour), id, key)
 		checkChain(t, chain, s.TrustBundle())
 	})
 
 	t.Run("TTLClampedToIssuer", func(t *testing.T) {
 		s := f.New(t)
 		key := Key(2)
-		first := sign(t, s, newTemplate(t, id, key.Public(), time.Hour), id, key)
+		first := sign(t, s, newTemplate(t, s, id, key.Public(), time.Hour), id, key)
 		issuer := issuerOf(t, first, s.TrustBundle())
 
-		tmpl := newTemplate(t, id, key.Public(), time.Hour)
+		tmpl := newTemplate(t, s, id, key.Public(), time.Hour)
 		tmpl.NotAfter = issuer.NotAfter.Add(5 * 365 * 24 * time.Hour)
 		asked := tmpl.NotAfter
 		chain := sign(t, s, tmpl, id, key)
@@ -98,7 +109,7 @@ func Run(t *testing.T, f Factory) {
 		errs := make([]error, concurrentSigners)
 		var wg sync.WaitGroup
 		for i := range concurrentSigners {
-			req := Request(t, newTemplate(t, id, Key(i).Public(), time.Hour), id, Key(i))
+			req := Request(t, newTemplate(t, s, id, Key(i).Public(), time.Hour), id, Key(i))
 			wg.Go(func() {
 				chains[i], errs[i] = s.Sign(t.Context(), req)
 			})
@@ -129,7 +140,7 @@ func Run(t *testing.T, f Factory) {
 		ctx, cancel := context.WithCancel(t.Context())
 		cancel()
 		key := Key(3)
-		chain, err := s.Sign(ctx, Request(t, newTemplate(t, id, key.Public(), time.Hour), id, key))
+		chain, err := s.Sign(ctx, Request(t, newTemplate(t, s, id, key.Public(), time.Hour), id, key))
 		if !errors.Is(err, context.Canceled) {
 			t.Errorf("Sign with a cancelled context: err = %v, want one wrapping context.Canceled", err)
 		}
@@ -145,7 +156,7 @@ func Run(t *testing.T, f Factory) {
 		s := f.New(t)
 		key := Key(4)
 		restore := f.Outage(t, s)
-		chain, err := s.Sign(t.Context(), Request(t, newTemplate(t, id, key.Public(), time.Hour), id, key))
+		chain, err := s.Sign(t.Context(), Request(t, newTemplate(t, s, id, key.Public(), time.Hour), id, key))
 		if !errors.Is(err, signer.ErrSignerUnavailable) {
 			t.Errorf("Sign during an outage: err = %v, want one wrapping signer.ErrSignerUnavailable", err)
 		}
@@ -157,7 +168,7 @@ func Run(t *testing.T, f Factory) {
 		// backoff, and until it reconnects every failure must stay retryable.
 		deadline := time.Now().Add(30 * time.Second)
 		for {
-			chain, err := s.Sign(t.Context(), Request(t, newTemplate(t, id, key.Public(), time.Hour), id, key))
+			chain, err := s.Sign(t.Context(), Request(t, newTemplate(t, s, id, key.Public(), time.Hour), id, key))
 			if err == nil && chain != nil && chain.Leaf != nil {
 				break
 			}
@@ -173,15 +184,20 @@ func Run(t *testing.T, f Factory) {
 }
 
 // newTemplate returns the workload profile with whole-second times, since
-// certificates carry no fractions and fields are compared exactly.
-func newTemplate(t *testing.T, id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration) *x509.Certificate {
+// certificates carry no fractions and fields are compared exactly, and with
+// the subject s asks for, as the issuer builds it.
+func newTemplate(t *testing.T, s signer.Signer, id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration) *x509.Certificate {
 	t.Helper()
 	serial, err := signer.NewSerial(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
 	now := time.Now().Truncate(time.Second)
-	return Template(id, pub, serial, now.Add(-signer.DefaultClockSkew), now.Add(ttl))
+	tmpl := Template(id, pub, serial, now.Add(-signer.DefaultClockSkew), now.Add(ttl))
+	if sub, ok := s.(signer.Subjecter); ok {
+		tmpl.Subject = sub.LeafSubject(id)
+	}
+	return tmpl
 }
 
 // Template is a workload leaf as the issuer asks backends to sign it
@@ -261,10 +277,18 @@ func checkProfile(t *testing.T, f Factory, chain *signer.Chain, bundle []*x509.C
 			sanCritical = ext.Critical
 		}
 	}
-	if !sanCritical {
+	// RFC 5280 4.2.1.6: critical with an empty subject (MUST), else not (SHOULD).
+	emptySubject := len(tmpl.Subject.ToRDNSequence()) == 0
+	switch {
+	case emptySubject && !sanCritical:
 		t.Error("SAN extension is not critical (required with an empty subject)")
+	case !emptySubject && sanCritical:
+		t.Errorf("SAN extension is critical beside the subject %q (RFC 5280: non-critical)", tmpl.Subject)
 	}
-	if len(leaf.Subject.Names) != 0 {
+	if got, want := leaf.Subject.ToRDNSequence().String(), tmpl.Subject.ToRDNSequence().String(); got != want {
+		t.Errorf("subject = %q, want %q", got, want)
+	}
+	if emptySubject && len(leaf.Subject.Names) != 0 {
 		t.Errorf("subject = %q, want empty", leaf.Subject)
 	}
 	if leaf.KeyUsage != tmpl.KeyUsage {

@@ -3,6 +3,7 @@
 package signertest
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
@@ -159,4 +160,15 @@ func (c *CA) Sign(t testing.TB, tmpl *x509.Certificate, pub crypto.PublicKey) *x
 		t.Fatal(err)
 	}
 	return cert
+}
+
+// RunUntilCleanup runs run (a remote signer's Run loop) in the background
+// until the test ends, and waits for it to return before the test's earlier
+// cleanups (closing the signer, stopping its server) run.
+func RunUntilCleanup(t testing.TB, run func(context.Context)) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
 }

@@ -2,7 +2,6 @@ package vault
 
 import (
 	"context"
-	"crypto/x509"
 	"fmt"
 
 	"github.com/castellan-ca/castellan/signer"
@@ -40,7 +39,7 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 		return false, fmt.Errorf("%s: the issuer's chain ends at %q, which is not a root: import the root certificate into mount %s (e.g. intermediate/set-signed with the intermediate and its root)",
 			path, top.Subject.String(), s.cfg.Mount)
 	}
-	if err := checkOrder(chain); err != nil {
+	if err := signer.CheckChainOrder(chain); err != nil {
 		return false, fmt.Errorf("%s: ca_chain: %w", path, err)
 	}
 	s.mu.Lock()
@@ -48,17 +47,6 @@ func (s *Signer) refresh(ctx context.Context) (changed bool, err error) {
 	changed = !signer.SameCertificates(s.roots, roots)
 	s.issuer, s.roots = issuing[0], roots
 	return changed, nil
-}
-
-// checkOrder requires each certificate of chain to be signed by the next one,
-// so the chain's top is the root the leaves verify to.
-func checkOrder(chain []*x509.Certificate) error {
-	for i := 0; i+1 < len(chain); i++ {
-		if err := chain[i].CheckSignatureFrom(chain[i+1]); err != nil {
-			return fmt.Errorf("%q is not signed by the next certificate %q: %w", chain[i].Subject.String(), chain[i+1].Subject.String(), err)
-		}
-	}
-	return nil
 }
 
 // refreshLoop re-reads the chain every RefreshInterval, or at once when Sign

@@ -1,7 +1,6 @@
 package vault_test
 
 import (
-	"context"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
@@ -47,10 +46,7 @@ func newSigner(t *testing.T, srv *vaulttest.Server, cfg vault.Config) *vault.Sig
 	if err != nil {
 		t.Fatalf("vault.New: %v", err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { s.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
+	signertest.RunUntilCleanup(t, s.Run)
 	return s
 }
 

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"time"
 
@@ -51,9 +52,9 @@ func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, er
 	}
 	switch {
 	case q.AfterWriter != "":
-		add("(writer > ? OR (writer = ? AND seq > ?))", q.AfterWriter, q.AfterWriter, int64(q.AfterSeq))
+		add("(writer > ? OR (writer = ? AND seq > ?))", q.AfterWriter, q.AfterWriter, storage.ClampSeq(q.AfterSeq))
 	case q.AfterSeq > 0:
-		add("seq > ?", int64(q.AfterSeq))
+		add("seq > ?", storage.ClampSeq(q.AfterSeq))
 	}
 	if q.Writer != "" {
 		add("writer = ?", q.Writer)
@@ -63,7 +64,7 @@ func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, er
 	}
 	query := "SELECT " + columns + " FROM audit_log"
 	if len(where) > 0 {
-		query += " WHERE " + strings.Join(where, " AND ")
+		query += " WHERE " + strings.Join(where, " AND ") //nolint:gosec // G202: where holds only the fixed conditions above; every value is a bound ? parameter
 	}
 	query += " ORDER BY writer, seq LIMIT ?"
 	args = append(args, q.EffectiveLimit())
@@ -85,6 +86,9 @@ func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, er
 func (s *Store) Get(ctx context.Context, writer string, seq uint64) (*storage.Record, error) {
 	if s.isClosed.Load() {
 		return nil, fmt.Errorf("embedded: get: %w", storage.ErrClosed)
+	}
+	if seq > math.MaxInt64 {
+		return nil, fmt.Errorf("embedded: get %s/%d: %w", writer, seq, storage.ErrNotFound)
 	}
 	var r storage.Record
 	row := s.rdb.QueryRowContext(ctx, "SELECT "+columns+" FROM audit_log WHERE writer = ? AND seq = ?", writer, int64(seq))
@@ -167,7 +171,7 @@ func scanRecord(sc storage.RowScanner, r *storage.Record) error {
 	if err != nil {
 		return err
 	}
-	r.Seq = uint64(seq)
+	r.Seq = uint64(seq) //nolint:gosec // G115: seqs are written from [1, MaxInt64]; one tampered negative stays bit-exact, so the hash check reports it
 	r.Time = time.Unix(0, timeNS).UTC()
 	if r.NotBefore, err = parseTime(notBefore); err != nil {
 		return fmt.Errorf("seq %d not_before: %w", seq, err)

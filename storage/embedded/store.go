@@ -161,18 +161,15 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 	s.wdb.SetConnMaxLifetime(0)
 	s.wdb.SetConnMaxIdleTime(0)
 	if err := s.init(ctx); err != nil {
-		s.wdb.Close()
-		return nil, err
+		return nil, errors.Join(err, s.wdb.Close())
 	}
 	s.rdb, err = sql.Open("sqlite", dsn(path, "_pragma=query_only(1)"))
 	if err != nil {
-		s.closeDBs()
-		return nil, fmt.Errorf("embedded: open %s for reading: %w", path, err)
+		return nil, errors.Join(fmt.Errorf("embedded: open %s for reading: %w", path, err), s.closeDBs())
 	}
 	s.rdb.SetMaxOpenConns(4)
 	if err := s.rdb.PingContext(ctx); err != nil {
-		s.closeDBs()
-		return nil, fmt.Errorf("embedded: open %s for reading: %w", path, err)
+		return nil, errors.Join(fmt.Errorf("embedded: open %s for reading: %w", path, err), s.closeDBs())
 	}
 
 	s.q = groupcommit.New(groupcommit.Config{Name: "embedded", Writer: s.writer, MaxBatch: opts.MaxBatch,

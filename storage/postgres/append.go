@@ -60,7 +60,7 @@ func (s *Store) settle(ctx context.Context) (committed bool, err error) {
 		return false, fmt.Errorf("outcome of failed batch (xid %s): still in progress on the server", u.xid)
 	}
 	var hash string
-	err = s.pool.QueryRow(ctx, `SELECT hash FROM audit_log WHERE writer = $1 AND seq = $2`, s.writer, int64(u.lastSeq)).Scan(&hash)
+	err = s.pool.QueryRow(ctx, `SELECT hash FROM audit_log WHERE writer = $1 AND seq = $2`, s.writer, int64(u.lastSeq)).Scan(&hash) //nolint:gosec // G115: a seq is the writer's stored head plus one per record, so it passes MaxInt64 only after 2^63 appends
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 	case err != nil:
@@ -115,7 +115,7 @@ func (s *Store) writeBatch(ctx context.Context, b *groupcommit.Batch) (err error
 	var seq uint64
 	prevHash := ""
 	if head != nil {
-		seq, prevHash = uint64(*head), *prev
+		seq, prevHash = uint64(*head), *prev //nolint:gosec // G115: seqs are written from [1, MaxInt64]; one tampered negative stays bit-exact, so the hash check reports it
 	}
 	u.lastSeq, u.lastHash = b.Seal(s.writer, seq, prevHash)
 	if _, err := tx.CopyFrom(ctx, pgx.Identifier{"audit_log"}, columns, &copySource{recs: b.Records, row: s.row}); err != nil {
@@ -173,7 +173,7 @@ func rowValues(r *storage.Record) []any { return fillRow(make([]any, len(columns
 func fillRow(row []any, r *storage.Record) []any {
 	nbS, nbNs := splitTime(r.NotBefore)
 	naS, naNs := splitTime(r.NotAfter)
-	return append(row[:0], r.Writer, int64(r.Seq), r.Time.UnixNano(), r.Kind, r.RequestID, r.Peer, r.AuthMethod,
+	return append(row[:0], r.Writer, int64(r.Seq), r.Time.UnixNano(), r.Kind, r.RequestID, r.Peer, r.AuthMethod, //nolint:gosec // G115: a seq is the writer's stored head plus one per record, so it passes MaxInt64 only after 2^63 appends
 		r.Caller, r.ClusterID, r.RequestedIdentity, r.GrantedIdentity, r.Outcome, r.Reason, r.Code, r.Serial,
 		nbS, nbNs, naS, naNs, r.CertSHA256, r.Signer, r.IssuerKeyID, r.Detail, r.PrevHash, r.Hash)
 }
@@ -184,5 +184,5 @@ func splitTime(t time.Time) (secs, nanos any) {
 	if t.IsZero() {
 		return nil, nil
 	}
-	return t.Unix(), int32(t.Nanosecond())
+	return t.Unix(), int32(t.Nanosecond()) //nolint:gosec // G115: Nanosecond is in [0, 1e9)
 }

@@ -27,7 +27,7 @@ func (s *Store) LoadCA(ctx context.Context) (*storage.CAState, error) {
 		case err != nil:
 			return err
 		default:
-			st.Version = uint64(v)
+			st.Version = uint64(v) //nolint:gosec // G115: versions are written from [1, MaxInt64]: 1, then one more per save
 		}
 		rows, err := tx.Query(ctx, `SELECT key_id, role, root_id, source, phase, cert_der, sealed_key,
 			prepared_at, activated_at, deactivated_at, retired_at FROM ca_authority ORDER BY key_id`)
@@ -87,7 +87,7 @@ func (s *Store) SaveCA(ctx context.Context, version uint64, cas []storage.CAReco
 		if version == 0 {
 			tag, err = tx.Exec(ctx, `INSERT INTO ca_state (version) VALUES (1) ON CONFLICT (id) DO NOTHING`)
 		} else {
-			tag, err = tx.Exec(ctx, `UPDATE ca_state SET version = version + 1 WHERE version = $1`, int64(version))
+			tag, err = tx.Exec(ctx, `UPDATE ca_state SET version = version + 1 WHERE version = $1`, int64(version)) //nolint:gosec // G115: a version counts saves from 1
 		}
 		if err != nil {
 			return err

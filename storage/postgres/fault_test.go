@@ -86,7 +86,11 @@ func serveGRPC(t testing.TB, is *ca.Issuer) authpb.IstioCertificateServiceClient
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { conn.Close() })
+	t.Cleanup(func() {
+		if err := conn.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
 	return authpb.NewIstioCertificateServiceClient(conn)
 }
 

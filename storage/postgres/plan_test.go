@@ -1,7 +1,6 @@
 package postgres
 
 import (
-	"context"
 	"fmt"
 	"strings"
 	"testing"
@@ -30,7 +29,7 @@ func TestInventoryQueriesUseIndexes(t *testing.T) {
 	)
 	dsn := pgtest.DSN(t)
 	s := openStore(t, dsn, Options{Writer: "w00"})
-	ctx := context.Background()
+	ctx := t.Context()
 	conn, err := pgx.Connect(ctx, dsn)
 	if err != nil {
 		t.Fatal(err)
@@ -85,7 +84,7 @@ func TestInventoryQueriesUseIndexes(t *testing.T) {
 			if strings.Contains(plan, "Seq Scan") || !containsAny(plan, tc.indexes) {
 				t.Fatalf("plan for %+v does not use %v:\n%s", tc.q, tc.indexes, plan)
 			}
-			if _, err := s.List(ctx, tc.q); err != nil {
+			if _, err := s.List(t.Context(), tc.q); err != nil {
 				t.Fatal(err)
 			}
 		})
@@ -102,7 +101,7 @@ func TestInventoryQueriesUseIndexes(t *testing.T) {
 
 func explain(t *testing.T, conn *pgx.Conn, sql string, args ...any) string {
 	t.Helper()
-	rows, err := conn.Query(context.Background(), "EXPLAIN "+sql, args...)
+	rows, err := conn.Query(t.Context(), "EXPLAIN "+sql, args...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -50,9 +50,9 @@ func listSQL(q storage.Query) (string, []any) {
 	}
 	switch {
 	case q.AfterWriter != "":
-		where = append(where, "(writer, seq) > ("+arg(q.AfterWriter)+", "+arg(int64(q.AfterSeq))+")")
+		where = append(where, "(writer, seq) > ("+arg(q.AfterWriter)+", "+arg(storage.ClampSeq(q.AfterSeq))+")")
 	case q.AfterSeq > 0:
-		where = append(where, "seq > "+arg(int64(q.AfterSeq)))
+		where = append(where, "seq > "+arg(storage.ClampSeq(q.AfterSeq)))
 	}
 	sql := "SELECT " + selectColumns + " FROM audit_log"
 	if len(where) > 0 {
@@ -179,7 +179,7 @@ func scanRecord(row storage.RowScanner, r *storage.Record) error {
 	if err != nil {
 		return err
 	}
-	r.Seq, r.PrevHash, r.Hash = uint64(seq), prevH, hashH
+	r.Seq, r.PrevHash, r.Hash = uint64(seq), prevH, hashH //nolint:gosec // G115: seqs are written from [1, MaxInt64]; one tampered negative stays bit-exact, so the hash check reports it
 	r.Time = time.Unix(0, timeNS).UTC()
 	r.NotBefore, r.NotAfter = joinTime(nbS, nbNs), joinTime(naS, naNs)
 	return nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"reflect"
 	"strings"
 	"sync"
@@ -19,7 +20,11 @@ var t0 = time.Date(2025, 6, 1, 12, 0, 0, 123456789, time.UTC)
 func open(t *testing.T, env Env) Store {
 	t.Helper()
 	s := env.Open(t)
-	t.Cleanup(func() { s.Close() })
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
 	return s
 }
 
@@ -36,7 +41,7 @@ func csr(id string, at time.Time) *storage.Record {
 
 func mustAppend(t *testing.T, s Store, r *storage.Record) {
 	t.Helper()
-	if err := s.Append(context.Background(), r); err != nil {
+	if err := s.Append(t.Context(), r); err != nil {
 		t.Fatalf("Append: %v", err)
 	}
 }
@@ -96,7 +101,6 @@ func testAppendChain(t *testing.T, env Env) {
 
 func testAppendTime(t *testing.T, env Env) {
 	s := open(t, env)
-	ctx := context.Background()
 	tests := []struct {
 		name string
 		in   time.Time
@@ -117,7 +121,7 @@ func testAppendTime(t *testing.T, env Env) {
 			case !tc.in.IsZero() && !r.Time.Equal(tc.in):
 				t.Fatalf("time %v, want %v", r.Time, tc.in)
 			}
-			got, err := s.Get(ctx, r.Writer, r.Seq)
+			got, err := s.Get(t.Context(), r.Writer, r.Seq)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -255,6 +259,10 @@ func testListFilters(t *testing.T, env Env) {
 		{"limit", storage.Query{Limit: 2}, []uint64{1, 2}},
 		{"after seq", storage.Query{AfterSeq: 4}, []uint64{5, 6}},
 		{"after seq with limit pages", storage.Query{AfterSeq: 2, Limit: 2}, []uint64{3, 4}},
+		// Seqs are stored signed: a bound past MaxInt64 is past every record,
+		// not a negative number that lists from the start again.
+		{"after seq past MaxInt64", storage.Query{AfterSeq: math.MaxInt64 + 1}, nil},
+		{"after the largest seq", storage.Query{AfterSeq: math.MaxUint64}, nil},
 		{"writer", storage.Query{Writer: writer}, []uint64{1, 2, 3, 4, 5, 6}},
 		{"other writer", storage.Query{Writer: writer + "-other"}, nil},
 		{"combined", storage.Query{Identity: "spiffe://td/ns/a/sa/alice", Outcome: storage.OutcomeIssued, AfterSeq: 1}, []uint64{2}},
@@ -308,7 +316,7 @@ func testGetNotFound(t *testing.T, env Env) {
 	for _, tc := range []struct {
 		writer string
 		seq    uint64
-	}{{r.Writer, 2}, {r.Writer, 0}, {"nobody", 1}} {
+	}{{r.Writer, 2}, {r.Writer, 0}, {"nobody", 1}, {r.Writer, math.MaxInt64 + 2}, {r.Writer, math.MaxUint64}} {
 		if _, err := s.Get(context.Background(), tc.writer, tc.seq); !errors.Is(err, storage.ErrNotFound) {
 			t.Fatalf("Get(%q, %d) = %v, want ErrNotFound", tc.writer, tc.seq, err)
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"reflect"
 	"strings"
 	"testing"
@@ -193,6 +194,9 @@ func testListPaging(t *testing.T, env Env) {
 		{"after writer and seq with limit", storage.Query{AfterWriter: w, AfterSeq: 1, Limit: 2}, []uint64{2, 3}},
 		{"after an earlier writer", storage.Query{AfterWriter: w[:len(w)-1], AfterSeq: 99}, []uint64{1, 2, 3, 4, 5}},
 		{"after a later writer", storage.Query{AfterWriter: w + "~", AfterSeq: 0}, nil},
+		{"after writer and a seq past MaxInt64", storage.Query{AfterWriter: w, AfterSeq: math.MaxInt64 + 1}, nil},
+		{"after writer and the largest seq", storage.Query{AfterWriter: w, AfterSeq: math.MaxUint64}, nil},
+		{"after an earlier writer and the largest seq", storage.Query{AfterWriter: w[:len(w)-1], AfterSeq: math.MaxUint64}, []uint64{1, 2, 3, 4, 5}},
 		{"issuer key id", storage.Query{IssuerKeyID: "beef"}, []uint64{4}},
 		{"issuer key id other", storage.Query{IssuerKeyID: "cafe", AfterSeq: 3}, []uint64{5}},
 	}

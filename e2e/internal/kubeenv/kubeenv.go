@@ -167,7 +167,7 @@ func start(t testing.TB, bin, dir string, p *pki) (*Env, error) {
 		api.stop(t)
 		etcd.stop(t)
 		if strings.Contains(api.logs.String(), "address already in use") || strings.Contains(etcd.logs.String(), "address already in use") {
-			return nil, fmt.Errorf("%w: %v", testproc.ErrPortTaken, err)
+			return nil, fmt.Errorf("%w: %w", testproc.ErrPortTaken, err)
 		}
 		return nil, fmt.Errorf("kube-apiserver: %w\n%s", err, api.logs.Tail(8<<10))
 	}

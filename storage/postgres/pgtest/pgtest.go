@@ -13,6 +13,7 @@
 package pgtest
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -62,7 +63,9 @@ func Main(m *testing.M) int {
 		if err := shared.server.stop(syscall.SIGINT); err != nil {
 			fmt.Fprintln(os.Stderr, "pgtest: stopping the shared cluster:", err)
 		}
-		shared.server.remove()
+		if err := shared.server.remove(); err != nil {
+			fmt.Fprintln(os.Stderr, "pgtest: removing the shared cluster:", err)
+		}
 	}
 	return code
 }
@@ -119,7 +122,9 @@ func Start(t testing.TB, opts Options) *Server {
 		if err := s.stop(syscall.SIGINT); err != nil {
 			t.Logf("pgtest: stop: %v", err)
 		}
-		s.remove()
+		if err := s.remove(); err != nil {
+			t.Logf("pgtest: remove: %v", err)
+		}
 	})
 	return s
 }
@@ -197,7 +202,7 @@ func childrenOf(pid int) ([]int, error) {
 			continue // exited
 		}
 		// "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-		i := strings.LastIndexByte(string(b), ')')
+		i := bytes.LastIndexByte(b, ')')
 		f := strings.Fields(string(b[i+1:]))
 		if len(f) < 2 {
 			continue
@@ -242,23 +247,19 @@ func start(opts Options) (*Server, error) {
 	}
 	if s.cred != nil {
 		if err := os.Chown(s.dir, int(s.cred.Uid), int(s.cred.Gid)); err != nil {
-			s.remove()
-			return nil, err
+			return nil, errors.Join(err, s.remove())
 		}
 	}
 	out, err := s.command("initdb", "-D", s.dataDir(), "-U", "postgres", "-A", "trust", "-E", "UTF8",
 		"--locale=C", "--no-sync", "--no-instructions").CombinedOutput()
 	if err != nil {
-		s.remove()
-		return nil, fmt.Errorf("initdb: %w: %s", err, out)
+		return nil, errors.Join(fmt.Errorf("initdb: %w: %s", err, out), s.remove())
 	}
 	if s.port, err = freePort(); err != nil {
-		s.remove()
-		return nil, err
+		return nil, errors.Join(err, s.remove())
 	}
 	if err := s.run(); err != nil {
-		s.remove()
-		return nil, err
+		return nil, errors.Join(err, s.remove())
 	}
 	return s, nil
 }
@@ -314,14 +315,14 @@ func (s *Server) run() error {
 	for {
 		conn, err := pgx.Connect(ctx, s.DSN("postgres"))
 		if err == nil {
-			conn.Close(ctx)
+			_ = conn.Close(ctx) // a readiness probe: the server answered, which is all it asked
 			return nil
 		}
 		select {
 		case werr := <-s.exit:
 			s.exit <- werr
 			log, _ := os.ReadFile(logPath)
-			return fmt.Errorf("postgres exited (%v): %s", werr, tail(string(log), 2000))
+			return fmt.Errorf("postgres exited (%w): %s", werr, tail(string(log), 2000))
 		case <-ctx.Done():
 			return fmt.Errorf("postgres did not accept connections: %w", err)
 		case <-time.After(50 * time.Millisecond):
@@ -357,10 +358,11 @@ func (s *Server) stop(sig syscall.Signal) error {
 	return nil
 }
 
-func (s *Server) remove() {
-	if s.dir != "" {
-		os.RemoveAll(s.dir)
+func (s *Server) remove() error {
+	if s.dir == "" {
+		return nil
 	}
+	return os.RemoveAll(s.dir)
 }
 
 func freePort() (int, error) {

@@ -95,6 +95,7 @@ persistence off the data directory dies with the pod.
 {{- define "castellan.postgresDir" -}}/etc/castellan-postgres{{- end }}
 {{- define "castellan.vaultDir" -}}/etc/castellan-vault{{- end }}
 {{- define "castellan.gcpDir" -}}/etc/castellan-gcp{{- end }}
+{{- define "castellan.awsDir" -}}/etc/castellan-aws{{- end }}
 {{- define "castellan.bundleEndpointDir" -}}/etc/castellan-bundle-endpoint{{- end }}
 
 {{/*
@@ -173,8 +174,8 @@ after the pod is scheduled), with messages naming the value.
 {{- fail (printf "config.%s: set by the chart when %s is given (it mounts the file); remove one of them" (index $pair 1) (index $pair 3)) }}
 {{- end }}
 {{- end }}
-{{- if not (has $signer (list "selfsigned" "intermediate" "vault" "googlecas")) }}
-{{- fail (printf "config.signer: %q is not one of selfsigned, intermediate, vault, googlecas" $signer) }}
+{{- if not (has $signer (list "selfsigned" "intermediate" "vault" "googlecas" "awspca")) }}
+{{- fail (printf "config.signer: %q is not one of selfsigned, intermediate, vault, googlecas, awspca" $signer) }}
 {{- end }}
 {{- if eq $signer "intermediate" }}
 {{- if not $v.intermediate.secretName }}
@@ -220,6 +221,9 @@ after the pod is scheduled), with messages naming the value.
 {{- end }}
 {{- if and (ne $signer "googlecas") $v.googleCAS.credentialsSecret.name }}
 {{- fail (printf "googleCAS.credentialsSecret.name: set, but config.signer is %q" $signer) }}
+{{- end }}
+{{- if and (ne $signer "awspca") $v.awsPCA.credentialsSecret.name }}
+{{- fail (printf "awsPCA.credentialsSecret.name: set, but config.signer is %q" $signer) }}
 {{- end }}
 {{- if and $v.vault.caConfigMap.name $v.vault.caSecret.name }}
 {{- fail "vault.caConfigMap.name, vault.caSecret.name: give one of them" }}

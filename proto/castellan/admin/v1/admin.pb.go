@@ -1375,8 +1375,9 @@ type CAStatus struct {
 	Cas []*CAInfo `protobuf:"bytes,5,rep,name=cas,proto3" json:"cas,omitempty"`
 	// What the step did (RotateCA and RekeyCA only).
 	Summary string `protobuf:"bytes,6,opt,name=summary,proto3" json:"summary,omitempty"`
-	// Ids of the key-encryption keys the CA keys are sealed under, the newest
-	// first; two while a rekey is under way, "" for unencrypted keys.
+	// Ids of the key-encryption keys the CA keys sealed in the state are sealed
+	// under, the newest first; two while a rekey is under way, "" for
+	// unencrypted keys. Keys held by a key provider (key_uri) have none.
 	SealedUnder   []string `protobuf:"bytes,7,rep,name=sealed_under,json=sealedUnder,proto3" json:"sealed_under,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1486,7 +1487,10 @@ type CAInfo struct {
 	// When the next step is safe without force (or scheduled).
 	NextStepAt *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=next_step_at,json=nextStepAt,proto3" json:"next_step_at,omitempty"`
 	// Whether it signs workload certificates now.
-	Issuing       bool `protobuf:"varint,15,opt,name=issuing,proto3" json:"issuing,omitempty"`
+	Issuing bool `protobuf:"varint,15,opt,name=issuing,proto3" json:"issuing,omitempty"`
+	// URI of its key in the key provider (HSM, KMS) that holds it, for a
+	// managed CA whose key is not sealed in the state; empty otherwise.
+	KeyUri        string `protobuf:"bytes,16,opt,name=key_uri,json=keyUri,proto3" json:"key_uri,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1626,6 +1630,13 @@ func (x *CAInfo) GetIssuing() bool {
 	return false
 }
 
+func (x *CAInfo) GetKeyUri() string {
+	if x != nil {
+		return x.KeyUri
+	}
+	return ""
+}
+
 var File_castellan_admin_v1_admin_proto protoreflect.FileDescriptor
 
 const file_castellan_admin_v1_admin_proto_rawDesc = "" +
@@ -1740,7 +1751,7 @@ const file_castellan_admin_v1_admin_proto_rawDesc = "" +
 	"\bschedule\x18\x04 \x01(\bR\bschedule\x12,\n" +
 	"\x03cas\x18\x05 \x03(\v2\x1a.castellan.admin.v1.CAInfoR\x03cas\x12\x18\n" +
 	"\asummary\x18\x06 \x01(\tR\asummary\x12!\n" +
-	"\fsealed_under\x18\a \x03(\tR\vsealedUnder\"\xa8\x05\n" +
+	"\fsealed_under\x18\a \x03(\tR\vsealedUnder\"\xc1\x05\n" +
 	"\x06CAInfo\x12\x15\n" +
 	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x1e\n" +
 	"\vroot_key_id\x18\x02 \x01(\tR\trootKeyId\x12\x12\n" +
@@ -1761,7 +1772,8 @@ const file_castellan_admin_v1_admin_proto_rawDesc = "" +
 	"\x10dependents_until\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\x0fdependentsUntil\x12<\n" +
 	"\fnext_step_at\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"nextStepAt\x12\x18\n" +
-	"\aissuing\x18\x0f \x01(\bR\aissuing2\xaa\a\n" +
+	"\aissuing\x18\x0f \x01(\bR\aissuing\x12\x17\n" +
+	"\akey_uri\x18\x10 \x01(\tR\x06keyUri2\xaa\a\n" +
 	"\fAdminService\x12i\n" +
 	"\x0eGetTrustBundle\x12).castellan.admin.v1.GetTrustBundleRequest\x1a*.castellan.admin.v1.GetTrustBundleResponse\"\x00\x12o\n" +
 	"\x10IssueCertificate\x12+.castellan.admin.v1.IssueCertificateRequest\x1a,.castellan.admin.v1.IssueCertificateResponse\"\x00\x12o\n" +

@@ -23,15 +23,22 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "address to serve the CAS API on")
 	chainOut := flag.String("chain-out", "", "file to write the pool's CA chain to (PEM)")
 	flag.Parse()
-
-	s, err := castest.Listen(*listen)
-	if err != nil {
+	if err := run(*listen, *chainOut); err != nil {
 		log.Fatal(err)
 	}
+}
+
+// run serves until stdin closes or a signal comes; its deferred Stop runs
+// before main exits, on an error too.
+func run(listen, chainOut string) error {
+	s, err := castest.Listen(listen)
+	if err != nil {
+		return err
+	}
 	defer s.Stop()
-	if *chainOut != "" {
-		if err := os.WriteFile(*chainOut, []byte(s.Chain()), 0o644); err != nil {
-			log.Fatal(err)
+	if chainOut != "" {
+		if err := os.WriteFile(chainOut, []byte(s.Chain()), 0o644); err != nil {
+			return err
 		}
 	}
 	fmt.Printf("listening on %s pool %s\n", s.Addr, castest.Pool)
@@ -44,4 +51,5 @@ func main() {
 	case <-done:
 	case <-sig:
 	}
+	return nil
 }

@@ -43,6 +43,23 @@ const (
 // cdsType is the xDS type the xDS clients ask for.
 const cdsType = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 
+// xdsHosts are the ServiceEntry hosts whose clusters the xDS clients
+// subscribe to: one created before the rotation, one after it. istiod's
+// generator for proxyless gRPC nodes (the bootstrap's node) answers named
+// CDS requests only, as gRPC's own xDS client sends them; a cluster whose
+// ServiceEntry does not exist yet arrives in the push that follows its
+// creation.
+var xdsHosts = []string{"before-rotation.example.internal", "after-rotation.example.internal"}
+
+// xdsClusterNames are the CDS names of xdsHosts (port 80).
+func xdsClusterNames() []string {
+	var names []string
+	for _, h := range xdsHosts {
+		names = append(names, "outbound|80||"+h)
+	}
+	return names
+}
+
 // istioDirs returns the binaries' directory and the module directory, or
 // skips the test when they are not configured (fails it when CI is set).
 func istioDirs(t *testing.T) (bin, mod string) {
@@ -294,7 +311,7 @@ func openXDS(target xdsTarget, timeout time.Duration) (*xdsStream, *discoveryv3.
 		s.close()
 		return nil, nil, err
 	}
-	if err := s.stream.Send(&discoveryv3.DiscoveryRequest{Node: target.node, TypeUrl: cdsType}); err != nil {
+	if err := s.stream.Send(&discoveryv3.DiscoveryRequest{Node: target.node, TypeUrl: cdsType, ResourceNames: xdsClusterNames()}); err != nil {
 		s.close()
 		return nil, nil, err
 	}
@@ -319,13 +336,14 @@ func openXDS(target xdsTarget, timeout time.Duration) (*xdsStream, *discoveryv3.
 	}
 }
 
-// recvACK receives one response and acknowledges it.
+// recvACK receives one response and acknowledges it (with the same
+// subscription: an ACK without names would unsubscribe).
 func (s *xdsStream) recvACK() (*discoveryv3.DiscoveryResponse, error) {
 	r, err := s.stream.Recv()
 	if err != nil {
 		return nil, err
 	}
-	err = s.stream.Send(&discoveryv3.DiscoveryRequest{TypeUrl: r.TypeUrl, VersionInfo: r.VersionInfo, ResponseNonce: r.Nonce})
+	err = s.stream.Send(&discoveryv3.DiscoveryRequest{TypeUrl: r.TypeUrl, VersionInfo: r.VersionInfo, ResponseNonce: r.Nonce, ResourceNames: xdsClusterNames()})
 	return r, err
 }
 

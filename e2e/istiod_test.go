@@ -76,7 +76,10 @@ func testIstioSelfSigned(t *testing.T) {
 	east := kubeenv.Start(t)
 	eastKC := chartIdentity(t, east, nil, "../deploy/helm/castellan/ci/istio-values.yaml")
 	m := startIstioMesh(t, env, serverConfig{signer: "selfsigned", extraArgs: []string{
-		"--rotation-schedule=false", "--rotation-propagation-window", istioWindow.String(), "--remote-clusters", "east=" + eastKC}})
+		"--rotation-schedule=false", "--rotation-propagation-window", istioWindow.String(), "--remote-clusters", "east=" + eastKC,
+		// The remote checks ask for an hour, like Istio's clients: clamped, so
+		// the old root can retire within the test once their certificates expire.
+		"--max-ttl", istioSecretTTL.String(), "--ttl-policy", "clamp"}})
 	east.CreateNamespace(t, "remote-app", nil)
 	east.CreateServiceAccount(t, "remote-app", "sleep")
 	eastPod := east.CreatePod(t, "remote-app", "sleep-1", "sleep", "east-node")
@@ -184,7 +187,7 @@ func startIstioMesh(t *testing.T, env *kubeenv.Env, cfg serverConfig, valueFiles
 		"--secureGRPCAddr", fmt.Sprintf("127.0.0.1:%d", ports["secure"]), "--monitoringAddr", fmt.Sprintf("127.0.0.1:%d", ports["monitoring"]),
 		"--httpsAddr", fmt.Sprintf("127.0.0.1:%d", ports["https"]), "--ctrlz_port", fmt.Sprint(ports["ctrlz"]), "--shutdownDuration", "1s")
 	m.istiod.waitUntil(t, "readiness", istioWait, func() bool { return httpOK(fmt.Sprintf("http://127.0.0.1:%d/ready", ports["http"])) })
-	createServiceEntry(t, ap, "before-rotation.example.internal")
+	createServiceEntry(t, ap, xdsHosts[0])
 
 	// pilot-agent, proxyless, with a pod-bound token and the app namespace's root ConfigMap.
 	m.agentWD = t.TempDir()
@@ -194,6 +197,7 @@ func startIstioMesh(t *testing.T, env *kubeenv.Env, cfg serverConfig, valueFiles
 	writeFile(t, mkdir(t, m.agentWD, "var/run/secrets/tokens"), "istio-token", []byte(token), 0o600)
 	waitFile(t, filepath.Join(m.agentWD, "var/run/secrets/istio/root-cert.pem"), istioWait)
 	proxyDir := mkdir(t, m.agentWD, "etc/istio/proxy")
+	mkdir(t, m.agentWD, "output") // the agent writes OUTPUT_CERTS into an existing directory only
 	proxyConfig, _ := json.Marshal(map[string]any{"discoveryAddress": m.secure, "statusPort": testproc.FreePort(t), "configPath": proxyDir})
 	castellanAddr := "localhost:" + m.srv.grpcAddr[strings.LastIndexByte(m.srv.grpcAddr, ':')+1:]
 	m.agent = startProc(t, "pilot-agent", filepath.Join(bin, "pilot-agent"), m.agentWD, []string{
@@ -212,7 +216,7 @@ func startIstioMesh(t *testing.T, env *kubeenv.Env, cfg serverConfig, valueFiles
 		"istiod.istio-system.svc", m.outputDir()))
 	m.watch = watchXDS(t, []xdsTarget{viaAgent, direct}, []xdsTarget{viaAgent}, istioDialEvery)
 	t.Cleanup(func() { m.watch.halt() })
-	m.watch.waitCluster(t, "before-rotation.example.internal", istioWait)
+	m.watch.waitCluster(t, xdsHosts[0], istioWait)
 	return m
 }
 
@@ -313,8 +317,8 @@ func (m *istioMesh) istiodChain(t *testing.T) []*x509.Certificate {
 // agent and Castellan's own serving certificate chain to the new roots only.
 func (m *istioMesh) finish(t *testing.T, newRoots []*x509.Certificate) {
 	t.Helper()
-	createServiceEntry(t, newApplier(t, m.env.Config), "after-rotation.example.internal")
-	m.watch.waitCluster(t, "after-rotation.example.internal", istioWait)
+	createServiceEntry(t, newApplier(t, m.env.Config), xdsHosts[1])
+	m.watch.waitCluster(t, xdsHosts[1], istioWait)
 	// One more agent renewal under the final bundle.
 	first := readOrEmpty(filepath.Join(m.outputDir(), "cert-chain.pem"))
 	m.agent.waitUntil(t, "renewal", istioWait, func() bool {

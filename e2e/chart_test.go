@@ -1,9 +1,11 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -55,6 +57,35 @@ func TestChart(t *testing.T) {
 			t.Logf("%d objects accepted", len(objs))
 		})
 	}
+
+	// The plain manifests are the chart's defaults as generate.sh renders
+	// them with this helm, and the apiserver accepts them.
+	t.Run("plain manifests", func(t *testing.T) {
+		out := filepath.Join(t.TempDir(), "castellan.yaml")
+		cmd := exec.CommandContext(t.Context(), "../deploy/manifests/generate.sh", out)
+		cmd.Env = append(os.Environ(), "PATH="+filepath.Dir(helmBin(t))+string(os.PathListSeparator)+os.Getenv("PATH"))
+		if b, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("generate.sh: %v\n%s", err, b)
+		}
+		got, err := os.ReadFile(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		committed, err := os.ReadFile("../deploy/manifests/castellan.yaml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, committed) {
+			t.Errorf("deploy/manifests/castellan.yaml differs from the chart's defaults: run deploy/manifests/generate.sh")
+		}
+		objs, err := decodeObjects(committed)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ap.apply(t.Context(), objs, true); err != nil {
+			t.Fatalf("server-side dry run of deploy/manifests/castellan.yaml: %v", err)
+		}
+	})
 
 	// The check above names a refused value: a Service port out of range.
 	t.Run("a refused value is named", func(t *testing.T) {

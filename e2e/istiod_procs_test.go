@@ -291,6 +291,28 @@ func directTarget(node *corev3.Node, addr string, tlsCfg *tls.Config) xdsTarget 
 		opts: []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg))}}
 }
 
+// tokenTarget reaches istiod directly over TLS (verified by tlsCfg) and
+// authenticates with the bearer token in tokenFile, read at each call, as
+// the agent's own xDS proxy does upstream.
+func tokenTarget(node *corev3.Node, addr string, tlsCfg *tls.Config, tokenFile string) xdsTarget {
+	return xdsTarget{name: "direct TLS with the pod's token", addr: addr, node: node,
+		opts: []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)), grpc.WithPerRPCCredentials(fileToken(tokenFile))}}
+}
+
+// fileToken is gRPC per-call credentials: `authorization: Bearer` with the
+// token read from the file.
+type fileToken string
+
+func (f fileToken) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	tok, err := os.ReadFile(string(f))
+	if err != nil {
+		return nil, err
+	}
+	return map[string]string{"authorization": "Bearer " + strings.TrimSpace(string(tok))}, nil
+}
+
+func (fileToken) RequireTransportSecurity() bool { return true }
+
 // xdsStream is one ADS stream asking for every cluster.
 type xdsStream struct {
 	conn   *grpc.ClientConn

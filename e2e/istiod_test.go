@@ -52,6 +52,8 @@ type istioMesh struct {
 	watch    *xdsWatch
 	// castellanKC is the kubeconfig Castellan runs with: its chart's ServiceAccount.
 	castellanKC string
+	// refusalsAsked counts the CSRs checkRemote made to be refused.
+	refusalsAsked int
 }
 
 // TestIstioControlPlane runs Istio's own istiod (pilot-discovery, with
@@ -79,7 +81,7 @@ func testIstioSelfSigned(t *testing.T) {
 		"--rotation-schedule=false", "--rotation-propagation-window", istioWindow.String(), "--remote-clusters", "east=" + eastKC,
 		// The remote checks ask for an hour, like Istio's clients: clamped, so
 		// the old root can retire within the test once their certificates expire.
-		"--max-ttl", istioSecretTTL.String(), "--ttl-policy", "clamp"}})
+		"--max-ttl", istioSecretTTL.String(), "--default-ttl", istioSecretTTL.String(), "--ttl-policy", "clamp"}})
 	east.CreateNamespace(t, "remote-app", nil)
 	east.CreateServiceAccount(t, "remote-app", "sleep")
 	eastPod := east.CreatePod(t, "remote-app", "sleep-1", "sleep", "east-node")
@@ -214,7 +216,15 @@ func startIstioMesh(t *testing.T, env *kubeenv.Env, cfg serverConfig, valueFiles
 	viaAgent := agentSocketTarget(node, uri)
 	direct := directTarget(node, m.secure, fileRootsTLS(filepath.Join(m.agentWD, "var/run/secrets/istio/root-cert.pem"),
 		"istiod.istio-system.svc", m.outputDir()))
-	m.watch = watchXDS(t, []xdsTarget{viaAgent, direct}, []xdsTarget{viaAgent}, istioDialEvery)
+	// pilot-agent's xDS proxy serves one downstream stream at a time (a new
+	// one closes the previous), so the new connections opened all along go
+	// to istiod directly, authenticated by the pod's token as the agent's are:
+	// istiod checks client certificates against the roots it read at start
+	// (README, Istio integration), so a fresh mTLS connection with a renewed
+	// certificate is not something istiod accepts across a root rotation.
+	fresh := tokenTarget(node, m.secure, fileRootsTLS(filepath.Join(m.agentWD, "var/run/secrets/istio/root-cert.pem"),
+		"istiod.istio-system.svc", ""), filepath.Join(m.agentWD, "var/run/secrets/tokens/istio-token"))
+	m.watch = watchXDS(t, []xdsTarget{viaAgent, direct}, []xdsTarget{fresh}, istioDialEvery)
 	t.Cleanup(func() { m.watch.halt() })
 	m.watch.waitCluster(t, xdsHosts[0], istioWait)
 	return m
@@ -331,9 +341,11 @@ func (m *istioMesh) finish(t *testing.T, newRoots []*x509.Certificate) {
 	}
 	recs := m.srv.auditList(t)
 	agentID := fmt.Sprintf("spiffe://%s/ns/%s/sa/%s", trustDomain, appNS, appSA)
-	renewals, istiodCerts := 0, 0
+	renewals, istiodCerts, refusals := 0, 0, 0
 	for _, r := range recs {
 		switch {
+		case r.Kind == "csr" && r.Outcome != "issued" && r.Code == "Unauthenticated" && r.ClusterID == clusterID && refusals < m.refusalsAsked:
+			refusals++ // checkRemote's remote token under the local clusterid
 		case r.Kind == "csr" && r.Outcome != "issued":
 			t.Errorf("CSR %s for %s (%s %s): want every CSR issued", r.Outcome, r.GrantedIdentity, r.Code, r.Reason)
 		case r.Kind == "csr" && r.GrantedIdentity == agentID:
@@ -341,6 +353,9 @@ func (m *istioMesh) finish(t *testing.T, newRoots []*x509.Certificate) {
 		case r.Kind == "operator" && strings.Contains(r.Detail, "istiod serving certificate") && r.Serial != "":
 			istiodCerts++
 		}
+	}
+	if refusals != m.refusalsAsked {
+		t.Errorf("%d deliberate refusals audited, want %d", refusals, m.refusalsAsked)
 	}
 	t.Logf("agent certificates: %d, istiod certificates: %d (each audited)", renewals, istiodCerts)
 	if renewals < 4 || istiodCerts < 3 {
@@ -411,6 +426,7 @@ func (m *istioMesh) checkRemote(t *testing.T, east *kubeenv.Env, token string) {
 	if code, chain := sidecarSign(t, m.srv, token, "east", id); code != codeOK || leafURI(t, chain) != id {
 		t.Errorf("remote token with clusterid east: %s, want OK for %s", code, id)
 	}
+	m.refusalsAsked++
 	if code, _ := sidecarSign(t, m.srv, token, clusterID, id); code != "Unauthenticated" {
 		t.Errorf("remote token with the local clusterid: %s, want Unauthenticated", code)
 	}

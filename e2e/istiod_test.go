@@ -629,10 +629,26 @@ func (m *istioMesh) checkRootCheck(t *testing.T) {
 		t.Errorf("castellan_root_configmaps_out_of_sync = %v after the rotation, want 0", got)
 	}
 	m.env.CreateNamespace(t, "stale", nil)
-	if _, err := m.env.Client.CoreV1().ConfigMaps("stale").Create(context.Background(), &corev1.ConfigMap{
-		ObjectMeta: metav1.ObjectMeta{Name: "istio-ca-root-cert"}, Immutable: ptr.To(true),
-		Data: map[string]string{"root-cert.pem": string(encodeCerts(newPluginCA(t, "stale").root))}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
+	// Castellan may have written the namespace's ConfigMap already: then it
+	// is replaced by the stale, immutable one (retried on a write conflict).
+	stale := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "istio-ca-root-cert"}, Immutable: ptr.To(true),
+		Data: map[string]string{"root-cert.pem": string(encodeCerts(newPluginCA(t, "stale").root))}}
+	cms := m.env.Client.CoreV1().ConfigMaps("stale")
+	for deadline := time.Now().Add(istioWait); ; time.Sleep(200 * time.Millisecond) {
+		_, err := cms.Create(context.Background(), stale, metav1.CreateOptions{})
+		if apierrors.IsAlreadyExists(err) {
+			var cur *corev1.ConfigMap
+			if cur, err = cms.Get(context.Background(), stale.Name, metav1.GetOptions{}); err == nil {
+				cur.Data, cur.Immutable = stale.Data, stale.Immutable
+				_, err = cms.Update(context.Background(), cur, metav1.UpdateOptions{})
+			}
+		}
+		if err == nil {
+			break
+		}
+		if (!apierrors.IsConflict(err) && !apierrors.IsNotFound(err)) || time.Now().After(deadline) {
+			t.Fatalf("stale root ConfigMap: %v", err)
+		}
 	}
 	for deadline := time.Now().Add(istioWait); ; time.Sleep(500 * time.Millisecond) {
 		code, body := httpGet(t, "http://"+m.srv.monAddr+"/readyz")

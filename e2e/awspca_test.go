@@ -162,8 +162,12 @@ func TestAWSPCA(t *testing.T) {
 		// The SDK retries until its attempts or the signing timeout run out.
 		attempts := unavailable(t, "ThrottlingException", "context deadline exceeded")
 		var before, after int
-		fmt.Sscan(calls, &before)
-		fmt.Sscan(pca.do(t, "calls IssueCertificate"), &after)
+		if _, err := fmt.Sscan(calls, &before); err != nil {
+			t.Fatalf("calls before: %v", err)
+		}
+		if _, err := fmt.Sscan(pca.do(t, "calls IssueCertificate"), &after); err != nil {
+			t.Fatalf("calls after: %v", err)
+		}
 		if after-before < 2*attempts {
 			t.Errorf("IssueCertificate reached the fake %d times for %d requests, want each retried", after-before, attempts)
 		}

@@ -19,17 +19,17 @@ import (
 func TestChartObjects(t *testing.T) {
 	helmBin(t)
 	for _, tc := range []struct {
-		name       string
-		values     string // a values file's text; "" for the defaults
-		secretNS   string // where istiod's Secret Role must be; "" for none
-		secretName string
-		policy     bool // the ValidatingAdmissionPolicy and its binding
+		name     string
+		values   string // a values file's text; "" for the defaults
+		certNS   string // where istiod's Secret Role must be; "" for none
+		certName string
+		policy   bool // the ValidatingAdmissionPolicy and its binding
 	}{
-		{name: "defaults", secretNS: "istio-system", secretName: "istiod-tls", policy: true},
+		{name: "defaults", certNS: "istio-system", certName: "istiod-tls", policy: true},
 		{name: "istiod elsewhere", values: "config:\n  istiodNamespace: mesh\n  istiodCertSecret: mesh-istiod-tls\n",
-			secretNS: "mesh", secretName: "mesh-istiod-tls", policy: true},
+			certNS: "mesh", certName: "mesh-istiod-tls", policy: true},
 		{name: "no admission policy", values: "rbac:\n  restrictSecretCreate: false\n",
-			secretNS: "istio-system", secretName: "istiod-tls"},
+			certNS: "istio-system", certName: "istiod-tls"},
 		{name: "istiodCert off", values: "config:\n  istiodCert: false\n"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -49,11 +49,11 @@ func TestChartObjects(t *testing.T) {
 				t.Errorf("Deployment runs as ServiceAccount %q, want the rendered %q", got, sa.GetName())
 			}
 			cfg := renderedConfig(t, one(t, byKind, "ConfigMap"))
-			if want := tc.secretNS != ""; cfg["istiodCert"] != want {
+			if want := tc.certNS != ""; cfg["istiodCert"] != want {
 				t.Errorf("config.yaml istiodCert = %v, want %v", cfg["istiodCert"], want)
 			}
-			if tc.secretNS != "" && (cfg["istiodNamespace"] != tc.secretNS || cfg["istiodCertSecret"] != tc.secretName) {
-				t.Errorf("config.yaml names Secret %v/%v, want %s/%s", cfg["istiodNamespace"], cfg["istiodCertSecret"], tc.secretNS, tc.secretName)
+			if tc.certNS != "" && (cfg["istiodNamespace"] != tc.certNS || cfg["istiodCertSecret"] != tc.certName) {
+				t.Errorf("config.yaml names Secret %v/%v, want %s/%s", cfg["istiodNamespace"], cfg["istiodCertSecret"], tc.certNS, tc.certName)
 			}
 
 			for _, r := range rbacRules(t, one(t, byKind, "ClusterRole")) {
@@ -75,34 +75,34 @@ func TestChartObjects(t *testing.T) {
 					}
 				}
 			}
-			if tc.secretNS == "" {
+			if tc.certNS == "" {
 				if len(secretRoles) != 0 || len(byKind["ValidatingAdmissionPolicy"]) != 0 {
 					t.Errorf("istiodCert off, yet %d Roles on Secrets and %d admission policies rendered", len(secretRoles), len(byKind["ValidatingAdmissionPolicy"]))
 				}
 				return
 			}
-			if len(secretRoles) != 1 || secretRoles[0].GetNamespace() != tc.secretNS {
-				t.Fatalf("Roles on Secrets: %v, want one in %s", names(secretRoles), tc.secretNS)
+			if len(secretRoles) != 1 || secretRoles[0].GetNamespace() != tc.certNS {
+				t.Fatalf("Roles on Secrets: %v, want one in %s", names(secretRoles), tc.certNS)
 			}
 			for _, r := range rbacRules(t, secretRoles[0]) {
 				switch {
 				case slices.Equal(r.Verbs, []string{"create"}) && len(r.ResourceNames) == 0: // create cannot name; the policy narrows it
-				case slices.Equal(r.ResourceNames, []string{tc.secretName}) && !slices.Contains(r.Verbs, "delete"):
+				case slices.Equal(r.ResourceNames, []string{tc.certName}) && !slices.Contains(r.Verbs, "delete"):
 				default:
-					t.Errorf("Role %s rule %+v: want create, or non-delete verbs on %s only", secretRoles[0].GetName(), r, tc.secretName)
+					t.Errorf("Role %s rule %+v: want create, or non-delete verbs on %s only", secretRoles[0].GetName(), r, tc.certName)
 				}
 			}
 			binding := false
 			for _, rb := range byKind["RoleBinding"] {
 				ref, _, _ := unstructured.NestedString(rb.Object, "roleRef", "name")
 				subjects, _, _ := unstructured.NestedSlice(rb.Object, "subjects")
-				if ref == secretRoles[0].GetName() && rb.GetNamespace() == tc.secretNS && len(subjects) == 1 &&
+				if ref == secretRoles[0].GetName() && rb.GetNamespace() == tc.certNS && len(subjects) == 1 &&
 					subjects[0].(map[string]any)["name"] == sa.GetName() && subjects[0].(map[string]any)["namespace"] == "castellan-system" {
 					binding = true
 				}
 			}
 			if !binding {
-				t.Errorf("no RoleBinding in %s gives %s to castellan-system/%s", tc.secretNS, secretRoles[0].GetName(), sa.GetName())
+				t.Errorf("no RoleBinding in %s gives %s to castellan-system/%s", tc.certNS, secretRoles[0].GetName(), sa.GetName())
 			}
 
 			if !tc.policy {
@@ -118,15 +118,15 @@ func TestChartObjects(t *testing.T) {
 			if len(conds) != 1 || !strings.Contains(fmt.Sprint(conds[0].(map[string]any)["expression"]), user) {
 				t.Errorf("admission policy matches %v, want requests by %s", conds, user)
 			}
-			wantExpr := fmt.Sprintf(`object.metadata.name == "%s" && object.type == "kubernetes.io/tls"`, tc.secretName)
+			wantExpr := fmt.Sprintf(`object.metadata.name == "%s" && object.type == "kubernetes.io/tls"`, tc.certName)
 			if len(vals) != 1 || vals[0].(map[string]any)["expression"] != wantExpr {
 				t.Errorf("admission policy validates %v, want %s", vals, wantExpr)
 			}
 			policy, _, _ := unstructured.NestedString(vapb.Object, "spec", "policyName")
 			nsSel, _, _ := unstructured.NestedString(vapb.Object, "spec", "matchResources", "namespaceSelector", "matchLabels", "kubernetes.io/metadata.name")
 			actions, _, _ := unstructured.NestedStringSlice(vapb.Object, "spec", "validationActions")
-			if policy != vap.GetName() || nsSel != tc.secretNS || !slices.Equal(actions, []string{"Deny"}) {
-				t.Errorf("admission policy binding: policy %q in namespace %q with %v, want %q in %q with [Deny]", policy, nsSel, actions, vap.GetName(), tc.secretNS)
+			if policy != vap.GetName() || nsSel != tc.certNS || !slices.Equal(actions, []string{"Deny"}) {
+				t.Errorf("admission policy binding: policy %q in namespace %q with %v, want %q in %q with [Deny]", policy, nsSel, actions, vap.GetName(), tc.certNS)
 			}
 		})
 	}

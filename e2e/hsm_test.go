@@ -431,7 +431,10 @@ func TestCAKeyScan(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	state, _ := json.Marshal(map[string]any{"cas": []map[string]any{{"sealedKey": append([]byte{0}, der...)}}})
+	state, err := json.Marshal(map[string]any{"cas": []map[string]any{{"sealedKey": append([]byte{0}, der...)}}})
+	if err != nil {
+		t.Fatal(err)
+	}
 	writeFile(t, dir, "state.json", state, 0o600)
 	other, _ := x509.MarshalPKCS8PrivateKey(key)
 	writeFile(t, dir, "other.pem", pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: other}), 0o600)

@@ -238,7 +238,7 @@ func startFake(t *testing.T, bin string, args ...string) (io.WriteCloser, *bufio
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", bin, err)
 	}
-	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
+	t.Cleanup(func() { _ = stdin.Close(); _ = cmd.Wait() }) // closing stdin stops the fake; its exit status is not under test
 	out := bufio.NewReader(stdout)
 	line, err := out.ReadString('\n')
 	if err != nil {

@@ -151,7 +151,8 @@ TEST_ENV  += CASTELLAN_TEST_ISTIO_BIN_DIR=$(ISTIO_BIN_DIR) CASTELLAN_TEST_ISTIO_
 
 # helm, built from its Go module, for the chart tests (helm lint, helm template
 # of every documented value set, rendered objects applied to the e2e
-# kube-apiserver). Cached per version; cold ~4 min of CPU time.
+# kube-apiserver). Cached per version. Measured with an empty build cache
+# (module cache filled): 327 s user + 63 s sys of CPU.
 HELM_VERSION := v4.3.2
 HELM         := $(CACHE_DIR)/helm-$(HELM_VERSION)/helm
 $(HELM):

@@ -29,8 +29,8 @@ func (c callerAuthn) Authenticate(context.Context) (*authn.Caller, error) {
 // TestCertificatesLint has Castellan make every kind of certificate it makes
 // (generated roots and intermediates of every CA key type, workload leaves
 // of every accepted key type and from both agents' CSR shapes, the serving
-// certificate, the bundle endpoint's SVID and the operator credential) and
-// lints each with zlint's RFC 5280, RFC 5480 and RFC 8813 lints.
+// certificate, istiod's serving certificate, the bundle endpoint's SVID and
+// the operator credential) and lints each with zlint's RFC 5280, RFC 5480 and RFC 8813 lints.
 func TestCertificatesLint(t *testing.T) {
 	if testing.Short() {
 		t.Skip("generates RSA keys up to 4096 bits")
@@ -114,6 +114,14 @@ func TestCertificatesLint(t *testing.T) {
 					t.Fatal(err)
 				}
 				certlint.Check(t, "operator credential under the "+issuing.name, chain.Leaf)
+				// istiod's serving certificate as ca/publish.IstiodCert issues it.
+				istiodNames := []string{"istiod.istio-system.svc", "istiod.istio-system.svc.cluster.local",
+					"istiod-canary.istio-system.svc", "istiod-canary.istio-system.svc.cluster.local"}
+				chain, _, err = issuer.IssueInternal(context.Background(), "istiod serving certificate", ca.ServingTemplate(istiodNames), signertest.Key(5), 24*time.Hour)
+				if err != nil {
+					t.Fatal(err)
+				}
+				certlint.Check(t, "istiod serving certificate under the "+issuing.name, chain.Leaf)
 			}
 		})
 	}

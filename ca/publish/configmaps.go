@@ -1,7 +1,10 @@
-// Package publish distributes the trust bundle to workloads, kept equal to it
-// through every rotation phase: the istio-ca-root-cert ConfigMap in every
-// namespace (ConfigMaps) and ClusterTrustBundles (TrustBundles), written by
-// the replica that Election makes leader.
+// Package publish writes what Kubernetes workloads and istiod read from
+// Castellan, kept equal to the trust bundle through every rotation phase:
+// the istio-ca-root-cert ConfigMap in every namespace (ConfigMaps),
+// ClusterTrustBundles (TrustBundles), istiod's serving certificate in its
+// kubernetes.io/tls Secret (IstiodCert), a check that reports ConfigMaps
+// differing from the bundle (RootCheck), and the Lease election that lets
+// one replica write (Election).
 package publish
 
 import (
@@ -14,9 +17,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	listerscorev1 "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
@@ -68,18 +69,7 @@ func (c *ConfigMaps) Run(ctx context.Context) error {
 	if workers <= 0 {
 		workers = 2
 	}
-	nsFactory := informers.NewSharedInformerFactoryWithOptions(c.Client, 0,
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-			if c.NamespaceSelector != nil {
-				o.LabelSelector = c.NamespaceSelector.String()
-			}
-		}))
-	cmFactory := informers.NewSharedInformerFactoryWithOptions(c.Client, 0,
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", ConfigMapName).String()
-		}))
-	nsInformer := nsFactory.Core().V1().Namespaces()
-	cmInformer := cmFactory.Core().V1().ConfigMaps()
+	nsInformer, cmInformer, start := rootInformers(c.Client, c.NamespaceSelector)
 
 	queue := workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
 		workqueue.TypedRateLimitingQueueConfig[string]{Name: "root-configmaps"})
@@ -108,10 +98,8 @@ func (c *ConfigMaps) Run(ctx context.Context) error {
 	}
 	// Armed before the caches sync, whose initial list enqueues every namespace.
 	changed := c.Bundle.Changed()
-	nsFactory.Start(ctx.Done())
-	cmFactory.Start(ctx.Done())
-	defer nsFactory.Shutdown()
-	defer cmFactory.Shutdown()
+	stop := start(ctx)
+	defer stop()
 	if !cache.WaitForCacheSync(ctx.Done(), nsInformer.Informer().HasSynced, cmInformer.Informer().HasSynced) {
 		if ctx.Err() != nil {
 			return nil

@@ -162,8 +162,11 @@ func loadRetainedRoots(path string) ([]awspca.RetainedRoot, error) {
 	out := make([]awspca.RetainedRoot, 0, len(onDisk))
 	for i, r := range onDisk {
 		certs, err := signer.ParseCertificatesPEM([]byte(r.Root))
-		if err != nil || len(certs) != 1 {
-			return nil, fmt.Errorf("%s: root %d: want one PEM certificate (%w)", path, i, err)
+		if err != nil {
+			return nil, fmt.Errorf("%s: root %d: %w", path, i, err)
+		}
+		if len(certs) != 1 {
+			return nil, fmt.Errorf("%s: root %d: want one PEM certificate, got %d", path, i, len(certs))
 		}
 		out = append(out, awspca.RetainedRoot{Cert: certs[0], Until: r.Until})
 	}

@@ -1,9 +1,8 @@
 package main
 
 import (
+	"cmp"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -12,8 +11,6 @@ import (
 	"strings"
 
 	"github.com/castellan-ca/castellan/authn/kube"
-	"github.com/castellan-ca/castellan/ca"
-	"github.com/castellan-ca/castellan/ca/publish"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/kubernetes"
@@ -42,6 +39,8 @@ type KubeConfig struct {
 	// KubeSignersConfig holds the keys of Kubernetes' certificate APIs and
 	// of signer kubernetes (kubesigners.go).
 	KubeSignersConfig `yaml:",inline"`
+	// IstiodConfig holds the keys of istiod's serving certificate (publish.go).
+	IstiodConfig `yaml:",inline"`
 }
 
 // kubeDefaults are the Kubernetes defaults.
@@ -56,6 +55,7 @@ func kubeDefaults() KubeConfig {
 		KubeBurst:         100,
 		RootConfigMaps:    true,
 		KubeSignersConfig: kubeSignersDefaults(),
+		IstiodConfig:      istiodDefaults(),
 	}
 }
 
@@ -76,6 +76,7 @@ func bindKubeFlags(fs *flag.FlagSet, c *KubeConfig) {
 	fs.StringVar(&c.RootCMSelector, "root-configmap-namespace-selector", c.RootCMSelector, "label selector of the namespaces that get istio-ca-root-cert (default: all)")
 	fs.StringVar(&c.LeaderElectionNS, "leader-election-namespace", c.LeaderElectionNS, "namespace of the leader election Lease (default: Castellan's own, from the in-cluster or kubeconfig namespace)")
 	bindKubeSignerFlags(fs, &c.KubeSignersConfig)
+	bindIstiodFlags(fs, &c.IstiodConfig)
 }
 
 // validate checks the Kubernetes keys.
@@ -126,6 +127,7 @@ func (c KubeConfig) validate(bad func(key, format string, a ...any)) {
 		bad("rootConfigMapNamespaceSelector", "%v", err)
 	}
 	c.KubeSignersConfig.validate(bad)
+	c.IstiodConfig.validate(bad)
 }
 
 // kubeParts is what the Kubernetes integration adds to the server.
@@ -133,23 +135,30 @@ type kubeParts struct {
 	authenticator *kube.Authenticator
 	nodes         *kube.NodeAuthorizer
 	ready         readyCheck
-	// local is the local cluster (its pod cache); restCfg and ownNS
-	// reach it, for the signers of its certificate APIs.
+	// local is the local cluster (its pod cache) and restCfg reaches
+	// it, for the signers of its certificate APIs.
 	local   *kube.Cluster
 	restCfg *rest.Config
-	ownNS   string
+	// clusters are where Castellan writes (publish.go): the local one first.
+	clusters []writeTarget
+}
+
+// writeTarget is one cluster Castellan writes root ConfigMaps (and, the
+// local one, istiod's Secret) in, under its own leader election.
+type writeTarget struct {
+	id      string
+	restCfg *rest.Config
+	// leaseNS is the namespace of the cluster's Lease.
+	leaseNS string
 }
 
 // inClusterNamespaceFile holds the namespace of the pod we run in.
 const inClusterNamespaceFile = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
-// leaseName is the Lease the replicas elect the ConfigMap writer on.
-const leaseName = "castellan-root-configmaps"
-
 // startKube connects to the configured clusters and runs, in c, their
-// informers and, on the elected replica, the root ConfigMap controller. It
-// returns nil when Kubernetes is off (no kubeconfig, not in a pod).
-func startKube(ctx context.Context, c *component, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, logger *slog.Logger) (*kubeParts, error) {
+// informers. It returns nil when Kubernetes is off (no kubeconfig, not in a
+// pod); what Castellan writes in the clusters starts later (startPublish).
+func startKube(ctx context.Context, c *component, cfg Config, td spiffeid.TrustDomain, logger *slog.Logger) (*kubeParts, error) {
 	restCfg, ownNS, err := loadKubeconfig(cfg.Kubeconfig)
 	if err != nil || restCfg == nil {
 		return nil, err
@@ -160,10 +169,12 @@ func startKube(ctx context.Context, c *component, cfg Config, td spiffeid.TrustD
 	if err != nil {
 		return nil, err
 	}
+	localLease := cmp.Or(cfg.LeaderElectionNS, ownNS, "default")
+	targets := []writeTarget{{id: cfg.ClusterID, restCfg: restCfg, leaseNS: localLease}}
 	var remotes []*kube.Cluster
 	for _, r := range cfg.RemoteClusters {
 		id, path, _ := strings.Cut(r, "=")
-		rc, _, err := loadKubeconfig(path)
+		rc, remoteNS, err := loadKubeconfig(path)
 		if err != nil {
 			return nil, fmt.Errorf("remoteClusters %s: %w", id, err)
 		}
@@ -172,6 +183,7 @@ func startKube(ctx context.Context, c *component, cfg Config, td spiffeid.TrustD
 			return nil, err
 		}
 		remotes = append(remotes, c)
+		targets = append(targets, writeTarget{id: id, restCfg: rc, leaseNS: cmp.Or(cfg.LeaderElectionNS, remoteNS, localLease)})
 	}
 	clusters, err := kube.NewClusters(local, cfg.ClusterAliases, remotes...)
 	if err != nil {
@@ -185,19 +197,15 @@ func startKube(ctx context.Context, c *component, cfg Config, td spiffeid.TrustD
 		}
 		trusted = append(trusted, na)
 	}
-	if cfg.RootConfigMaps {
-		if err := startRootConfigMaps(c, cfg, restCfg, ownNS, authority, logger); err != nil {
-			return nil, err
-		}
-	}
 	c.Go(func(ctx context.Context) error { clusters.Run(ctx); return nil })
 	logger.Info("kubernetes authentication on", "cluster_id", cfg.ClusterID, "remote_clusters", len(remotes),
 		"token_verification", cfg.TokenVerification, "trusted_node_accounts", strings.Join(cfg.TrustedNodeAccounts, ","))
 	return &kubeParts{
 		authenticator: &kube.Authenticator{TrustDomain: td, Clusters: clusters},
 		nodes:         &kube.NodeAuthorizer{TrustDomain: td, Clusters: clusters, Trusted: trusted},
-		ready:         readyCheck{"kubernetes", clusters.Ready},
-		local:         local, restCfg: restCfg, ownNS: ownNS,
+		ready:         readyCheck{name: "kubernetes", check: clusters.Ready},
+		local:         local, restCfg: restCfg,
+		clusters:      targets,
 	}, nil
 }
 
@@ -217,57 +225,6 @@ func newKubeCluster(cfg Config, id string, restCfg *rest.Config, logger *slog.Lo
 // is paced here rather than throttled by the apiserver.
 func newKubeClient(cfg Config, restCfg *rest.Config) (kubernetes.Interface, error) {
 	return kubernetes.NewForConfig(rateLimited(cfg, restCfg))
-}
-
-// startRootConfigMaps runs, in c, the root ConfigMap controller on the
-// elected replica.
-func startRootConfigMaps(c *component, cfg Config, restCfg *rest.Config, ownNS string, authority *ca.Authority, logger *slog.Logger) error {
-	client, err := newKubeClient(cfg, restCfg)
-	if err != nil {
-		return err
-	}
-	var sel labels.Selector
-	if cfg.RootCMSelector != "" {
-		if sel, err = labels.Parse(cfg.RootCMSelector); err != nil {
-			return fmt.Errorf("rootConfigMapNamespaceSelector: %w", err)
-		}
-	}
-	logger = logger.With("component", "root-configmaps")
-	election := &publish.Election{Client: client, Namespace: leaseNamespace(cfg, ownNS), Name: leaseName,
-		Identity: replicaIdentity(), Logger: logger}
-	controller := &publish.ConfigMaps{Client: client, Bundle: authority, NamespaceSelector: sel, Logger: logger}
-	c.Go(func(ctx context.Context) error {
-		err := election.Run(ctx, func(ctx context.Context) {
-			if err := controller.Run(ctx); err != nil {
-				logger.Error("root configmap controller stopped", "error", err)
-			}
-		})
-		if err != nil {
-			logger.Error("leader election stopped", "error", err)
-		}
-		return nil
-	})
-	return nil
-}
-
-// leaseNamespace is where the replicas' Leases live: leaderElectionNamespace,
-// else Castellan's own namespace, else default.
-func leaseNamespace(cfg Config, ownNS string) string {
-	switch {
-	case cfg.LeaderElectionNS != "":
-		return cfg.LeaderElectionNS
-	case ownNS != "":
-		return ownNS
-	}
-	return "default"
-}
-
-// replicaIdentity names this process in Leases: its host and a random suffix.
-func replicaIdentity() string {
-	host, _ := os.Hostname()
-	var suffix [6]byte
-	_, _ = rand.Read(suffix[:])
-	return host + "_" + hex.EncodeToString(suffix[:])
 }
 
 // loadKubeconfig returns the config of the kubeconfig at path, or the

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/castellan-ca/castellan/authn"
@@ -109,8 +110,8 @@ func newServer(ctx context.Context, cfg Config, logger *slog.Logger) *server {
 // last, after every writer), the listeners last (they stop first).
 func (s *server) start(ctx context.Context) error {
 	for _, step := range []func(context.Context) error{
-		s.startStore, s.startSigner, s.startAuthn, s.startIssuer, s.startKubeSigners, s.startTrustFiles, s.startBundleEndpoint,
-		s.startAdmission, s.startGRPC, s.startMonitoring,
+		s.startStore, s.startSigner, s.startAuthn, s.startIssuer, s.startKubeSigners, s.startPublish, s.startTrustFiles,
+		s.startBundleEndpoint, s.startAdmission, s.startGRPC, s.startMonitoring,
 	} {
 		if err := step(ctx); err != nil {
 			return err
@@ -188,7 +189,7 @@ func (s *server) startAuthn(ctx context.Context) error {
 		s.authn = append(s.authn, oidcAuthn)
 	}
 	// Kubernetes service-account tokens come last: they claim every bearer token left.
-	kubeParts, err := startKube(ctx, c, s.cfg, s.td, s.authority, s.logger)
+	kubeParts, err := startKube(ctx, c, s.cfg, s.td, s.logger)
 	if err != nil || kubeParts == nil {
 		return err
 	}
@@ -348,7 +349,7 @@ func closeWithin(ctx context.Context, timeout time.Duration, closeFn func(contex
 // issue: each component that can stop issuance added a check).
 func (s *server) startMonitoring(ctx context.Context) error {
 	ready := append([]readyCheck{
-		{"signer", func(ctx context.Context) error {
+		{name: "signer", check: func(ctx context.Context) error {
 			st := s.authority.Current()
 			if st == nil {
 				return errors.New("no active signer")
@@ -359,8 +360,8 @@ func (s *server) startMonitoring(ctx context.Context) error {
 			}
 			return nil
 		}},
-		{"audit store", s.store.Ping},
-		{"serving certificate", func(ctx context.Context) error { _, err := s.serving.Current(ctx); return err }},
+		{name: "audit store", check: s.store.Ping},
+		{name: "serving certificate", check: func(ctx context.Context) error { _, err := s.serving.Current(ctx); return err }},
 	}, s.ready...)
 	raw, err := net.Listen("tcp", s.cfg.MonitoringListen)
 	if err != nil {
@@ -408,10 +409,13 @@ type checker interface {
 type readyCheck struct {
 	name  string
 	check func(context.Context) error
+	// warnOnly checks are details: their failure is shown in the answer,
+	// which stays 200 (issuance does not depend on them).
+	warnOnly bool
 }
 
 // monitoringHandler serves /metrics, /healthz (process alive) and /readyz
-// (every check passes).
+// (every check passes; failing warnOnly checks are listed as warnings).
 func monitoringHandler(reg *prometheus.Registry, ready []readyCheck) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
@@ -421,13 +425,19 @@ func monitoringHandler(reg *prometheus.Registry, ready []readyCheck) http.Handle
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
+		var warnings []string
 		for _, c := range ready {
-			if err := c.check(ctx); err != nil {
+			err := c.check(ctx)
+			switch {
+			case err == nil:
+			case c.warnOnly:
+				warnings = append(warnings, "warning: "+c.name+": "+err.Error()+"\n")
+			default:
 				http.Error(w, "not ready: "+c.name+": "+err.Error(), http.StatusServiceUnavailable)
 				return
 			}
 		}
-		_, _ = io.WriteString(w, "ok\n") // fails only when the prober hung up: no one left to tell
+		_, _ = io.WriteString(w, "ok\n"+strings.Join(warnings, "")) // fails only when the prober hung up: no one left to tell
 	})
 	return mux
 }

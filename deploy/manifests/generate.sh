@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Regenerates castellan.yaml from the Helm chart's defaults (release "castellan",
 # namespace castellan-system), so the plain manifests never drift from the chart.
-# Usage: deploy/manifests/generate.sh   (needs helm v3 on PATH)
+# Usage: deploy/manifests/generate.sh [OUT]   (needs helm on PATH; OUT defaults to castellan.yaml here)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 chart="$here/../helm/castellan"
-out="$here/castellan.yaml"
+out="${1:-$here/castellan.yaml}"
 {
   cat <<'HEADER'
 # Castellan as plain manifests, for clusters without Helm:

@@ -306,7 +306,9 @@ func (s *server) startGRPC(context.Context) error {
 	adminpb.RegisterAdminServiceServer(srv, &admin.Server{Issuer: s.issuer, Audit: s.store, Rotation: s.rotation, Logger: s.logger})
 	c := s.lc.start("grpc")
 	c.Go(func(context.Context) error {
-		if err := srv.Serve(lis); err != nil {
+		// ErrServerStopped: the shutdown came before Serve began (a signal
+		// right after start); the listener is closed and nothing was served.
+		if err := srv.Serve(lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 			return fmt.Errorf("grpc server: %w", err)
 		}
 		return nil

@@ -246,8 +246,11 @@ func (c *controller) run(ctx context.Context) {
 // waitSynced waits for the informers' caches, or reports why not.
 func waitSynced(ctx context.Context, what string, synced ...cache.InformerSynced) error {
 	// ctx ending first (leadership or the process is over) is no failure.
-	if cache.WaitForCacheSync(ctx.Done(), synced...) || ctx.Err() != nil {
+	if cache.WaitForCacheSync(ctx.Done(), synced...) {
 		return nil
+	}
+	if ctx.Err() != nil {
+		return nil //nolint:nilerr // the caller's end, not a failure of the caches
 	}
 	return fmt.Errorf("%s: caches did not sync", what)
 }

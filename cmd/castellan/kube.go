@@ -205,7 +205,7 @@ func startKube(ctx context.Context, c *component, cfg Config, td spiffeid.TrustD
 		nodes:         &kube.NodeAuthorizer{TrustDomain: td, Clusters: clusters, Trusted: trusted},
 		ready:         readyCheck{name: "kubernetes", check: clusters.Ready},
 		local:         local, restCfg: restCfg,
-		clusters:      targets,
+		clusters: targets,
 	}, nil
 }
 

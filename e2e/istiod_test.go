@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -63,12 +64,14 @@ type istioMesh struct {
 // chart renders: istiod serves with the Secret and reads the root ConfigMap
 // Castellan wrote, the agent gets its certificate over Istio's real path, xDS
 // clients holding it receive configuration, and the root is rotated while
-// everything runs. Then the same with a plugged-in intermediate.
+// everything runs. Then the same with a plugged-in intermediate. Last,
+// istiod as a registration authority for Castellan's CSR signer.
 func TestIstioControlPlane(t *testing.T) {
 	istioDirs(t)
 	helmBin(t)
 	t.Run("selfsigned root rotation", testIstioSelfSigned)
 	t.Run("plugged-in intermediate", testIstioIntermediate)
+	t.Run("istiod RA mode", testIstiodRA)
 }
 
 // testIstioSelfSigned rotates the generated root with castellanctl while a
@@ -77,7 +80,7 @@ func testIstioSelfSigned(t *testing.T) {
 	env := kubeenv.Start(t)
 	east := kubeenv.Start(t)
 	eastKC := chartIdentity(t, east, nil, "../deploy/helm/castellan/ci/istio-values.yaml")
-	m := startIstioMesh(t, env, serverConfig{signer: "selfsigned", extraArgs: []string{
+	m := startIstioMesh(t, env, meshOptions{}, serverConfig{signer: "selfsigned", extraArgs: []string{
 		"--rotation-schedule=false", "--rotation-propagation-window", istioWindow.String(), "--remote-clusters", "east=" + eastKC,
 		// The remote checks ask for an hour, like Istio's clients: clamped, so
 		// the old root can retire within the test once their certificates expire.
@@ -114,7 +117,7 @@ func testIstioIntermediate(t *testing.T) {
 	oldCA, newCA := newPluginCA(t, "old"), newPluginCA(t, "new")
 	dir := t.TempDir()
 	oldCA.write(t, dir, oldCA.root)
-	m := startIstioMesh(t, env, serverConfig{signer: "intermediate", cacertsDir: dir,
+	m := startIstioMesh(t, env, meshOptions{}, serverConfig{signer: "intermediate", cacertsDir: dir,
 		extraArgs: []string{"--cacerts-poll-interval", "200ms"}}, "../deploy/helm/castellan/ci/intermediate-cacerts-values.yaml")
 
 	oldCA.write(t, dir, oldCA.root, newCA.root) // prepare
@@ -133,10 +136,22 @@ func testIstioIntermediate(t *testing.T) {
 	m.finish(t, want)
 }
 
+// meshOptions vary the mesh startIstioMesh builds.
+type meshOptions struct {
+	// raValues, when set, is a values file for Istio's istiod chart (after
+	// deploy/istio/istiod-values.yaml) that runs istiod as a registration
+	// authority (EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API, K8S_SIGNER): istiod
+	// then runs under the ServiceAccount and RBAC its chart renders, reads
+	// the RA's root from ./etc/external-ca-cert/root-cert.pem (projected from
+	// the istio-ca-root-cert ConfigMap Castellan writes), and the agent asks
+	// istiod for its certificate, which forwards the request to the CSR API.
+	raValues string
+}
+
 // startIstioMesh applies Istio's CRDs, starts Castellan under its chart's
 // identity and configuration (valueFiles after ci/istio-values.yaml), then
 // istiod and the agent, and opens the xDS connections.
-func startIstioMesh(t *testing.T, env *kubeenv.Env, cfg serverConfig, valueFiles ...string) *istioMesh {
+func startIstioMesh(t *testing.T, env *kubeenv.Env, o meshOptions, cfg serverConfig, valueFiles ...string) *istioMesh {
 	t.Helper()
 	bin, mod := istioDirs(t)
 	ctx := context.Background()
@@ -164,6 +179,12 @@ func startIstioMesh(t *testing.T, env *kubeenv.Env, cfg serverConfig, valueFiles
 		"--istiod-cert-ttl", istiodCertTTL.String(), "--ca-state-poll-interval", "200ms", "--clock-skew", "1s"}, cfg.extraArgs...)
 	m := &istioMesh{env: env, srv: startServer(t, cfg), castellanKC: kc}
 
+	ports := map[string]int{}
+	for _, p := range []string{"http", "grpc", "secure", "monitoring", "https", "ctrlz"} {
+		ports[p] = testproc.FreePort(t)
+	}
+	m.secure = fmt.Sprintf("localhost:%d", ports["secure"])
+
 	// istiod, in a working directory laid out as its pod's volumes.
 	m.istiodWD = t.TempDir()
 	pctx, cancel := context.WithCancel(ctx)
@@ -174,17 +195,30 @@ func startIstioMesh(t *testing.T, env *kubeenv.Env, cfg serverConfig, valueFiles
 	go projection{client: env.Client, namespace: "istio-system", name: "istio-ca-root-cert",
 		files: map[string]string{"root-cert.pem": filepath.Join(m.istiodWD, "var/run/secrets/istiod/ca/root-cert.pem")}}.run(pctx)
 	writeFile(t, mkdir(t, m.istiodWD, "etc/istio/config"), "mesh", []byte("trustDomain: "+trustDomain+"\n"), 0o644)
-	for _, f := range []string{"var/run/secrets/istiod/tls/tls.key", "var/run/secrets/istiod/ca/root-cert.pem"} {
+	istiodFiles := []string{"var/run/secrets/istiod/tls/tls.key", "var/run/secrets/istiod/ca/root-cert.pem"}
+	istiodVals, istiodKC, wantCAServer := []string{"../deploy/istio/istiod-values.yaml"}, env.Kubeconfig, "ENABLE_CA_SERVER=false"
+	agentCA, agentTTL := "localhost:"+m.srv.grpcAddr[strings.LastIndexByte(m.srv.grpcAddr, ':')+1:], istioSecretTTL
+	if o.raValues != "" {
+		istiodVals, wantCAServer = append(istiodVals, o.raValues), "ENABLE_CA_SERVER=true"
+		// The CSR API refuses expirationSeconds under 600, and istiod passes the agent's TTL on.
+		agentCA, agentTTL = m.secure, time.Hour
+		go projection{client: env.Client, namespace: "istio-system", name: "istio-ca-root-cert",
+			files: map[string]string{"root-cert.pem": filepath.Join(m.istiodWD, "etc/external-ca-cert/root-cert.pem")}}.run(pctx)
+		istiodFiles = append(istiodFiles, "etc/external-ca-cert/root-cert.pem")
+	}
+	istiodEnv, istiodObjs := istiodChart(t, mod, istiodVals...)
+	if !slices.Contains(istiodEnv, wantCAServer) {
+		t.Fatalf("Istio's chart with %v does not set %s: %v", istiodVals, wantCAServer, istiodEnv)
+	}
+	if o.raValues != "" {
+		istiodKC = istiodIdentity(t, env, istiodObjs)
+	}
+	for _, f := range istiodFiles {
 		waitFile(t, filepath.Join(m.istiodWD, f), istioWait)
 	}
-	ports := map[string]int{}
-	for _, p := range []string{"http", "grpc", "secure", "monitoring", "https", "ctrlz"} {
-		ports[p] = testproc.FreePort(t)
-	}
-	m.secure = fmt.Sprintf("localhost:%d", ports["secure"])
 	m.istiod = startProc(t, "pilot-discovery", filepath.Join(bin, "pilot-discovery"), m.istiodWD,
-		append(istiodEnv(t, mod), "POD_NAME=istiod-e2e", "POD_NAMESPACE=istio-system", "SERVICE_ACCOUNT=istiod"),
-		"discovery", "--kubeconfig", env.Kubeconfig, "--meshConfig", "./etc/istio/config/mesh",
+		append(istiodEnv, "POD_NAME=istiod-e2e", "POD_NAMESPACE=istio-system", "SERVICE_ACCOUNT=istiod"),
+		"discovery", "--kubeconfig", istiodKC, "--meshConfig", "./etc/istio/config/mesh",
 		"--httpAddr", fmt.Sprintf("127.0.0.1:%d", ports["http"]), "--grpcAddr", fmt.Sprintf("127.0.0.1:%d", ports["grpc"]),
 		"--secureGRPCAddr", fmt.Sprintf("127.0.0.1:%d", ports["secure"]), "--monitoringAddr", fmt.Sprintf("127.0.0.1:%d", ports["monitoring"]),
 		"--httpsAddr", fmt.Sprintf("127.0.0.1:%d", ports["https"]), "--ctrlz_port", fmt.Sprint(ports["ctrlz"]), "--shutdownDuration", "1s")
@@ -204,10 +238,9 @@ func startIstioMesh(t *testing.T, env *kubeenv.Env, cfg serverConfig, valueFiles
 	if err != nil {
 		t.Fatal(err)
 	}
-	castellanAddr := "localhost:" + m.srv.grpcAddr[strings.LastIndexByte(m.srv.grpcAddr, ':')+1:]
 	m.agent = startProc(t, "pilot-agent", filepath.Join(bin, "pilot-agent"), m.agentWD, []string{
-		"DISABLE_ENVOY=true", "CA_ADDR=" + castellanAddr, "CLOUD_PLATFORM=none", "POD_NAME=" + pod.Name, "POD_NAMESPACE=" + appNS,
-		"SERVICE_ACCOUNT=" + appSA, "INSTANCE_IP=127.0.0.1", "OUTPUT_CERTS=" + m.outputDir(), "SECRET_TTL=" + istioSecretTTL.String(),
+		"DISABLE_ENVOY=true", "CA_ADDR=" + agentCA, "CLOUD_PLATFORM=none", "POD_NAME=" + pod.Name, "POD_NAMESPACE=" + appNS,
+		"SERVICE_ACCOUNT=" + appSA, "INSTANCE_IP=127.0.0.1", "OUTPUT_CERTS=" + m.outputDir(), "SECRET_TTL=" + agentTTL.String(),
 		"GRPC_XDS_BOOTSTRAP=" + filepath.Join(proxyDir, "grpc-bootstrap.json"), "PROXY_CONFIG=" + string(proxyConfig)},
 		"proxy", "sidecar")
 	m.agent.waitUntil(t, "workload certificate and gRPC bootstrap", istioWait, func() bool {
@@ -477,13 +510,13 @@ func createServiceEntry(t *testing.T, ap *applier, host string) {
 	}
 }
 
-// istiodEnv is the environment Istio's own chart gives the discovery
-// container with deploy/istio/istiod-values.yaml (literal values only; the
-// pod fields are set by the caller, and KUBECONFIG is replaced by a flag).
-func istiodEnv(t *testing.T, mod string) []string {
+// istiodChart renders Istio's istiod chart with valueFiles and returns the
+// environment it gives the discovery container (literal values only; the
+// pod fields are set by the caller, and KUBECONFIG is replaced by a flag)
+// and the rendered objects.
+func istiodChart(t *testing.T, mod string, valueFiles ...string) ([]string, []*unstructured.Unstructured) {
 	t.Helper()
-	out, err := helmTemplate(t, filepath.Join(mod, "manifests/charts/istio-control/istio-discovery"), "istiod", "istio-system",
-		"../deploy/istio/istiod-values.yaml")
+	out, err := helmTemplate(t, filepath.Join(mod, "manifests/charts/istio-control/istio-discovery"), "istiod", "istio-system", valueFiles...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -511,14 +544,26 @@ func istiodEnv(t *testing.T, mod string) []string {
 			}
 		}
 	}
-	found := false
-	for _, e := range env {
-		found = found || e == "ENABLE_CA_SERVER=false"
+	return env, objs
+}
+
+// istiodIdentity applies the ServiceAccount and RBAC among the istiod
+// chart's objects and returns a kubeconfig holding a token of istiod's
+// ServiceAccount, so istiod runs with exactly what its chart grants.
+func istiodIdentity(t *testing.T, env *kubeenv.Env, objs []*unstructured.Unstructured) string {
+	t.Helper()
+	var rbac []*unstructured.Unstructured
+	for _, o := range objs {
+		switch o.GetKind() {
+		case "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding":
+			rbac = append(rbac, o)
+		}
 	}
-	if !found {
-		t.Fatalf("Istio's chart with deploy/istio/istiod-values.yaml does not set ENABLE_CA_SERVER=false: %v", env)
+	if err := newApplier(t, env.Config).apply(context.Background(), rbac, false); err != nil {
+		t.Fatalf("apply istiod's RBAC: %v", err)
 	}
-	return env
+	token := env.Token(t, "istio-system", "istiod", kubeenv.TokenOptions{ExpirationSeconds: 2 * 3600})
+	return env.KubeconfigForToken(t, "istiod", token)
 }
 
 // pluginCA is an operator's CA for Istio's cacerts layout: a root and an

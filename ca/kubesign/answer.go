@@ -51,6 +51,29 @@ type answerer struct {
 	reusable func(out *ca.Issued, now time.Time) bool
 }
 
+// newAnswerer gives the settings both signers share their defaults (in
+// place, so the signer runs with the values its answerer has) and returns
+// the answerer of api: a nil reusable means a certificate is written again
+// whenever its status write failed.
+func newAnswerer(api string, issuer Issuer, metrics *Metrics, workers *int, retryWindow *time.Duration,
+	logger **slog.Logger, now *func() time.Time) *answerer {
+	if *workers <= 0 {
+		*workers = DefaultWorkers
+	}
+	if *retryWindow <= 0 {
+		*retryWindow = DefaultRetryWindow
+	}
+	if *logger == nil {
+		*logger = slog.New(slog.DiscardHandler)
+	}
+	*logger = (*logger).With("component", api+"s")
+	if *now == nil {
+		*now = time.Now
+	}
+	return &answerer{api: api, issuer: issuer, answers: newAnswers(*now), metrics: metrics, logger: *logger,
+		now: *now, retryWindow: *retryWindow}
+}
+
 // respond answers t; true means try again later. A certificate or refusal
 // whose status write failed is kept and written again, so one request gets
 // one audited answer, not one per attempt.

@@ -137,21 +137,7 @@ func (s *csrSigner) fill() error {
 		}
 		s.policies[p.SignerName] = p
 	}
-	if s.Workers <= 0 {
-		s.Workers = DefaultWorkers
-	}
-	if s.RetryWindow <= 0 {
-		s.RetryWindow = DefaultRetryWindow
-	}
-	if s.Logger == nil {
-		s.Logger = slog.New(slog.DiscardHandler)
-	}
-	s.Logger = s.Logger.With("component", "certificatesigningrequests")
-	if s.Now == nil {
-		s.Now = time.Now
-	}
-	s.answerer = &answerer{api: apiCSR, issuer: s.Issuer, answers: newAnswers(s.Now), metrics: s.Metrics, logger: s.Logger,
-		now: s.Now, retryWindow: s.RetryWindow}
+	s.answerer = newAnswerer(apiCSR, s.Issuer, s.Metrics, &s.Workers, &s.RetryWindow, &s.Logger, &s.Now)
 	return nil
 }
 

@@ -149,22 +149,8 @@ func (s *podSigner) fill() {
 	if len(s.SignerNames) == 0 {
 		s.SignerNames = []string{DefaultPodSignerName}
 	}
-	if s.Workers <= 0 {
-		s.Workers = DefaultWorkers
-	}
-	if s.RetryWindow <= 0 {
-		s.RetryWindow = DefaultRetryWindow
-	}
-	if s.Logger == nil {
-		s.Logger = slog.New(slog.DiscardHandler)
-	}
-	s.Logger = s.Logger.With("component", "podcertificaterequests")
-	if s.Now == nil {
-		s.Now = time.Now
-	}
-	s.answerer = &answerer{api: apiPCR, issuer: s.Issuer, answers: newAnswers(s.Now), metrics: s.Metrics, logger: s.Logger,
-		now: s.Now, retryWindow: s.RetryWindow,
-		reusable: func(out *ca.Issued, now time.Time) bool { return now.Sub(out.Chain.Leaf.NotBefore) < notBeforeWindow }}
+	s.answerer = newAnswerer(apiPCR, s.Issuer, s.Metrics, &s.Workers, &s.RetryWindow, &s.Logger, &s.Now)
+	s.reusable = func(out *ca.Issued, now time.Time) bool { return now.Sub(out.Chain.Leaf.NotBefore) < notBeforeWindow }
 }
 
 // handle answers the request with key, unless it has its answer; true

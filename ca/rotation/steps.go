@@ -312,11 +312,16 @@ func (m *Manager) commit(ctx context.Context, v, next *view, e auditEntry) error
 		}
 	}
 	var err error
+	notApplied := ": not applied: "
 	if as, ok := m.cfg.Store.(AuditedStore); ok {
 		err = as.SaveAudited(ctx, v.version, next.records(), m.audit.Build(ctx, e.action(m)))
 		if errors.Is(err, storage.ErrConflict) {
 			return err // neither was stored: the caller plans again on the new state
 		}
+		// The state and its record commit together or not at all, but an
+		// error can also be a COMMIT whose answer was lost: then both are
+		// stored, and this record must not claim the step was not done.
+		notApplied = ": not confirmed (applied exactly if this step's own record, outcome ok, is in the log): "
 	} else {
 		if err := m.record(ctx, e); err != nil {
 			return fmt.Errorf("rotation: audit: %w", err)
@@ -324,7 +329,7 @@ func (m *Manager) commit(ctx context.Context, v, next *view, e auditEntry) error
 		err = m.cfg.Store.Save(ctx, v.version, next.records())
 	}
 	if err != nil {
-		e.outcome, e.detail = storage.OutcomeFailed, e.detail+": not applied: "+err.Error()
+		e.outcome, e.detail = storage.OutcomeFailed, e.detail+notApplied+err.Error()
 		e.err = ca.Refuse(ca.ErrUnavailable, adminapi.ReasonCAStateDown, err)
 		if aerr := m.record(ctx, e); aerr != nil {
 			return fmt.Errorf("rotation: save CA state (%s); the audit record written before it says the step was done and could not be corrected: %w", err.Error(), aerr)

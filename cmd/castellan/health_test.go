@@ -12,8 +12,8 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/castellan-ca/castellan/storage/postgres/pgtest"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
+	"github.com/castellan-ca/castellan/storage/postgres/pgtest"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"

@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
@@ -46,11 +48,16 @@ type healthService struct {
 	draining context.Context
 	drained  context.CancelFunc
 	watchers chan struct{} // a token per open Watch stream
+	logger   *slog.Logger
+	// serving is the last evaluation's outcome, to log changes only; it
+	// starts true, so that a failing first evaluation is logged.
+	serving atomic.Bool
 }
 
-func newHealthService() *healthService {
-	h := &healthService{Server: health.NewServer(), watchers: make(chan struct{}, maxHealthWatchers)}
+func newHealthService(logger *slog.Logger) *healthService {
+	h := &healthService{Server: health.NewServer(), watchers: make(chan struct{}, maxHealthWatchers), logger: logger}
 	h.draining, h.drained = context.WithCancel(context.Background())
+	h.serving.Store(true)
 	h.set(healthpb.HealthCheckResponse_NOT_SERVING) // until the first evaluation
 	return h
 }
@@ -67,9 +74,15 @@ func (h *healthService) set(st healthpb.HealthCheckResponse_ServingStatus) {
 func (h *healthService) evaluate(ctx context.Context, checks []readyCheck) {
 	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
 	defer cancel()
-	if _, _, err := runReadyChecks(ctx, checks); err != nil {
+	if _, failed, err := runReadyChecks(ctx, checks); err != nil {
+		if h.serving.Swap(false) {
+			h.logger.Warn("grpc health: NOT_SERVING", "check", failed, "error", err)
+		}
 		h.set(healthpb.HealthCheckResponse_NOT_SERVING)
 		return
+	}
+	if !h.serving.Swap(true) {
+		h.logger.Info("grpc health: SERVING")
 	}
 	h.set(healthpb.HealthCheckResponse_SERVING)
 }

@@ -306,7 +306,7 @@ func (s *server) startGRPC(context.Context) error {
 	)...)
 	authpb.RegisterIstioCertificateServiceServer(srv, &ca.Server{Issuer: s.issuer})
 	adminpb.RegisterAdminServiceServer(srv, &admin.Server{Issuer: s.issuer, Audit: s.store, Rotation: s.rotation, Logger: s.logger})
-	s.health = newHealthService()
+	s.health = newHealthService(s.logger)
 	healthpb.RegisterHealthServer(srv, s.health)
 	c := s.lc.start("grpc")
 	c.Go(func(context.Context) error {

@@ -5,10 +5,12 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"errors"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"testing"
 
@@ -18,6 +20,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 )
@@ -191,4 +194,93 @@ func TestHealthDrain(t *testing.T) {
 		}
 		t.Errorf("dial after serve returned: %v, want connection refused", err)
 	}
+}
+
+// TestHealthWatchDrain: when the drain begins, a Watch stream gets
+// NOT_SERVING (unless its client was told so already) and then ends with
+// Unavailable, whatever the status was; beyond maxHealthWatchers open
+// streams a Watch is refused with ResourceExhausted.
+func TestHealthWatchDrain(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		before healthpb.HealthCheckResponse_ServingStatus
+	}{
+		{"serving when the drain begins", healthpb.HealthCheckResponse_SERVING},
+		{"not serving when the drain begins", healthpb.HealthCheckResponse_NOT_SERVING},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHealthService(slog.New(slog.DiscardHandler))
+			h.set(tc.before)
+			hc := healthpb.NewHealthClient(plainHealthConn(t, h))
+			ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+			defer cancel()
+			w, err := hc.Watch(ctx, &healthpb.HealthCheckRequest{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if resp, err := w.Recv(); err != nil || resp.GetStatus() != tc.before {
+				t.Fatalf("first status %s, %v; want %s", resp.GetStatus(), err, tc.before)
+			}
+			h.drain()
+			var got []healthpb.HealthCheckResponse_ServingStatus
+			for {
+				resp, err := w.Recv()
+				if err != nil {
+					if status.Code(err) != codes.Unavailable {
+						t.Errorf("stream ended with %v, want Unavailable", err)
+					}
+					break
+				}
+				got = append(got, resp.GetStatus())
+			}
+			if tc.before == healthpb.HealthCheckResponse_SERVING && !slices.Equal(got, []healthpb.HealthCheckResponse_ServingStatus{healthpb.HealthCheckResponse_NOT_SERVING}) {
+				t.Errorf("statuses in the drain %v, want [NOT_SERVING]", got)
+			}
+			if tc.before != healthpb.HealthCheckResponse_SERVING && len(got) != 0 {
+				t.Errorf("statuses in the drain %v, want none (NOT_SERVING was sent)", got)
+			}
+		})
+	}
+
+	t.Run("watchers bounded", func(t *testing.T) {
+		h := newHealthService(slog.New(slog.DiscardHandler))
+		hc := healthpb.NewHealthClient(plainHealthConn(t, h))
+		ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+		defer cancel()
+		for i := range maxHealthWatchers {
+			w, err := hc.Watch(ctx, &healthpb.HealthCheckRequest{})
+			if err == nil {
+				_, err = w.Recv()
+			}
+			if err != nil {
+				t.Fatalf("watch %d: %v", i, err)
+			}
+		}
+		w, err := hc.Watch(ctx, &healthpb.HealthCheckRequest{})
+		if err == nil {
+			_, err = w.Recv()
+		}
+		if status.Code(err) != codes.ResourceExhausted {
+			t.Errorf("watch beyond the bound: %v, want ResourceExhausted", err)
+		}
+	})
+}
+
+// plainHealthConn serves h alone on a loopback listener, without TLS.
+func plainHealthConn(t *testing.T, h *healthService) *grpc.ClientConn {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	healthpb.RegisterHealthServer(srv, h)
+	go func() { _ = srv.Serve(lis) }()
+	t.Cleanup(srv.Stop)
+	cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cc.Close() })
+	return cc
 }

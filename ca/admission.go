@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -74,7 +75,7 @@ type AdmissionConfig struct {
 	// dropped first); 0 means DefaultRateLimitKeys.
 	MaxKeys int
 	// MaxStreams bounds the calls open at once on the whole server, from
-	// their headers to their end; 0: no bound.
+	// their headers to their end, health calls excepted; 0: no bound.
 	MaxStreams int
 	// ReadTimeout bounds the time from a call's headers to its request
 	// message; the call is cancelled and its peer charged after it. 0: none.
@@ -109,6 +110,9 @@ func newAdmission(cfg AdmissionConfig, is *Issuer) *Admission {
 		peers:   newBuckets(cfg.PeerRate, cfg.PeerBurst, cfg.MaxKeys)}
 }
 
+// healthMethodPrefix starts the method names of the gRPC health service.
+const healthMethodPrefix = "/grpc.health.v1.Health/"
+
 // errReadTimeout is the cause of a call cancelled by ReadTimeout.
 var errReadTimeout = errors.New("request not received in time")
 
@@ -118,14 +122,17 @@ type readTimerKey struct{}
 // Tap is the grpc.InTapHandle: it runs for each new call on the
 // connection's reader goroutine, after the headers and before a handler
 // goroutine or any read of the request, so it only looks things up.
-func (a *Admission) Tap(ctx context.Context, _ *tap.Info) (context.Context, error) {
+func (a *Admission) Tap(ctx context.Context, info *tap.Info) (context.Context, error) {
 	now := a.is.cfg.Now()
 	key, addr := peerKey(peerAddr(ctx))
 	if !a.peers.hasToken(key, now) {
 		a.refuse(ReasonRatePeer, key, refusal{peer: addr}, now)
 		return nil, Status(Refuse(ErrRateLimited, ReasonRatePeer, errors.New("peer address rate limit"))).Err()
 	}
-	if a.cfg.MaxStreams > 0 {
+	// Health calls (grpc.health.v1) skip the stream bound: a health Check is
+	// answered from memory, and Watch streams, which stay open, must not
+	// crowd out certificate requests (cmd/castellan bounds them itself).
+	if a.cfg.MaxStreams > 0 && !strings.HasPrefix(info.FullMethodName, healthMethodPrefix) {
 		if a.streams.Add(1) > int64(a.cfg.MaxStreams) {
 			a.streams.Add(-1)
 			a.refuse(ReasonStreams, key, refusal{peer: addr}, now)

@@ -276,12 +276,17 @@ func TestNodeRestartStorm(t *testing.T) {
 
 // tapCall runs the tap for a new call from addr and returns the call's context.
 func tapCall(a *ca.Admission, addr string) (context.Context, context.CancelFunc, error) {
+	return tapMethod(a, addr, "/istio.v1.auth.IstioCertificateService/CreateCertificate")
+}
+
+// tapMethod runs the tap for a call of method from addr.
+func tapMethod(a *ca.Admission, addr, method string) (context.Context, context.CancelFunc, error) {
 	ap, err := net.ResolveTCPAddr("tcp", addr)
 	if err != nil {
 		panic(err)
 	}
 	ctx, cancel := context.WithCancel(peer.NewContext(context.Background(), &peer.Peer{Addr: ap}))
-	tctx, err := a.Tap(ctx, &tap.Info{FullMethodName: "/istio.v1.auth.IstioCertificateService/CreateCertificate"})
+	tctx, err := a.Tap(ctx, &tap.Info{FullMethodName: method})
 	if err != nil {
 		cancel()
 		return nil, nil, err
@@ -399,6 +404,32 @@ func TestTapMaxStreams(t *testing.T) {
 			t.Fatalf("a call ended but a new one is still refused: %v", err)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestTapHealthOutsideStreamBound: health calls, Watch streams included, do
+// not take places of MaxStreams, so that they never crowd out certificate
+// requests; every other call does.
+func TestTapHealthOutsideStreamBound(t *testing.T) {
+	h, _ := admissionHarness(t, ca.AdmissionConfig{MaxStreams: 1})
+	a := h.issuer.Admission()
+	for i, method := range []string{"/grpc.health.v1.Health/Watch", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"} {
+		_, cancel, err := tapMethod(a, "10.0.0.1:1", method)
+		if err != nil {
+			t.Fatalf("health call %d (%s) with no place taken: %v", i, method, err)
+		}
+		t.Cleanup(cancel)
+	}
+	admit(t, a, "10.0.0.2:1") // the one place, still free
+	for _, method := range []string{"/istio.v1.auth.IstioCertificateService/CreateCertificate", "/castellan.admin.v1.AdminService/GetTrustBundle"} {
+		if _, _, err := tapMethod(a, "10.0.0.3:1", method); status.Code(err) != codes.ResourceExhausted {
+			t.Errorf("%s beyond MaxStreams: %v, want ResourceExhausted", method, err)
+		}
+	}
+	if _, cancel, err := tapMethod(a, "10.0.0.3:1", "/grpc.health.v1.Health/Check"); err != nil {
+		t.Errorf("health check with every place taken: %v, want admitted", err)
+	} else {
+		cancel()
 	}
 }
 

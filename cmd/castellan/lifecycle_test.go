@@ -114,7 +114,8 @@ func TestLifecycleGrace(t *testing.T) {
 }
 
 // TestServeComponentOrder: serve starts the audit store first, so that it
-// closes last, and the listeners last, so that they stop first; after
+// closes last, the listeners and then the health feed last, so that the
+// drain begins with NOT_SERVING and the listeners stop next; after
 // shutdown the store is closed.
 func TestServeComponentOrder(t *testing.T) {
 	cfg, err := loadConfig([]string{"--data-dir", t.TempDir(), "--listen", "127.0.0.1:0", "--monitoring-listen", "127.0.0.1:0"})
@@ -129,7 +130,7 @@ func TestServeComponentOrder(t *testing.T) {
 	for _, c := range s.lc.components {
 		names = append(names, c.name)
 	}
-	want := []string{"audit store", "signer", "authentication", "issuer", "trust bundle file", "admission", "grpc", "monitoring"}
+	want := []string{"audit store", "signer", "authentication", "issuer", "trust bundle file", "admission", "grpc", "monitoring", "health"}
 	if !slices.Equal(names, want) {
 		t.Errorf("components started %q, want %q", names, want)
 	}

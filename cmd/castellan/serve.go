@@ -33,6 +33,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
 
 // operatorPath is the SPIFFE path of the castellanctl credential; it is not a
@@ -94,6 +95,7 @@ type server struct {
 	ready       []readyCheck // what /readyz checks beyond signer, store and serving certificate
 	issuer      *ca.Issuer
 	serving     *ca.ServingCert
+	health      *healthService
 
 	grpcAddr, monitoringAddr string
 }
@@ -111,7 +113,7 @@ func newServer(ctx context.Context, cfg Config, logger *slog.Logger) *server {
 func (s *server) start(ctx context.Context) error {
 	for _, step := range []func(context.Context) error{
 		s.startStore, s.startSigner, s.startAuthn, s.startIssuer, s.startKubeSigners, s.startPublish, s.startTrustFiles,
-		s.startBundleEndpoint, s.startAdmission, s.startGRPC, s.startMonitoring,
+		s.startBundleEndpoint, s.startAdmission, s.startGRPC, s.startMonitoring, s.startHealth,
 	} {
 		if err := step(ctx); err != nil {
 			return err
@@ -304,6 +306,8 @@ func (s *server) startGRPC(context.Context) error {
 	)...)
 	authpb.RegisterIstioCertificateServiceServer(srv, &ca.Server{Issuer: s.issuer})
 	adminpb.RegisterAdminServiceServer(srv, &admin.Server{Issuer: s.issuer, Audit: s.store, Rotation: s.rotation, Logger: s.logger})
+	s.health = newHealthService(s.logger)
+	healthpb.RegisterHealthServer(srv, s.health)
 	c := s.lc.start("grpc")
 	c.Go(func(context.Context) error {
 		// ErrServerStopped: the shutdown came before Serve began (a signal
@@ -347,10 +351,22 @@ func closeWithin(ctx context.Context, timeout time.Duration, closeFn func(contex
 	_ = closeFn(ctx)
 }
 
-// startMonitoring serves /metrics, /healthz (process alive) and /readyz (can
-// issue: each component that can stop issuance added a check).
-func (s *server) startMonitoring(ctx context.Context) error {
-	ready := append([]readyCheck{
+// startHealth feeds the gRPC health service from the /readyz checks. It is
+// the last component started, so the first stopped: the drain begins with
+// every service NOT_SERVING, before the listeners stop.
+func (s *server) startHealth(ctx context.Context) error {
+	checks := s.readyChecks()
+	s.health.evaluate(ctx, checks) // before "castellan serving" is logged
+	c := s.lc.start("health")
+	c.Go(func(ctx context.Context) error { return s.health.run(ctx, checks) })
+	c.onStop(s.health.drain)
+	return nil
+}
+
+// readyChecks are the conditions of /readyz and of the gRPC health service:
+// each component that can stop issuance added one.
+func (s *server) readyChecks() []readyCheck {
+	return append([]readyCheck{
 		{name: "signer", check: func(ctx context.Context) error {
 			st := s.authority.Current()
 			if st == nil {
@@ -365,6 +381,12 @@ func (s *server) startMonitoring(ctx context.Context) error {
 		{name: "audit store", check: s.store.Ping},
 		{name: "serving certificate", check: func(ctx context.Context) error { _, err := s.serving.Current(ctx); return err }},
 	}, s.ready...)
+}
+
+// startMonitoring serves /metrics, /healthz (process alive) and /readyz (can
+// issue: see readyChecks).
+func (s *server) startMonitoring(ctx context.Context) error {
+	ready := s.readyChecks()
 	raw, err := net.Listen("tcp", s.cfg.MonitoringListen)
 	if err != nil {
 		return fmt.Errorf("monitoring listen: %w", err)
@@ -425,23 +447,33 @@ func monitoringHandler(reg *prometheus.Registry, ready []readyCheck) http.Handle
 		_, _ = io.WriteString(w, "ok\n") // fails only when the prober hung up: no one left to tell
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
-		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		ctx, cancel := context.WithTimeout(r.Context(), readyTimeout)
 		defer cancel()
-		var warnings []string
-		for _, c := range ready {
-			err := c.check(ctx)
-			switch {
-			case err == nil:
-			case c.warnOnly:
-				warnings = append(warnings, "warning: "+c.name+": "+err.Error()+"\n")
-			default:
-				http.Error(w, "not ready: "+c.name+": "+err.Error(), http.StatusServiceUnavailable)
-				return
-			}
+		warnings, failed, err := runReadyChecks(ctx, ready)
+		if err != nil {
+			http.Error(w, "not ready: "+failed+": "+err.Error(), http.StatusServiceUnavailable)
+			return
 		}
 		_, _ = io.WriteString(w, "ok\n"+strings.Join(warnings, "")) // fails only when the prober hung up: no one left to tell
 	})
 	return mux
+}
+
+// runReadyChecks runs the checks in order until one that is not warnOnly
+// fails, and returns its name and error, with the warnings (one line each)
+// of the warnOnly checks that failed before it.
+func runReadyChecks(ctx context.Context, ready []readyCheck) (warnings []string, failed string, err error) {
+	for _, c := range ready {
+		err := c.check(ctx)
+		switch {
+		case err == nil:
+		case c.warnOnly:
+			warnings = append(warnings, "warning: "+c.name+": "+err.Error()+"\n")
+		default:
+			return warnings, c.name, err
+		}
+	}
+	return warnings, "", nil
 }
 
 func newLogger(cfg Config, w io.Writer) *slog.Logger {

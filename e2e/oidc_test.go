@@ -262,7 +262,11 @@ func TestOIDC(t *testing.T) {
 	dir := t.TempDir()
 	iss := newOIDCIssuer(t, dir)
 	dead := "https://" + testproc.FreeAddr(t) // nothing listens there
-	srv := startServer(t, serverConfig{signer: "selfsigned", configFile: oidcConfig(t, dir, [2]string{iss.srv.URL, iss.caFile}, [2]string{dead, ""})})
+	// The header limit is raised above its 16 KiB default so that the
+	// oversized token reaches the authenticator's own limit (MaxTokenBytes,
+	// also 16 KiB); with the default, gRPC refuses to even send it.
+	srv := startServer(t, serverConfig{signer: "selfsigned", configFile: oidcConfig(t, dir, [2]string{iss.srv.URL, iss.caFile}, [2]string{dead, ""}),
+		extraArgs: []string{"--max-header-bytes", "65536"}})
 	client := newTokenClient(t, srv)
 	caller := iss.srv.URL + " sub=" + oidcWorkloadSub
 

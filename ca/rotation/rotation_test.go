@@ -471,3 +471,41 @@ func TestLeavesNeverOutliveIssuer(t *testing.T) {
 		t.Errorf("leaf NotAfter %v after its issuer's %v", c.Leaf.NotAfter, iss.NotAfter)
 	}
 }
+
+// auditedSaveFails is a Store that saves its state and the step's record in
+// one transaction (AuditedStore), whose SaveAudited fails with err as a lost
+// answer to COMMIT would, once armed: nothing tells whether it was applied.
+// Unarmed (the harness's bootstrap), it saves the state alone.
+type auditedSaveFails struct {
+	Store
+	err   error
+	armed bool
+}
+
+func (s *auditedSaveFails) SaveAudited(ctx context.Context, version uint64, cas []storage.CARecord, _ *storage.Record) error {
+	if !s.armed {
+		return s.Store.Save(ctx, version, cas)
+	}
+	return s.err
+}
+
+// TestAuditedSaveUnconfirmed: when the atomic save fails, the step's only
+// record says it is unconfirmed, never that it was not applied, since a
+// lost COMMIT answer may have stored both the state and its own record.
+func TestAuditedSaveUnconfirmed(t *testing.T) {
+	store := &auditedSaveFails{Store: openStore(t, t.TempDir()), err: errors.New("connection reset during COMMIT")}
+	h := newHarness(t, store, nil)
+	store.armed = true
+	n := h.audit.len()
+	_, err := h.rotate(adminapi.StepPrepare, adminapi.TargetRoot, false)
+	if !errors.Is(err, store.err) || errors.Is(err, storage.ErrConflict) {
+		t.Fatalf("prepare: %v, want the save's failure", err)
+	}
+	recs := h.audit.since(n)
+	if len(recs) != 1 || recs[0].Outcome != storage.OutcomeFailed {
+		t.Fatalf("audit records %+v, want one failed record", recs)
+	}
+	if d := recs[0].Detail; !strings.Contains(d, "not confirmed") || strings.Contains(d, "not applied") {
+		t.Errorf("detail %q: want the step called unconfirmed, not unapplied", d)
+	}
+}

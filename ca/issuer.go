@@ -16,6 +16,7 @@ import (
 	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/storage"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc/codes"
 )
 
@@ -80,17 +81,22 @@ type Config struct {
 	// the granted identity: a test seam for faults (a panic, a delay). Nil
 	// in production.
 	BeforeSign func(ctx context.Context, grant spiffeid.ID)
-	Now        func() time.Time
-	Rand       io.Reader
+	// TracerProvider, if set, traces the pipeline's steps (SpanAuthenticate,
+	// SpanSign, SpanAuditCommit) as children of the call's span. Nil turns
+	// tracing off at the cost of a nil check per step.
+	TracerProvider trace.TracerProvider
+	Now            func() time.Time
+	Rand           io.Reader
 }
 
 // Issuer is the single issuance pipeline: authenticate → scope → CSR checks →
 // profile → sign → verify the result → audit → respond.
 type Issuer struct {
-	cfg   Config
-	audit *Auditor
-	adm   *Admission
-	slots chan struct{}
+	cfg    Config
+	tracer trace.Tracer // nil: tracing off
+	audit  *Auditor
+	adm    *Admission
+	slots  chan struct{}
 	// paths remembers verified issuer paths for CheckIssued's work on each leaf.
 	paths issuerPathCache
 }
@@ -128,8 +134,9 @@ func NewIssuer(cfg Config) (*Issuer, error) {
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(nil)
 	}
-	audit := &Auditor{Log: cfg.Audit, Timeout: cfg.AuditTimeout, Now: cfg.Now, Rand: cfg.Rand, Logger: cfg.Logger, Metrics: cfg.Metrics}
-	is := &Issuer{cfg: cfg, audit: audit, slots: make(chan struct{}, cfg.MaxInFlight)}
+	tracer := newTracer(cfg.TracerProvider)
+	audit := &Auditor{Log: cfg.Audit, Timeout: cfg.AuditTimeout, Now: cfg.Now, Rand: cfg.Rand, Logger: cfg.Logger, Metrics: cfg.Metrics, Tracer: tracer}
+	is := &Issuer{cfg: cfg, tracer: tracer, audit: audit, slots: make(chan struct{}, cfg.MaxInFlight)}
 	is.adm = newAdmission(cfg.Limits, is)
 	return is, nil
 }
@@ -225,6 +232,7 @@ func (is *Issuer) run(ctx context.Context, rec *storage.Record, work func(contex
 		// Counted by the Admission, audited in its next summary: a flood
 		// must not cost one record per call.
 		rec.Outcome, rec.Reason, rec.Code = storage.OutcomeRefused, ReasonRateCaller, Status(err).Code().String()
+		is.annotateRequest(ctx, rec)
 		is.observe(rec, err, start)
 		return nil, err
 	}
@@ -251,6 +259,7 @@ func (is *Issuer) run(ctx context.Context, rec *storage.Record, work func(contex
 	if out != nil {
 		out.Record = *rec
 	}
+	is.annotateRequest(ctx, rec)
 	is.observe(rec, err, start)
 	return out, err
 }
@@ -375,20 +384,34 @@ func (is *Issuer) sign(ctx context.Context, st *State, sreq signer.SignRequest, 
 		return nil, Refuse(ErrInternal, ReasonSignerError, err)
 	}
 	sreq.Template = tmpl
-	chain, err := st.Signer.Sign(ctx, sreq)
+	chain, err := is.callSigner(ctx, st, sreq)
 	if err != nil {
-		if errors.Is(err, signer.ErrSignerUnavailable) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
-			return nil, Refuse(ErrUnavailable, ReasonSignerDown, err)
-		}
-		if errors.Is(err, signer.ErrUnsupportedKey) {
-			return nil, Refuse(ErrKeyType, "csr.key", err)
-		}
-		return nil, Refuse(ErrInternal, ReasonSignerError, err)
+		return nil, err
 	}
 	if err := is.paths.checkIssued(chain, tmpl, sreq.PublicKey, st.Pool, now); err != nil {
 		return nil, Refuse(ErrInternal, ReasonSignerBadChain, err)
 	}
 	is.cfg.Metrics.observeState(st, issuerNotAfter(chain, st))
+	return chain, nil
+}
+
+// callSigner has the backend sign sreq (span SpanSign) and classifies its failure.
+func (is *Issuer) callSigner(ctx context.Context, st *State, sreq signer.SignRequest) (*signer.Chain, error) {
+	ctx, span := startSpan(ctx, is.tracer, SpanSign)
+	chain, err := st.Signer.Sign(ctx, sreq)
+	switch {
+	case err == nil:
+	case errors.Is(err, signer.ErrSignerUnavailable) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled):
+		err = Refuse(ErrUnavailable, ReasonSignerDown, err)
+	case errors.Is(err, signer.ErrUnsupportedKey):
+		err = Refuse(ErrKeyType, "csr.key", err)
+	default:
+		err = Refuse(ErrInternal, ReasonSignerError, err)
+	}
+	endSpan(span, err, AttrSigner.String(st.Backend))
+	if err != nil {
+		return nil, err
+	}
 	return chain, nil
 }
 

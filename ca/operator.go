@@ -14,6 +14,7 @@ import (
 	"github.com/castellan-ca/castellan/authn"
 	"github.com/castellan-ca/castellan/signer"
 	"github.com/castellan-ca/castellan/storage"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // DefaultAuditTimeout bounds an audit write when no timeout is configured.
@@ -42,15 +43,25 @@ type Auditor struct {
 	Logger *slog.Logger
 	// Metrics counts failed appends; nil counts nothing.
 	Metrics *Metrics
+	// Tracer, if set, traces each append (SpanAuditCommit); nil traces nothing.
+	Tracer trace.Tracer
 }
 
 // Append appends rec under the timeout and counts a failure.
 func (a *Auditor) Append(ctx context.Context, rec *storage.Record) error {
+	ctx, span := startSpan(ctx, a.Tracer, SpanAuditCommit)
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cmp.Or(a.Timeout, DefaultAuditTimeout))
 	defer cancel()
 	err := a.Log.Append(actx, rec)
 	if err != nil && a.Metrics != nil {
 		a.Metrics.auditFailures.Inc()
+	}
+	if span != nil {
+		var serr error
+		if err != nil {
+			serr = Refuse(ErrUnavailable, ReasonAuditDown, err)
+		}
+		endSpan(span, serr, AttrOutcome.String(rec.Outcome))
 	}
 	return err
 }
@@ -152,6 +163,22 @@ func (is *Issuer) Operator(ctx context.Context) (*authn.Caller, error) {
 // credentials and bad credentials are the caller's (Unauthenticated), an
 // authenticator that cannot answer is ours (Unavailable, worth a retry).
 func (is *Issuer) authenticate(ctx context.Context) (*authn.Caller, error) {
+	ctx, span := startSpan(ctx, is.tracer, SpanAuthenticate)
+	caller, err := is.authenticateCaller(ctx)
+	if span != nil {
+		method := ""
+		if f := (*authn.Failure)(nil); errors.As(err, &f) {
+			method = f.Method
+		} else if caller != nil {
+			method = caller.Method
+		}
+		endSpan(span, err, AttrAuthMethod.String(method))
+	}
+	return caller, err
+}
+
+// authenticateCaller asks the Authenticator and classifies its failure.
+func (is *Issuer) authenticateCaller(ctx context.Context) (*authn.Caller, error) {
 	caller, err := is.cfg.Authenticator.Authenticate(ctx)
 	switch {
 	case err == nil:

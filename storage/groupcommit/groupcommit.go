@@ -51,6 +51,8 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/storage"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Config configures a Queue. Commit is required.
@@ -150,6 +152,9 @@ type request struct {
 	// rejected, when set, means rec is a substitute for the caller's
 	// record, which the database refused: the caller is told this error.
 	rejected error
+	// batch is how many records the transaction that committed rec held,
+	// set by the writer before it answers; 0 until then.
+	batch int
 }
 
 // Queue is one store's group-commit queue and its writer goroutine. It is
@@ -247,8 +252,24 @@ func (q *Queue) Append(ctx context.Context, rec *storage.Record) error {
 		}
 		err = <-req.done // the writer answered first
 	}
+	annotate(ctx, req.batch)
 	req.free() // answered: the writer's last use of req was the send on done
 	return err
+}
+
+// AttrBatchRecords is the attribute, on the caller's span (ca's
+// castellan.audit.commit), of how many records the transaction that
+// committed its record held: one commit serves that many requests.
+const AttrBatchRecords = attribute.Key("castellan.audit.batch_records")
+
+// annotate sets AttrBatchRecords on ctx's span when it is recorded.
+func annotate(ctx context.Context, batch int) {
+	if batch == 0 {
+		return
+	}
+	if span := trace.SpanFromContext(ctx); span.IsRecording() {
+		span.SetAttributes(AttrBatchRecords.Int(batch))
+	}
 }
 
 // requests recycles answered requests: a record copy and a channel per
@@ -268,7 +289,7 @@ func newRequest(rec *storage.Record) *request {
 // free returns req to the pool; only for a request the writer no longer
 // holds (never queued, or answered and its answer received).
 func (r *request) free() {
-	r.rec, r.out, r.rejected = storage.Record{}, nil, nil
+	r.rec, r.out, r.rejected, r.batch = storage.Record{}, nil, nil, 0
 	r.state.Store(queued)
 	requests.Put(r)
 }
@@ -544,6 +565,7 @@ func (q *Queue) write(live []*request) error {
 				continue
 			}
 			*r.out = *sealed
+			r.batch = len(b.Records)
 			r.done <- nil
 		case r.rejected == nil: // abandoned: committed, but its caller heard "failed"
 			q.unmarked = appendNeedingMarker(q.unmarked, *sealed)

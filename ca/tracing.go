@@ -1,0 +1,87 @@
+package ca
+
+import (
+	"context"
+
+	"github.com/castellan-ca/castellan/storage"
+	"go.opentelemetry.io/otel/attribute"
+	otelcodes "go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+)
+
+// Span names of the pipeline's steps (README "Tracing"). Each is a child of
+// the span of the call that runs the pipeline (otelgrpc's server span).
+const (
+	// SpanAuthenticate covers the Authenticator chain (TokenReview, OIDC key
+	// fetch, client certificate verification).
+	SpanAuthenticate = "castellan.authenticate"
+	// SpanSign covers the signing backend's Sign call.
+	SpanSign = "castellan.sign"
+	// SpanAuditCommit covers one record's wait for its durable commit: the
+	// group-commit transaction that carries it may carry other requests'
+	// records too (storage/groupcommit.AttrBatchRecords says how many).
+	SpanAuditCommit = "castellan.audit.commit"
+)
+
+// Attribute keys the pipeline sets. Values are codes and names Castellan
+// chose (reason codes, backend names, request ids), never what a caller
+// sent: no token, CSR, key, certificate or error text reaches a span.
+const (
+	AttrRequestID  = attribute.Key("castellan.request_id")
+	AttrOutcome    = attribute.Key("castellan.outcome")
+	AttrReason     = attribute.Key("castellan.reason")
+	AttrAuthMethod = attribute.Key("castellan.auth.method")
+	AttrSigner     = attribute.Key("castellan.signer.backend")
+)
+
+// tracerName is the instrumentation scope of the pipeline's spans.
+const tracerName = "github.com/castellan-ca/castellan/ca"
+
+// newTracer returns the pipeline's tracer, nil when tracing is off.
+func newTracer(tp trace.TracerProvider) trace.Tracer {
+	if tp == nil {
+		return nil
+	}
+	return tp.Tracer(tracerName)
+}
+
+// startSpan starts the step name as a child of ctx's span. With tracing off
+// (t nil) it returns ctx and a nil span, at the cost of a nil check.
+func startSpan(ctx context.Context, t trace.Tracer, name string) (context.Context, trace.Span) {
+	if t == nil {
+		return ctx, nil
+	}
+	return t.Start(ctx, name)
+}
+
+// endSpan ends span (nil: tracing is off) with kv and, on failure, err's
+// reason code as attribute and status description: the reason, never the
+// error's text, which can quote what the caller sent.
+func endSpan(span trace.Span, err error, kv attribute.KeyValue) {
+	if span == nil {
+		return
+	}
+	span.SetAttributes(kv)
+	if err != nil {
+		reason := ReasonOf(err)
+		span.SetAttributes(AttrReason.String(reason))
+		span.SetStatus(otelcodes.Error, reason)
+	}
+	span.End()
+}
+
+// annotateRequest puts the request's id and outcome on the span of the call
+// (otelgrpc's server span), so that a trace leads to its audit record.
+func (is *Issuer) annotateRequest(ctx context.Context, rec *storage.Record) {
+	if is.tracer == nil {
+		return
+	}
+	span := trace.SpanFromContext(ctx)
+	if !span.IsRecording() {
+		return
+	}
+	span.SetAttributes(AttrRequestID.String(rec.RequestID), AttrOutcome.String(rec.Outcome))
+	if rec.Reason != "" {
+		span.SetAttributes(AttrReason.String(rec.Reason))
+	}
+}

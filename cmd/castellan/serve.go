@@ -31,6 +31,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -82,6 +83,7 @@ type server struct {
 	lc         *lifecycle
 	registry   *prometheus.Registry
 	hooks      faultHooks
+	tracing    trace.TracerProvider // nil: tracing off
 
 	store     auditStore
 	authority *ca.Authority
@@ -108,11 +110,12 @@ func newServer(ctx context.Context, cfg Config, logger *slog.Logger) *server {
 		lc: newLifecycle(ctx, logger), registry: reg, authority: ca.NewAuthority()}
 }
 
-// start starts the components in order: the audit store first (it closes
-// last, after every writer), the listeners last (they stop first).
+// start starts the components in order: tracing first (it flushes last,
+// after every traced call ended), then the audit store (it closes after
+// every writer), the listeners last (they stop first).
 func (s *server) start(ctx context.Context) error {
 	for _, step := range []func(context.Context) error{
-		s.startStore, s.startSigner, s.startAuthn, s.startIssuer, s.startKubeSigners, s.startPublish, s.startTrustFiles,
+		s.startTracing, s.startStore, s.startSigner, s.startAuthn, s.startIssuer, s.startKubeSigners, s.startPublish, s.startTrustFiles,
 		s.startBundleEndpoint, s.startAdmission, s.startGRPC, s.startMonitoring, s.startHealth,
 	} {
 		if err := step(ctx); err != nil {
@@ -219,6 +222,7 @@ func (s *server) startIssuer(ctx context.Context) error {
 		AuditTimeout:   s.cfg.AuditTimeout,
 		Limits:         s.cfg.admission(),
 		BeforeSign:     s.hooks.beforeSign,
+		TracerProvider: s.tracing,
 	})
 	if err != nil {
 		return err
@@ -289,7 +293,7 @@ func (s *server) startGRPC(context.Context) error {
 	}
 	lis := netlimit.NewListener(raw, s.cfg.MaxConnections)
 	registerListener(s.registry, "grpc", lis)
-	srv := grpc.NewServer(append(s.cfg.grpcOptions(s.issuer.Admission()),
+	srv := grpc.NewServer(append(append(s.cfg.grpcOptions(s.issuer.Admission()), s.tracingOptions()...),
 		grpc.Creds(credentials.NewTLS(&tls.Config{
 			MinVersion: tls.VersionTLS12,
 			// Requested, not required: only VMs renewing with an existing certificate

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/signer"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // IssueInternal signs a certificate Castellan needs for itself (its serving
@@ -25,6 +26,12 @@ import (
 // tmpl supplies SANs and usages; serial and validity are set here. key is the
 // certificate's private key: it signs a CSR, which remote backends (Vault) need.
 func (is *Issuer) IssueInternal(ctx context.Context, purpose string, tmpl *x509.Certificate, key crypto.Signer, ttl time.Duration) (*signer.Chain, *State, error) {
+	if is.tracer != nil {
+		var span trace.Span
+		if ctx, span = is.startRun(ctx, AttrPurpose.String(purpose)); span != nil {
+			defer span.End()
+		}
+	}
 	st, err := is.State()
 	if err != nil {
 		return nil, nil, err

@@ -212,6 +212,12 @@ func (is *Issuer) newRecord(peer, clusterID string) *storage.Record {
 // rec), the outcome in rec, the audit append (a certificate whose record is
 // not committed is withheld) and the metrics.
 func (is *Issuer) run(ctx context.Context, rec *storage.Record, work func(context.Context) (*Issued, error)) (*Issued, error) {
+	if is.tracer != nil {
+		var span trace.Span
+		if ctx, span = is.startRun(ctx); span != nil {
+			defer span.End()
+		}
+	}
 	start := is.cfg.Now()
 	m := is.cfg.Metrics
 	m.csrCount.Inc()

@@ -21,6 +21,10 @@ const (
 	// group-commit transaction that carries it may carry other requests'
 	// records too (storage/groupcommit.AttrBatchRecords says how many).
 	SpanAuditCommit = "castellan.audit.commit"
+	// SpanIssue is the span of a pipeline run that no traced call started
+	// (the Kubernetes signers' requests, Castellan's own certificates), so
+	// that its steps still share one trace.
+	SpanIssue = "castellan.issue"
 )
 
 // Attribute keys the pipeline sets. Values are codes and names Castellan
@@ -32,6 +36,7 @@ const (
 	AttrReason     = attribute.Key("castellan.reason")
 	AttrAuthMethod = attribute.Key("castellan.auth.method")
 	AttrSigner     = attribute.Key("castellan.signer.backend")
+	AttrPurpose    = attribute.Key("castellan.purpose")
 )
 
 // tracerName is the instrumentation scope of the pipeline's spans.
@@ -52,6 +57,15 @@ func startSpan(ctx context.Context, t trace.Tracer, name string) (context.Contex
 		return ctx, nil
 	}
 	return t.Start(ctx, name)
+}
+
+// startRun starts a SpanIssue span when tracing is on and ctx carries no
+// span (nil otherwise: the call's span is the run's).
+func (is *Issuer) startRun(ctx context.Context, attrs ...attribute.KeyValue) (context.Context, trace.Span) {
+	if is.tracer == nil || trace.SpanContextFromContext(ctx).IsValid() {
+		return ctx, nil
+	}
+	return is.tracer.Start(ctx, SpanIssue, trace.WithAttributes(attrs...))
 }
 
 // endSpan ends span (nil: tracing is off) with kv and, on failure, err's

@@ -316,6 +316,28 @@ func checkTraces(t *testing.T, recv *otlpReceiver, secrets map[string]string, he
 		}
 	}
 
+	// Steps are never orphans: a run no call started (the serving
+	// certificate, the operator credential) has a castellan.issue root.
+	ids := map[string]bool{}
+	for _, sp := range recv.spans {
+		ids[string(sp.GetSpanId())] = true
+	}
+	var internal int
+	for _, sp := range recv.spans {
+		switch {
+		case sp.GetName() == ca.SpanIssue:
+			internal++
+			if len(sp.GetParentSpanId()) != 0 || attr(sp.GetAttributes(), string(ca.AttrPurpose)) == "" {
+				t.Errorf("%s span %v: want a root with a purpose", ca.SpanIssue, sp)
+			}
+		case strings.HasPrefix(sp.GetName(), "castellan.") && !ids[string(sp.GetParentSpanId())]:
+			t.Errorf("span %q has no parent among the spans received", sp.GetName())
+		}
+	}
+	if internal == 0 {
+		t.Errorf("no %s span for the certificates serve issues itself", ca.SpanIssue)
+	}
+
 	const method = "istio.v1.auth.IstioCertificateService/CreateCertificate"
 	var calls []*tracepb.Span
 	for _, sp := range recv.spans {

@@ -238,7 +238,7 @@ func (is *Issuer) run(ctx context.Context, rec *storage.Record, work func(contex
 		// Counted by the Admission, audited in its next summary: a flood
 		// must not cost one record per call.
 		rec.Outcome, rec.Reason, rec.Code = storage.OutcomeRefused, ReasonRateCaller, Status(err).Code().String()
-		is.annotateRequest(ctx, rec)
+		is.annotateRequest(ctx, rec, err)
 		is.observe(rec, err, start)
 		return nil, err
 	}
@@ -265,7 +265,7 @@ func (is *Issuer) run(ctx context.Context, rec *storage.Record, work func(contex
 	if out != nil {
 		out.Record = *rec
 	}
-	is.annotateRequest(ctx, rec)
+	is.annotateRequest(ctx, rec, err)
 	is.observe(rec, err, start)
 	return out, err
 }

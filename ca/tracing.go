@@ -84,9 +84,11 @@ func endSpan(span trace.Span, err error, kv attribute.KeyValue) {
 	span.End()
 }
 
-// annotateRequest puts the request's id and outcome on the span of the call
-// (otelgrpc's server span), so that a trace leads to its audit record.
-func (is *Issuer) annotateRequest(ctx context.Context, rec *storage.Record) {
+// annotateRequest puts the request's id, outcome and reason on the span of
+// the call (otelgrpc's server span, or castellan.issue), so that a trace
+// leads to its audit record. err is the call's: an issuance whose record
+// could not be committed was withheld, so its outcome is failed.
+func (is *Issuer) annotateRequest(ctx context.Context, rec *storage.Record, err error) {
 	if is.tracer == nil {
 		return
 	}
@@ -94,8 +96,15 @@ func (is *Issuer) annotateRequest(ctx context.Context, rec *storage.Record) {
 	if !span.IsRecording() {
 		return
 	}
-	span.SetAttributes(AttrRequestID.String(rec.RequestID), AttrOutcome.String(rec.Outcome))
-	if rec.Reason != "" {
-		span.SetAttributes(AttrReason.String(rec.Reason))
+	outcome, reason := rec.Outcome, rec.Reason
+	if err != nil {
+		reason = ReasonOf(err)
+		if outcome == storage.OutcomeIssued {
+			outcome = storage.OutcomeFailed
+		}
+	}
+	span.SetAttributes(AttrRequestID.String(rec.RequestID), AttrOutcome.String(outcome))
+	if reason != "" {
+		span.SetAttributes(AttrReason.String(reason))
 	}
 }

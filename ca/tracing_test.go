@@ -9,6 +9,7 @@ import (
 
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/signer"
+	"github.com/castellan-ca/castellan/storage"
 	"github.com/castellan-ca/castellan/storage/groupcommit"
 	otelattr "go.opentelemetry.io/otel/attribute"
 	otelcodes "go.opentelemetry.io/otel/codes"
@@ -92,8 +93,12 @@ func TestTracingSpans(t *testing.T) {
 			if a := attrs(byName[ca.SpanSign]); a[ca.AttrSigner].AsString() != "selfsigned" {
 				t.Errorf("%s attributes %v, want the backend", ca.SpanSign, a)
 			}
-			if a := attrs(root); a[ca.AttrRequestID].AsString() == "" || a[ca.AttrOutcome].AsString() == "" {
-				t.Errorf("root attributes %v, want request id and outcome", a)
+			wantOutcome, wantReason := storage.OutcomeIssued, ""
+			if tc.failed != "" {
+				wantOutcome, wantReason = storage.OutcomeFailed, tc.wantReason
+			}
+			if a := attrs(root); a[ca.AttrRequestID].AsString() == "" || a[ca.AttrOutcome].AsString() != wantOutcome || a[ca.AttrReason].AsString() != wantReason {
+				t.Errorf("root attributes %v, want a request id, outcome %q and reason %q", a, wantOutcome, wantReason)
 			}
 			if tc.failed == "" && attrs(byName[ca.SpanAuditCommit])[groupcommit.AttrBatchRecords].AsInt64() < 1 {
 				t.Errorf("%s attributes %v, want the batch size", ca.SpanAuditCommit, attrs(byName[ca.SpanAuditCommit]))

@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/cmd/internal/servetest"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
 	"github.com/castellan-ca/castellan/storage/groupcommit"
@@ -426,30 +427,47 @@ func keys[V any](m map[string]V) []string {
 	return out
 }
 
-// TestTracingOff: with OTEL_SDK_DISABLED=true beside an endpoint, serve
-// starts no exporter: a certificate is issued and nothing ever connects to
-// the receiver, and serve does not say that tracing is on.
+// TestTracingOff runs serve with tracing switched off three ways: no OTEL
+// variable at all, OTEL_SDK_DISABLED=true beside an endpoint, and
+// OTEL_TRACES_EXPORTER=none beside an endpoint. A certificate is issued,
+// serve does not say that tracing is on, and nothing ever connects to the
+// receiver the endpoint names.
 func TestTracingOff(t *testing.T) {
-	clearOTelEnv(t)
-	recv := startReceiver(t, protocolGRPC)
-	t.Setenv(envEndpoint, "http://"+recv.addr)
-	t.Setenv(envProtocol, protocolGRPC)
-	t.Setenv(envSDKDisabled, "true")
-	s := startServe(t, filepath.Join(t.TempDir(), "data"))
-	admin := adminpb.NewAdminServiceClient(s.conn(t, true))
-	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
-	defer cancel()
-	if _, err := admin.IssueCertificate(ctx, &adminpb.IssueCertificateRequest{Csr: csrPEM(t), Identity: tracedID, ValiditySeconds: 3600}); err != nil {
-		t.Fatalf("issue: %v", err)
-	}
-	if err := s.stop(); err != nil {
-		t.Fatalf("serve: %v", err)
-	}
-	if n := recv.conns.Load(); n != 0 {
-		t.Errorf("%d connections to the OTLP receiver, want none", n)
-	}
-	if strings.Contains(s.logs.String(), "tracing enabled") {
-		t.Error("serve logged that tracing is enabled")
+	for _, tc := range []struct {
+		name string
+		env  map[string]string // beside the endpoint; nil: no endpoint either
+	}{
+		{name: "no OTEL variables"},
+		{name: "SDK disabled", env: map[string]string{envSDKDisabled: "true"}},
+		{name: "exporter none", env: map[string]string{envTracesExporter: "none"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clearOTelEnv(t)
+			recv := startReceiver(t, protocolGRPC)
+			if tc.env != nil {
+				t.Setenv(envEndpoint, "http://"+recv.addr)
+				t.Setenv(envProtocol, protocolGRPC)
+				for k, v := range tc.env {
+					t.Setenv(k, v)
+				}
+			}
+			s := startServe(t, filepath.Join(t.TempDir(), "data"))
+			admin := adminpb.NewAdminServiceClient(s.conn(t, true))
+			ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+			defer cancel()
+			if _, err := admin.IssueCertificate(ctx, &adminpb.IssueCertificateRequest{Csr: csrPEM(t), Identity: tracedID, ValiditySeconds: 3600}); err != nil {
+				t.Fatalf("issue: %v", err)
+			}
+			if err := s.stop(); err != nil {
+				t.Fatalf("serve: %v", err)
+			}
+			if n := recv.conns.Load(); n != 0 {
+				t.Errorf("%d connections to the OTLP receiver, want none", n)
+			}
+			if strings.Contains(s.logs.String(), "tracing enabled") {
+				t.Error("serve logged that tracing is enabled")
+			}
+		})
 	}
 }
 
@@ -492,6 +510,32 @@ func TestTracingFromEnv(t *testing.T) {
 			}
 			if err != nil || got != tc.want {
 				t.Fatalf("tracingFromEnv = %+v, %v; want %+v", got, err, tc.want)
+			}
+		})
+	}
+}
+
+// TestTracingRefusedEnv: serve refuses to start on an OTEL value it cannot
+// honour, naming the variable, instead of running without the traces the
+// operator asked for.
+func TestTracingRefusedEnv(t *testing.T) {
+	for _, tc := range []struct{ name, variable, value string }{
+		{"zipkin exporter", envTracesExporter, "zipkin"},
+		{"http/json protocol", envProtocol, "http/json"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clearOTelEnv(t)
+			t.Setenv(envEndpoint, "http://127.0.0.1:1")
+			t.Setenv(tc.variable, tc.value)
+			var logs servetest.SyncBuffer
+			ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+			defer cancel()
+			err := serve(ctx, []string{"--data-dir", filepath.Join(t.TempDir(), "data"), "--listen", "127.0.0.1:0", "--monitoring-listen", "127.0.0.1:0"}, &logs)
+			if err == nil || !strings.Contains(err.Error(), tc.variable) {
+				t.Fatalf("serve = %v, want an error naming %s", err, tc.variable)
+			}
+			if strings.Contains(logs.String(), "castellan serving") {
+				t.Error("server reported serving")
 			}
 		})
 	}

@@ -141,15 +141,23 @@ func (s *testServer) conn(t *testing.T, operator bool) *grpc.ClientConn {
 
 func csrPEM(t *testing.T) string {
 	t.Helper()
+	p, _, _ := newCSR(t)
+	return p
+}
+
+// newCSR makes a P-256 key and a CSR without names (the grant supplies
+// them), as PEM and DER.
+func newCSR(t *testing.T) (csrPEM string, der []byte, key *ecdsa.PrivateKey) {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	der, err = x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})), der, key
 }
 
 func httpGet(t *testing.T, url string) (int, string) {

@@ -9,7 +9,6 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
 	"io"
 	"net"
@@ -202,14 +201,7 @@ type tracedCSR struct {
 
 func newTracedCSR(t *testing.T) tracedCSR {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, der, key := newCSR(t)
 	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
 		t.Fatal(err)
@@ -218,7 +210,6 @@ func newTracedCSR(t *testing.T) tracedCSR {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
 	return tracedCSR{pem: p, secrets: map[string]string{
 		"CSR PEM":              p,
 		"CSR DER (base64)":     base64.StdEncoding.EncodeToString(der),

@@ -76,4 +76,10 @@
 // ServingCert; the operator credential) take steps 5 to 8 through
 // Issuer.IssueInternal. Operator actions are authenticated by
 // Issuer.Operator and recorded by Auditor.Record.
+//
+// With Config.TracerProvider set, steps 2, 6 and 8 are OpenTelemetry spans
+// (SpanAuthenticate, SpanSign, SpanAuditCommit) under the call's span, or
+// under a SpanIssue span when no traced call started the run; they carry
+// reason codes and names Castellan chose, never what the caller sent
+// (tracing.go). Without it each step costs a nil check.
 package ca

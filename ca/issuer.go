@@ -404,6 +404,10 @@ func (is *Issuer) sign(ctx context.Context, st *State, sreq signer.SignRequest, 
 // callSigner has the backend sign sreq (span SpanSign) and classifies its failure.
 func (is *Issuer) callSigner(ctx context.Context, st *State, sreq signer.SignRequest) (*signer.Chain, error) {
 	ctx, span := startSpan(ctx, is.tracer, SpanSign)
+	if span != nil {
+		span.SetAttributes(AttrSigner.String(st.Backend)) // a panicking backend is named too
+		defer endOnPanic(span)
+	}
 	chain, err := st.Signer.Sign(ctx, sreq)
 	switch {
 	case err == nil:

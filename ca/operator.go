@@ -164,6 +164,9 @@ func (is *Issuer) Operator(ctx context.Context) (*authn.Caller, error) {
 // authenticator that cannot answer is ours (Unavailable, worth a retry).
 func (is *Issuer) authenticate(ctx context.Context) (*authn.Caller, error) {
 	ctx, span := startSpan(ctx, is.tracer, SpanAuthenticate)
+	if span != nil {
+		defer endOnPanic(span)
+	}
 	caller, err := is.authenticateCaller(ctx)
 	if span != nil {
 		method := ""

@@ -68,6 +68,18 @@ func (is *Issuer) startRun(ctx context.Context, attrs ...attribute.KeyValue) (co
 	return is.tracer.Start(ctx, SpanIssue, trace.WithAttributes(attrs...))
 }
 
+// endOnPanic, deferred after startSpan, ends span with ReasonPanic when the
+// step panics (Issuer.guarded recovers the panic further up): a span never
+// ended is never exported.
+func endOnPanic(span trace.Span) {
+	if r := recover(); r != nil {
+		span.SetAttributes(AttrReason.String(ReasonPanic))
+		span.SetStatus(otelcodes.Error, ReasonPanic)
+		span.End()
+		panic(r)
+	}
+}
+
 // endSpan ends span (nil: tracing is off) with kv and, on failure, err's
 // reason code as attribute and status description: the reason, never the
 // error's text, which can quote what the caller sent.

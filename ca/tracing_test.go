@@ -24,6 +24,13 @@ func (downSigner) Sign(context.Context, signer.SignRequest) (*signer.Chain, erro
 	return nil, fmt.Errorf("%w: backend says secret-cause", signer.ErrSignerUnavailable)
 }
 
+// panicSigner panics in Sign, as a broken backend might.
+type panicSigner struct{ signer.Signer }
+
+func (panicSigner) Sign(context.Context, signer.SignRequest) (*signer.Chain, error) {
+	panic("backend secret-cause")
+}
+
 // TestTracingSpans runs IssueGrant (which no traced call starts, like the
 // Kubernetes signers) through the SDK with a span recorder: the steps are
 // children of one castellan.issue span (or of the caller's span when ctx has
@@ -46,6 +53,8 @@ func TestTracingSpans(t *testing.T) {
 		{name: "under the caller's span", parent: true, wantSpans: []string{"caller", ca.SpanSign, ca.SpanAuditCommit}},
 		{name: "signer down", opts: harnessOpts{wrapSigner: func(s signer.Signer) signer.Signer { return downSigner{s} }},
 			wantSpans: []string{ca.SpanIssue, ca.SpanSign, ca.SpanAuditCommit}, failed: ca.SpanSign, wantReason: ca.ReasonSignerDown},
+		{name: "signer panics", opts: harnessOpts{wrapSigner: func(s signer.Signer) signer.Signer { return panicSigner{s} }},
+			wantSpans: []string{ca.SpanIssue, ca.SpanSign, ca.SpanAuditCommit}, failed: ca.SpanSign, wantReason: ca.ReasonPanic},
 		{name: "audit down", opts: harnessOpts{wrapAudit: func(ca.AuditLog) ca.AuditLog { return failingAudit{errors.New("disk secret-cause")} }},
 			wantSpans: []string{ca.SpanIssue, ca.SpanSign, ca.SpanAuditCommit}, failed: ca.SpanAuditCommit, wantReason: ca.ReasonAuditDown},
 	} {

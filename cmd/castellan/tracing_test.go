@@ -259,6 +259,10 @@ func TestTracingExport(t *testing.T) {
 			if _, err := call(bad); status.Code(err) != codes.Unauthenticated {
 				t.Fatalf("CreateCertificate with a token for another audience: %v, want Unauthenticated", err)
 			}
+			audited := map[string]string{} // request id → outcome
+			for _, r := range auditRecords(t, adminpb.NewAdminServiceClient(s.conn(t, true))) {
+				audited[r.GetRequestId()] = r.GetOutcome()
+			}
 			if err := s.stop(); err != nil { // flushes the spans
 				t.Fatalf("serve: %v", err)
 			}
@@ -274,13 +278,14 @@ func TestTracingExport(t *testing.T) {
 				}
 			}
 			secrets["authorization value"] = "Bearer " + good
-			checkTraces(t, recv, secrets, headerSecret)
+			checkTraces(t, recv, secrets, headerSecret, audited)
 		})
 	}
 }
 
 // checkTraces checks what recv received (see TestTracingExport).
-func checkTraces(t *testing.T, recv *otlpReceiver, secrets map[string]string, header string) {
+// audited maps the audit log's request ids to their outcomes.
+func checkTraces(t *testing.T, recv *otlpReceiver, secrets map[string]string, header string, audited map[string]string) {
 	t.Helper()
 	recv.mu.Lock()
 	defer recv.mu.Unlock()
@@ -322,7 +327,7 @@ func checkTraces(t *testing.T, recv *otlpReceiver, secrets map[string]string, he
 			if len(sp.GetParentSpanId()) != 0 || attr(sp.GetAttributes(), string(ca.AttrPurpose)) == "" {
 				t.Errorf("%s span %v: want a root with a purpose", ca.SpanIssue, sp)
 			}
-		case strings.HasPrefix(sp.GetName(), "castellan.") && !ids[string(sp.GetParentSpanId())]:
+		case sp.GetKind() != tracepb.Span_SPAN_KIND_SERVER && !ids[string(sp.GetParentSpanId())]:
 			t.Errorf("span %q has no parent among the spans received", sp.GetName())
 		}
 	}
@@ -342,8 +347,11 @@ func checkTraces(t *testing.T, recv *otlpReceiver, secrets map[string]string, he
 	}
 	for _, call := range calls {
 		outcome := attr(call.GetAttributes(), string(ca.AttrOutcome))
-		if call.GetKind() != tracepb.Span_SPAN_KIND_SERVER || len(call.GetParentSpanId()) != 0 || attr(call.GetAttributes(), string(ca.AttrRequestID)) == "" {
-			t.Errorf("call span %v: want a root server span with a request id", call)
+		if call.GetKind() != tracepb.Span_SPAN_KIND_SERVER || len(call.GetParentSpanId()) != 0 {
+			t.Errorf("call span %v: want a root server span", call)
+		}
+		if id := attr(call.GetAttributes(), string(ca.AttrRequestID)); audited[id] != outcome {
+			t.Errorf("call span with request id %q and outcome %q: the audit log says %q", id, outcome, audited[id])
 		}
 		children := map[string]*tracepb.Span{}
 		for _, sp := range recv.spans {

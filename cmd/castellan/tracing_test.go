@@ -27,6 +27,7 @@ import (
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
 	"github.com/castellan-ca/castellan/storage/groupcommit"
 	"github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
 	collectortracepb "go.opentelemetry.io/proto/otlp/collector/trace/v1"
 	commonpb "go.opentelemetry.io/proto/otlp/common/v1"
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
@@ -176,16 +177,8 @@ func (f *oidcFixture) token(t *testing.T, audience string) string {
 		t.Fatal(err)
 	}
 	now := time.Now()
-	payload, err := json.Marshal(map[string]any{"iss": tracedIssuer, "sub": tracedSA, "aud": audience,
-		"iat": now.Unix(), "nbf": now.Unix(), "exp": now.Add(time.Hour).Unix()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	obj, err := sig.Sign(payload)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tok, err := obj.CompactSerialize()
+	tok, err := jwt.Signed(sig).Claims(map[string]any{"iss": tracedIssuer, "sub": tracedSA, "aud": audience,
+		"iat": now.Unix(), "nbf": now.Unix(), "exp": now.Add(time.Hour).Unix()}).Serialize()
 	if err != nil {
 		t.Fatal(err)
 	}

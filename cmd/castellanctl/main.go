@@ -32,6 +32,11 @@ Commands:
                               records, a head signed with the checkpoint key)
   audit checkpoint-key        print the checkpoint public key (PEM) exports are verified with
   audit prune --before DATE   remove records older than DATE, leaving a signed checkpoint
+  doctor [--kubeconfig FILE] [--full]
+                              check the deployment: server, serving certificate, trust
+                              bundle copies, audit chain, CA expiry, clock skew, RBAC;
+                              exit 1 when a check fails
+  completion bash|zsh         print a shell completion script
   ca status                   every CA: key id, phase, validity, latest dependent NotAfter
   ca rotate prepare|activate|retire [--target root|intermediate] [--force]
                               run one CA rotation step (refused when unsafe unless --force)
@@ -92,6 +97,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdIssue(ctx, &g, rest[1:], stdout, stderr)
 	case "ca":
 		return cmdCA(ctx, &g, rest[1:], stdout, stderr)
+	case "doctor":
+		return cmdDoctor(ctx, &g, rest[1:], stdout, stderr)
+	case "completion":
+		return cmdCompletion(rest[1:], stdout)
 	case "audit":
 		if len(rest) < 2 {
 			return fmt.Errorf("audit: want list, show, verify, export, prune or checkpoint-key")

@@ -87,7 +87,9 @@ func TestEvalBundles(t *testing.T) {
 	cm := func(ns, p string) bundleSource {
 		return bundleSource{Name: "ConfigMap " + ns + "/istio-ca-root-cert", Kind: sourceConfigMap, PEM: p}
 	}
-	ctb := func(p string) bundleSource { return bundleSource{Name: "ClusterTrustBundle x", Kind: sourceCTB, PEM: p} }
+	ctb := func(p string) bundleSource {
+		return bundleSource{Name: "ClusterTrustBundle x", Kind: sourceCTB, PEM: p}
+	}
 	tests := []struct {
 		name       string
 		sources    []bundleSource

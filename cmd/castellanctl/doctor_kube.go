@@ -31,6 +31,9 @@ func loadKube(path, kubeContext string) (*rest.Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kubeconfig %s: %w", path, err)
 	}
+	// A few dozen reviews, once: client-go's default 5 requests/s would
+	// make them take seconds.
+	cfg.QPS, cfg.Burst = 50, 100
 	return cfg, nil
 }
 

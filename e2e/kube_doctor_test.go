@@ -244,4 +244,3 @@ func serveHandshakes(ln net.Listener) {
 		}()
 	}
 }
-

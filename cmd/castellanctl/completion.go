@@ -102,7 +102,7 @@ func completionScript(shell string) (string, error) {
 				valued["--"+f.name] = true
 			}
 		}
-		fmt.Fprintf(&cases, "        %q) flags=%q ;;\n", p, strings.Join(names, " "))
+		cases.WriteString(fmt.Sprintf("        %q) flags=%q ;;\n", p, strings.Join(names, " ")))
 	}
 	var subs strings.Builder
 	keys := make([]string, 0, len(commandTree))
@@ -111,7 +111,7 @@ func completionScript(shell string) (string, error) {
 	}
 	slices.Sort(keys)
 	for _, k := range keys {
-		fmt.Fprintf(&subs, "        %q) words=%q ;;\n", k, strings.Join(commandTree[k], " "))
+		subs.WriteString(fmt.Sprintf("        %q) words=%q ;;\n", k, strings.Join(commandTree[k], " ")))
 	}
 	valuedList := make([]string, 0, len(valued))
 	for k := range valued {
@@ -126,7 +126,7 @@ func completionScript(shell string) (string, error) {
 	} else {
 		b.WriteString("# bash completion for castellanctl: source <(castellanctl completion bash)\n")
 	}
-	fmt.Fprintf(&b, `_castellanctl() {
+	b.WriteString(fmt.Sprintf(`_castellanctl() {
     local cur="${COMP_WORDS[COMP_CWORD]}" path="" w i words="" flags=""
     for ((i = 1; i < COMP_CWORD; i++)); do
         w="${COMP_WORDS[i]}"
@@ -148,6 +148,6 @@ func completionScript(shell string) (string, error) {
     fi
 }
 complete -o default -F _castellanctl castellanctl
-`, strings.Join(valuedList, " "), subs.String(), cases.String(), strings.Join(valuedList, " "))
+`, strings.Join(valuedList, " "), subs.String(), cases.String(), strings.Join(valuedList, " ")))
 	return b.String(), nil
 }

@@ -131,20 +131,20 @@ func (p *progress) draw(now time.Time) {
 func (p *progress) line(now time.Time) string {
 	elapsed := now.Sub(p.start)
 	if p.done == 0 {
-		return fmt.Sprintf("%s: %s elapsed", p.what, elapsed.Round(time.Second))
+		return fmt.Sprintf("%s: %s elapsed", escape(p.what), elapsed.Round(time.Second))
 	}
 	unit := "" // bytes carry their unit in each amount
 	if p.unit != "bytes" {
 		unit = " " + p.unit
 	}
 	var b strings.Builder
-	b.WriteString(p.what + ": " + p.amount(p.done))
+	b.WriteString(escape(p.what) + ": " + p.amount(p.done))
 	if p.total > 0 {
 		b.WriteString(" of " + p.amount(p.total))
 	}
 	b.WriteString(unit)
 	if p.total > 0 {
-		fmt.Fprintf(&b, " (%d%%)", min(100, p.done*100/p.total))
+		b.WriteString(fmt.Sprintf(" (%d%%)", min(100, p.done*100/p.total)))
 	}
 	secs := elapsed.Seconds()
 	if secs <= 0 {

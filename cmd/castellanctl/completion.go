@@ -36,13 +36,13 @@ var usageFlag = regexp.MustCompile(`(?m)^  -([A-Za-z0-9][A-Za-z0-9-]*)( \S+)?$`)
 // commandFlags returns the flags of the command at path ("" for the global
 // ones) from its own usage (run with -h), so completion never lists a flag
 // the command does not have.
-func commandFlags(path string) ([]completionFlag, error) {
+func commandFlags(ctx context.Context, path string) ([]completionFlag, error) {
 	args := []string{"-h"}
 	if path != "" {
 		args = append(strings.Fields(path), "-h")
 	}
 	var usage bytes.Buffer
-	err := run(context.Background(), args, io.Discard, &usage)
+	err := run(ctx, args, io.Discard, &usage)
 	if !errors.Is(err, flag.ErrHelp) {
 		return nil, fmt.Errorf("completion: %q -h: %w", path, err)
 	}
@@ -58,11 +58,11 @@ func commandFlags(path string) ([]completionFlag, error) {
 }
 
 // cmdCompletion prints a completion script for bash or zsh.
-func cmdCompletion(args []string, stdout io.Writer) error {
+func cmdCompletion(ctx context.Context, args []string, stdout io.Writer) error {
 	if len(args) != 1 || (args[0] != "bash" && args[0] != "zsh") {
 		return errors.New("completion: want bash or zsh")
 	}
-	script, err := completionScript(args[0])
+	script, err := completionScript(ctx, args[0])
 	if err != nil {
 		return err
 	}
@@ -73,7 +73,7 @@ func cmdCompletion(args []string, stdout io.Writer) error {
 // completionScript generates the script: one bash function (zsh runs it
 // through bashcompinit) that walks the words typed so far, skipping flags
 // and their values, and offers the subcommands or flags of where it ends.
-func completionScript(shell string) (string, error) {
+func completionScript(ctx context.Context, shell string) (string, error) {
 	paths := []string{""}
 	for p, subs := range commandTree {
 		for _, s := range subs {
@@ -90,7 +90,7 @@ func completionScript(shell string) (string, error) {
 	valued := map[string]bool{}
 	var cases strings.Builder
 	for _, p := range paths {
-		flags, err := commandFlags(p)
+		flags, err := commandFlags(ctx, p)
 		if err != nil {
 			return "", err
 		}

@@ -59,7 +59,7 @@ func TestCompletionScriptsParse(t *testing.T) {
 			}
 		})
 	}
-	if err := cmdCompletion([]string{"fish"}, io.Discard); err == nil {
+	if err := cmdCompletion(context.Background(), []string{"fish"}, io.Discard); err == nil {
 		t.Error("completion fish: no error")
 	}
 }

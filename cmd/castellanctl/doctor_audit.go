@@ -87,7 +87,7 @@ func auditSize(ctx context.Context, client adminpb.AdminServiceClient) (int64, e
 		n += head - first + 1
 		return nil
 	})
-	return int64(min(n, math.MaxInt64)), err //nolint:gosec // G115: bounded just before
+	return int64(min(n, math.MaxInt64)), err
 }
 
 // chainHead returns the highest seq of writer's chain, given a seq known to

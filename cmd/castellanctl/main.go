@@ -100,7 +100,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "doctor":
 		return cmdDoctor(ctx, &g, rest[1:], stdout, stderr)
 	case "completion":
-		return cmdCompletion(rest[1:], stdout)
+		return cmdCompletion(ctx, rest[1:], stdout)
 	case "audit":
 		if len(rest) < 2 {
 			return fmt.Errorf("audit: want list, show, verify, export, prune or checkpoint-key")

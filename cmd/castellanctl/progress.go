@@ -29,7 +29,7 @@ func progressEnabled(mode string, w io.Writer) (bool, error) {
 		return false, nil
 	case progressAuto, "":
 		f, ok := w.(*os.File)
-		return ok && term.IsTerminal(int(f.Fd())), nil //nolint:gosec // G115: a file descriptor fits an int
+		return ok && term.IsTerminal(int(f.Fd())), nil
 	}
 	return false, fmt.Errorf("--progress must be auto, always or never, got %q", mode)
 }

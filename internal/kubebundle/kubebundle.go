@@ -39,7 +39,7 @@ func SkippedNamespace(ns string) bool { return ns == "kube-public" || ns == "kub
 // bundleVersions are the ClusterTrustBundle API versions Castellan writes, preferred first.
 var bundleVersions = []string{"v1", "v1beta1"}
 
-// ErrBundlesNotServed: the apiserver serves no ClusterTrustBundle version
+// ErrBundlesNotServed reports that the apiserver serves no ClusterTrustBundle version
 // Castellan knows (before 1.33, or the beta API off).
 var ErrBundlesNotServed = errors.New("the apiserver serves no certificates.k8s.io ClusterTrustBundle API (v1 or v1beta1)")
 

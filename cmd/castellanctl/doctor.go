@@ -176,7 +176,15 @@ func probeServing(ctx context.Context, addr, name string, roots []*x509.Certific
 		InsecureSkipVerify: true, //nolint:gosec // G402: verified by evalServingCert, which reports why it fails
 	}}
 	conn, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
+	var op *net.OpError
+	switch {
+	case errors.As(err, &op) && op.Op == "remote error": // a TLS alert from the server
+		// The server answered but ended the handshake: it has no serving
+		// certificate to present (it would rather fail than present one
+		// past its NotAfter).
+		return failedCheck(checkServer, "the server could not issue its serving certificate: check that its CA is valid (castellanctl ca status "+
+			"from a working replica, or the cacerts files) and its logs for \"serving certificate\"", fmt.Errorf("%s: TLS handshake refused: %w", addr, err))
+	case err != nil:
 		return failedCheck(checkServer, "check that the server runs and listens on this address (--server, or DATA_DIR/server.json), and firewalls",
 			fmt.Errorf("%s unreachable: %w", addr, err))
 	}

@@ -1,12 +1,15 @@
 package main
 
 import (
+	"context"
+	"crypto/tls"
 	"errors"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/castellan-ca/castellan/cmd/internal/datadir"
 )
@@ -111,4 +114,36 @@ func TestDoctorServer(t *testing.T) {
 			t.Errorf("trust-bundle line %q", line)
 		}
 	})
+}
+
+// TestProbeServingHandshakeRefused: a server that ends the handshake (it
+// has no certificate to present) is told apart from one not listening.
+func TestProbeServingHandshakeRefused(t *testing.T) {
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{MinVersion: tls.VersionTLS12,
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return nil, errors.New("no serving certificate") }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_ = c.(*tls.Conn).Handshake()
+			_ = c.Close()
+		}
+	}()
+	o := doctorOptions{now: time.Now}
+	r := probeServing(context.Background(), ln.Addr().String(), "localhost", nil, nil, o)
+	if !r.failed() || !strings.Contains(r.Finding, "TLS handshake refused") || !strings.Contains(r.Hint, "could not issue its serving certificate") {
+		t.Errorf("handshake refused: %+v", r)
+	}
+	closed := ln.Addr().String()
+	ln.Close()
+	r = probeServing(context.Background(), closed, "localhost", nil, nil, o)
+	if !r.failed() || !strings.Contains(r.Finding, "unreachable") || !strings.Contains(r.Hint, "runs and listens") {
+		t.Errorf("nothing listening: %+v", r)
+	}
 }

@@ -141,7 +141,7 @@ func TestProbeServingHandshakeRefused(t *testing.T) {
 		t.Errorf("handshake refused: %+v", r)
 	}
 	closed := ln.Addr().String()
-	ln.Close()
+	_ = ln.Close() // closed twice: the deferred Close then fails, harmlessly
 	r = probeServing(context.Background(), closed, "localhost", nil, nil, o)
 	if !r.failed() || !strings.Contains(r.Finding, "unreachable") || !strings.Contains(r.Hint, "runs and listens") {
 		t.Errorf("nothing listening: %+v", r)

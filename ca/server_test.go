@@ -211,12 +211,18 @@ func TestServerAdmin(t *testing.T) {
 		_, err = op.IssueCertificate(testCtx(t), &adminpb.IssueCertificateRequest{Csr: ztunnelCSR(t, signertest.Key(7), otherID)})
 		wantStatus(t, err, codes.InvalidArgument, "CSR signing error (")
 
+		before := time.Now()
 		tb, err := op.GetTrustBundle(testCtx(t), &adminpb.GetTrustBundleRequest{})
 		if err != nil {
 			t.Fatalf("GetTrustBundle: %v", err)
 		}
+		after := time.Now()
 		if tb.BundlePem != signer.EncodePEM(g.root.Cert) || tb.TrustDomain != "cluster.local" {
 			t.Errorf("trust bundle %q for %q", tb.BundlePem, tb.TrustDomain)
+		}
+		// The same clock on both sides: the server's time falls within the call.
+		if st := tb.GetServerTime().AsTime(); st.Before(before.Truncate(time.Microsecond)) || st.After(after) {
+			t.Errorf("server time %v, want within the call [%v, %v]", st, before, after)
 		}
 
 		list, err := op.ListAuditRecords(testCtx(t), &adminpb.ListAuditRecordsRequest{Identity: otherID.String(), Outcome: storage.OutcomeIssued})

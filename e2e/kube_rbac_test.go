@@ -6,8 +6,10 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/castellan-ca/castellan/deploy/manifests"
 	"github.com/castellan-ca/castellan/e2e/internal/kubeenv"
 	rbacv1 "k8s.io/api/rbac/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
@@ -119,4 +121,42 @@ func castellanKubeconfigFor(t *testing.T, env *kubeenv.Env, o signerRBAC, leaseN
 	// Long enough for the whole run; the apiserver's minimum is 10 minutes.
 	token := env.Token(t, ns, sa, kubeenv.TokenOptions{ExpirationSeconds: 2 * 3600})
 	return env.KubeconfigForToken(t, "castellan", token)
+}
+
+// TestRBACRulesMatchManifest: the rules these tests run Castellan with for
+// the chart's default values are the ClusterRole and leader-election Role of
+// deploy/manifests/castellan.yaml, the ones castellanctl doctor checks.
+func TestRBACRulesMatchManifest(t *testing.T) {
+	grants, err := manifests.Grants()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][]rbacv1.PolicyRule{"castellan": defaultSignerRBAC.rules(), "castellan-leader-election": castellanLeaseRules}
+	for _, g := range grants {
+		rules, ok := want[g.Name]
+		if !ok {
+			continue
+		}
+		delete(want, g.Name)
+		if !equality.Semantic.DeepEqual(normalRules(g.Rules), normalRules(rules)) {
+			t.Errorf("%s %s of the manifest:\n%+v\nthe e2e's:\n%+v", g.Kind, g.Name, g.Rules, rules)
+		}
+	}
+	for name := range want {
+		t.Errorf("the manifest has no role %s", name)
+	}
+}
+
+// normalRules drops the difference between a nil and an empty list.
+func normalRules(rs []rbacv1.PolicyRule) []rbacv1.PolicyRule {
+	out := make([]rbacv1.PolicyRule, len(rs))
+	for i, r := range rs {
+		for _, l := range []*[]string{&r.APIGroups, &r.Resources, &r.ResourceNames, &r.NonResourceURLs, &r.Verbs} {
+			if len(*l) == 0 {
+				*l = nil
+			}
+		}
+		out[i] = r
+	}
+	return out
 }

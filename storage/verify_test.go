@@ -130,3 +130,52 @@ func TestVerifyRecordsReadError(t *testing.T) {
 		t.Fatalf("got %v, want wrapped boom", err)
 	}
 }
+
+func TestTailVerifier(t *testing.T) {
+	tests := []struct {
+		name      string
+		build     func() []*Record
+		wantOK    bool
+		wantSeq   uint64
+		wantWords string
+	}{
+		{name: "tails of two writers", build: func() []*Record { return append(chain("a", 9)[5:], chain("b", 4)[1:]...) }, wantOK: true},
+		{name: "whole chain", build: func() []*Record { return chain("a", 4) }, wantOK: true},
+		{name: "edited row in the tail", build: func() []*Record {
+			c := chain("a", 9)[5:]
+			c[1].Detail = "evil"
+			return c
+		}, wantSeq: 7, wantWords: "hash mismatch"},
+		{name: "deleted row in the tail", build: func() []*Record {
+			c := chain("a", 9)[5:]
+			return append(c[:1:1], c[2:]...)
+		}, wantSeq: 7, wantWords: "missing"},
+		{name: "replaced row keeps its hash but not the link", build: func() []*Record {
+			c := chain("a", 9)[5:]
+			c[2].Seal("a", c[2].Seq, "forged")
+			return c
+		}, wantSeq: 8, wantWords: "prev_hash"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			v := NewTailVerifier()
+			for _, r := range tc.build() {
+				if err := v.Add(r); err != nil {
+					if !errors.Is(err, ErrChainBroken) {
+						t.Fatalf("Add: %v", err)
+					}
+					break
+				}
+			}
+			res := v.Result()
+			if res.OK != tc.wantOK || res.Seq != tc.wantSeq || !strings.Contains(res.Problem, tc.wantWords) {
+				t.Errorf("result %+v, want ok %v seq %d problem with %q", res, tc.wantOK, tc.wantSeq, tc.wantWords)
+			}
+		})
+	}
+	// The same tail through a verifier from the start is a deletion of seq 1.
+	v := NewChainVerifier()
+	if err := v.Add(chain("a", 9)[5]); !errors.Is(err, ErrChainBroken) {
+		t.Errorf("full verifier on a tail: %v, want ErrChainBroken", err)
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"github.com/castellan-ca/castellan/internal/adminapi"
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	"github.com/castellan-ca/castellan/storage"
+	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
 // ReasonAuditPrune is the audit reason of a prune of the audit log.
@@ -63,6 +64,9 @@ type Server struct {
 	Rotation Rotation
 	// Logger reports prunes; nil discards.
 	Logger *slog.Logger
+	// Now is the clock GetTrustBundle reports as the server's time; nil
+	// means time.Now.
+	Now func() time.Time
 }
 
 // IssueCertificate implements operator issuance: a certificate for a named identity.
@@ -87,7 +91,12 @@ func (s *Server) GetTrustBundle(ctx context.Context, _ *adminpb.GetTrustBundleRe
 	if err != nil {
 		return nil, ca.Status(err).Err()
 	}
-	return &adminpb.GetTrustBundleResponse{BundlePem: st.BundlePEM, TrustDomain: s.Issuer.TrustDomain().Name()}, nil
+	now := time.Now
+	if s.Now != nil {
+		now = s.Now
+	}
+	return &adminpb.GetTrustBundleResponse{BundlePem: st.BundlePEM, TrustDomain: s.Issuer.TrustDomain().Name(),
+		ServerTime: timestamppb.New(now())}, nil
 }
 
 // ListAuditRecords returns audit records to an operator.

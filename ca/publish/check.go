@@ -1,14 +1,12 @@
 package publish
 
 import (
-	"bytes"
 	"context"
-	"crypto/x509"
 	"errors"
 	"slices"
 	"sync/atomic"
 
-	"github.com/castellan-ca/castellan/signer"
+	"github.com/castellan-ca/castellan/internal/kubebundle"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
@@ -72,39 +70,16 @@ func (r *RootCheck) OutOfSync() ([]string, error) {
 	}
 	var out []string
 	for _, ns := range all {
-		if skippedNamespaces[ns.Name] || ns.Status.Phase == corev1.NamespaceTerminating {
+		if kubebundle.SkippedNamespace(ns.Name) || ns.Status.Phase == corev1.NamespaceTerminating {
 			continue
 		}
 		cm, err := (*cl).ConfigMaps(ns.Name).Get(ConfigMapName)
-		if err != nil || !sameRoots(cm.Data[RootCertKey], st.BundlePEM, st.Roots) {
+		if err != nil || !kubebundle.SameRoots(cm.Data[RootCertKey], st.BundlePEM, st.Roots) {
 			out = append(out, ns.Name)
 		}
 	}
 	slices.Sort(out)
 	return out, nil
-}
-
-// sameRoots reports whether got (a ConfigMap's PEM) holds exactly the
-// certificates of the bundle: byte-equal PEM, or the same set parsed.
-func sameRoots(got, bundlePEM string, roots []*x509.Certificate) bool {
-	if got == bundlePEM {
-		return true
-	}
-	certs, err := signer.ParseCertificatesPEM([]byte(got))
-	if err != nil {
-		return false
-	}
-	for _, c := range certs {
-		if !signer.ContainsCertificate(roots, c) {
-			return false
-		}
-	}
-	for _, c := range roots {
-		if !slices.ContainsFunc(certs, func(o *x509.Certificate) bool { return bytes.Equal(o.Raw, c.Raw) }) {
-			return false
-		}
-	}
-	return true
 }
 
 // rootInformers returns the informers on the selected namespaces and on the

@@ -14,6 +14,7 @@ import (
 	"log/slog"
 
 	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/internal/kubebundle"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -26,17 +27,14 @@ import (
 
 // What Istio's agents read (DESIGN.md §2).
 const (
-	ConfigMapName = "istio-ca-root-cert"
-	RootCertKey   = "root-cert.pem"
+	ConfigMapName = kubebundle.ConfigMapName
+	RootCertKey   = kubebundle.RootCertKey
 	// LabelKey/LabelValue mark the ConfigMap as Istio configuration.
-	LabelKey   = "istio.io/config"
-	LabelValue = "true"
+	LabelKey   = kubebundle.LabelKey
+	LabelValue = kubebundle.LabelValue
 	// FieldManager names Castellan in the ConfigMaps' managed fields.
 	FieldManager = "castellan"
 )
-
-// skippedNamespaces never get the ConfigMap: no workload runs there.
-var skippedNamespaces = map[string]bool{"kube-public": true, "kube-node-lease": true}
 
 // Bundle is the source of the trust bundle (ca.Authority).
 type Bundle interface {
@@ -137,7 +135,7 @@ type reconciler struct {
 // root-cert.pem is the current bundle and it carries the label. Other keys and
 // labels someone added are left alone.
 func (r *reconciler) reconcile(ctx context.Context, name string) error {
-	if skippedNamespaces[name] {
+	if kubebundle.SkippedNamespace(name) {
 		return nil
 	}
 	ns, err := r.namespaces.Get(name)

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/castellan-ca/castellan/internal/kubebundle"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -38,7 +39,7 @@ const DefaultBundleSuffix = "trust-bundle"
 
 // ManagedByLabel marks the ClusterTrustBundles Castellan writes, so a
 // projected clusterTrustBundle volume can select them by label.
-var ManagedByLabel = map[string]string{"app.kubernetes.io/managed-by": "castellan"}
+var ManagedByLabel = kubebundle.ManagedByLabel
 
 // ClusterTrustBundle names one ClusterTrustBundle to keep: its object name
 // and the signer it is linked to.
@@ -62,12 +63,9 @@ func IstioBundle(trustBundleName string) ClusterTrustBundle {
 	return SignerBundle(IstioSignerName, trustBundleName)
 }
 
-// bundleVersions are the ClusterTrustBundle API versions Castellan writes, preferred first.
-var bundleVersions = []string{"v1", "v1beta1"}
-
 // errBundlesNotServed: the apiserver serves no ClusterTrustBundle version
 // Castellan knows (before 1.33, or the beta API off).
-var errBundlesNotServed = errors.New("the apiserver serves no certificates.k8s.io ClusterTrustBundle API (v1 or v1beta1)")
+var errBundlesNotServed = kubebundle.ErrBundlesNotServed
 
 // TrustBundles keeps each of Bundles equal to the trust bundle: created when
 // missing, restored when edited or deleted, rewritten when the bundle changes
@@ -145,26 +143,8 @@ func (t *TrustBundles) Run(ctx context.Context) error {
 	return nil
 }
 
-// bundleResource is the ClusterTrustBundle resource in the first version of
-// bundleVersions the apiserver serves.
-func bundleResource(d discovery.DiscoveryInterface) (schema.GroupVersionResource, error) {
-	for _, v := range bundleVersions {
-		gv := schema.GroupVersion{Group: "certificates.k8s.io", Version: v}
-		list, err := d.ServerResourcesForGroupVersion(gv.String())
-		switch {
-		case apierrors.IsNotFound(err):
-			continue
-		case err != nil:
-			return schema.GroupVersionResource{}, fmt.Errorf("discover %s: %w", gv, err)
-		}
-		for _, res := range list.APIResources {
-			if res.Name == "clustertrustbundles" {
-				return gv.WithResource(res.Name), nil
-			}
-		}
-	}
-	return schema.GroupVersionResource{}, errBundlesNotServed
-}
+// bundleResource is the ClusterTrustBundle resource the apiserver serves.
+var bundleResource = kubebundle.BundleResource
 
 // bundleReconciler makes one ClusterTrustBundle right.
 type bundleReconciler struct {

@@ -217,7 +217,15 @@ func cmdAuditPrune(ctx context.Context, g *globals, args []string, stdout, stder
 		return err
 	}
 	defer closeConn()
+	p, err := g.newProgress(stderr, "audit prune (on the server)", "records")
+	if err != nil {
+		return err
+	}
+	stop := make(chan struct{})
+	go p.whileWaiting(stop)
 	resp, err := client.PruneAuditLog(ctx, &adminpb.PruneAuditLogRequest{Before: timestamppb.New(before)})
+	close(stop)
+	p.Done()
 	if err != nil {
 		return fmt.Errorf("audit prune: %w", err)
 	}

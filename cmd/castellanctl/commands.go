@@ -181,7 +181,11 @@ func cmdAuditVerify(ctx context.Context, g *globals, args []string, stdout, stde
 		return fmt.Errorf("audit verify: unexpected arguments %v", fs.Args())
 	}
 	if *file != "" {
-		return cmdAuditVerifyFile(*file, *key, *previous, *allowUnsigned, stdout)
+		p, err := g.newProgress(stderr, "audit verify "+*file, "bytes")
+		if err != nil {
+			return err
+		}
+		return cmdAuditVerifyFile(*file, *key, *previous, *allowUnsigned, stdout, p)
 	}
 	if *key != "" || *previous != "" || *allowUnsigned {
 		return errors.New("audit verify: --checkpoint-key, --previous and --allow-unsigned go with --file")
@@ -191,7 +195,15 @@ func cmdAuditVerify(ctx context.Context, g *globals, args []string, stdout, stde
 		return err
 	}
 	defer closeConn()
+	p, err := g.newProgress(stderr, "audit verify (on the server)", "records")
+	if err != nil {
+		return err
+	}
+	stop := make(chan struct{})
+	go p.whileWaiting(stop)
 	res, err := client.VerifyAuditLog(ctx, &adminpb.VerifyAuditLogRequest{})
+	close(stop)
+	p.Done()
 	if err != nil {
 		return fmt.Errorf("audit verify: %w", err)
 	}

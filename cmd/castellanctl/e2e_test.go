@@ -488,6 +488,17 @@ func TestRestartAndTamper(t *testing.T) {
 	if !strings.Contains(out, "BROKEN") || !strings.Contains(out, fmt.Sprintf("seq %d:", seq)) {
 		t.Errorf("audit verify output %q does not name seq %d", out, seq)
 	}
+	// doctor finds it too: in the tail it verifies, and with --full.
+	for _, args := range [][]string{{"doctor"}, {"doctor", "--full"}} {
+		out, _, err := ctl(data, args...)
+		if !errors.As(err, &ee) || ee.code != 1 {
+			t.Errorf("%v on a tampered log: %v, want exit 1\n%s", args, err, out)
+		}
+		if line := doctorLine(t, out, checkAudit); !strings.HasPrefix(line, "FAIL") || !strings.Contains(line, fmt.Sprintf("seq %d: ", seq)) ||
+			!strings.Contains(line, "hash mismatch") || !strings.Contains(line, "-- fix: the audit store was edited outside Castellan") {
+			t.Errorf("%v: audit line %q, want a FAIL naming seq %d", args, line, seq)
+		}
+	}
 }
 
 // TestIntermediateHotReload swaps the cacerts directory under a running

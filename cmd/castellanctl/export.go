@@ -65,12 +65,25 @@ func cmdAuditExport(ctx context.Context, g *globals, args []string, stdout, stde
 		sink = jsonSink{storage.NewExportWriter(bw)}
 	}
 	filtered := !proto.Equal(req, &adminpb.ListAuditRecordsRequest{})
+	p, err := g.newProgress(stderr, "audit export", "records")
+	if err != nil {
+		return err
+	}
+	if p != nil && !filtered {
+		// The size of the whole log, for the time left (an estimate: the
+		// export's snapshot is taken a moment later).
+		if total, err := auditSize(ctx, client); err == nil {
+			p.SetTotal(total)
+		}
+	}
+	counted := progressSink{sink, p}
 	var n exportCounts
 	if filtered {
-		n, err = exportSelection(ctx, client, req, sink)
+		n, err = exportSelection(ctx, client, req, counted)
 	} else {
-		n, err = exportAll(ctx, client, sink)
+		n, err = exportAll(ctx, client, counted)
 	}
+	p.Done()
 	if err == nil {
 		err = sink.flush()
 	}
@@ -92,6 +105,18 @@ func cmdAuditExport(ctx context.Context, g *globals, args []string, stdout, stde
 		text.printf("verify it offline: castellanctl audit verify --file EXPORT --checkpoint-key audit-checkpoint-key.pub.pem\n")
 	}
 	return nil
+}
+
+// progressSink counts the records written into a progress.
+type progressSink struct {
+	storage.ExportSink
+	p *progress
+}
+
+func (s progressSink) Record(r *storage.Record) error {
+	err := s.ExportSink.Record(r)
+	s.p.Add(1)
+	return err
 }
 
 // exportCounts is what an export wrote.
@@ -243,7 +268,7 @@ func openOutput(path string, stdout io.Writer) (io.Writer, func(error) error, er
 
 // cmdAuditVerifyFile verifies an export offline (storage.VerifyExport), with
 // the checkpoint public key from a file: no server is asked anything.
-func cmdAuditVerifyFile(file, keyFile, previous string, allowUnsigned bool, stdout io.Writer) error {
+func cmdAuditVerifyFile(file, keyFile, previous string, allowUnsigned bool, stdout io.Writer, p *progress) error {
 	if keyFile == "" {
 		return errors.New("audit verify: --file needs --checkpoint-key PUB (castellanctl audit checkpoint-key, or the server's audit-checkpoint-key.pub.pem)")
 	}
@@ -262,7 +287,7 @@ func cmdAuditVerifyFile(file, keyFile, previous string, allowUnsigned bool, stdo
 	out := textOut{stdout}
 	var opts storage.VerifyOptions
 	if previous != "" {
-		prev, err := verifyFile(previous, pub, storage.VerifyOptions{})
+		prev, err := verifyFile(previous, pub, storage.VerifyOptions{}, nil)
 		if err != nil {
 			return err
 		}
@@ -272,7 +297,8 @@ func cmdAuditVerifyFile(file, keyFile, previous string, allowUnsigned bool, stdo
 		}
 		opts.Previous = prev.Head
 	}
-	res, err := verifyFile(file, pub, opts)
+	res, err := verifyFile(file, pub, opts, p)
+	p.Done()
 	if err != nil {
 		return err
 	}
@@ -297,14 +323,21 @@ func cmdAuditVerifyFile(file, keyFile, previous string, allowUnsigned bool, stdo
 	return nil
 }
 
-// verifyFile runs storage.VerifyExport on a file.
-func verifyFile(path string, pub ed25519.PublicKey, opts storage.VerifyOptions) (storage.ExportResult, error) {
+// verifyFile runs storage.VerifyExport on a file, counting its bytes into p.
+func verifyFile(path string, pub ed25519.PublicKey, opts storage.VerifyOptions, p *progress) (storage.ExportResult, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return storage.ExportResult{}, fmt.Errorf("audit verify: %w", err)
 	}
 	defer f.Close()
-	res, err := storage.VerifyExport(f, pub, opts)
+	var r io.Reader = f
+	if p != nil {
+		if st, err := f.Stat(); err == nil {
+			p.SetTotal(st.Size())
+		}
+		r = countingReader{f, p}
+	}
+	res, err := storage.VerifyExport(r, pub, opts)
 	if err != nil {
 		return res, fmt.Errorf("audit verify: %s: %w", path, err)
 	}

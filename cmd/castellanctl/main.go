@@ -32,6 +32,11 @@ Commands:
                               records, a head signed with the checkpoint key)
   audit checkpoint-key        print the checkpoint public key (PEM) exports are verified with
   audit prune --before DATE   remove records older than DATE, leaving a signed checkpoint
+  doctor [--kubeconfig FILE] [--full]
+                              check the deployment: server, serving certificate, trust
+                              bundle copies, audit chain, CA expiry, clock skew, RBAC;
+                              exit 1 when a check fails
+  completion bash|zsh         print a shell completion script
   ca status                   every CA: key id, phase, validity, latest dependent NotAfter
   ca rotate prepare|activate|retire [--target root|intermediate] [--force]
                               run one CA rotation step (refused when unsafe unless --force)
@@ -92,6 +97,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return cmdIssue(ctx, &g, rest[1:], stdout, stderr)
 	case "ca":
 		return cmdCA(ctx, &g, rest[1:], stdout, stderr)
+	case "doctor":
+		return cmdDoctor(ctx, &g, rest[1:], stdout, stderr)
+	case "completion":
+		return cmdCompletion(ctx, rest[1:], stdout)
 	case "audit":
 		if len(rest) < 2 {
 			return fmt.Errorf("audit: want list, show, verify, export, prune or checkpoint-key")
@@ -116,6 +125,16 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return fmt.Errorf("unknown command %q", rest[0])
 }
 
+// newProgress returns the progress line of a long operation on stderr, or
+// nil (quiet) when --progress and stderr say so.
+func (g *globals) newProgress(stderr io.Writer, what, unit string) (*progress, error) {
+	on, err := progressEnabled(g.progress, stderr)
+	if err != nil {
+		return nil, err
+	}
+	return newProgress(on, stderr, time.Now, what, unit), nil
+}
+
 // newFlagSet returns the flag set of command name, which reports parse
 // errors and usage to stderr and returns them rather than exiting.
 func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
@@ -133,6 +152,7 @@ type globals struct {
 	key        string
 	caFile     string
 	timeout    time.Duration
+	progress   string
 }
 
 func (g *globals) bind(fs *flag.FlagSet) {
@@ -143,4 +163,5 @@ func (g *globals) bind(fs *flag.FlagSet) {
 	fs.StringVar(&g.key, "key", "", "operator client key PEM (default: DATA_DIR/operator/key.pem)")
 	fs.StringVar(&g.caFile, "ca", "", "trust bundle to verify the server (default: DATA_DIR/root-cert.pem)")
 	fs.DurationVar(&g.timeout, "timeout", 30*time.Second, "overall deadline for the command")
+	fs.StringVar(&g.progress, "progress", progressAuto, "progress of audit verify, export and prune on stderr: auto (when stderr is a terminal) | always | never")
 }

@@ -68,7 +68,10 @@ type GetTrustBundleResponse struct {
 	// The roots, PEM, concatenated: the same string as the last CreateCertificate element.
 	BundlePem string `protobuf:"bytes,1,opt,name=bundle_pem,json=bundlePem,proto3" json:"bundle_pem,omitempty"`
 	// Trust domain the roots are for.
-	TrustDomain   string `protobuf:"bytes,2,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	TrustDomain string `protobuf:"bytes,2,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	// The server's clock when it answered: castellanctl doctor measures the
+	// skew between the operator's clock and the server's with it.
+	ServerTime    *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=server_time,json=serverTime,proto3" json:"server_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -115,6 +118,13 @@ func (x *GetTrustBundleResponse) GetTrustDomain() string {
 		return x.TrustDomain
 	}
 	return ""
+}
+
+func (x *GetTrustBundleResponse) GetServerTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ServerTime
+	}
+	return nil
 }
 
 // IssueCertificateRequest names the identity and carries the CSR.
@@ -2076,11 +2086,13 @@ var File_castellan_admin_v1_admin_proto protoreflect.FileDescriptor
 const file_castellan_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"\x1ecastellan/admin/v1/admin.proto\x12\x12castellan.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n" +
-	"\x15GetTrustBundleRequest\"Z\n" +
+	"\x15GetTrustBundleRequest\"\x97\x01\n" +
 	"\x16GetTrustBundleResponse\x12\x1d\n" +
 	"\n" +
 	"bundle_pem\x18\x01 \x01(\tR\tbundlePem\x12!\n" +
-	"\ftrust_domain\x18\x02 \x01(\tR\vtrustDomain\"r\n" +
+	"\ftrust_domain\x18\x02 \x01(\tR\vtrustDomain\x12;\n" +
+	"\vserver_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"serverTime\"r\n" +
 	"\x17IssueCertificateRequest\x12\x10\n" +
 	"\x03csr\x18\x01 \x01(\tR\x03csr\x12\x1a\n" +
 	"\bidentity\x18\x02 \x01(\tR\bidentity\x12)\n" +
@@ -2298,65 +2310,66 @@ var file_castellan_admin_v1_admin_proto_goTypes = []any{
 	(*timestamppb.Timestamp)(nil),         // 30: google.protobuf.Timestamp
 }
 var file_castellan_admin_v1_admin_proto_depIdxs = []int32{
-	30, // 0: castellan.admin.v1.ListAuditRecordsRequest.since:type_name -> google.protobuf.Timestamp
-	30, // 1: castellan.admin.v1.ListAuditRecordsRequest.until:type_name -> google.protobuf.Timestamp
-	6,  // 2: castellan.admin.v1.ListAuditRecordsResponse.records:type_name -> castellan.admin.v1.AuditRecord
-	30, // 3: castellan.admin.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
-	30, // 4: castellan.admin.v1.AuditRecord.not_before:type_name -> google.protobuf.Timestamp
-	30, // 5: castellan.admin.v1.AuditRecord.not_after:type_name -> google.protobuf.Timestamp
-	29, // 6: castellan.admin.v1.AuditRecord.invalid_utf8:type_name -> castellan.admin.v1.AuditRecord.InvalidUtf8Entry
-	6,  // 7: castellan.admin.v1.GetAuditRecordResponse.record:type_name -> castellan.admin.v1.AuditRecord
-	30, // 8: castellan.admin.v1.PruneAuditLogRequest.before:type_name -> google.protobuf.Timestamp
-	30, // 9: castellan.admin.v1.PruneAuditLogResponse.time:type_name -> google.protobuf.Timestamp
-	30, // 10: castellan.admin.v1.PruneAuditLogResponse.before:type_name -> google.protobuf.Timestamp
-	13, // 11: castellan.admin.v1.PruneAuditLogResponse.writers:type_name -> castellan.admin.v1.AuditCheckpointEntry
-	20, // 12: castellan.admin.v1.GetCAStatusResponse.status:type_name -> castellan.admin.v1.CAStatus
-	20, // 13: castellan.admin.v1.RotateCAResponse.status:type_name -> castellan.admin.v1.CAStatus
-	20, // 14: castellan.admin.v1.RekeyCAResponse.status:type_name -> castellan.admin.v1.CAStatus
-	21, // 15: castellan.admin.v1.CAStatus.cas:type_name -> castellan.admin.v1.CAInfo
-	30, // 16: castellan.admin.v1.CAInfo.not_before:type_name -> google.protobuf.Timestamp
-	30, // 17: castellan.admin.v1.CAInfo.not_after:type_name -> google.protobuf.Timestamp
-	30, // 18: castellan.admin.v1.CAInfo.prepared_at:type_name -> google.protobuf.Timestamp
-	30, // 19: castellan.admin.v1.CAInfo.activated_at:type_name -> google.protobuf.Timestamp
-	30, // 20: castellan.admin.v1.CAInfo.deactivated_at:type_name -> google.protobuf.Timestamp
-	30, // 21: castellan.admin.v1.CAInfo.retired_at:type_name -> google.protobuf.Timestamp
-	30, // 22: castellan.admin.v1.CAInfo.dependents_until:type_name -> google.protobuf.Timestamp
-	30, // 23: castellan.admin.v1.CAInfo.next_step_at:type_name -> google.protobuf.Timestamp
-	24, // 24: castellan.admin.v1.ExportAuditLogResponse.checkpoints:type_name -> castellan.admin.v1.AuditCheckpoint
-	6,  // 25: castellan.admin.v1.ExportAuditLogResponse.records:type_name -> castellan.admin.v1.AuditRecord
-	25, // 26: castellan.admin.v1.ExportAuditLogResponse.head:type_name -> castellan.admin.v1.AuditExportHead
-	30, // 27: castellan.admin.v1.AuditCheckpoint.time:type_name -> google.protobuf.Timestamp
-	30, // 28: castellan.admin.v1.AuditCheckpoint.before:type_name -> google.protobuf.Timestamp
-	13, // 29: castellan.admin.v1.AuditCheckpoint.writers:type_name -> castellan.admin.v1.AuditCheckpointEntry
-	30, // 30: castellan.admin.v1.AuditExportHead.time:type_name -> google.protobuf.Timestamp
-	26, // 31: castellan.admin.v1.AuditExportHead.writers:type_name -> castellan.admin.v1.AuditChainHead
-	0,  // 32: castellan.admin.v1.AdminService.GetTrustBundle:input_type -> castellan.admin.v1.GetTrustBundleRequest
-	2,  // 33: castellan.admin.v1.AdminService.IssueCertificate:input_type -> castellan.admin.v1.IssueCertificateRequest
-	4,  // 34: castellan.admin.v1.AdminService.ListAuditRecords:input_type -> castellan.admin.v1.ListAuditRecordsRequest
-	7,  // 35: castellan.admin.v1.AdminService.VerifyAuditLog:input_type -> castellan.admin.v1.VerifyAuditLogRequest
-	9,  // 36: castellan.admin.v1.AdminService.GetAuditRecord:input_type -> castellan.admin.v1.GetAuditRecordRequest
-	11, // 37: castellan.admin.v1.AdminService.PruneAuditLog:input_type -> castellan.admin.v1.PruneAuditLogRequest
-	14, // 38: castellan.admin.v1.AdminService.GetCAStatus:input_type -> castellan.admin.v1.GetCAStatusRequest
-	16, // 39: castellan.admin.v1.AdminService.RotateCA:input_type -> castellan.admin.v1.RotateCARequest
-	18, // 40: castellan.admin.v1.AdminService.RekeyCA:input_type -> castellan.admin.v1.RekeyCARequest
-	22, // 41: castellan.admin.v1.AdminService.ExportAuditLog:input_type -> castellan.admin.v1.ExportAuditLogRequest
-	27, // 42: castellan.admin.v1.AdminService.GetAuditCheckpointKey:input_type -> castellan.admin.v1.GetAuditCheckpointKeyRequest
-	1,  // 43: castellan.admin.v1.AdminService.GetTrustBundle:output_type -> castellan.admin.v1.GetTrustBundleResponse
-	3,  // 44: castellan.admin.v1.AdminService.IssueCertificate:output_type -> castellan.admin.v1.IssueCertificateResponse
-	5,  // 45: castellan.admin.v1.AdminService.ListAuditRecords:output_type -> castellan.admin.v1.ListAuditRecordsResponse
-	8,  // 46: castellan.admin.v1.AdminService.VerifyAuditLog:output_type -> castellan.admin.v1.VerifyAuditLogResponse
-	10, // 47: castellan.admin.v1.AdminService.GetAuditRecord:output_type -> castellan.admin.v1.GetAuditRecordResponse
-	12, // 48: castellan.admin.v1.AdminService.PruneAuditLog:output_type -> castellan.admin.v1.PruneAuditLogResponse
-	15, // 49: castellan.admin.v1.AdminService.GetCAStatus:output_type -> castellan.admin.v1.GetCAStatusResponse
-	17, // 50: castellan.admin.v1.AdminService.RotateCA:output_type -> castellan.admin.v1.RotateCAResponse
-	19, // 51: castellan.admin.v1.AdminService.RekeyCA:output_type -> castellan.admin.v1.RekeyCAResponse
-	23, // 52: castellan.admin.v1.AdminService.ExportAuditLog:output_type -> castellan.admin.v1.ExportAuditLogResponse
-	28, // 53: castellan.admin.v1.AdminService.GetAuditCheckpointKey:output_type -> castellan.admin.v1.GetAuditCheckpointKeyResponse
-	43, // [43:54] is the sub-list for method output_type
-	32, // [32:43] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	30, // 0: castellan.admin.v1.GetTrustBundleResponse.server_time:type_name -> google.protobuf.Timestamp
+	30, // 1: castellan.admin.v1.ListAuditRecordsRequest.since:type_name -> google.protobuf.Timestamp
+	30, // 2: castellan.admin.v1.ListAuditRecordsRequest.until:type_name -> google.protobuf.Timestamp
+	6,  // 3: castellan.admin.v1.ListAuditRecordsResponse.records:type_name -> castellan.admin.v1.AuditRecord
+	30, // 4: castellan.admin.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	30, // 5: castellan.admin.v1.AuditRecord.not_before:type_name -> google.protobuf.Timestamp
+	30, // 6: castellan.admin.v1.AuditRecord.not_after:type_name -> google.protobuf.Timestamp
+	29, // 7: castellan.admin.v1.AuditRecord.invalid_utf8:type_name -> castellan.admin.v1.AuditRecord.InvalidUtf8Entry
+	6,  // 8: castellan.admin.v1.GetAuditRecordResponse.record:type_name -> castellan.admin.v1.AuditRecord
+	30, // 9: castellan.admin.v1.PruneAuditLogRequest.before:type_name -> google.protobuf.Timestamp
+	30, // 10: castellan.admin.v1.PruneAuditLogResponse.time:type_name -> google.protobuf.Timestamp
+	30, // 11: castellan.admin.v1.PruneAuditLogResponse.before:type_name -> google.protobuf.Timestamp
+	13, // 12: castellan.admin.v1.PruneAuditLogResponse.writers:type_name -> castellan.admin.v1.AuditCheckpointEntry
+	20, // 13: castellan.admin.v1.GetCAStatusResponse.status:type_name -> castellan.admin.v1.CAStatus
+	20, // 14: castellan.admin.v1.RotateCAResponse.status:type_name -> castellan.admin.v1.CAStatus
+	20, // 15: castellan.admin.v1.RekeyCAResponse.status:type_name -> castellan.admin.v1.CAStatus
+	21, // 16: castellan.admin.v1.CAStatus.cas:type_name -> castellan.admin.v1.CAInfo
+	30, // 17: castellan.admin.v1.CAInfo.not_before:type_name -> google.protobuf.Timestamp
+	30, // 18: castellan.admin.v1.CAInfo.not_after:type_name -> google.protobuf.Timestamp
+	30, // 19: castellan.admin.v1.CAInfo.prepared_at:type_name -> google.protobuf.Timestamp
+	30, // 20: castellan.admin.v1.CAInfo.activated_at:type_name -> google.protobuf.Timestamp
+	30, // 21: castellan.admin.v1.CAInfo.deactivated_at:type_name -> google.protobuf.Timestamp
+	30, // 22: castellan.admin.v1.CAInfo.retired_at:type_name -> google.protobuf.Timestamp
+	30, // 23: castellan.admin.v1.CAInfo.dependents_until:type_name -> google.protobuf.Timestamp
+	30, // 24: castellan.admin.v1.CAInfo.next_step_at:type_name -> google.protobuf.Timestamp
+	24, // 25: castellan.admin.v1.ExportAuditLogResponse.checkpoints:type_name -> castellan.admin.v1.AuditCheckpoint
+	6,  // 26: castellan.admin.v1.ExportAuditLogResponse.records:type_name -> castellan.admin.v1.AuditRecord
+	25, // 27: castellan.admin.v1.ExportAuditLogResponse.head:type_name -> castellan.admin.v1.AuditExportHead
+	30, // 28: castellan.admin.v1.AuditCheckpoint.time:type_name -> google.protobuf.Timestamp
+	30, // 29: castellan.admin.v1.AuditCheckpoint.before:type_name -> google.protobuf.Timestamp
+	13, // 30: castellan.admin.v1.AuditCheckpoint.writers:type_name -> castellan.admin.v1.AuditCheckpointEntry
+	30, // 31: castellan.admin.v1.AuditExportHead.time:type_name -> google.protobuf.Timestamp
+	26, // 32: castellan.admin.v1.AuditExportHead.writers:type_name -> castellan.admin.v1.AuditChainHead
+	0,  // 33: castellan.admin.v1.AdminService.GetTrustBundle:input_type -> castellan.admin.v1.GetTrustBundleRequest
+	2,  // 34: castellan.admin.v1.AdminService.IssueCertificate:input_type -> castellan.admin.v1.IssueCertificateRequest
+	4,  // 35: castellan.admin.v1.AdminService.ListAuditRecords:input_type -> castellan.admin.v1.ListAuditRecordsRequest
+	7,  // 36: castellan.admin.v1.AdminService.VerifyAuditLog:input_type -> castellan.admin.v1.VerifyAuditLogRequest
+	9,  // 37: castellan.admin.v1.AdminService.GetAuditRecord:input_type -> castellan.admin.v1.GetAuditRecordRequest
+	11, // 38: castellan.admin.v1.AdminService.PruneAuditLog:input_type -> castellan.admin.v1.PruneAuditLogRequest
+	14, // 39: castellan.admin.v1.AdminService.GetCAStatus:input_type -> castellan.admin.v1.GetCAStatusRequest
+	16, // 40: castellan.admin.v1.AdminService.RotateCA:input_type -> castellan.admin.v1.RotateCARequest
+	18, // 41: castellan.admin.v1.AdminService.RekeyCA:input_type -> castellan.admin.v1.RekeyCARequest
+	22, // 42: castellan.admin.v1.AdminService.ExportAuditLog:input_type -> castellan.admin.v1.ExportAuditLogRequest
+	27, // 43: castellan.admin.v1.AdminService.GetAuditCheckpointKey:input_type -> castellan.admin.v1.GetAuditCheckpointKeyRequest
+	1,  // 44: castellan.admin.v1.AdminService.GetTrustBundle:output_type -> castellan.admin.v1.GetTrustBundleResponse
+	3,  // 45: castellan.admin.v1.AdminService.IssueCertificate:output_type -> castellan.admin.v1.IssueCertificateResponse
+	5,  // 46: castellan.admin.v1.AdminService.ListAuditRecords:output_type -> castellan.admin.v1.ListAuditRecordsResponse
+	8,  // 47: castellan.admin.v1.AdminService.VerifyAuditLog:output_type -> castellan.admin.v1.VerifyAuditLogResponse
+	10, // 48: castellan.admin.v1.AdminService.GetAuditRecord:output_type -> castellan.admin.v1.GetAuditRecordResponse
+	12, // 49: castellan.admin.v1.AdminService.PruneAuditLog:output_type -> castellan.admin.v1.PruneAuditLogResponse
+	15, // 50: castellan.admin.v1.AdminService.GetCAStatus:output_type -> castellan.admin.v1.GetCAStatusResponse
+	17, // 51: castellan.admin.v1.AdminService.RotateCA:output_type -> castellan.admin.v1.RotateCAResponse
+	19, // 52: castellan.admin.v1.AdminService.RekeyCA:output_type -> castellan.admin.v1.RekeyCAResponse
+	23, // 53: castellan.admin.v1.AdminService.ExportAuditLog:output_type -> castellan.admin.v1.ExportAuditLogResponse
+	28, // 54: castellan.admin.v1.AdminService.GetAuditCheckpointKey:output_type -> castellan.admin.v1.GetAuditCheckpointKeyResponse
+	44, // [44:55] is the sub-list for method output_type
+	33, // [33:44] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_castellan_admin_v1_admin_proto_init() }

@@ -66,11 +66,13 @@ type Chain struct {
 	Leaf *x509.Certificate
 	// Intermediates runs from the leaf's issuer upwards and excludes the root.
 	Intermediates []*x509.Certificate
-	// SignatureChecked is set by a backend that already verified Leaf's
-	// signature with its issuing CA's public key (crypto/x509 does when it
-	// signs in process). The result check then skips repeating that one
-	// signature verification once the issuer's path is known; every other
-	// check still runs. Remote backends leave it false.
+	// SignatureChecked is set by a backend whose Leaf's signature is known
+	// to verify with its issuing CA's public key: verified after signing
+	// (crypto/x509 does for a key in an HSM or KMS), or made in process by a
+	// standard-library key matched to that CA (signer/local). The result
+	// check then skips repeating that one signature verification once the
+	// issuer's path is known; every other check still runs. Remote backends
+	// leave it false.
 	SignatureChecked bool
 	// BackendRef is the backend's own name for the issued certificate (an
 	// AWS Private CA certificate ARN), recorded in the audit record so an

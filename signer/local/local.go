@@ -193,9 +193,11 @@ func (s *Signer) Sign(ctx context.Context, req signer.SignRequest) (*signer.Chai
 	if now := s.now(); now.After(s.cert.NotAfter) {
 		return nil, fmt.Errorf("local signer: issuing CA %q expired at %s", s.cert.Subject.String(), s.cert.NotAfter.UTC().Format(time.RFC3339))
 	}
-	tmpl := *req.Template // shallow copy: only NotAfter changes, the caller's template stays intact
+	tmpl := req.Template
 	if tmpl.NotAfter.After(s.cert.NotAfter) {
-		tmpl.NotAfter = s.cert.NotAfter
+		clamped := *tmpl // shallow copy: only NotAfter changes, the caller's template stays intact
+		clamped.NotAfter = s.cert.NotAfter
+		tmpl = &clamped
 	}
 	if !tmpl.NotAfter.After(tmpl.NotBefore) {
 		return nil, fmt.Errorf("local signer: no validity left: NotBefore %s, NotAfter %s (issuing CA expires %s)",
@@ -205,7 +207,7 @@ func (s *Signer) Sign(ctx context.Context, req signer.SignRequest) (*signer.Chai
 	if k, ok := key.(contextKey); ok {
 		key = k.WithContext(ctx) // a key in an HSM or KMS gives up when the request does
 	}
-	der, err := createLeaf(s.rand, &tmpl, s.cert, req.PublicKey, key, s.sig, s.fast)
+	der, err := createLeaf(s.rand, tmpl, s.cert, req.PublicKey, key, s.sig, s.fast)
 	if err != nil {
 		return nil, fmt.Errorf("local signer: create certificate: %w", err)
 	}

@@ -388,5 +388,12 @@ loadgen: build
 	$(BIN)/loadgen -mode castellan -castellan-bin $(BIN)/castellan $(LOADGEN_ARGS)
 	$(BIN)/loadgen -mode istio $(LOADGEN_ARGS)
 
+## screenshot: deploy/screenshot/*.png, the dashboard's key queries on Prometheus's console while
+## bin/loadgen runs (needs Debian's prometheus and chromium); not part of `make test`
+.PHONY: screenshot
+screenshot: build $(HELM)
+	cd e2e && $(GO) build -o $(BIN)/loadgen ./loadgen
+	HELM=$(HELM) deploy/screenshot/run.sh
+
 clean:
 	rm -rf $(BIN)

@@ -36,17 +36,7 @@ const monitoringValues = chartDir + "/ci/monitoring-values.yaml"
 // configured (fails it when CI is set).
 func promRuleCRD(t *testing.T) string {
 	t.Helper()
-	p := os.Getenv(promRuleCRDEnv)
-	if p == "" {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("%s is not set; `make e2e` generates the CRD and sets it", promRuleCRDEnv)
-		}
-		t.Skipf("%s is not set: run `make e2e`, which generates the CRD (make promcrd) and sets it", promRuleCRDEnv)
-	}
-	if _, err := os.Stat(p); err != nil {
-		t.Fatalf("%s=%s: %v (run `make promcrd`)", promRuleCRDEnv, p, err)
-	}
-	return p
+	return madeFile(t, promRuleCRDEnv, "generates the CRD", "make promcrd")
 }
 
 // installPromRuleCRD creates the PrometheusRule CRD and waits until the

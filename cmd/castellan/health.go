@@ -83,7 +83,11 @@ func (h *healthService) evaluate(ctx context.Context, checks []readyCheck) {
 	)
 	for i, c := range checks {
 		if h.up != nil {
-			h.up.WithLabelValues(c.name).Set(map[bool]float64{true: 1, false: 0}[errs[i] == nil])
+			up := 0.0
+			if errs[i] == nil {
+				up = 1
+			}
+			h.up.WithLabelValues(c.name).Set(up)
 		}
 		if errs[i] != nil && !c.warnOnly && err == nil {
 			failed, err = c.name, errs[i]

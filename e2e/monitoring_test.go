@@ -8,10 +8,14 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/castellan-ca/castellan/e2e/internal/kubeenv"
+	"github.com/grafana/grafana-foundation-sdk/go/cog"
+	"github.com/grafana/grafana-foundation-sdk/go/cog/plugins"
+	grafanadashboard "github.com/grafana/grafana-foundation-sdk/go/dashboard"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -101,7 +105,10 @@ type grafanaDashboard struct {
 		From string `json:"from"`
 		To   string `json:"to"`
 	} `json:"time"`
-	Timezone   string `json:"timezone"`
+	Timezone    string `json:"timezone"`
+	Annotations struct {
+		List []any `json:"list"`
+	} `json:"annotations"`
 	Templating struct {
 		List []struct {
 			Name       string             `json:"name"`
@@ -164,8 +171,9 @@ var grafanaVariables = strings.NewReplacer("$__rate_interval", "5m", "$job", ".+
 // TestChartMonitoring checks the chart's optional monitoring objects: they
 // render only when asked, with the configured sidecar label; the
 // PrometheusRule passes prometheus-operator's own CRD schema (a strict
-// server-side dry run against a real kube-apiserver); the dashboard decodes
-// strictly and is laid out soundly; every expression parses with
+// server-side dry run against a real kube-apiserver); the dashboard passes
+// Grafana's dashboard schema (the Grafana Foundation SDK's strict decoder)
+// and is laid out soundly; every expression parses with
 // Prometheus's parser; and every series they name is exported by a real
 // castellan serve with Kubernetes on, after a certificate was issued and a
 // call refused.
@@ -198,7 +206,7 @@ func TestChartMonitoring(t *testing.T) {
 		ruleObj   *unstructured.Unstructured
 		dashboard grafanaDashboard
 	)
-	t.Run("render", func(t *testing.T) {
+	rendered := t.Run("render", func(t *testing.T) {
 		defaults := renderChart(t)
 		if n, m := len(byKind(defaults, "PrometheusRule")), len(dashboardCMs(defaults)); n != 0 || m != 0 {
 			t.Errorf("defaults render %d PrometheusRules and %d dashboard ConfigMaps, want none", n, m)
@@ -249,8 +257,8 @@ func TestChartMonitoring(t *testing.T) {
 			t.Errorf("custom namespace: PrometheusRules %v, want one in monitoring", names(rules))
 		}
 	})
-	if ruleObj == nil {
-		t.Fatal("nothing rendered")
+	if !rendered {
+		t.FailNow() // the rest checks what was rendered
 	}
 
 	t.Run("PrometheusRule schema", func(t *testing.T) {
@@ -324,7 +332,35 @@ func TestChartMonitoring(t *testing.T) {
 		}
 	})
 
-	t.Run("dashboard", func(t *testing.T) { checkDashboard(t, dashboard) })
+	t.Run("dashboard", func(t *testing.T) {
+		checkDashboard(t, dashboard)
+		b, err := os.ReadFile(dashboardFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := grafanaSchemaCheck(b); err != nil {
+			t.Errorf("%s against Grafana's dashboard schema: %v", dashboardFile, err)
+		}
+		// The check has teeth: a misspelt panel field and a missing
+		// required one are refused.
+		for name, breakIt := range map[string]func(d map[string]any){
+			"misspelt panel field": func(d map[string]any) { d["panels"].([]any)[1].(map[string]any)["titel"] = "x" },
+			"no schemaVersion":     func(d map[string]any) { delete(d, "schemaVersion") },
+		} {
+			var d map[string]any
+			if err := json.Unmarshal(b, &d); err != nil {
+				t.Fatal(err)
+			}
+			breakIt(d)
+			bad, err := json.Marshal(d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if grafanaSchemaCheck(bad) == nil {
+				t.Errorf("%s: accepted by the schema check", name)
+			}
+		}
+	})
 
 	// Every expression, and the selectors in it.
 	var exprs []string
@@ -373,6 +409,26 @@ func decodeDashboard(t *testing.T, b []byte) grafanaDashboard {
 	}
 	return d
 }
+
+// grafanaSchemaCheck decodes a dashboard with the Grafana Foundation SDK's
+// strict decoder: its types are generated from Grafana's own dashboard
+// schema, and with the default plugins registered it checks each panel's
+// options against its panel type (timeseries, stat) and each target against
+// the Prometheus query schema. Unknown, missing required and mistyped fields
+// are errors.
+func grafanaSchemaCheck(b []byte) error {
+	grafanaPlugins.Do(plugins.RegisterDefaultPlugins)
+	var d grafanadashboard.Dashboard //nolint:staticcheck // the classic JSON model, which Grafana's sidecar provisioning reads; dashboardv2 is the v2 resource format
+	err := d.UnmarshalJSONStrict(b)
+	// It returns its error list as an error even when the list is empty.
+	if be, ok := err.(cog.BuildErrors); ok && len(be) == 0 { //nolint:errorlint // the exact type, to spot the empty list
+		return nil
+	}
+	return err
+}
+
+// grafanaPlugins registers the SDK's panel and query types once.
+var grafanaPlugins sync.Once
 
 // dashboardPanels returns the panels, rows' nested ones included, rows left out.
 func dashboardPanels(ps []grafanaPanel) []grafanaPanel {
@@ -481,6 +537,9 @@ func markdownAnchors(md []byte) map[string]bool {
 // with the labels they match on.
 func checkSeriesExported(t *testing.T, env *kubeenv.Env, selectors []*parser.VectorSelector) {
 	t.Helper()
+	if len(selectors) == 0 {
+		t.Fatal("no selectors to check")
+	}
 	kc := castellanKubeconfig(t, env, "mon-lease")
 	const ns, sa = "mon-app", "sleep"
 	env.CreateNamespace(t, ns, nil)

@@ -65,6 +65,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		panics: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "castellan_panics_total", Help: "Panics recovered while serving a call; each failed its call with Internal."}),
 	}
+	// Each admission reason reads 0 rather than nothing before its first
+	// refusal, so that rates and alerts over them have a series.
+	for _, r := range []string{ReasonRateCaller, ReasonRatePeer, ReasonStreams, ReasonReadTimeout} {
+		m.admissionRefused.WithLabelValues(r)
+	}
 	if reg != nil {
 		reg.MustRegister(m.csrCount, m.authnFailures, m.signErrors, m.issued, m.rootExpiry, m.chainExpiry,
 			m.outcomes, m.duration, m.auditFailures, m.inFlight, m.overloadRefused,

@@ -45,6 +45,12 @@ func TestIssueMetrics(t *testing.T) {
 			t.Errorf("%s = %v, want %v", key, got[key], want)
 		}
 	}
+	// Admission reasons are exported at 0 before any refusal.
+	for _, r := range []string{ca.ReasonRateCaller, ca.ReasonRatePeer, ca.ReasonStreams, ca.ReasonReadTimeout} {
+		if v, ok := got["castellan_admission_refusals_total,reason="+r]; !ok || v != 0 {
+			t.Errorf("castellan_admission_refusals_total{reason=%q} = %v (exported %v), want 0", r, v, ok)
+		}
+	}
 }
 
 // TestIssueCallerGone: a caller that hangs up while its certificate is being

@@ -19,8 +19,8 @@ import (
 // and helm template for the defaults and every documented value set (the
 // chart's ci/*-values.yaml, each referenced from deploy/README.md), every
 // rendered object applied as a server-side dry run, which validates and
-// admits it in full. A value the apiserver refuses fails the test, naming
-// the value.
+// admits it in full (prometheus-operator's PrometheusRule CRD is installed
+// first). A value the apiserver refuses fails the test, naming the value.
 func TestChart(t *testing.T) {
 	helmBin(t)
 	env := kubeenv.Start(t)
@@ -28,6 +28,7 @@ func TestChart(t *testing.T) {
 	env.CreateNamespace(t, "castellan-system", nil)
 	env.CreateNamespace(t, "istio-system", nil)
 	ap := newApplier(t, env.Config)
+	installPromRuleCRD(t, env, ap) // for ci/monitoring-values.yaml's PrometheusRule
 	defaults := readValues(t, filepath.Join(chartDir, "values.yaml"))
 	readme, err := os.ReadFile("../deploy/README.md")
 	if err != nil {

@@ -37,15 +37,23 @@ const chartDir = "../deploy/helm/castellan"
 // configured (fails it when CI is set: CI must never silently skip).
 func helmBin(t *testing.T) string {
 	t.Helper()
-	p := os.Getenv(helmBinEnv)
+	return madeFile(t, helmBinEnv, "builds helm", "make helm")
+}
+
+// madeFile returns the file envVar names, which `make e2e` provides (what
+// says how), or skips the test when envVar is unset (fails it when CI is
+// set: CI must never silently skip). A missing file fails, naming target.
+func madeFile(t *testing.T, envVar, what, target string) string {
+	t.Helper()
+	p := os.Getenv(envVar)
 	if p == "" {
 		if os.Getenv("CI") != "" {
-			t.Fatalf("%s is not set; `make e2e` builds helm and sets it", helmBinEnv)
+			t.Fatalf("%s is not set; `make e2e` %s and sets it", envVar, what)
 		}
-		t.Skipf("%s is not set: run `make e2e`, which builds helm and sets it", helmBinEnv)
+		t.Skipf("%s is not set: run `make e2e`, which %s and sets it", envVar, what)
 	}
 	if _, err := os.Stat(p); err != nil {
-		t.Fatalf("%s=%s: %v (run `make helm`)", helmBinEnv, p, err)
+		t.Fatalf("%s=%s: %v (run `%s`)", envVar, p, err, target)
 	}
 	return p
 }

@@ -61,8 +61,10 @@ type ClusterConfig struct {
 	CacheSize int
 	// CacheMaxTTL bounds how long a review is cached, below the token's expiry.
 	CacheMaxTTL time.Duration
-	Logger      *slog.Logger
-	Now         func() time.Time
+	// Metrics, when set, count the TokenReview cache's lookups and the reviews sent.
+	Metrics *Metrics
+	Logger  *slog.Logger
+	Now     func() time.Time
 }
 
 // Cluster is one Kubernetes cluster whose service-account tokens are
@@ -114,7 +116,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	switch cfg.Verification {
 	case VerifyTokenReview, "":
 		c.verifier = &tokenReviewer{client: cfg.Client, audiences: cfg.Audiences, cache: newTokenCache(cfg.CacheSize, cfg.CacheMaxTTL),
-			calls: calls, pods: pods, now: cfg.Now}
+			calls: calls, pods: pods, now: cfg.Now, counters: cfg.Metrics.forCluster(cfg.ID)}
 	case VerifyJWKS:
 		c.keys = &keySet{fetch: fetchIssuerKeys(cfg.Client), minRefresh: jwksMinRefresh, maxAge: jwksMaxAge, timeout: cfg.CallTimeout, now: cfg.Now}
 		c.verifier = &jwksVerifier{keys: c.keys, audiences: cfg.Audiences, pods: pods, client: cfg.Client, calls: calls, now: cfg.Now}

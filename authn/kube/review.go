@@ -61,6 +61,7 @@ type tokenReviewer struct {
 	pods      *Pods
 	now       func() time.Time
 	group     singleflight.Group
+	counters  reviewCounters
 }
 
 // verify implements verifier.
@@ -68,12 +69,14 @@ func (r *tokenReviewer) verify(ctx context.Context, token string) (*TokenInfo, e
 	k := keyOf(token)
 	if info, ok := r.cache.get(k, r.now()); ok {
 		if info.Pod == nil || podInCache(r.pods, info) == nil {
+			inc(r.counters.hit)
 			return info, nil
 		}
 		// The bound pod left the informer cache or was replaced: the cached
 		// answer no longer holds. Ask the apiserver, which is authoritative.
 		r.cache.remove(k)
 	}
+	inc(r.counters.miss)
 	ch := r.group.DoChan(string(k[:]), func() (any, error) { return r.review(ctx, token, k) })
 	select {
 	case res := <-ch:
@@ -100,12 +103,15 @@ func (r *tokenReviewer) review(ctx context.Context, token string, k tokenKey) (*
 		return nil
 	})
 	if err != nil {
+		inc(r.counters.callError)
 		return nil, err
 	}
 	info, err := checkReview(status, r.audiences)
 	if err != nil {
+		inc(r.counters.rejected)
 		return nil, err
 	}
+	inc(r.counters.authenticated)
 	// exp is read without verification only to bound the cache; a token
 	// without one is not cached (every use is reviewed).
 	if exp, err := unverifiedExpiry(token); err == nil {

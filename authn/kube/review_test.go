@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/authn"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -138,20 +140,25 @@ func TestReviewCaching(t *testing.T) {
 		}
 		return authnv1.TokenReviewStatus{Error: "invalid"}, nil
 	})
+	r.counters = NewMetrics(prometheus.NewRegistry()).forCluster("c1")
 	for _, tc := range []struct {
 		name      string
 		token     string
 		uses      int
 		wantCalls int64
 		wantErr   bool
+		// The counted cache hits and misses, and reviews authenticated and rejected.
+		wantHits, wantMisses, wantOK, wantRejected float64
 	}{
-		{"positive result cached", good, 5, 1, false},
-		{"unbound token cached", unbound, 5, 1, false},
-		{"negative result not cached", bad, 3, 3, true},
-		{"token without exp not cached", noExp, 3, 3, false},
+		{"positive result cached", good, 5, 1, false, 4, 1, 1, 0},
+		{"unbound token cached", unbound, 5, 1, false, 4, 1, 1, 0},
+		{"negative result not cached", bad, 3, 3, true, 0, 3, 0, 3},
+		{"token without exp not cached", noExp, 3, 3, false, 0, 3, 3, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := calls.Load()
+			c := r.counters
+			hits, misses, ok, rejected := value(c.hit), value(c.miss), value(c.authenticated), value(c.rejected)
 			for range tc.uses {
 				if _, err := r.verify(context.Background(), tc.token); (err != nil) != tc.wantErr {
 					t.Fatalf("verify error = %v, want error %v", err, tc.wantErr)
@@ -160,8 +167,24 @@ func TestReviewCaching(t *testing.T) {
 			if got := calls.Load() - before; got != tc.wantCalls {
 				t.Errorf("TokenReviews = %d for %d uses, want %d", got, tc.uses, tc.wantCalls)
 			}
+			got := [4]float64{value(c.hit) - hits, value(c.miss) - misses, value(c.authenticated) - ok, value(c.rejected) - rejected}
+			if want := [4]float64{tc.wantHits, tc.wantMisses, tc.wantOK, tc.wantRejected}; got != want {
+				t.Errorf("counted [hits misses authenticated rejected] = %v, want %v", got, want)
+			}
+			if v := value(c.callError); v != 0 {
+				t.Errorf("counted %v failed reviews, want none", v)
+			}
 		})
 	}
+}
+
+// value reads a counter.
+func value(c prometheus.Counter) float64 {
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		panic(err)
+	}
+	return m.GetCounter().GetValue()
 }
 
 // A cached answer for a pod-bound token holds only while the pod, with the
@@ -260,8 +283,12 @@ func TestReviewConcurrency(t *testing.T) {
 		down, _ := reviewer(t, 2, testPods(t), time.Now, func(string) (authnv1.TokenReviewStatus, error) {
 			return authnv1.TokenReviewStatus{}, errors.New("connection refused")
 		})
+		down.counters = NewMetrics(nil).forCluster("c1")
 		if _, err := down.verify(context.Background(), jwtWith(exp+`99}`)); !errors.Is(err, authn.ErrUnavailable) {
 			t.Errorf("error = %v, want ErrUnavailable", err)
+		}
+		if got := [3]float64{value(down.counters.callError), value(down.counters.authenticated), value(down.counters.rejected)}; got != [3]float64{1, 0, 0} {
+			t.Errorf("counted [error authenticated rejected] = %v, want [1 0 0]", got)
 		}
 	})
 }

@@ -129,6 +129,7 @@ type Manager struct {
 
 	mu          sync.Mutex    // serialises apply and the fields below
 	applied     string        // fingerprint of what the Authority uses
+	seen        *view         // the last state apply was given, for Collect
 	external    *local.Signer // the External backend's CA
 	externalGen int
 
@@ -393,6 +394,7 @@ func (m *Manager) refresh(ctx context.Context) error {
 func (m *Manager) apply(v *view) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.seen = v
 	var iss *entry
 	ids := []string{}
 	switch {

@@ -9,6 +9,7 @@ import (
 
 	adminpb "github.com/castellan-ca/castellan/proto/castellan/admin/v1"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -49,6 +50,8 @@ type healthService struct {
 	drained  context.CancelFunc
 	watchers chan struct{} // a token per open Watch stream
 	logger   *slog.Logger
+	// up, when set, gets each check's outcome.
+	up *prometheus.GaugeVec
 	// serving is the last evaluation's outcome, to log changes only; it
 	// starts true, so that a failing first evaluation is logged.
 	serving atomic.Bool
@@ -70,11 +73,27 @@ func (h *healthService) set(st healthpb.HealthCheckResponse_ServingStatus) {
 }
 
 // evaluate runs the checks once, as /readyz does: warnOnly failures leave
-// the server SERVING.
+// the server SERVING. Unlike /readyz it runs every check, so that each one's
+// outcome is exported (castellan_component_up) whatever the others do.
 func (h *healthService) evaluate(ctx context.Context, checks []readyCheck) {
-	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
-	defer cancel()
-	if _, failed, err := runReadyChecks(ctx, checks); err != nil {
+	errs := runEachCheck(ctx, checks)
+	var (
+		failed string
+		err    error
+	)
+	for i, c := range checks {
+		if h.up != nil {
+			up := 0.0
+			if errs[i] == nil {
+				up = 1
+			}
+			h.up.WithLabelValues(c.name).Set(up)
+		}
+		if errs[i] != nil && !c.warnOnly && err == nil {
+			failed, err = c.name, errs[i]
+		}
+	}
+	if err != nil {
 		if h.serving.Swap(false) {
 			h.logger.Warn("grpc health: NOT_SERVING", "check", failed, "error", err)
 		}
@@ -85,6 +104,31 @@ func (h *healthService) evaluate(ctx context.Context, checks []readyCheck) {
 		h.logger.Info("grpc health: SERVING")
 	}
 	h.set(healthpb.HealthCheckResponse_SERVING)
+}
+
+// runEachCheck runs every check at once, each bounded by readyTimeout, so
+// that one that hangs neither delays nor hides the others' outcomes.
+func runEachCheck(ctx context.Context, checks []readyCheck) []error {
+	errs := make([]error, len(checks))
+	var wg sync.WaitGroup
+	for i, c := range checks {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(ctx, readyTimeout)
+			defer cancel()
+			errs[i] = c.check(ctx)
+		})
+	}
+	wg.Wait()
+	return errs
+}
+
+// newComponentUp is castellan_component_up, registered with reg.
+func newComponentUp(reg prometheus.Registerer) *prometheus.GaugeVec {
+	up := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "castellan_component_up",
+		Help: "1 when a component's readiness check (the /readyz checks: signer, audit store, serving certificate, kubernetes, root configmaps) passed at its last evaluation, every " + healthInterval.String() + "; 0 when it failed."},
+		[]string{"component"})
+	reg.MustRegister(up)
+	return up
 }
 
 // run re-evaluates the checks every healthInterval until ctx ends.

@@ -158,14 +158,14 @@ const inClusterNamespaceFile = "/var/run/secrets/kubernetes.io/serviceaccount/na
 // startKube connects to the configured clusters and runs, in c, their
 // informers. It returns nil when Kubernetes is off (no kubeconfig, not in a
 // pod); what Castellan writes in the clusters starts later (startPublish).
-func startKube(ctx context.Context, c *component, cfg Config, td spiffeid.TrustDomain, logger *slog.Logger) (*kubeParts, error) {
+func startKube(ctx context.Context, c *component, cfg Config, td spiffeid.TrustDomain, metrics *kube.Metrics, logger *slog.Logger) (*kubeParts, error) {
 	restCfg, ownNS, err := loadKubeconfig(cfg.Kubeconfig)
 	if err != nil || restCfg == nil {
 		return nil, err
 	}
 	// client-go logs through klog (informers, leader election): one logging stack.
 	klog.SetSlogLogger(logger.With("component", "client-go"))
-	local, err := newKubeCluster(cfg, cfg.ClusterID, restCfg, logger)
+	local, err := newKubeCluster(cfg, cfg.ClusterID, restCfg, metrics, logger)
 	if err != nil {
 		return nil, err
 	}
@@ -178,7 +178,7 @@ func startKube(ctx context.Context, c *component, cfg Config, td spiffeid.TrustD
 		if err != nil {
 			return nil, fmt.Errorf("remoteClusters %s: %w", id, err)
 		}
-		c, err := newKubeCluster(cfg, id, rc, logger)
+		c, err := newKubeCluster(cfg, id, rc, metrics, logger)
 		if err != nil {
 			return nil, err
 		}
@@ -210,14 +210,14 @@ func startKube(ctx context.Context, c *component, cfg Config, td spiffeid.TrustD
 }
 
 // newKubeCluster builds one cluster's client and verifier.
-func newKubeCluster(cfg Config, id string, restCfg *rest.Config, logger *slog.Logger) (*kube.Cluster, error) {
+func newKubeCluster(cfg Config, id string, restCfg *rest.Config, metrics *kube.Metrics, logger *slog.Logger) (*kube.Cluster, error) {
 	client, err := newKubeClient(cfg, restCfg)
 	if err != nil {
 		return nil, fmt.Errorf("cluster %s: %w", id, err)
 	}
 	return kube.NewCluster(kube.ClusterConfig{
 		ID: id, Client: client, Verification: kube.Verification(cfg.TokenVerification), Audiences: cfg.TokenAudiences,
-		MaxConcurrentCalls: cfg.MaxTokenReviews, CacheSize: cfg.TokenCacheSize, Logger: logger,
+		MaxConcurrentCalls: cfg.MaxTokenReviews, CacheSize: cfg.TokenCacheSize, Metrics: metrics, Logger: logger,
 	})
 }
 

@@ -117,12 +117,12 @@ func TestStartKubeOff(t *testing.T) {
 	lc := newLifecycle(context.Background(), slog.New(slog.DiscardHandler))
 	defer lc.shutdown()
 	c := lc.start("kubernetes")
-	parts, err := startKube(context.Background(), c, cfg, td, slog.New(slog.DiscardHandler))
+	parts, err := startKube(context.Background(), c, cfg, td, nil, slog.New(slog.DiscardHandler))
 	if err != nil || parts != nil {
 		t.Fatalf("startKube without kubeconfig = %v, %v; want Kubernetes off", parts, err)
 	}
 	cfg.Kubeconfig = filepath.Join(t.TempDir(), "missing.kubeconfig")
-	if _, err := startKube(context.Background(), c, cfg, td, slog.New(slog.DiscardHandler)); err == nil ||
+	if _, err := startKube(context.Background(), c, cfg, td, nil, slog.New(slog.DiscardHandler)); err == nil ||
 		!strings.Contains(err.Error(), "missing.kubeconfig") {
 		t.Fatalf("startKube with a missing kubeconfig = %v, want an error naming it", err)
 	}

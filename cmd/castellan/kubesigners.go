@@ -205,8 +205,8 @@ func (s *server) startKubeSigners(context.Context) error {
 		runs["cluster trust bundles"] = (&publish.TrustBundles{Dynamic: dyn, Discovery: client.Discovery(), Bundle: s.authority,
 			Bundles: bundles, Logger: logger}).Run
 	}
-	election := &publish.Election{Client: client, Namespace: k.clusters[0].leaseNS, Name: kubeSignersLease,
-		Identity: electionIdentity(), Logger: logger}
+	election := s.leaders.track(&publish.Election{Client: client, Namespace: k.clusters[0].leaseNS, Name: kubeSignersLease,
+		Identity: electionIdentity(), Logger: logger}, electionKubeSigners, k.clusters[0].id)
 	s.lc.start("kubernetes signers").Go(func(ctx context.Context) error {
 		err := election.Run(ctx, func(ctx context.Context) {
 			var wg sync.WaitGroup

@@ -133,8 +133,8 @@ func (s *server) startPublish(context.Context) error {
 		if len(work) == 0 {
 			continue
 		}
-		election := &publish.Election{Client: client, Namespace: target.leaseNS, Name: leaseName, Identity: identity,
-			Logger: logger.With("component", "leader-election")}
+		election := s.leaders.track(&publish.Election{Client: client, Namespace: target.leaseNS, Name: leaseName, Identity: identity,
+			Logger: logger.With("component", "leader-election")}, electionRootConfigMaps, target.id)
 		c.Go(func(ctx context.Context) error {
 			if err := election.Run(ctx, func(ctx context.Context) { runAll(ctx, logger, work) }); err != nil {
 				logger.Error("leader election stopped", "error", err)

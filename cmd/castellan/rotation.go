@@ -134,7 +134,7 @@ func inside(path, dir string) bool {
 // to use. The caller runs the manager (Manager.Run): it follows the shared
 // state and, on the leader, the schedule.
 func startRotation(ctx context.Context, cfg Config, td spiffeid.TrustDomain, authority *ca.Authority, audit auditStore,
-	keys *cakey.Provider, logger *slog.Logger) (*rotation.Manager, error) {
+	keys *cakey.Provider, leaders leaderGauges, logger *slog.Logger) (*rotation.Manager, error) {
 	logger = logger.With("component", "ca-rotation")
 	var (
 		store  rotation.Store
@@ -159,7 +159,7 @@ func startRotation(ctx context.Context, cfg Config, td spiffeid.TrustDomain, aut
 		return nil, err
 	}
 	m, err := rotation.New(rotation.Config{
-		Authority: authority, Store: store, Backend: backend, Leader: leader, Audit: audit, AuditTimeout: cfg.AuditTimeout,
+		Authority: authority, Store: store, Backend: backend, Leader: leaders.track(leader, electionRotation, ""), Audit: audit, AuditTimeout: cfg.AuditTimeout,
 		Sealer: sealer, KEKFiles: kekFiles(cfg), RootLifetime: cfg.RootLifetime, IntermediateLifetime: cfg.IntermediateLifetime,
 		PropagationWindow: cfg.PropagationWindow, Schedule: cfg.RotationSchedule, ScheduleFraction: cfg.ScheduleFraction,
 		PollInterval: cfg.CAStatePoll, Logger: logger,

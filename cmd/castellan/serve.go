@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/authn"
+	"github.com/castellan-ca/castellan/authn/kube"
 	"github.com/castellan-ca/castellan/ca"
 	"github.com/castellan-ca/castellan/ca/admin"
 	"github.com/castellan-ca/castellan/ca/bundleserver"
@@ -83,6 +84,7 @@ type server struct {
 	operatorID spiffeid.ID
 	lc         *lifecycle
 	registry   *prometheus.Registry
+	leaders    leaderGauges
 	hooks      faultHooks
 	tracing    trace.TracerProvider // nil: tracing off
 
@@ -108,7 +110,7 @@ func newServer(ctx context.Context, cfg Config, logger *slog.Logger) *server {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return &server{cfg: cfg, logger: logger, td: td, operatorID: spiffeid.RequireFromPath(td, operatorPath),
-		lc: newLifecycle(ctx, logger), registry: reg, authority: ca.NewAuthority()}
+		lc: newLifecycle(ctx, logger), registry: reg, leaders: newLeaderGauges(reg), authority: ca.NewAuthority()}
 }
 
 // start starts the components in order: tracing first (it flushes last,
@@ -165,8 +167,11 @@ func (s *server) startSigner(ctx context.Context) error {
 	if keys != nil {
 		c.onStop(func() { _ = keys.Close() })
 	}
-	m, err := startRotation(ctx, s.cfg, s.td, s.authority, s.store, keys, s.logger)
+	m, err := startRotation(ctx, s.cfg, s.td, s.authority, s.store, keys, s.leaders, s.logger)
 	if err != nil {
+		return err
+	}
+	if err := s.registry.Register(m); err != nil { // each phase's CAs and their validity
 		return err
 	}
 	c.Go(m.Run)
@@ -195,7 +200,7 @@ func (s *server) startAuthn(ctx context.Context) error {
 		s.authn = append(s.authn, oidcAuthn)
 	}
 	// Kubernetes service-account tokens come last: they claim every bearer token left.
-	kubeParts, err := startKube(ctx, c, s.cfg, s.td, s.logger)
+	kubeParts, err := startKube(ctx, c, s.cfg, s.td, kube.NewMetrics(s.registry), s.logger)
 	if err != nil || kubeParts == nil {
 		return err
 	}
@@ -312,6 +317,7 @@ func (s *server) startGRPC(context.Context) error {
 	authpb.RegisterIstioCertificateServiceServer(srv, &ca.Server{Issuer: s.issuer})
 	adminpb.RegisterAdminServiceServer(srv, &admin.Server{Issuer: s.issuer, Audit: s.store, Rotation: s.rotation, Logger: s.logger})
 	s.health = newHealthService(s.logger)
+	s.health.up = newComponentUp(s.registry)
 	healthpb.RegisterHealthServer(srv, s.health)
 	c := s.lc.start("grpc")
 	c.Go(func(context.Context) error {

@@ -195,8 +195,12 @@ func startCastellan(ctx context.Context, o options) (_ *process, err error) {
 	// Each client renews its one identity as fast as it can, which is the
 	// flood the per-caller rate limit stops: off here, so that the run
 	// measures the issuance path (-castellan-args can turn it back on).
-	args := append([]string{"serve", "--data-dir", dir, "--listen", grpcAddr, "--monitoring-listen", monAddr, "--log-level", "warn",
-		"--caller-rate-limit", "0"}, strings.Fields(o.castellanArgs)...)
+	args := []string{"serve", "--data-dir", dir, "--listen", grpcAddr, "--monitoring-listen", monAddr, "--log-level", "warn"}
+	if o.mode != "storm" { // a storm runs with the default limits, which it must not meet
+		args = append(args, "--caller-rate-limit", "0")
+	}
+	args = append(args, o.castellanExtra...)
+	args = append(args, strings.Fields(o.castellanArgs)...)
 	cmd := exec.Command(o.castellanBin, args...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	if err := cmd.Start(); err != nil {

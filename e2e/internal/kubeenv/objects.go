@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"strconv"
 	"strings"
 
@@ -197,27 +198,46 @@ func (e *Env) AllowAnonymousIssuerDiscovery(t testproc.TB) {
 // served, from its own apiserver_request_total metric (all verbs and codes).
 func (e *Env) RequestCount(t testproc.TB, resource string) float64 {
 	t.Helper()
+	return e.RequestCounts(t)[resource]
+}
+
+// RequestCounts returns apiserver_request_total summed over verbs and codes
+// for each resource ("" for non-resource paths such as /metrics).
+func (e *Env) RequestCounts(t testproc.TB) map[string]float64 {
+	t.Helper()
 	raw, err := e.Client.CoreV1().RESTClient().Get().AbsPath("/metrics").DoRaw(ctx(t))
 	if err != nil {
 		t.Fatalf("GET /metrics: %v", err)
 	}
-	want := `resource="` + resource + `"`
-	var total float64
-	sc := bufio.NewScanner(bytes.NewReader(raw))
+	counts, err := parseRequestCounts(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return counts
+}
+
+// parseRequestCounts sums the apiserver_request_total samples of a metrics
+// page by their resource label.
+func parseRequestCounts(page []byte) (map[string]float64, error) {
+	counts := map[string]float64{}
+	sc := bufio.NewScanner(bytes.NewReader(page))
 	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
-		if !strings.HasPrefix(line, "apiserver_request_total{") || !strings.Contains(line, want) {
+		if !strings.HasPrefix(line, "apiserver_request_total{") {
 			continue
 		}
 		v, err := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
 		if err != nil {
-			t.Fatalf("metrics line %q: %v", line, err)
+			return nil, fmt.Errorf("metrics line %q: %w", line, err)
 		}
-		total += v
+		var resource string // the label, not subresource's
+		for _, sep := range []string{`{resource="`, `,resource="`} {
+			if _, rest, ok := strings.Cut(line, sep); ok {
+				resource, _, _ = strings.Cut(rest, `"`)
+			}
+		}
+		counts[resource] += v
 	}
-	if err := sc.Err(); err != nil {
-		t.Fatal(err)
-	}
-	return total
+	return counts, sc.Err()
 }

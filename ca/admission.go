@@ -80,6 +80,13 @@ type AdmissionConfig struct {
 	// ReadTimeout bounds the time from a call's headers to its request
 	// message; the call is cancelled and its peer charged after it. 0: none.
 	ReadTimeout time.Duration
+	// TargetLatency sheds load by latency: while the recent time requests
+	// spend in the pipeline (a moving average) is above it and at least
+	// minShedInFlight are in flight, new requests are refused
+	// (ResourceExhausted, ReasonOverload) before any work, so that the
+	// admitted ones keep a bounded latency whatever the offered rate. 0:
+	// only Config.MaxInFlight bounds them.
+	TargetLatency time.Duration
 	// SummaryInterval is how often the refusals of these checks are written
 	// to the audit log, one record per refused key; 0 means DefaultSummaryInterval.
 	SummaryInterval time.Duration
@@ -99,6 +106,47 @@ type Admission struct {
 	peers   *buckets
 	refused refusals
 	streams atomic.Int64
+	// latency is the moving average of the pipeline time of recent
+	// requests, in nanoseconds (latencyWeight: the weight of a new one).
+	latency atomic.Int64
+}
+
+// Latency shedding: the moving average weighs each new request 1/16, so
+// it follows a change of load within tens of requests; below
+// minShedInFlight requests in flight nothing is shed by latency, so that a
+// quiet server whose last requests were slow (a stalled audit store, now
+// back) admits work again and refreshes the average.
+const (
+	latencyWeight   = 16
+	minShedInFlight = 16
+)
+
+// observeLatency feeds the time a request spent in the pipeline into the
+// moving average.
+func (a *Admission) observeLatency(d time.Duration) {
+	if a.cfg.TargetLatency <= 0 {
+		return
+	}
+	for {
+		old := a.latency.Load()
+		if a.latency.CompareAndSwap(old, old+(int64(d)-old)/latencyWeight) {
+			return
+		}
+	}
+}
+
+// overloaded reports whether a request that finds inFlight requests in the
+// pipeline (itself not counted) must be shed by latency.
+func (a *Admission) overloaded(inFlight int) bool {
+	return a.cfg.TargetLatency > 0 && inFlight >= minShedInFlight && time.Duration(a.latency.Load()) > a.cfg.TargetLatency
+}
+
+// refuseOverload counts a request shed for overload (MaxInFlight or
+// TargetLatency) for the metrics and the next summary, by peer address: a
+// flood of them costs a bounded number of audit records, not one each.
+func (a *Admission) refuseOverload(peer string) {
+	key, addr := peerKey(peer)
+	a.refuse(ReasonOverload, key, refusal{peer: addr}, a.is.cfg.Now())
 }
 
 func newAdmission(cfg AdmissionConfig, is *Issuer) *Admission {
@@ -348,6 +396,8 @@ func (a *Admission) limitOf(reason string) string {
 		return fmt.Sprintf(" (peer address rate limit %g/s, burst %d, charged by failed authentications)", float64(a.cfg.PeerRate), a.cfg.PeerBurst)
 	case ReasonStreams:
 		return fmt.Sprintf(" (%d calls open on the server)", a.cfg.MaxStreams)
+	case ReasonOverload:
+		return fmt.Sprintf(" (%d requests in flight, or pipeline latency above %s)", a.is.cfg.MaxInFlight, a.cfg.TargetLatency)
 	case ReasonReadTimeout:
 		return fmt.Sprintf(" (request not received within %s of its headers)", a.cfg.ReadTimeout)
 	}

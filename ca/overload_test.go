@@ -1,0 +1,105 @@
+package ca_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/codes"
+
+	"github.com/castellan-ca/castellan/ca"
+	"github.com/castellan-ca/castellan/signer"
+	"github.com/castellan-ca/castellan/signer/signertest"
+	"github.com/castellan-ca/castellan/storage"
+)
+
+// gateSigner holds each Sign until the test lets one through.
+type gateSigner struct {
+	signer.Signer
+	entered, pass chan struct{}
+}
+
+func (g *gateSigner) Sign(ctx context.Context, req signer.SignRequest) (*signer.Chain, error) {
+	g.entered <- struct{}{}
+	<-g.pass
+	return g.Signer.Sign(ctx, req)
+}
+
+// TestIssueOverloadLatency: with TargetLatency, requests are shed while
+// the moving average of the pipeline time is above it and 16 or more are
+// in flight; a burst on a server with no slow history is admitted whole,
+// and once fewer than 16 are in flight new requests are admitted again.
+func TestIssueOverloadLatency(t *testing.T) {
+	const burst = 32
+	gate := &gateSigner{entered: make(chan struct{}, burst+1), pass: make(chan struct{})}
+	reg := prometheus.NewRegistry()
+	h := newHarness(t, harnessOpts{
+		wrapSigner: func(s signer.Signer) signer.Signer { gate.Signer = s; return gate },
+		config: func(c *ca.Config) {
+			c.MaxInFlight, c.Metrics = 512, ca.NewMetrics(reg)
+			c.Limits.TargetLatency = 100 * time.Millisecond
+		},
+	})
+	ctx := peerCtx(h.workloadCert(t, appID))
+	req := ca.Request{CSR: ztunnelCSR(t, signertest.Key(7), appID)}
+	results := make(chan error, burst+2)
+	call := func() { go func() { _, err := h.issuer.Issue(ctx, req); results <- err }() }
+
+	// A burst: nothing has completed, so nothing is known to be slow.
+	for range burst {
+		call()
+	}
+	for range burst {
+		<-gate.entered
+	}
+	// They take 1 s each (test clock): the average rises above 100 ms.
+	h.clock.Advance(time.Second)
+	for range burst / 2 {
+		gate.pass <- struct{}{}
+		if err := <-results; err != nil {
+			t.Fatalf("burst call: %v", err)
+		}
+	}
+	// 16 in flight, average above the target: shed before any work.
+	_, err := h.issuer.Issue(ctx, req)
+	if ca.Status(err).Code() != codes.ResourceExhausted || ca.ReasonOf(err) != ca.ReasonOverload || !errors.Is(err, ca.ErrOverloaded) {
+		t.Fatalf("call with 16 slow ones in flight = %v, want ResourceExhausted overload", err)
+	}
+	// 1 in flight: admitted again, whatever the average says.
+	for range burst/2 - 1 {
+		gate.pass <- struct{}{}
+		if err := <-results; err != nil {
+			t.Fatalf("burst call: %v", err)
+		}
+	}
+	call()
+	<-gate.entered
+	for range 2 {
+		gate.pass <- struct{}{}
+		if err := <-results; err != nil {
+			t.Fatalf("call after the overload: %v", err)
+		}
+	}
+
+	issued := 0
+	for _, r := range h.records(t) {
+		switch {
+		case r.Outcome == storage.OutcomeIssued:
+			issued++
+		case r.Reason == ca.ReasonOverload:
+			t.Errorf("overload refusal audited per call: %+v", r)
+		}
+	}
+	if issued != burst+1 {
+		t.Errorf("%d issued records, want %d", issued, burst+1)
+	}
+	h.issuer.Admission().Summarize(context.Background())
+	if sums := summaries(t, h, ca.ReasonOverload); len(sums) != 1 || refusedIn(t, sums[0]) != 1 {
+		t.Errorf("overload summaries %+v, want one of 1 call", sums)
+	}
+	if got := gather(t, reg)["castellan_admission_refusals_total,reason="+ca.ReasonOverload]; got != 1 {
+		t.Errorf("admission refusals (overload) = %v, want 1", got)
+	}
+}

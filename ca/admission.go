@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/authn"
+	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
 	"github.com/castellan-ca/castellan/storage"
 	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
@@ -141,6 +142,13 @@ func (a *Admission) overloaded(inFlight int) bool {
 	return a.cfg.TargetLatency > 0 && inFlight >= minShedInFlight && time.Duration(a.latency.Load()) > a.cfg.TargetLatency
 }
 
+// shedding reports whether a certificate request arriving now must be
+// refused for overload: every slot taken, or the pipeline slow (overloaded).
+func (a *Admission) shedding() bool {
+	n := len(a.is.slots)
+	return n >= cap(a.is.slots) || a.overloaded(n)
+}
+
 // refuseOverload counts a request shed for overload (MaxInFlight or
 // TargetLatency) for the metrics and the next summary, by peer address: a
 // flood of them costs a bounded number of audit records, not one each.
@@ -192,6 +200,14 @@ func (a *Admission) Tap(ctx context.Context, info *tap.Info) (context.Context, e
 			a.streams.Add(-1)
 			a.is.cfg.Metrics.streamsOpen.Dec()
 		})
+	}
+	// An overloaded pipeline sheds certificate requests here, before the
+	// request is read or a handler runs: a refusal must cost far less than
+	// the work it spares (run checks again for the calls that pass).
+	if info.FullMethodName == authpb.IstioCertificateService_CreateCertificate_FullMethodName && a.shedding() {
+		a.is.cfg.Metrics.overloadRefused.Inc()
+		a.refuseOverload(peerAddr(ctx))
+		return nil, Status(Refuse(ErrOverloaded, ReasonOverload, errors.New("overloaded"))).Err()
 	}
 	if a.cfg.ReadTimeout <= 0 {
 		return ctx, nil

@@ -17,7 +17,7 @@ import (
 // benchmarks use), then castellan with its audit store on it. The target's
 // storeCPU is the CPU of the postmaster and all its processes.
 func postgresTarget(ctx context.Context, o options) (*target, error) {
-	pg, err := pgtest.Launch(pgtest.Options{Durable: true})
+	pg, err := pgtest.Launch(pgtest.Options{Durable: true}) //nolint:contextcheck // pgtest bounds its start-up (60 s)
 	if err != nil {
 		return nil, fmt.Errorf("PostgreSQL (Debian's postgresql-15 in %s, or %s): %w", pgtest.DefaultBinDir, pgtest.EnvBinDir, err)
 	}

@@ -94,7 +94,7 @@ func runStorm(ctx context.Context, o options, out io.Writer) error {
 	h := newHarness(os.Stderr)
 	defer h.close()
 	var env *stormEnv
-	if err := h.do(func() { env = setupStorm(h, o) }); err != nil {
+	if err := h.do(func() { env = setupStorm(h, o) }); err != nil { //nolint:contextcheck // the e2e harness bounds each step itself
 		return fmt.Errorf("storm setup: %w", err)
 	}
 	if err := env.startCastellan(ctx, o); err != nil {
@@ -214,6 +214,7 @@ func (e *stormEnv) round(ctx context.Context, o options) stormResult {
 	h := e.h
 	tokens := make([]string, len(e.ztunnels))
 	for n, zt := range e.ztunnels {
+		//nolint:contextcheck // kubeenv bounds each call (CallTimeout)
 		tokens[n] = e.kube.Token(h, stormZtunnelNS, stormZtunnelSA, kubeenv.TokenOptions{Audiences: []string{stormAudience}, Pod: zt})
 	}
 	calls := make([][]*stormCall, len(e.ztunnels))
@@ -227,7 +228,7 @@ func (e *stormEnv) round(ctx context.Context, o options) stormResult {
 		}
 	}
 	res := stormResult{errs: map[string]int{}, example: map[string]string{}, hist: make(histogram, histBuckets), load: [2]string{loadAverage()}}
-	before := e.kube.RequestCounts(h)
+	before := e.kube.RequestCounts(h) //nolint:contextcheck // kubeenv bounds each call (CallTimeout)
 	cpu0, _ := readCPU(e.pid)
 	start := time.Now()
 	var wg sync.WaitGroup
@@ -249,7 +250,7 @@ func (e *stormEnv) round(ctx context.Context, o options) stormResult {
 	res.wall = time.Since(start)
 	cpu1, _ := readCPU(e.pid)
 	res.cpu = cpu1 - cpu0
-	after := e.kube.RequestCounts(h)
+	after := e.kube.RequestCounts(h) //nolint:contextcheck // kubeenv bounds each call (CallTimeout)
 	res.load[1] = loadAverage()
 	for _, c := range conns {
 		_ = c.Close() // fails only on a second close

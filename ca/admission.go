@@ -108,17 +108,22 @@ type Admission struct {
 	refused refusals
 	streams atomic.Int64
 	// latency is the moving average of the pipeline time of recent
-	// requests, in nanoseconds (latencyWeight: the weight of a new one).
-	latency atomic.Int64
+	// requests, in nanoseconds (latencyWeight: the weight of a new one),
+	// and latencyAt when a request last completed (Unix nanoseconds).
+	latency, latencyAt atomic.Int64
 }
 
 // Latency shedding: the moving average weighs each new request 1/16, so
-// it follows a change of load within tens of requests; below
-// minShedInFlight requests in flight nothing is shed by latency, so that a
-// quiet server whose last requests were slow (a stalled audit store, now
-// back) admits work again and refreshes the average.
+// it follows a change of load within tens of requests. It only speaks for
+// the present while requests keep completing: after latencyStale without a
+// completion it is ignored, so that a burst on a server that was idle (a
+// restart storm) is admitted up to MaxInFlight whatever the last burst
+// cost. Below minShedInFlight requests in flight nothing is shed by
+// latency, so that a server whose last requests were slow (a stalled audit
+// store, now back) admits work again and refreshes the average.
 const (
 	latencyWeight   = 16
+	latencyStale    = time.Second
 	minShedInFlight = 16
 )
 
@@ -128,18 +133,27 @@ func (a *Admission) observeLatency(d time.Duration) {
 	if a.cfg.TargetLatency <= 0 {
 		return
 	}
-	for {
-		old := a.latency.Load()
-		if a.latency.CompareAndSwap(old, old+(int64(d)-old)/latencyWeight) {
-			return
+	now := a.is.cfg.Now().UnixNano()
+	if now-a.latencyAt.Load() > int64(latencyStale) {
+		a.latency.Store(int64(d)) // the old average speaks of another time
+	} else {
+		for {
+			old := a.latency.Load()
+			if a.latency.CompareAndSwap(old, old+(int64(d)-old)/latencyWeight) {
+				break
+			}
 		}
 	}
+	a.latencyAt.Store(now)
 }
 
 // overloaded reports whether a request that finds inFlight requests in the
 // pipeline (itself not counted) must be shed by latency.
 func (a *Admission) overloaded(inFlight int) bool {
-	return a.cfg.TargetLatency > 0 && inFlight >= minShedInFlight && time.Duration(a.latency.Load()) > a.cfg.TargetLatency
+	if a.cfg.TargetLatency <= 0 || inFlight < minShedInFlight || time.Duration(a.latency.Load()) <= a.cfg.TargetLatency {
+		return false
+	}
+	return a.is.cfg.Now().UnixNano()-a.latencyAt.Load() <= int64(latencyStale)
 }
 
 // shedding reports whether a certificate request arriving now must be

@@ -229,3 +229,16 @@ func TestHarness(t *testing.T) {
 		t.Errorf("temp dir %s after close: %v, want removed", dir, err)
 	}
 }
+
+// TestBackoff: 100 ms doubling to 1 s, jittered within [0.5, 1.5) of it.
+func TestBackoff(t *testing.T) {
+	for _, tc := range []struct {
+		attempt int
+		base    time.Duration
+	}{{0, 100 * time.Millisecond}, {1, 200 * time.Millisecond}, {3, 800 * time.Millisecond}, {4, time.Second}, {60, time.Second}} {
+		lo, hi := backoff(tc.attempt, 0), backoff(tc.attempt, 0.999)
+		if lo != tc.base/2 || hi >= tc.base*3/2 || hi < tc.base*14/10 {
+			t.Errorf("attempt %d: backoff in [%v, %v], want [%v, %v)", tc.attempt, lo, hi, tc.base/2, tc.base*3/2)
+		}
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -17,6 +18,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -188,16 +190,18 @@ func (e *stormEnv) startCastellan(ctx context.Context, o options) error {
 
 // stormCall is one CSR of a storm and its answer.
 type stormCall struct {
-	id    string // the pod's SPIFFE ID
-	csr   string
-	key   crypto.PublicKey
-	token string
-	lat   time.Duration
-	err   error
-	chain []string
+	id      string // the pod's SPIFFE ID
+	csr     string
+	key     crypto.PublicKey
+	token   string
+	lat     time.Duration
+	err     error
+	chain   []string
+	retries int // attempts refused with ResourceExhausted, then retried
 }
 
-// stormResult is what one storm measured.
+// stormResult is what one storm measured; latencies run from a call's
+// first attempt to its certificate.
 type stormResult struct {
 	csrs     int
 	wall     time.Duration // first dial to last answer
@@ -206,6 +210,7 @@ type stormResult struct {
 	example  map[string]string
 	apiCalls map[string]float64 // apiserver requests during the storm, by resource
 	cpu      time.Duration      // castellan's
+	retries  int                // refusals (ResourceExhausted) retried
 	load     [2]string
 }
 
@@ -264,6 +269,7 @@ func (e *stormEnv) round(ctx context.Context, o options) stormResult {
 	for _, cs := range calls {
 		for _, c := range cs {
 			res.csrs++
+			res.retries += c.retries
 			if c.err == nil {
 				c.err = c.check(e.roots)
 			}
@@ -282,7 +288,10 @@ func (e *stormEnv) round(ctx context.Context, o options) stormResult {
 }
 
 // do sends the call the way ztunnel does: bearer token, cluster id, and the
-// pod's identity as ImpersonatedIdentity.
+// pod's identity as ImpersonatedIdentity; a refusal for overload
+// (ResourceExhausted) is retried after a backoff, as ztunnel and Istio's
+// agent do, until o.timeout from the first attempt. lat is the time from the
+// first attempt to the certificate.
 func (c *stormCall) do(ctx context.Context, api pb.IstioCertificateServiceClient, o options) {
 	meta, err := structpb.NewStruct(map[string]any{security.ImpersonatedIdentity: c.id})
 	if err != nil {
@@ -292,11 +301,34 @@ func (c *stormCall) do(ctx context.Context, api pb.IstioCertificateServiceClient
 	ctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+c.token, "clusterid", stormClusterID), o.timeout)
 	defer cancel()
 	t0 := time.Now()
-	resp, err := api.CreateCertificate(ctx, &pb.IstioCertificateRequest{Csr: c.csr, ValidityDuration: int64(o.ttl / time.Second), Metadata: meta})
-	c.lat, c.err = time.Since(t0), err
-	if err == nil {
-		c.chain = resp.GetCertChain()
+	for attempt := 0; ; attempt++ {
+		resp, err := api.CreateCertificate(ctx, &pb.IstioCertificateRequest{Csr: c.csr, ValidityDuration: int64(o.ttl / time.Second), Metadata: meta})
+		if err == nil {
+			c.lat, c.err, c.chain = time.Since(t0), nil, resp.GetCertChain()
+			return
+		}
+		c.err = err
+		if status.Code(err) != codes.ResourceExhausted {
+			return
+		}
+		c.retries++
+		select {
+		case <-time.After(backoff(attempt, rand.Float64())):
+		case <-ctx.Done():
+			return
+		}
 	}
+}
+
+// backoff is the wait before retry attempt+1: 100 ms doubling up to 1 s,
+// scaled by 0.5 + jitter (jitter in [0, 1)) so that refused clients do not
+// come back in step.
+func backoff(attempt int, jitter float64) time.Duration {
+	d := time.Second
+	if attempt < 4 {
+		d = min(100*time.Millisecond<<attempt, time.Second)
+	}
+	return time.Duration(float64(d) * (0.5 + jitter))
 }
 
 // check verifies an answer: the leaf certifies the CSR's key for the pod's
@@ -337,6 +369,7 @@ func (r stormResult) print(out io.Writer, round int) {
 	fmt.Fprintf(out, "\n== storm %d: %d CSRs, %d issued in %s: %.0f certs/s; latency p50 %s p99 %s max %s; castellan CPU %.0f µs per certificate\n",
 		round, r.csrs, r.ok(), r.wall.Round(time.Millisecond), float64(r.ok())/r.wall.Seconds(),
 		ms(r.hist.quantile(0.5)), ms(r.hist.quantile(0.99)), ms(r.hist.quantile(1)), us(r.cpu)/max(float64(r.ok()), 1))
+	fmt.Fprintf(out, "refused with ResourceExhausted and retried after a backoff: %d times\n", r.retries)
 	for code, n := range r.errs {
 		fmt.Fprintf(out, "errors: %s %d (e.g. %s)\n", code, n, truncate(r.example[code], 160))
 	}
@@ -356,10 +389,10 @@ func (r stormResult) print(out io.Writer, round int) {
 
 // printStormTable prints the rounds as one markdown table.
 func printStormTable(out io.Writer, rs []stormResult) {
-	fmt.Fprintln(out, "\n| storm | CSRs | issued | errors | certs/s | p50 | p99 | castellan CPU per cert | apiserver calls per 100 CSRs (all) | of which TokenReviews | pod reads | load avg start → end |")
-	fmt.Fprintln(out, "|---|---|---|---|---|---|---|---|---|---|---|---|")
+	fmt.Fprintln(out, "\n| storm | CSRs | issued | errors | refusals retried | certs/s | p50 | p99 | castellan CPU per cert | apiserver calls per 100 CSRs (all) | of which TokenReviews | pod reads | load avg start → end |")
+	fmt.Fprintln(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 	for i, r := range rs {
-		fmt.Fprintf(out, "| %d | %d | %d | %d | %.0f | %s | %s | %.0f µs | %.1f | %.1f | %.1f | %s → %s |\n", i+1, r.csrs, r.ok(), r.csrs-r.ok(),
+		fmt.Fprintf(out, "| %d | %d | %d | %d | %d | %.0f | %s | %s | %.0f µs | %.1f | %.1f | %.1f | %s → %s |\n", i+1, r.csrs, r.ok(), r.csrs-r.ok(), r.retries,
 			float64(r.ok())/r.wall.Seconds(), ms(r.hist.quantile(0.5)), ms(r.hist.quantile(0.99)), us(r.cpu)/max(float64(r.ok()), 1),
 			100*r.calls()/float64(r.csrs), 100*r.calls("tokenreviews")/float64(r.csrs), 100*r.calls("pods")/float64(r.csrs), r.load[0], r.load[1])
 	}

@@ -41,7 +41,8 @@ func (p phase) at(i int64) time.Duration {
 // second is what the requests due in one second of the open loop got.
 type second struct {
 	offered, ok, shed, other, unsent uint64
-	hist                             histogram // latencies of the admitted (OK) requests
+	hist                             histogram     // latencies of the admitted (OK) requests
+	lag                              time.Duration // the most a request was sent after it was due (this program falling behind)
 }
 
 // timeline collects the open loop's outcomes by the second each request was
@@ -88,6 +89,14 @@ func (tl *timeline) observe(due, latency time.Duration, err error) {
 			tl.ex[c] = err.Error()
 		}
 	}
+}
+
+// sent records that a request due at due was sent lag after it.
+func (tl *timeline) sent(due, lag time.Duration) {
+	tl.mu.Lock()
+	defer tl.mu.Unlock()
+	s := tl.slot(due)
+	s.lag = max(s.lag, lag)
 }
 
 // notSent records a request due at due that maxOutstanding held back.
@@ -173,6 +182,7 @@ func openLoop(ctx context.Context, clients []*client, phases []phase, o options)
 				continue
 			}
 			outstanding.Add(1)
+			tl.sent(due, time.Since(start.Add(due)))
 			c, k := clients[n%int64(len(clients))], int(n/int64(len(clients)))
 			n++
 			wg.Go(func() {
@@ -241,8 +251,8 @@ func runOverload(ctx context.Context, o options, out io.Writer) error {
 // printOverload prints the timeline (markdown) and its summary. healthy
 // p99 is twice the closed loop's p99 (at least 10 ms).
 func printOverload(out io.Writer, tl *timeline, phases []phase, closedP99 time.Duration) {
-	fmt.Fprintln(out, "\n| second | phase | offered/s | admitted/s | shed/s (ResourceExhausted) | other errors | p50 admitted | p99 admitted |")
-	fmt.Fprintln(out, "|---|---|---|---|---|---|---|---|")
+	fmt.Fprintln(out, "\n| second | phase | offered/s | admitted/s | shed/s (ResourceExhausted) | other errors | p50 admitted | p99 admitted | generator lag (max) |")
+	fmt.Fprintln(out, "|---|---|---|---|---|---|---|---|---|")
 	var at time.Duration
 	bounds := make([]int, 0, len(phases)+1)
 	bounds = append(bounds, 0)
@@ -250,8 +260,8 @@ func printOverload(out io.Writer, tl *timeline, phases []phase, closedP99 time.D
 		from, to := int(at/time.Second), int((at+p.dur)/time.Second)
 		for i := from; i < to && i < len(tl.secs); i++ {
 			s := tl.secs[i]
-			fmt.Fprintf(out, "| %d | %s | %d | %d | %d | %d | %s | %s |\n", i, p.name, s.offered, s.ok, s.shed, s.other+s.unsent,
-				ms(s.hist.quantile(0.5)), ms(s.hist.quantile(0.99)))
+			fmt.Fprintf(out, "| %d | %s | %d | %d | %d | %d | %s | %s | %s |\n", i, p.name, s.offered, s.ok, s.shed, s.other+s.unsent,
+				ms(s.hist.quantile(0.5)), ms(s.hist.quantile(0.99)), ms(s.lag))
 		}
 		at += p.dur
 		bounds = append(bounds, to)

@@ -65,6 +65,11 @@ func TestTimeline(t *testing.T) {
 	}
 	tl.observe(4500*time.Millisecond, time.Second, status.Error(codes.DeadlineExceeded, "late"))
 	tl.notSent(time.Hour) // beyond the run: the last second
+	tl.sent(1100*time.Millisecond, 3*time.Millisecond)
+	tl.sent(1200*time.Millisecond, 7*time.Millisecond)
+	if tl.secs[1].lag != 7*time.Millisecond || tl.secs[0].lag != 0 {
+		t.Errorf("lag of second 1 = %v, of second 0 = %v; want 7ms and 0", tl.secs[1].lag, tl.secs[0].lag)
+	}
 
 	s := tl.secs[1]
 	if s.offered != 101 || s.ok != 100 || s.shed != 1 || s.other != 0 || s.hist.count() != 100 {

@@ -81,11 +81,12 @@ type AdmissionConfig struct {
 	// ReadTimeout bounds the time from a call's headers to its request
 	// message; the call is cancelled and its peer charged after it. 0: none.
 	ReadTimeout time.Duration
-	// TargetLatency sheds load by latency: while the recent time requests
-	// spend in the pipeline (a moving average) is above it and at least
-	// minShedInFlight are in flight, new requests are refused
-	// (ResourceExhausted, ReasonOverload) before any work, so that the
-	// admitted ones keep a bounded latency whatever the offered rate. 0:
+	// TargetLatency sheds load by latency: when the requests in flight
+	// would take longer than this to drain at the rate requests completed
+	// over the last second (Little's law: in flight / completions per
+	// second), and at least minShedInFlight are in flight, new requests are
+	// refused (ResourceExhausted, ReasonOverload) before any work, so that
+	// the admitted ones wait a bounded time whatever the offered rate. 0:
 	// only Config.MaxInFlight bounds them.
 	TargetLatency time.Duration
 	// SummaryInterval is how often the refusals of these checks are written
@@ -107,53 +108,74 @@ type Admission struct {
 	peers   *buckets
 	refused refusals
 	streams atomic.Int64
-	// latency is the moving average of the pipeline time of recent
-	// requests, in nanoseconds (latencyWeight: the weight of a new one),
-	// and latencyAt when a request last completed (Unix nanoseconds).
-	latency, latencyAt atomic.Int64
+	// done counts the requests that left the pipeline, per rateSlot.
+	done completions
 }
 
-// Latency shedding: the moving average weighs each new request 1/16, so
-// it follows a change of load within tens of requests. It only speaks for
-// the present while requests keep completing: after latencyStale without a
-// completion it is ignored, so that a burst on a server that was idle (a
-// restart storm) is admitted up to MaxInFlight whatever the last burst
-// cost. Below minShedInFlight requests in flight nothing is shed by
-// latency, so that a server whose last requests were slow (a stalled audit
-// store, now back) admits work again and refreshes the average.
+// Latency shedding. The drain rate is what completed over the last second
+// (rateSlots of rateSlot each), so the estimate follows a change of load
+// within a second and costs one short lock per request. With fewer than
+// minShedInFlight completions in that second the rate is unknown (an idle
+// server hit by a restart storm, a stalled audit store) and nothing is shed
+// by latency, only by MaxInFlight; below minShedInFlight requests in
+// flight neither.
 const (
-	latencyWeight   = 16
-	latencyStale    = time.Second
+	rateSlot        = 100 * time.Millisecond
+	rateSlots       = 10
 	minShedInFlight = 16
 )
 
-// observeLatency feeds the time a request spent in the pipeline into the
-// moving average.
-func (a *Admission) observeLatency(d time.Duration) {
-	if a.cfg.TargetLatency <= 0 {
-		return
+// completions counts events in a sliding window of rateSlots slots.
+type completions struct {
+	mu    sync.Mutex
+	slots [rateSlots]struct{ at, n int64 } // at: the slot's index since the epoch
+}
+
+// add counts one completion at now.
+func (c *completions) add(now time.Time) {
+	idx := now.UnixNano() / int64(rateSlot)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := &c.slots[idx%rateSlots]
+	if s.at != idx {
+		s.at, s.n = idx, 0
 	}
-	now := a.is.cfg.Now().UnixNano()
-	if now-a.latencyAt.Load() > int64(latencyStale) {
-		a.latency.Store(int64(d)) // the old average speaks of another time
-	} else {
-		for {
-			old := a.latency.Load()
-			if a.latency.CompareAndSwap(old, old+(int64(d)-old)/latencyWeight) {
-				break
-			}
+	s.n++
+}
+
+// lastSecond returns the completions in the window that ends at now.
+func (c *completions) lastSecond(now time.Time) int64 {
+	idx := now.UnixNano() / int64(rateSlot)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var n int64
+	for _, s := range c.slots {
+		if age := idx - s.at; age >= 0 && age < rateSlots { // not a slot of a later time (the clock stepped back)
+			n += s.n
 		}
 	}
-	a.latencyAt.Store(now)
+	return n
+}
+
+// completed records that a request left the pipeline.
+func (a *Admission) completed() {
+	if a.cfg.TargetLatency > 0 {
+		a.done.add(a.is.cfg.Now())
+	}
 }
 
 // overloaded reports whether a request that finds inFlight requests in the
-// pipeline (itself not counted) must be shed by latency.
+// pipeline (itself not counted) must be shed by latency: draining them at
+// the last second's rate would take longer than TargetLatency.
 func (a *Admission) overloaded(inFlight int) bool {
-	if a.cfg.TargetLatency <= 0 || inFlight < minShedInFlight || time.Duration(a.latency.Load()) <= a.cfg.TargetLatency {
+	if a.cfg.TargetLatency <= 0 || inFlight < minShedInFlight {
 		return false
 	}
-	return a.is.cfg.Now().UnixNano()-a.latencyAt.Load() <= int64(latencyStale)
+	rate := a.done.lastSecond(a.is.cfg.Now()) // per rateSlots×rateSlot = 1 s
+	if rate < minShedInFlight {
+		return false
+	}
+	return time.Duration(float64(inFlight)/float64(rate)*float64(time.Second)) > a.cfg.TargetLatency
 }
 
 // shedding reports whether a certificate request arriving now must be
@@ -427,7 +449,7 @@ func (a *Admission) limitOf(reason string) string {
 	case ReasonStreams:
 		return fmt.Sprintf(" (%d calls open on the server)", a.cfg.MaxStreams)
 	case ReasonOverload:
-		return fmt.Sprintf(" (%d requests in flight, or pipeline latency above %s)", a.is.cfg.MaxInFlight, a.cfg.TargetLatency)
+		return fmt.Sprintf(" (%d requests in flight, or more than drain in %s at the last second's rate)", a.is.cfg.MaxInFlight, a.cfg.TargetLatency)
 	case ReasonReadTimeout:
 		return fmt.Sprintf(" (request not received within %s of its headers)", a.cfg.ReadTimeout)
 	}

@@ -219,7 +219,7 @@ func (is *Issuer) run(ctx context.Context, rec *storage.Record, work func(contex
 			err = callerGone(ctx, err)
 			<-is.slots
 			m.inFlight.Dec()
-			is.adm.observeLatency(is.cfg.Now().Sub(start))
+			is.adm.completed()
 		default:
 			shed = true
 		}

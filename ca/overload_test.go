@@ -30,9 +30,10 @@ func (g *gateSigner) Sign(ctx context.Context, req signer.SignRequest) (*signer.
 }
 
 // TestIssueOverloadLatency: with TargetLatency, requests are shed while
-// the moving average of the pipeline time is above it and 16 or more are
-// in flight; a burst on a server with no recent completion is admitted
-// whole, and once fewer than 16 are in flight new requests are admitted again.
+// the ones in flight (16 or more) would take longer than it to drain at the
+// last second's completion rate; a burst on a server with no recent
+// completions is admitted whole, and once fewer than 16 are in flight new
+// requests are admitted again.
 func TestIssueOverloadLatency(t *testing.T) {
 	const burst = 32
 	gate := &gateSigner{entered: make(chan struct{}, burst+1), pass: make(chan struct{})}
@@ -49,14 +50,14 @@ func TestIssueOverloadLatency(t *testing.T) {
 	results := make(chan error, burst+2)
 	call := func() { go func() { _, err := h.issuer.Issue(ctx, req); results <- err }() }
 
-	// A burst: nothing has completed, so nothing is known to be slow.
+	// A burst: nothing has completed, so the drain rate is unknown.
 	for range burst {
 		call()
 	}
 	for range burst {
 		<-gate.entered
 	}
-	// They take 1 s each (test clock): the average rises above 100 ms.
+	// 16 complete within the second: 16 in flight drain in 1 s, above 100 ms.
 	h.clock.Advance(time.Second)
 	for range burst / 2 {
 		gate.pass <- struct{}{}
@@ -64,7 +65,7 @@ func TestIssueOverloadLatency(t *testing.T) {
 			t.Fatalf("burst call: %v", err)
 		}
 	}
-	// 16 in flight, average above the target: shed before any work.
+	// 16 in flight, too slow to drain: shed before any work.
 	_, err := h.issuer.Issue(ctx, req)
 	if ca.Status(err).Code() != codes.ResourceExhausted || ca.ReasonOf(err) != ca.ReasonOverload || !errors.Is(err, ca.ErrOverloaded) {
 		t.Fatalf("call with 16 slow ones in flight = %v, want ResourceExhausted overload", err)
@@ -80,12 +81,12 @@ func TestIssueOverloadLatency(t *testing.T) {
 	} else {
 		cancel()
 	}
-	// Without a completion for a while the average is stale: a new burst
+	// After a second without completions the rate is unknown: a new burst
 	// (a restart storm after a quiet spell) is admitted.
 	h.clock.Advance(2 * time.Second)
 	call()
 	<-gate.entered
-	// 1 in flight: admitted again, whatever the (fresh) average says.
+	// 1 in flight: admitted again, whatever the rate.
 	for range burst / 2 {
 		gate.pass <- struct{}{}
 		if err := <-results; err != nil {

@@ -55,8 +55,8 @@ func limitsDefaults() LimitsConfig {
 		RateLimitKeys:        ca.DefaultRateLimitKeys,
 		RefusalAuditInterval: ca.DefaultSummaryInterval,
 		ShutdownGracePeriod:  15 * time.Second,
-		// Well above an unloaded request (milliseconds) and a restart
-		// storm's queue, well below the second where clients give up.
+		// Well above an unloaded request's wait (milliseconds), well
+		// below the second where clients give up.
 		OverloadLatency: 200 * time.Millisecond,
 	}
 }
@@ -77,7 +77,7 @@ func bindLimitFlags(fs *flag.FlagSet, c *LimitsConfig) {
 	fs.IntVar(&c.RateLimitKeys, "rate-limit-keys", c.RateLimitKeys, "token buckets kept per table (callers, peers)")
 	fs.DurationVar(&c.RefusalAuditInterval, "refusal-audit-interval", c.RefusalAuditInterval, "how often rate-limit refusals are summarised in the audit log")
 	fs.DurationVar(&c.ShutdownGracePeriod, "shutdown-grace-period", c.ShutdownGracePeriod, "longest time from SIGTERM to exit")
-	fs.DurationVar(&c.OverloadLatency, "overload-latency", c.OverloadLatency, "new CSRs get ResourceExhausted while the recent average time in the pipeline is above this (0: only maxInFlight sheds)")
+	fs.DurationVar(&c.OverloadLatency, "overload-latency", c.OverloadLatency, "new CSRs get ResourceExhausted while those in flight would take longer than this to drain at the last second's rate (0: only maxInFlight sheds)")
 }
 
 // validate checks the limit keys; cfg gives the audit timeout the grace

@@ -110,15 +110,21 @@ type Admission struct {
 	streams atomic.Int64
 	// done counts the requests that left the pipeline, per rateSlot.
 	done completions
+	// calm is when a request last arrived or left with fewer than
+	// minShedInFlight in flight (Unix nanoseconds).
+	calm atomic.Int64
 }
 
 // Latency shedding. The drain rate is what completed over the last second
 // (rateSlots of rateSlot each), so the estimate follows a change of load
 // within a second and costs one short lock per request. With fewer than
 // minShedInFlight completions in that second the rate is unknown (an idle
-// server hit by a restart storm, a stalled audit store) and nothing is shed
-// by latency, only by MaxInFlight; below minShedInFlight requests in
-// flight neither.
+// server hit by a restart storm, or a stalled one): then requests are shed
+// only once minShedInFlight or more have been in flight for a whole second
+// without that many completing (a stall: an audit store that stopped
+// committing), so that a burst on an idle server is admitted up to
+// MaxInFlight. Below minShedInFlight requests in flight nothing is shed by
+// latency.
 const (
 	rateSlot        = 100 * time.Millisecond
 	rateSlots       = 10
@@ -160,7 +166,11 @@ func (c *completions) lastSecond(now time.Time) int64 {
 // completed records that a request left the pipeline.
 func (a *Admission) completed() {
 	if a.cfg.TargetLatency > 0 {
-		a.done.add(a.is.cfg.Now())
+		now := a.is.cfg.Now()
+		a.done.add(now)
+		if len(a.is.slots) < minShedInFlight {
+			a.calm.Store(now.UnixNano())
+		}
 	}
 }
 
@@ -168,12 +178,17 @@ func (a *Admission) completed() {
 // pipeline (itself not counted) must be shed by latency: draining them at
 // the last second's rate would take longer than TargetLatency.
 func (a *Admission) overloaded(inFlight int) bool {
-	if a.cfg.TargetLatency <= 0 || inFlight < minShedInFlight {
+	if a.cfg.TargetLatency <= 0 {
 		return false
 	}
-	rate := a.done.lastSecond(a.is.cfg.Now()) // per rateSlots×rateSlot = 1 s
-	if rate < minShedInFlight {
+	now := a.is.cfg.Now()
+	if inFlight < minShedInFlight {
+		a.calm.Store(now.UnixNano())
 		return false
+	}
+	rate := a.done.lastSecond(now) // per rateSlots×rateSlot = 1 s
+	if rate < minShedInFlight {
+		return now.UnixNano()-a.calm.Load() > int64(rateSlots*rateSlot) // stalled for a second
 	}
 	return time.Duration(float64(inFlight)/float64(rate)*float64(time.Second)) > a.cfg.TargetLatency
 }

@@ -31,12 +31,11 @@ func (g *gateSigner) Sign(ctx context.Context, req signer.SignRequest) (*signer.
 
 // TestIssueOverloadLatency: with TargetLatency, requests are shed while
 // the ones in flight (16 or more) would take longer than it to drain at the
-// last second's completion rate; a burst on a server with no recent
-// completions is admitted whole, and once fewer than 16 are in flight new
-// requests are admitted again.
+// last second's completion rate, or have been stuck for a second with
+// nothing completing; a burst on a quiet server is admitted whole.
 func TestIssueOverloadLatency(t *testing.T) {
 	const burst = 32
-	gate := &gateSigner{entered: make(chan struct{}, burst+1), pass: make(chan struct{})}
+	gate := &gateSigner{entered: make(chan struct{}, burst), pass: make(chan struct{})}
 	reg := prometheus.NewRegistry()
 	h := newHarness(t, harnessOpts{
 		wrapSigner: func(s signer.Signer) signer.Signer { gate.Signer = s; return gate },
@@ -81,29 +80,37 @@ func TestIssueOverloadLatency(t *testing.T) {
 	} else {
 		cancel()
 	}
-	// After a second without completions the rate is unknown: a new burst
-	// (a restart storm after a quiet spell) is admitted.
+	// A second later, 16 still in flight and none completed: a stall
+	// (an audit store that stopped committing) is shed too.
 	h.clock.Advance(2 * time.Second)
-	call()
-	<-gate.entered
-	// 1 in flight: admitted again, whatever the rate.
+	if _, err := h.issuer.Issue(ctx, req); ca.ReasonOf(err) != ca.ReasonOverload {
+		t.Fatalf("call with 16 in flight and no completion for 2s = %v, want ResourceExhausted overload", err)
+	}
 	for range burst / 2 {
 		gate.pass <- struct{}{}
 		if err := <-results; err != nil {
 			t.Fatalf("burst call: %v", err)
 		}
 	}
+	// After a quiet spell the rate is unknown: a new burst (a restart
+	// storm) is admitted whole, 16 and more in flight.
+	h.clock.Advance(2 * time.Second)
 	if _, cancel, err := tapMethod(h.issuer.Admission(), "10.0.0.9:3", createCert); err != nil {
-		t.Fatalf("tap of a certificate request with 1 in flight: %v, want admitted", err)
+		t.Fatalf("tap of a certificate request on a quiet server: %v, want admitted", err)
 	} else {
 		cancel()
 	}
-	call()
-	<-gate.entered
-	for range 2 {
+	const storm = 20
+	for range storm {
+		call()
+	}
+	for range storm {
+		<-gate.entered
+	}
+	for range storm {
 		gate.pass <- struct{}{}
 		if err := <-results; err != nil {
-			t.Fatalf("call after the overload: %v", err)
+			t.Fatalf("storm call: %v", err)
 		}
 	}
 
@@ -116,18 +123,18 @@ func TestIssueOverloadLatency(t *testing.T) {
 			t.Errorf("overload refusal audited per call: %+v", r)
 		}
 	}
-	if issued != burst+2 {
-		t.Errorf("%d issued records, want %d", issued, burst+2)
+	if issued != burst+storm {
+		t.Errorf("%d issued records, want %d", issued, burst+storm)
 	}
 	h.issuer.Admission().Summarize(context.Background())
 	refused := 0
 	for _, s := range summaries(t, h, ca.ReasonOverload) {
 		refused += refusedIn(t, s)
 	}
-	if refused != 2 {
-		t.Errorf("overload summaries count %d calls, want 2 (the pipeline's and the tap's)", refused)
+	if refused != 3 {
+		t.Errorf("overload summaries count %d calls, want 3 (pipeline, tap, stall)", refused)
 	}
-	if got := gather(t, reg)["castellan_admission_refusals_total,reason="+ca.ReasonOverload]; got != 2 {
-		t.Errorf("admission refusals (overload) = %v, want 2", got)
+	if got := gather(t, reg)["castellan_admission_refusals_total,reason="+ca.ReasonOverload]; got != 3 {
+		t.Errorf("admission refusals (overload) = %v, want 3", got)
 	}
 }

@@ -218,7 +218,8 @@ type target struct {
 	serverName string
 	bundlePEM  string // roots the clients verify the server with
 	creds      []credential
-	pid        int // 0: unknown
+	pid        int    // 0: unknown
+	monitor    string // castellan's monitoring listener (http://…), when started here
 	// storeCPU, when set, reads the CPU time of the audit store's processes
 	// (PostgreSQL), counted with the server's.
 	storeCPU func() (time.Duration, error)

@@ -237,22 +237,34 @@ func runOverload(ctx context.Context, o options, out io.Writer) error {
 		phases[0].rate, o.overloadFactor, phases[0].dur, phases[1].rate, phases[1].dur)
 	cpu0, _ := readCPU(t.pid)
 	load0 := loadAverage()
+	var server []cumBuckets
+	scrapeCtx, stopScrape := context.WithCancel(ctx)
+	scraped := make(chan struct{})
+	if t.monitor != "" {
+		go func() { defer close(scraped); server = scrapeIssuedDurations(scrapeCtx, t.monitor, time.Second) }()
+	} else {
+		close(scraped)
+	}
 	tl := openLoop(ctx, clients, phases, o)
+	stopScrape()
+	<-scraped
 	cpu1, _ := readCPU(t.pid)
 	if ctx.Err() != nil {
 		return fmt.Errorf("interrupted: %w", ctx.Err())
 	}
-	printOverload(out, tl, phases, res.hist.quantile(0.99))
+	printOverload(out, tl, phases, res.hist.quantile(0.99), server)
 	fmt.Fprintf(out, "server CPU over the open loop: %.2f cores\n", (cpu1-cpu0).Seconds()/(phases[0].dur+phases[1].dur).Seconds())
 	fmt.Fprintf(out, "load avg: %s at the probe's start, %s before the open loop, %s at the end\n", res.load[0], load0, loadAverage())
 	return nil
 }
 
 // printOverload prints the timeline (markdown) and its summary. healthy
-// p99 is twice the closed loop's p99 (at least 10 ms).
-func printOverload(out io.Writer, tl *timeline, phases []phase, closedP99 time.Duration) {
-	fmt.Fprintln(out, "\n| second | phase | offered/s | admitted/s | shed/s (ResourceExhausted) | other errors | p50 admitted | p99 admitted | generator lag (max) |")
-	fmt.Fprintln(out, "|---|---|---|---|---|---|---|---|---|")
+// p99 is twice the closed loop's p99 (at least 10 ms). server holds
+// castellan's pipeline-time histogram scraped each second (nil: unknown),
+// whose p99 shows how much of the latency the server's own queue is.
+func printOverload(out io.Writer, tl *timeline, phases []phase, closedP99 time.Duration, server []cumBuckets) {
+	fmt.Fprintln(out, "\n| second | phase | offered/s | admitted/s | shed/s (ResourceExhausted) | other errors | p50 admitted | p99 admitted | p99 in the server's pipeline | generator lag (max) |")
+	fmt.Fprintln(out, "|---|---|---|---|---|---|---|---|---|---|")
 	var at time.Duration
 	bounds := make([]int, 0, len(phases)+1)
 	bounds = append(bounds, 0)
@@ -260,8 +272,13 @@ func printOverload(out io.Writer, tl *timeline, phases []phase, closedP99 time.D
 		from, to := int(at/time.Second), int((at+p.dur)/time.Second)
 		for i := from; i < to && i < len(tl.secs); i++ {
 			s := tl.secs[i]
-			fmt.Fprintf(out, "| %d | %s | %d | %d | %d | %d | %s | %s | %s |\n", i, p.name, s.offered, s.ok, s.shed, s.other+s.unsent,
-				ms(s.hist.quantile(0.5)), ms(s.hist.quantile(0.99)), ms(s.lag))
+			known := i+1 < len(server) && server[i] != nil && server[i+1] != nil
+			var pipe float64
+			if known {
+				pipe = quantileBound(server[i], server[i+1], 0.99)
+			}
+			fmt.Fprintf(out, "| %d | %s | %d | %d | %d | %d | %s | %s | %s | %s |\n", i, p.name, s.offered, s.ok, s.shed, s.other+s.unsent,
+				ms(s.hist.quantile(0.5)), ms(s.hist.quantile(0.99)), boundString(pipe, known), ms(s.lag))
 		}
 		at += p.dur
 		bounds = append(bounds, to)

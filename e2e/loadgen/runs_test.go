@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -132,8 +133,8 @@ func TestOpenLoopIstio(t *testing.T) {
 		t.Fatalf("phase a %d offered %d ok, phase b %d offered %d ok; want 100/100 and 50/50 (examples %v)", a.offered, a.ok, b.offered, b.ok, tl.ex)
 	}
 	var out bytes.Buffer
-	printOverload(&out, tl, phases, 10*time.Millisecond)
-	if !strings.Contains(out.String(), "| 1 | b | 50 | 50 | 0 |") {
+	printOverload(&out, tl, phases, 10*time.Millisecond, nil)
+	if !strings.Contains(out.String(), "| 1 | b | 50 | 50 | 0 | 0 |") {
 		t.Errorf("timeline lacks second 1 of phase b:\n%s", out.String())
 	}
 }
@@ -245,5 +246,45 @@ func TestBackoff(t *testing.T) {
 		if lo != tc.base/2 || hi >= tc.base*3/2 || hi < tc.base*14/10 {
 			t.Errorf("attempt %d: backoff in [%v, %v], want [%v, %v)", tc.attempt, lo, hi, tc.base/2, tc.base*3/2)
 		}
+	}
+}
+
+// TestIssuedDurations: the issued outcome's buckets are read from a
+// metrics page, and the bucket of a quantile between two scrapes found.
+func TestIssuedDurations(t *testing.T) {
+	page := func(b1, b2, inf float64) []byte {
+		return []byte(fmt.Sprintf(`# TYPE castellan_csr_duration_seconds histogram
+castellan_csr_duration_seconds_bucket{outcome="issued",le="0.1"} %g
+castellan_csr_duration_seconds_bucket{outcome="issued",le="0.25"} %g
+castellan_csr_duration_seconds_bucket{outcome="issued",le="+Inf"} %g
+castellan_csr_duration_seconds_bucket{outcome="refused",le="+Inf"} 1000
+castellan_csr_duration_seconds_sum{outcome="issued"} 1
+`, b1, b2, inf))
+	}
+	a, err := parseIssuedDurations(page(10, 10, 10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := parseIssuedDurations(page(100, 198, 199))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) != 3 || b[0.25] != 198 {
+		t.Fatalf("parsed %v, want 3 issued buckets", b)
+	}
+	// Between the scrapes: 90 ≤ 100 ms, 98 more ≤ 250 ms, 1 beyond.
+	for _, tc := range []struct {
+		q    float64
+		want float64
+	}{{0.4, 0.1}, {0.9, 0.25}, {0.99, 0.25}, {0.999, math.Inf(1)}} {
+		if got := quantileBound(a, b, tc.q); got != tc.want {
+			t.Errorf("quantileBound(%v) = %v, want %v", tc.q, got, tc.want)
+		}
+	}
+	if got := quantileBound(b, b, 0.99); got != 0 {
+		t.Errorf("no observations: %v, want 0", got)
+	}
+	if boundString(0.25, true) != "≤ 250 ms" || boundString(0, false) != "?" {
+		t.Errorf("boundString = %q, %q", boundString(0.25, true), boundString(0, false))
 	}
 }

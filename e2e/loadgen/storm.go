@@ -313,7 +313,7 @@ func (c *stormCall) do(ctx context.Context, api pb.IstioCertificateServiceClient
 		}
 		c.retries++
 		select {
-		case <-time.After(backoff(attempt, rand.Float64())):
+		case <-time.After(backoff(attempt, rand.Float64())): //nolint:gosec // jitter, not a secret
 		case <-ctx.Done():
 			return
 		}

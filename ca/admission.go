@@ -197,7 +197,16 @@ func (a *Admission) overloaded(inFlight int) bool {
 // refused for overload: every slot taken, or the pipeline slow (overloaded).
 func (a *Admission) shedding() bool {
 	n := len(a.is.slots)
-	return n >= cap(a.is.slots) || a.overloaded(n)
+	if n >= cap(a.is.slots) {
+		return true
+	}
+	// The calls open past this tap (this one included) count too: under
+	// load many are admitted here and still wait for a goroutine or their
+	// request before they take a slot.
+	if a.cfg.MaxStreams > 0 {
+		n = max(n, int(a.streams.Load())-1)
+	}
+	return a.overloaded(n)
 }
 
 // refuseOverload counts a request shed for overload (MaxInFlight or

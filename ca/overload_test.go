@@ -3,6 +3,7 @@ package ca_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -41,7 +42,7 @@ func TestIssueOverloadLatency(t *testing.T) {
 		wrapSigner: func(s signer.Signer) signer.Signer { gate.Signer = s; return gate },
 		config: func(c *ca.Config) {
 			c.MaxInFlight, c.Metrics = 512, ca.NewMetrics(reg)
-			c.Limits.TargetLatency = 100 * time.Millisecond
+			c.Limits.TargetLatency, c.Limits.MaxStreams = 100*time.Millisecond, 1000
 		},
 	})
 	ctx := peerCtx(h.workloadCert(t, appID))
@@ -114,6 +115,25 @@ func TestIssueOverloadLatency(t *testing.T) {
 		}
 	}
 
+	// The tap counts the calls it let through that have not reached the
+	// pipeline yet (MaxStreams keeps that count): with the last second's
+	// 20 completions, 16 such calls are as many as 16 in flight.
+	waitCallsClosed(t, reg)
+	var opened []context.CancelFunc
+	for i := range 16 {
+		_, cancel, err := tapMethod(h.issuer.Admission(), fmt.Sprintf("10.0.1.%d:1", i), createCert)
+		if err != nil {
+			t.Fatalf("tap call %d of 16 with the pipeline empty: %v, want admitted", i, err)
+		}
+		opened = append(opened, cancel)
+	}
+	if _, _, err := tapMethod(h.issuer.Admission(), "10.0.1.99:1", createCert); status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("tap call with 16 opened before it: %v, want ResourceExhausted", err)
+	}
+	for _, cancel := range opened {
+		cancel()
+	}
+
 	issued := 0
 	for _, r := range h.records(t) {
 		switch {
@@ -131,10 +151,23 @@ func TestIssueOverloadLatency(t *testing.T) {
 	for _, s := range summaries(t, h, ca.ReasonOverload) {
 		refused += refusedIn(t, s)
 	}
-	if refused != 3 {
-		t.Errorf("overload summaries count %d calls, want 3 (pipeline, tap, stall)", refused)
+	if refused != 4 {
+		t.Errorf("overload summaries count %d calls, want 4 (pipeline, tap, stall, opened calls)", refused)
 	}
-	if got := gather(t, reg)["castellan_admission_refusals_total,reason="+ca.ReasonOverload]; got != 3 {
-		t.Errorf("admission refusals (overload) = %v, want 3", got)
+	if got := gather(t, reg)["castellan_admission_refusals_total,reason="+ca.ReasonOverload]; got != 4 {
+		t.Errorf("admission refusals (overload) = %v, want 4", got)
+	}
+}
+
+// waitCallsClosed waits until the tap's count of open calls is back to 0:
+// a call's end is counted by context.AfterFunc, on its own goroutine.
+func waitCallsClosed(t *testing.T, reg *prometheus.Registry) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for gather(t, reg)["castellan_grpc_calls_open"] != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("calls still counted open 10s after they ended: %v", gather(t, reg)["castellan_grpc_calls_open"])
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }

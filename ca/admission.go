@@ -200,11 +200,11 @@ func (a *Admission) shedding() bool {
 	if n >= cap(a.is.slots) {
 		return true
 	}
-	// The calls open past this tap (this one included) count too: under
-	// load many are admitted here and still wait for a goroutine or their
-	// request before they take a slot.
+	// The calls open past this tap count too: under load many were let
+	// through and still wait for a goroutine or their request before they
+	// take a slot.
 	if a.cfg.MaxStreams > 0 {
-		n = max(n, int(a.streams.Load())-1)
+		n = max(n, int(a.streams.Load()))
 	}
 	return a.overloaded(n)
 }
@@ -221,9 +221,11 @@ func newAdmission(cfg AdmissionConfig, is *Issuer) *Admission {
 	if cfg.SummaryInterval <= 0 {
 		cfg.SummaryInterval = DefaultSummaryInterval
 	}
-	return &Admission{cfg: cfg, is: is,
+	a := &Admission{cfg: cfg, is: is,
 		callers: newBuckets(cfg.CallerRate, cfg.CallerBurst, cfg.MaxKeys),
 		peers:   newBuckets(cfg.PeerRate, cfg.PeerBurst, cfg.MaxKeys)}
+	a.calm.Store(is.cfg.Now().UnixNano()) // a new server is calm, not stalled
+	return a
 }
 
 // healthMethodPrefix starts the method names of the gRPC health service.
@@ -245,6 +247,14 @@ func (a *Admission) Tap(ctx context.Context, info *tap.Info) (context.Context, e
 		a.refuse(ReasonRatePeer, key, refusal{peer: addr}, now)
 		return nil, Status(Refuse(ErrRateLimited, ReasonRatePeer, errors.New("peer address rate limit"))).Err()
 	}
+	// An overloaded pipeline sheds certificate requests here, before the
+	// request is read or a handler runs: a refusal must cost far less than
+	// the work it spares (run checks again for the calls that pass).
+	if info.FullMethodName == authpb.IstioCertificateService_CreateCertificate_FullMethodName && a.shedding() {
+		a.is.cfg.Metrics.overloadRefused.Inc()
+		a.refuseOverload(peerAddr(ctx))
+		return nil, Status(Refuse(ErrOverloaded, ReasonOverload, errors.New("overloaded"))).Err()
+	}
 	// Health calls (grpc.health.v1) skip the stream bound: a health Check is
 	// answered from memory, and Watch streams, which stay open, must not
 	// crowd out certificate requests (cmd/castellan bounds them itself).
@@ -260,14 +270,6 @@ func (a *Admission) Tap(ctx context.Context, info *tap.Info) (context.Context, e
 			a.streams.Add(-1)
 			a.is.cfg.Metrics.streamsOpen.Dec()
 		})
-	}
-	// An overloaded pipeline sheds certificate requests here, before the
-	// request is read or a handler runs: a refusal must cost far less than
-	// the work it spares (run checks again for the calls that pass).
-	if info.FullMethodName == authpb.IstioCertificateService_CreateCertificate_FullMethodName && a.shedding() {
-		a.is.cfg.Metrics.overloadRefused.Inc()
-		a.refuseOverload(peerAddr(ctx))
-		return nil, Status(Refuse(ErrOverloaded, ReasonOverload, errors.New("overloaded"))).Err()
 	}
 	if a.cfg.ReadTimeout <= 0 {
 		return ctx, nil

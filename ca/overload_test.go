@@ -4,12 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/tap"
 
 	"github.com/castellan-ca/castellan/ca"
 	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
@@ -127,12 +130,16 @@ func TestIssueOverloadLatency(t *testing.T) {
 		}
 		opened = append(opened, cancel)
 	}
-	if _, _, err := tapMethod(h.issuer.Admission(), "10.0.1.99:1", createCert); status.Code(err) != codes.ResourceExhausted {
+	// gRPC never ends the context of a call its tap refused: the refusal
+	// must not count it open.
+	never := peer.NewContext(context.Background(), &peer.Peer{Addr: &net.TCPAddr{IP: net.IPv4(10, 0, 1, 99), Port: 1}})
+	if _, err := h.issuer.Admission().Tap(never, &tap.Info{FullMethodName: createCert}); status.Code(err) != codes.ResourceExhausted {
 		t.Errorf("tap call with 16 opened before it: %v, want ResourceExhausted", err)
 	}
 	for _, cancel := range opened {
 		cancel()
 	}
+	waitCallsClosed(t, reg) // and the refused one was never counted open
 
 	issued := 0
 	for _, r := range h.records(t) {

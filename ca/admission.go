@@ -115,16 +115,16 @@ type Admission struct {
 	calm atomic.Int64
 }
 
-// Latency shedding. The drain rate is what completed over the last second
-// (rateSlots of rateSlot each), so the estimate follows a change of load
-// within a second and costs one short lock per request. With fewer than
-// minShedInFlight completions in that second the rate is unknown (an idle
-// server hit by a restart storm, or a stalled one): then requests are shed
-// only once minShedInFlight or more have been in flight for a whole second
-// without that many completing (a stall: an audit store that stopped
-// committing), so that a burst on an idle server is admitted up to
-// MaxInFlight. Below minShedInFlight requests in flight nothing is shed by
-// latency.
+// Latency shedding. It starts once minShedInFlight or more requests have
+// been in flight for a whole second: a burst on a calm server (a restart
+// storm) is admitted up to MaxInFlight, since its clients wait for it and
+// every refusal costs a retry. From then on the drain rate is what
+// completed over the last second (rateSlots of rateSlot each), so the
+// estimate follows a change of load within a second and costs one short
+// lock per request; fewer than minShedInFlight completions in that second
+// while so many are in flight is a stall (an audit store that stopped
+// committing), and sheds too. Below minShedInFlight requests in flight
+// nothing is shed by latency.
 const (
 	rateSlot        = 100 * time.Millisecond
 	rateSlots       = 10
@@ -186,9 +186,12 @@ func (a *Admission) overloaded(inFlight int) bool {
 		a.calm.Store(now.UnixNano())
 		return false
 	}
+	if now.UnixNano()-a.calm.Load() <= int64(rateSlots*rateSlot) {
+		return false // a burst on a calm server (a restart storm): up to MaxInFlight for a second
+	}
 	rate := a.done.lastSecond(now) // per rateSlots×rateSlot = 1 s
 	if rate < minShedInFlight {
-		return now.UnixNano()-a.calm.Load() > int64(rateSlots*rateSlot) // stalled for a second
+		return true // busy for a second and (almost) nothing completing: a stall
 	}
 	return time.Duration(float64(inFlight)/float64(rate)*float64(time.Second)) > a.cfg.TargetLatency
 }

@@ -33,10 +33,10 @@ func (g *gateSigner) Sign(ctx context.Context, req signer.SignRequest) (*signer.
 	return g.Signer.Sign(ctx, req)
 }
 
-// TestIssueOverloadLatency: with TargetLatency, requests are shed while
-// the ones in flight (16 or more) would take longer than it to drain at the
-// last second's completion rate, or have been stuck for a second with
-// nothing completing; a burst on a quiet server is admitted whole.
+// TestIssueOverloadLatency: with TargetLatency, once 16 or more requests
+// have been in flight for a second, new ones are shed while those would
+// take longer than it to drain at the last second's completion rate, or
+// nothing completes (a stall); a burst on a quiet server is admitted whole.
 func TestIssueOverloadLatency(t *testing.T) {
 	const burst = 32
 	gate := &gateSigner{entered: make(chan struct{}, burst), pass: make(chan struct{})}
@@ -60,8 +60,9 @@ func TestIssueOverloadLatency(t *testing.T) {
 	for range burst {
 		<-gate.entered
 	}
-	// 16 complete within the second: 16 in flight drain in 1 s, above 100 ms.
-	h.clock.Advance(time.Second)
+	// Busy for 2 s; 16 complete within the last second: 16 in flight
+	// drain in 1 s, above 100 ms.
+	h.clock.Advance(2 * time.Second)
 	for range burst / 2 {
 		gate.pass <- struct{}{}
 		if err := <-results; err != nil {
@@ -119,8 +120,8 @@ func TestIssueOverloadLatency(t *testing.T) {
 	}
 
 	// The tap counts the calls it let through that have not reached the
-	// pipeline yet (MaxStreams keeps that count): with the last second's
-	// 20 completions, 16 such calls are as many as 16 in flight.
+	// pipeline yet (MaxStreams keeps that count): 16 such calls open for
+	// over a second, none completing, are a stall like 16 in flight.
 	waitCallsClosed(t, reg)
 	var opened []context.CancelFunc
 	for i := range 16 {
@@ -130,6 +131,7 @@ func TestIssueOverloadLatency(t *testing.T) {
 		}
 		opened = append(opened, cancel)
 	}
+	h.clock.Advance(1500 * time.Millisecond)
 	// gRPC never ends the context of a call its tap refused: the refusal
 	// must not count it open.
 	never := peer.NewContext(context.Background(), &peer.Peer{Addr: &net.TCPAddr{IP: net.IPv4(10, 0, 1, 99), Port: 1}})

@@ -116,9 +116,11 @@ type Admission struct {
 }
 
 // Latency shedding. It starts once minShedInFlight or more requests have
-// been in flight for a whole second: a burst on a calm server (a restart
-// storm) is admitted up to MaxInFlight, since its clients wait for it and
-// every refusal costs a retry. From then on the drain rate is what
+// been in flight for burstGrace: a burst on a calm server (a restart storm,
+// whose requests all arrive within milliseconds) is admitted up to
+// MaxInFlight, since its clients wait for it and every refusal costs a
+// retry, while a sustained overload is held to TargetLatency after at most
+// burstGrace of arrivals. From then on the drain rate is what
 // completed over the last second (rateSlots of rateSlot each), so the
 // estimate follows a change of load within a second and costs one short
 // lock per request; fewer than minShedInFlight completions in that second
@@ -126,6 +128,7 @@ type Admission struct {
 // committing), and sheds too. Below minShedInFlight requests in flight
 // nothing is shed by latency.
 const (
+	burstGrace      = 250 * time.Millisecond
 	rateSlot        = 100 * time.Millisecond
 	rateSlots       = 10
 	minShedInFlight = 16
@@ -168,30 +171,43 @@ func (a *Admission) completed() {
 	if a.cfg.TargetLatency > 0 {
 		now := a.is.cfg.Now()
 		a.done.add(now)
-		if len(a.is.slots) < minShedInFlight {
+		if a.inFlight() < minShedInFlight {
 			a.calm.Store(now.UnixNano())
 		}
 	}
 }
 
-// overloaded reports whether a request that finds inFlight requests in the
-// pipeline (itself not counted) must be shed by latency: draining them at
-// the last second's rate would take longer than TargetLatency.
-func (a *Admission) overloaded(inFlight int) bool {
+// inFlight is how many certificate requests the server holds: those in the
+// pipeline, or, when the tap counts them (MaxStreams), the calls open past
+// it, which under load include many still waiting for a goroutine or their
+// request before they take a slot.
+func (a *Admission) inFlight() int {
+	n := len(a.is.slots)
+	if a.cfg.MaxStreams > 0 {
+		n = max(n, int(a.streams.Load()))
+	}
+	return n
+}
+
+// overloaded reports whether a new request must be shed by latency: the
+// requests in flight would take longer than TargetLatency to drain at the
+// last second's rate.
+func (a *Admission) overloaded() bool {
 	if a.cfg.TargetLatency <= 0 {
 		return false
 	}
 	now := a.is.cfg.Now()
+	inFlight := a.inFlight()
 	if inFlight < minShedInFlight {
 		a.calm.Store(now.UnixNano())
 		return false
 	}
-	if now.UnixNano()-a.calm.Load() <= int64(rateSlots*rateSlot) {
-		return false // a burst on a calm server (a restart storm): up to MaxInFlight for a second
+	if now.UnixNano()-a.calm.Load() <= int64(burstGrace) {
+		return false // a burst on a calm server (a restart storm): up to MaxInFlight
 	}
 	rate := a.done.lastSecond(now) // per rateSlots×rateSlot = 1 s
 	if rate < minShedInFlight {
-		return true // busy for a second and (almost) nothing completing: a stall
+		return true // busy and (almost) nothing completing: a stall
 	}
 	return time.Duration(float64(inFlight)/float64(rate)*float64(time.Second)) > a.cfg.TargetLatency
 }
@@ -199,17 +215,7 @@ func (a *Admission) overloaded(inFlight int) bool {
 // shedding reports whether a certificate request arriving now must be
 // refused for overload: every slot taken, or the pipeline slow (overloaded).
 func (a *Admission) shedding() bool {
-	n := len(a.is.slots)
-	if n >= cap(a.is.slots) {
-		return true
-	}
-	// The calls open past this tap count too: under load many were let
-	// through and still wait for a goroutine or their request before they
-	// take a slot.
-	if a.cfg.MaxStreams > 0 {
-		n = max(n, int(a.streams.Load()))
-	}
-	return a.overloaded(n)
+	return len(a.is.slots) >= cap(a.is.slots) || a.overloaded()
 }
 
 // refuseOverload counts a request shed for overload (MaxInFlight or

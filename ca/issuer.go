@@ -210,7 +210,7 @@ func (is *Issuer) run(ctx context.Context, rec *storage.Record, work func(contex
 	m.csrCount.Inc()
 	var out *Issued
 	var err error
-	shed := is.adm.overloaded(len(is.slots))
+	shed := is.adm.overloaded()
 	if !shed {
 		select {
 		case is.slots <- struct{}{}:

@@ -34,7 +34,7 @@ func (g *gateSigner) Sign(ctx context.Context, req signer.SignRequest) (*signer.
 }
 
 // TestIssueOverloadLatency: with TargetLatency, once 16 or more requests
-// have been in flight for a second, new ones are shed while those would
+// have been in flight for 250 ms, new ones are shed while those would
 // take longer than it to drain at the last second's completion rate, or
 // nothing completes (a stall); a burst on a quiet server is admitted whole.
 func TestIssueOverloadLatency(t *testing.T) {

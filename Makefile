@@ -376,5 +376,59 @@ loadgen-storm: loadgen-bin kube
 loadgen-overload: loadgen-bin
 	$(BIN)/loadgen -mode overload -castellan-bin $(BIN)/castellan $(OVERLOAD_ARGS)
 
+## profile: CPU and allocation profiles of the real binary (embedded audit, --debug-pprof)
+## under the load generator (32 clients), into $(PROFILE_DIR)/, then profile-top.
+## PROFILE_BIN profiles another build (e.g. the previous commit's, for a same-run comparison).
+## Not part of `make test`. Breakdown and method: BENCHMARKS.md, "Hot path profile".
+PROFILE_DIR        ?= profile
+PROFILE_BIN        ?= $(BIN)/castellan
+PROFILE_SECONDS    ?= 20
+PROFILE_CLIENTS    ?= 32
+PROFILE_LISTEN     ?= 127.0.0.1:18012
+PROFILE_MONITORING ?= 127.0.0.1:18014
+PROFILE_ARGS       ?=
+.PHONY: profile profile-top
+profile: build
+	cd e2e && $(GO) build -o $(BIN)/loadgen ./loadgen
+	mkdir -p $(PROFILE_DIR)
+	cp $(PROFILE_BIN) $(PROFILE_DIR)/castellan.bin
+	data=$$(mktemp -d); mon=http://$(PROFILE_MONITORING); \
+	$(PROFILE_DIR)/castellan.bin serve --data-dir "$$data" --listen $(PROFILE_LISTEN) --monitoring-listen $(PROFILE_MONITORING) \
+	  --log-level warn --caller-rate-limit 0 --debug-pprof $(PROFILE_ARGS) > $(PROFILE_DIR)/castellan.log 2>&1 & srv=$$!; \
+	trap 'kill $$srv 2>/dev/null; wait $$srv 2>/dev/null; rm -rf "$$data"' EXIT; \
+	for i in $$(seq 100); do curl -fsS -o /dev/null $$mon/readyz 2>/dev/null && break; sleep 0.2; done; \
+	curl -fsS -o /dev/null $$mon/readyz || { cat $(PROFILE_DIR)/castellan.log >&2; exit 1; }; \
+	$(BIN)/loadgen -mode castellan -data-dir "$$data" -pid $$srv -clients $(PROFILE_CLIENTS) \
+	  -duration $$(( $(PROFILE_SECONDS) + 6 ))s -report 0 > $(PROFILE_DIR)/loadgen.txt 2>&1 & lg=$$!; \
+	sleep 5; echo "load average at start: $$(cut -d' ' -f1-3 /proc/loadavg)" | tee $(PROFILE_DIR)/loadavg.txt; \
+	curl -fsS -o $(PROFILE_DIR)/allocs.pprof "$$mon/debug/pprof/allocs?seconds=$(PROFILE_SECONDS)" & al=$$!; \
+	curl -fsS -o $(PROFILE_DIR)/cpu.pprof "$$mon/debug/pprof/profile?seconds=$(PROFILE_SECONDS)"; wait $$al; \
+	echo "load average at end: $$(cut -d' ' -f1-3 /proc/loadavg)" | tee -a $(PROFILE_DIR)/loadavg.txt; \
+	wait $$lg || { cat $(PROFILE_DIR)/loadgen.txt >&2; exit 1; }; cat $(PROFILE_DIR)/loadgen.txt
+	$(MAKE) --no-print-directory profile-top PROFILE_DIR=$(PROFILE_DIR)
+
+## profile-top: the `go tool pprof -top` summaries and the category breakdown of $(PROFILE_DIR)/
+profile-top:
+	$(GO) tool pprof -top -nodecount 40 $(PROFILE_DIR)/castellan.bin $(PROFILE_DIR)/cpu.pprof | tee $(PROFILE_DIR)/cpu-top.txt
+	$(GO) tool pprof -top -cum -nodecount 80 $(PROFILE_DIR)/castellan.bin $(PROFILE_DIR)/cpu.pprof > $(PROFILE_DIR)/cpu-top-cum.txt
+	$(GO) tool pprof -top -sample_index alloc_space -nodecount 25 $(PROFILE_DIR)/castellan.bin $(PROFILE_DIR)/allocs.pprof | tee $(PROFILE_DIR)/allocs-top.txt
+	@echo "breakdown (share of the server's CPU samples whose stack holds the function; categories overlap):" | tee $(PROFILE_DIR)/breakdown.txt
+	@while IFS=';' read -r name focus ignore; do \
+	  share=$$($(GO) tool pprof -top -nodefraction 0 -nodecount 1000000 -focus "$$focus" $${ignore:+-ignore "$$ignore"} \
+	    $(PROFILE_DIR)/castellan.bin $(PROFILE_DIR)/cpu.pprof 2>/dev/null | sed -n 's/^Showing nodes accounting for \([^,]*\), \([0-9.]*%\) of.*/\2 (\1)/p'); \
+	  printf '  %-62s %s\n' "$$name" "$${share:-0%}"; \
+	done < <(printf '%s\n' \
+	  'ECDSA verification (all);ecdsa\.VerifyASN1;' \
+	  '  of which the CSR signature check;CertificateRequest\)\.CheckSignature;' \
+	  '  of which x509.CreateCertificate re-checking its signature;x509\.checkSignature;CertificateRequest\)\.CheckSignature' \
+	  'leaf signing (ECDSA sign);ecdsa\.SignASN1;' \
+	  'leaf path in the signer (encode, sign, parse);local\.\(\*Signer\)\.Sign$$;' \
+	  'audit commit path (embedded SQLite writeBatch);embedded\.\(\*Store\)\.writeBatch;' \
+	  'syscalls (socket I/O, fsync);Syscall6;' \
+	  'encoding/asn1;encoding/asn1\.;' \
+	  'allocation and GC;runtime\.(mallocgc|gcBgMarkWorker)$$;' \
+	  'gRPC, HTTP/2, TLS outside the handler;(grpc|x/net/http2|crypto/tls)\.;ca\.\(\*Server\)\.CreateCertificate') \
+	  | tee -a $(PROFILE_DIR)/breakdown.txt
+
 clean:
 	rm -rf $(BIN)

@@ -107,6 +107,7 @@ func TestKubernetesBackendConformance(t *testing.T) {
 			}
 		},
 		ServerSerial: true,
+		Remote:       true,
 		// The cluster CA backdates NotBefore by its clock-skew allowance and
 		// counts expirationSeconds from when it signs.
 		NotBeforeSlack: clockSkew + time.Minute,

@@ -11,6 +11,7 @@ import (
 	"crypto"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -66,11 +67,13 @@ type Chain struct {
 	Leaf *x509.Certificate
 	// Intermediates runs from the leaf's issuer upwards and excludes the root.
 	Intermediates []*x509.Certificate
-	// SignatureChecked is set by a backend that already verified Leaf's
-	// signature with its issuing CA's public key (crypto/x509 does when it
-	// signs in process). The result check then skips repeating that one
-	// signature verification once the issuer's path is known; every other
-	// check still runs. Remote backends leave it false.
+	// SignatureChecked is set by a backend whose Leaf's signature is known
+	// to verify with its issuing CA's public key: verified after signing
+	// (crypto/x509 does for a key in an HSM or KMS), or made in process by a
+	// standard-library key matched to that CA (signer/local). The result
+	// check then skips repeating that one signature verification once the
+	// issuer's path is known; every other check still runs. Remote backends
+	// leave it false.
 	SignatureChecked bool
 	// BackendRef is the backend's own name for the issued certificate (an
 	// AWS Private CA certificate ARN), recorded in the audit record so an
@@ -111,14 +114,39 @@ func (c *Chain) Issuer() *x509.Certificate {
 	return nil
 }
 
-// EncodePEM returns one PEM CERTIFICATE block per certificate, concatenated.
+// EncodePEM returns one PEM CERTIFICATE block per certificate, concatenated:
+// what pem.EncodeToMemory writes, in one allocation (every response carries
+// the leaf in PEM, so this is on the hot path).
 func EncodePEM(certs ...*x509.Certificate) string {
-	var b strings.Builder
+	n := 0
 	for _, c := range certs {
-		b.Write(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}))
+		body := base64.StdEncoding.EncodedLen(len(c.Raw))
+		n += len(pemBegin) + body + (body+pemLineLen-1)/pemLineLen + len(pemEnd)
+	}
+	var b strings.Builder
+	b.Grow(n)
+	var line [pemLineLen]byte
+	for _, c := range certs {
+		b.WriteString(pemBegin)
+		for der := c.Raw; len(der) > 0; {
+			chunk := der[:min(len(der), pemLineLen/4*3)]
+			der = der[len(chunk):]
+			enc := line[:base64.StdEncoding.EncodedLen(len(chunk))]
+			base64.StdEncoding.Encode(enc, chunk)
+			b.Write(enc)
+			b.WriteByte('\n')
+		}
+		b.WriteString(pemEnd)
 	}
 	return b.String()
 }
+
+// The PEM framing of a certificate, as encoding/pem writes it.
+const (
+	pemBegin   = "-----BEGIN CERTIFICATE-----\n"
+	pemEnd     = "-----END CERTIFICATE-----\n"
+	pemLineLen = 64
+)
 
 // ParseCertificatesPEM parses every CERTIFICATE block in data and refuses any
 // other block type or trailing garbage, so a bundle file means exactly what it shows.

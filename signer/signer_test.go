@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"math/big"
 	"strings"
 	"testing"
@@ -107,5 +108,37 @@ func TestCheckChainOrder(t *testing.T) {
 				t.Errorf("CheckChainOrder = %v, want ok=%v", err, tc.ok)
 			}
 		})
+	}
+}
+
+// EncodePEM writes exactly what encoding/pem writes, for every length
+// around the 48-byte line boundary and for real certificates, one or several.
+func TestEncodePEMMatchesEncodingPEM(t *testing.T) {
+	reference := func(certs ...*x509.Certificate) string {
+		var b strings.Builder
+		for _, c := range certs {
+			b.Write(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}))
+		}
+		return b.String()
+	}
+	root := signertest.NewRoot(t, "PEM Root", signertest.CertOptions{})
+	inter := root.NewIntermediate(t, "PEM Inter", signertest.CertOptions{})
+	cases := map[string][]*x509.Certificate{
+		"none":                  nil,
+		"root":                  {root.Cert},
+		"intermediate and root": {inter.Cert, root.Cert},
+	}
+	for n := range 200 {
+		raw := make([]byte, n)
+		if _, err := rand.Read(raw); err != nil {
+			t.Fatal(err)
+		}
+		cases[fmt.Sprintf("%d bytes", n)] = []*x509.Certificate{{Raw: raw}}
+		cases[fmt.Sprintf("%d bytes twice", n)] = []*x509.Certificate{{Raw: raw}, {Raw: raw[:n/2]}}
+	}
+	for name, certs := range cases {
+		if got, want := signer.EncodePEM(certs...), reference(certs...); got != want {
+			t.Errorf("%s: EncodePEM\n%q\nwant\n%q", name, got, want)
+		}
 	}
 }

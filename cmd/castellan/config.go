@@ -45,6 +45,8 @@ type Config struct {
 	OperatorCertTTL  time.Duration `yaml:"operatorCertTTL"`
 	LogLevel         string        `yaml:"logLevel"`
 	LogFormat        string        `yaml:"logFormat"`
+	// DebugPprof serves net/http/pprof on the monitoring listener (off by default).
+	DebugPprof bool `yaml:"debugPprof"`
 	// OIDC lists the token issuers accepted besides Kubernetes; file only (no flags).
 	OIDC authn.OIDCConfig `yaml:"oidc"`
 	// KubeConfig holds the Kubernetes keys (kube.go), at the top level of the file.
@@ -140,6 +142,7 @@ func bindFlags(fs *flag.FlagSet, c *Config) {
 	fs.DurationVar(&c.OperatorCertTTL, "operator-cert-ttl", c.OperatorCertTTL, "lifetime of the castellanctl operator credential")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug | info | warn | error")
 	fs.StringVar(&c.LogFormat, "log-format", c.LogFormat, "text | json")
+	fs.BoolVar(&c.DebugPprof, "debug-pprof", c.DebugPprof, "serve Go's /debug/pprof/ profiles on the monitoring listener (keep it off where that listener is reachable by others)")
 	bindKubeFlags(fs, &c.KubeConfig)
 	bindAuditFlags(fs, &c.AuditConfig)
 	bindRotationFlags(fs, &c.RotationConfig)

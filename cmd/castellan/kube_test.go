@@ -147,7 +147,7 @@ func TestReadyzWarnings(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			rec := httptest.NewRecorder()
-			monitoringHandler(prometheus.NewRegistry(), tc.checks).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/readyz", nil))
+			monitoringHandler(prometheus.NewRegistry(), tc.checks, false).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/readyz", nil))
 			if rec.Code != tc.wantCode || rec.Body.String() != tc.wantBody {
 				t.Errorf("/readyz = %d %q, want %d %q", rec.Code, rec.Body.String(), tc.wantCode, tc.wantBody)
 			}

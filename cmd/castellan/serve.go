@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	httppprof "net/http/pprof"
 	"os"
 	"path/filepath"
 	"strings"
@@ -394,7 +395,7 @@ func (s *server) startMonitoring(ctx context.Context) error {
 	limits := s.cfg.http()
 	lis := limits.Listen(raw)
 	registerListener(s.registry, "monitoring", lis)
-	srv := limits.Server(monitoringHandler(s.registry, ready))
+	srv := limits.Server(monitoringHandler(s.registry, ready, s.cfg.DebugPprof))
 	c := s.lc.start("monitoring")
 	c.Go(func(context.Context) error {
 		if err := srv.Serve(lis); !errors.Is(err, http.ErrServerClosed) {
@@ -439,9 +440,19 @@ type readyCheck struct {
 }
 
 // monitoringHandler serves /metrics, /healthz (process alive) and /readyz
-// (every check passes; failing warnOnly checks are listed as warnings).
-func monitoringHandler(reg *prometheus.Registry, ready []readyCheck) http.Handler {
+// (every check passes; failing warnOnly checks are listed as warnings), and
+// with pprof Go's profiles under /debug/pprof/ (`make profile`). The pprof
+// handlers are registered on this mux only when asked for: importing
+// net/http/pprof adds them to http.DefaultServeMux, which nothing serves.
+func monitoringHandler(reg *prometheus.Registry, ready []readyCheck, pprof bool) http.Handler {
 	mux := http.NewServeMux()
+	if pprof {
+		mux.HandleFunc("/debug/pprof/", httppprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", httppprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", httppprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", httppprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", httppprof.Trace)
+	}
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = io.WriteString(w, "ok\n") // fails only when the prober hung up: no one left to tell

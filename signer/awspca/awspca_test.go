@@ -78,6 +78,7 @@ func TestConformance(t *testing.T) {
 					return func() { fake.Restart(t) }
 				},
 				ServerSerial:    true,
+				Remote:          true,
 				UnsupportedKeys: []string{"ed25519"},
 			})
 		})

@@ -59,6 +59,7 @@ func TestConformance(t *testing.T) {
 			return func() { fake.Restart(t) }
 		},
 		ServerSerial: true,
+		Remote:       true,
 	})
 }
 

@@ -124,6 +124,9 @@ func TestSignChainAndClamp(t *testing.T) {
 			if !chain.Leaf.NotAfter.Equal(tc.cfg.Cert.NotAfter) {
 				t.Errorf("NotAfter = %s, want clamped to %s", chain.Leaf.NotAfter, tc.cfg.Cert.NotAfter)
 			}
+			if want := now.Add(50 * 365 * 24 * time.Hour); !tmpl.NotAfter.Equal(want) {
+				t.Errorf("the caller's template changed: NotAfter %s, want %s", tmpl.NotAfter, want)
+			}
 			if !bytes.Equal(s.Certificate().Raw, tc.cfg.Cert.Raw) {
 				t.Error("Certificate() is not the issuing CA")
 			}

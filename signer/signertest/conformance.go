@@ -45,6 +45,10 @@ type Factory struct {
 	// which its server counts from when it signs (the Kubernetes CSR API's
 	// expirationSeconds); zero means exact.
 	NotAfterSlack time.Duration
+	// Remote marks a backend whose server signs (Vault, Google CAS, AWS
+	// Private CA): its chains must leave SignatureChecked false, so that the
+	// issuer's result check verifies every leaf's signature itself.
+	Remote bool
 	// UnsupportedKeys names the LeafKeys families the backend cannot certify
 	// (AWS Private CA has no Ed25519): Sign must refuse them with an error
 	// wrapping signer.ErrUnsupportedKey, which the issuer reports to the caller.
@@ -325,6 +329,9 @@ func checkProfile(t *testing.T, f Factory, chain *signer.Chain, bundle []*x509.C
 	}
 	if err := leaf.CheckSignatureFrom(issuer); err != nil {
 		t.Errorf("leaf signature does not verify with the issuer's key: %v", err)
+	}
+	if f.Remote && chain.SignatureChecked {
+		t.Error("a remote backend set SignatureChecked: the result check would not verify its leaves' signatures")
 	}
 }
 

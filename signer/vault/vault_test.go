@@ -79,6 +79,7 @@ func TestConformance(t *testing.T) {
 					return func() { srv.Restart(t) }
 				},
 				ServerSerial:   true,
+				Remote:         true,
 				NotBeforeSlack: time.Minute,
 			})
 			t.Run("ChainFromMount", func(t *testing.T) {

@@ -24,6 +24,26 @@ func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, er
 	if s.isClosed.Load() {
 		return nil, fmt.Errorf("embedded: list: %w", storage.ErrClosed)
 	}
+	query, args := listQuery(q)
+	rows, err := s.rdb.QueryContext(ctx, query, args...)
+	if err != nil {
+		return nil, fmt.Errorf("embedded: list: %w", err)
+	}
+	defer rows.Close()
+	out, err := storage.CollectRecords(rows, scanRecord)
+	if err != nil {
+		return nil, fmt.Errorf("embedded: list: %w", err)
+	}
+	return out, nil
+}
+
+// listQuery is List's statement for q and its arguments (plan_test.go
+// checks that each inventory filter is answered from its index). The
+// indexes on names, serial, fingerprint and issuer are partial (WHERE col !=
+// ”), and SQLite uses a partial index only when the query's WHERE repeats
+// its condition (a bound "col = ?" may be ”): every such filter says it,
+// which is true of any value searched here, since empty filters are left out.
+func listQuery(q storage.Query) (string, []any) {
 	q = q.Sanitized() // stored values are sanitised: search for what was stored
 	var (
 		where []string
@@ -34,13 +54,13 @@ func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, er
 		args = append(args, a...)
 	}
 	if q.Identity != "" {
-		add("(granted_identity = ? OR requested_identity = ?)", q.Identity, q.Identity)
+		add("((granted_identity = ? AND granted_identity != '') OR (requested_identity = ? AND requested_identity != ''))", q.Identity, q.Identity)
 	}
 	if q.Serial != "" {
-		add("serial = ?", q.Serial)
+		add("serial = ? AND serial != ''", q.Serial)
 	}
 	if q.CertSHA256 != "" {
-		add("cert_sha256 = ?", q.CertSHA256)
+		add("cert_sha256 = ? AND cert_sha256 != ''", q.CertSHA256)
 	}
 	if q.Outcome != "" {
 		add("outcome = ?", q.Outcome)
@@ -61,25 +81,15 @@ func (s *Store) List(ctx context.Context, q storage.Query) ([]storage.Record, er
 		add("writer = ?", q.Writer)
 	}
 	if q.IssuerKeyID != "" {
-		add("issuer_key_id = ?", q.IssuerKeyID)
+		add("issuer_key_id = ? AND issuer_key_id != ''", q.IssuerKeyID)
 	}
 	query := "SELECT " + columns + " FROM audit_log"
 	if len(where) > 0 {
-		query += " WHERE " + strings.Join(where, " AND ") //nolint:gosec // G202: where holds only the fixed conditions above; every value is a bound ? parameter
+		query += " WHERE " + strings.Join(where, " AND ") // only the fixed conditions above; every value is a bound ? parameter
 	}
 	query += " ORDER BY writer, seq LIMIT ?"
 	args = append(args, q.EffectiveLimit())
-
-	rows, err := s.rdb.QueryContext(ctx, query, args...)
-	if err != nil {
-		return nil, fmt.Errorf("embedded: list: %w", err)
-	}
-	defer rows.Close()
-	out, err := storage.CollectRecords(rows, scanRecord)
-	if err != nil {
-		return nil, fmt.Errorf("embedded: list: %w", err)
-	}
-	return out, nil
+	return query, args
 }
 
 // Get returns the record at (writer, seq), or an error wrapping

@@ -84,6 +84,12 @@ func TestInventoryQueriesUseIndexes(t *testing.T) {
 			if strings.Contains(plan, "Seq Scan") || !containsAny(plan, tc.indexes) {
 				t.Fatalf("plan for %+v does not use %v:\n%s", tc.q, tc.indexes, plan)
 			}
+			// A statement the server has prepared may run on a generic
+			// plan, blind to the values: it must use the indexes too.
+			generic := explainGeneric(t, conn, sql, args...)
+			if strings.Contains(generic, "Seq Scan") || !containsAny(generic, tc.indexes) {
+				t.Fatalf("generic plan for %+v does not use %v:\n%s", tc.q, tc.indexes, generic)
+			}
 			if _, err := s.List(t.Context(), tc.q); err != nil {
 				t.Fatal(err)
 			}
@@ -110,6 +116,42 @@ func explain(t *testing.T, conn *pgx.Conn, sql string, args ...any) string {
 		t.Fatal(err)
 	}
 	return strings.Join(lines, "\n")
+}
+
+// explainGeneric is the plan of sql prepared on the server and forced to
+// a generic plan (plan_cache_mode = force_generic_plan).
+func explainGeneric(t *testing.T, conn *pgx.Conn, sql string, args ...any) string {
+	t.Helper()
+	ctx := t.Context()
+	if _, err := conn.Exec(ctx, "SET plan_cache_mode = force_generic_plan"); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if _, err := conn.Exec(ctx, "RESET plan_cache_mode"); err != nil {
+			t.Error(err)
+		}
+	}()
+	if _, err := conn.Exec(ctx, "PREPARE inventory AS "+sql); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if _, err := conn.Exec(ctx, "DEALLOCATE inventory"); err != nil {
+			t.Error(err)
+		}
+	}()
+	// EXPLAIN takes no parameters: the values go in as literals.
+	params := make([]string, len(args))
+	for i, a := range args {
+		switch v := a.(type) {
+		case string:
+			params[i] = "'" + strings.ReplaceAll(v, "'", "''") + "'"
+		case int, int64:
+			params[i] = fmt.Sprint(v)
+		default:
+			t.Fatalf("argument %d: %T has no literal here", i+1, a)
+		}
+	}
+	return explain(t, conn, "EXECUTE inventory("+strings.Join(params, ", ")+")")
 }
 
 func containsAny(s string, subs []string) bool {

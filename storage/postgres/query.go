@@ -33,13 +33,24 @@ func listSQL(q storage.Query) (string, []any) {
 		args = append(args, v)
 		return "$" + strconv.Itoa(len(args))
 	}
+	// The indexes of names, serial, fingerprint and issuer are partial
+	// (col <> ''): a filter on them repeats that condition, so that a
+	// generic plan, which cannot see that the parameter is not '', may use
+	// them too. It holds for every value searched: empty filters are left out.
 	if q.Identity != "" {
 		p := arg(q.Identity)
-		where = append(where, "(granted_identity = "+p+" OR requested_identity = "+p+")")
+		where = append(where, "((granted_identity = "+p+" AND granted_identity <> '') OR (requested_identity = "+p+" AND requested_identity <> ''))")
 	}
-	for _, f := range []struct{ col, v string }{{"serial", q.Serial}, {"cert_sha256", q.CertSHA256},
-		{"outcome", q.Outcome}, {"writer", q.Writer}, {"issuer_key_id", q.IssuerKeyID}} {
-		if f.v != "" {
+	for _, f := range []struct {
+		col, v  string
+		partial bool
+	}{{"serial", q.Serial, true}, {"cert_sha256", q.CertSHA256, true},
+		{"outcome", q.Outcome, false}, {"writer", q.Writer, false}, {"issuer_key_id", q.IssuerKeyID, true}} {
+		switch {
+		case f.v == "":
+		case f.partial:
+			where = append(where, "("+f.col+" = "+arg(f.v)+" AND "+f.col+" <> '')")
+		default:
 			where = append(where, f.col+" = "+arg(f.v))
 		}
 	}

@@ -379,14 +379,23 @@ e2e: build $(TEST_DEPS)
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./ca/ ./storage/... ./signer/cakey/
 
-## loadgen: 32 mTLS clients against the real binary (embedded audit), then Istio's own CA
-## with the same client; not part of `make test`. Numbers and method: BENCHMARKS.md.
+## loadgen: 32 mTLS clients against Castellan with the embedded store, Castellan with the
+## PostgreSQL store (a throwaway server, fsync on, its CPU counted) and Istio's own CA, back to
+## back with the same client, one table; not part of `make test`. Numbers and method: BENCHMARKS.md.
+## loadgen-storm: a node-restart storm through the e2e kube-apiserver; loadgen-overload: 4x the
+## sustainable rate, then recovery.
 LOADGEN_ARGS ?= -clients 32 -duration 30s
-.PHONY: loadgen
-loadgen: build
+STORM_ARGS ?= -storm-pods 1000 -storm-nodes 10 -storm-rounds 2
+OVERLOAD_ARGS ?= -clients 32 -overload-factor 4
+.PHONY: loadgen loadgen-bin loadgen-storm loadgen-overload
+loadgen-bin: build
 	cd e2e && $(GO) build -o $(BIN)/loadgen ./loadgen
-	$(BIN)/loadgen -mode castellan -castellan-bin $(BIN)/castellan $(LOADGEN_ARGS)
-	$(BIN)/loadgen -mode istio $(LOADGEN_ARGS)
+loadgen: loadgen-bin postgres
+	$(BIN)/loadgen -mode compare -castellan-bin $(BIN)/castellan $(LOADGEN_ARGS)
+loadgen-storm: loadgen-bin kube
+	$(BIN)/loadgen -mode storm -castellan-bin $(BIN)/castellan -kube-bin-dir $(KUBE_BIN_DIR) $(STORM_ARGS)
+loadgen-overload: loadgen-bin
+	$(BIN)/loadgen -mode overload -castellan-bin $(BIN)/castellan $(OVERLOAD_ARGS)
 
 ## profile: CPU and allocation profiles of the real binary (embedded audit, --debug-pprof)
 ## under the load generator (32 clients), into $(PROFILE_DIR)/, then profile-top.

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/castellan-ca/castellan/authn"
+	authpb "github.com/castellan-ca/castellan/proto/istio/v1/auth"
 	"github.com/castellan-ca/castellan/storage"
 	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
@@ -80,6 +81,14 @@ type AdmissionConfig struct {
 	// ReadTimeout bounds the time from a call's headers to its request
 	// message; the call is cancelled and its peer charged after it. 0: none.
 	ReadTimeout time.Duration
+	// TargetLatency sheds load by latency: when the requests in flight
+	// would take longer than this to drain at the rate requests completed
+	// over the last second (Little's law: in flight / completions per
+	// second), and at least minShedInFlight are in flight, new requests are
+	// refused (ResourceExhausted, ReasonOverload) before any work, so that
+	// the admitted ones wait a bounded time whatever the offered rate. 0:
+	// only Config.MaxInFlight bounds them.
+	TargetLatency time.Duration
 	// SummaryInterval is how often the refusals of these checks are written
 	// to the audit log, one record per refused key; 0 means DefaultSummaryInterval.
 	SummaryInterval time.Duration
@@ -99,15 +108,133 @@ type Admission struct {
 	peers   *buckets
 	refused refusals
 	streams atomic.Int64
+	// done counts the requests that left the pipeline, per rateSlot.
+	done completions
+	// calm is when a request last arrived or left with fewer than
+	// minShedInFlight in flight (Unix nanoseconds).
+	calm atomic.Int64
+}
+
+// Latency shedding. It starts once minShedInFlight or more requests have
+// been in flight for burstGrace: a burst on a calm server (a restart storm,
+// whose requests all arrive within milliseconds) is admitted up to
+// MaxInFlight, since its clients wait for it and every refusal costs a
+// retry, while a sustained overload is held to TargetLatency after at most
+// burstGrace of arrivals. From then on the drain rate is what
+// completed over the last second (rateSlots of rateSlot each), so the
+// estimate follows a change of load within a second and costs one short
+// lock per request; fewer than minShedInFlight completions in that second
+// while so many are in flight is a stall (an audit store that stopped
+// committing), and sheds too. Below minShedInFlight requests in flight
+// nothing is shed by latency.
+const (
+	burstGrace      = 250 * time.Millisecond
+	rateSlot        = 100 * time.Millisecond
+	rateSlots       = 10
+	minShedInFlight = 16
+)
+
+// completions counts events in a sliding window of rateSlots slots.
+type completions struct {
+	mu    sync.Mutex
+	slots [rateSlots]struct{ at, n int64 } // at: the slot's index since the epoch
+}
+
+// add counts one completion at now.
+func (c *completions) add(now time.Time) {
+	idx := now.UnixNano() / int64(rateSlot)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := &c.slots[idx%rateSlots]
+	if s.at != idx {
+		s.at, s.n = idx, 0
+	}
+	s.n++
+}
+
+// lastSecond returns the completions in the window that ends at now.
+func (c *completions) lastSecond(now time.Time) int64 {
+	idx := now.UnixNano() / int64(rateSlot)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var n int64
+	for _, s := range c.slots {
+		if age := idx - s.at; age >= 0 && age < rateSlots { // not a slot of a later time (the clock stepped back)
+			n += s.n
+		}
+	}
+	return n
+}
+
+// completed records that a request left the pipeline.
+func (a *Admission) completed() {
+	if a.cfg.TargetLatency > 0 {
+		now := a.is.cfg.Now()
+		a.done.add(now)
+		if a.inFlight() < minShedInFlight {
+			a.calm.Store(now.UnixNano())
+		}
+	}
+}
+
+// inFlight is how many certificate requests the server holds: those in the
+// pipeline, or, when the tap counts them (MaxStreams), the calls open past
+// it, which under load include many still waiting for a goroutine or their
+// request before they take a slot.
+func (a *Admission) inFlight() int {
+	n := len(a.is.slots)
+	if a.cfg.MaxStreams > 0 {
+		n = max(n, int(a.streams.Load()))
+	}
+	return n
+}
+
+// overloaded reports whether a new request must be shed by latency: the
+// requests in flight would take longer than TargetLatency to drain at the
+// last second's rate.
+func (a *Admission) overloaded() bool {
+	if a.cfg.TargetLatency <= 0 {
+		return false
+	}
+	now := a.is.cfg.Now()
+	inFlight := a.inFlight()
+	if inFlight < minShedInFlight {
+		a.calm.Store(now.UnixNano())
+		return false
+	}
+	if now.UnixNano()-a.calm.Load() <= int64(burstGrace) {
+		return false // a burst on a calm server (a restart storm): up to MaxInFlight
+	}
+	rate := a.done.lastSecond(now) // per rateSlots×rateSlot = 1 s
+	if rate < minShedInFlight {
+		return true // busy and (almost) nothing completing: a stall
+	}
+	return time.Duration(float64(inFlight)/float64(rate)*float64(time.Second)) > a.cfg.TargetLatency
+}
+
+// shedding reports whether a certificate request arriving now must be
+// refused for overload: every slot taken, or the pipeline slow (overloaded).
+func (a *Admission) shedding() bool {
+	return len(a.is.slots) >= cap(a.is.slots) || a.overloaded()
+}
+
+// refuseOverload counts a request shed for overload (MaxInFlight or
+// TargetLatency) for the metrics and the next summary, by peer address: a
+// flood of them costs a bounded number of audit records, not one each.
+func (a *Admission) refuseOverload(peer string) {
+	key, addr := peerKey(peer)
+	a.refuse(ReasonOverload, key, refusal{peer: addr}, a.is.cfg.Now())
 }
 
 func newAdmission(cfg AdmissionConfig, is *Issuer) *Admission {
 	if cfg.SummaryInterval <= 0 {
 		cfg.SummaryInterval = DefaultSummaryInterval
 	}
-	return &Admission{cfg: cfg, is: is,
+	a := &Admission{cfg: cfg, is: is,
 		callers: newBuckets(cfg.CallerRate, cfg.CallerBurst, cfg.MaxKeys),
 		peers:   newBuckets(cfg.PeerRate, cfg.PeerBurst, cfg.MaxKeys)}
+	a.calm.Store(is.cfg.Now().UnixNano()) // a new server is calm, not stalled
+	return a
 }
 
 // healthMethodPrefix starts the method names of the gRPC health service.
@@ -128,6 +255,14 @@ func (a *Admission) Tap(ctx context.Context, info *tap.Info) (context.Context, e
 	if !a.peers.hasToken(key, now) {
 		a.refuse(ReasonRatePeer, key, refusal{peer: addr}, now)
 		return nil, Status(Refuse(ErrRateLimited, ReasonRatePeer, errors.New("peer address rate limit"))).Err()
+	}
+	// An overloaded pipeline sheds certificate requests here, before the
+	// request is read or a handler runs: a refusal must cost far less than
+	// the work it spares (run checks again for the calls that pass).
+	if info.FullMethodName == authpb.IstioCertificateService_CreateCertificate_FullMethodName && a.shedding() {
+		a.is.cfg.Metrics.overloadRefused.Inc()
+		a.refuseOverload(peerAddr(ctx))
+		return nil, Status(Refuse(ErrOverloaded, ReasonOverload, errors.New("overloaded"))).Err()
 	}
 	// Health calls (grpc.health.v1) skip the stream bound: a health Check is
 	// answered from memory, and Watch streams, which stay open, must not
@@ -348,6 +483,8 @@ func (a *Admission) limitOf(reason string) string {
 		return fmt.Sprintf(" (peer address rate limit %g/s, burst %d, charged by failed authentications)", float64(a.cfg.PeerRate), a.cfg.PeerBurst)
 	case ReasonStreams:
 		return fmt.Sprintf(" (%d calls open on the server)", a.cfg.MaxStreams)
+	case ReasonOverload:
+		return fmt.Sprintf(" (%d requests in flight, or more than drain in %s at the last second's rate)", a.is.cfg.MaxInFlight, a.cfg.TargetLatency)
 	case ReasonReadTimeout:
 		return fmt.Sprintf(" (request not received within %s of its headers)", a.cfg.ReadTimeout)
 	}

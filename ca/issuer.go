@@ -223,20 +223,28 @@ func (is *Issuer) run(ctx context.Context, rec *storage.Record, work func(contex
 	m.csrCount.Inc()
 	var out *Issued
 	var err error
-	select {
-	case is.slots <- struct{}{}:
-		m.inFlight.Inc()
-		out, err = is.guarded(ctx, rec, work)
-		err = callerGone(ctx, err)
-		<-is.slots
-		m.inFlight.Dec()
-	default:
-		m.overloadRefused.Inc()
-		err = Refuse(ErrOverloaded, ReasonOverload, fmt.Errorf("%d requests in flight", is.cfg.MaxInFlight))
+	shed := is.adm.overloaded()
+	if !shed {
+		select {
+		case is.slots <- struct{}{}:
+			m.inFlight.Inc()
+			out, err = is.guarded(ctx, rec, work)
+			err = callerGone(ctx, err)
+			<-is.slots
+			m.inFlight.Dec()
+			is.adm.completed()
+		default:
+			shed = true
+		}
 	}
-	if ReasonOf(err) == ReasonRateCaller {
+	if shed {
+		m.overloadRefused.Inc()
+		is.adm.refuseOverload(rec.Peer)
+		err = Refuse(ErrOverloaded, ReasonOverload, fmt.Errorf("%d requests in flight", len(is.slots)))
+	}
+	if r := ReasonOf(err); r == ReasonRateCaller || r == ReasonOverload {
 		// Counted by the Admission, audited in its next summary: a flood
-		// must not cost one record per call.
+		// (or an overload) must not cost one record per call.
 		rec.Outcome, rec.Reason, rec.Code = storage.OutcomeRefused, ReasonRateCaller, Status(err).Code().String()
 		is.annotateRequest(ctx, rec, err)
 		is.observe(rec, err, start)
@@ -281,7 +289,7 @@ func (is *Issuer) observe(rec *storage.Record, err error, start time.Time) {
 	m.outcomes.WithLabelValues(outcome, code.String(), reason).Inc()
 	m.duration.WithLabelValues(outcome).Observe(is.cfg.Now().Sub(start).Seconds())
 	switch {
-	case reason == ReasonRateCaller:
+	case reason == ReasonRateCaller || reason == ReasonOverload:
 		return // summarised by the Admission, not logged per call
 	case err == nil:
 		m.issued.Inc()

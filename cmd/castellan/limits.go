@@ -30,6 +30,7 @@ type LimitsConfig struct {
 	RateLimitKeys        int           `yaml:"rateLimitKeys"`
 	RefusalAuditInterval time.Duration `yaml:"refusalAuditInterval"`
 	ShutdownGracePeriod  time.Duration `yaml:"shutdownGracePeriod"`
+	OverloadLatency      time.Duration `yaml:"overloadLatency"`
 }
 
 func limitsDefaults() LimitsConfig {
@@ -54,6 +55,9 @@ func limitsDefaults() LimitsConfig {
 		RateLimitKeys:        ca.DefaultRateLimitKeys,
 		RefusalAuditInterval: ca.DefaultSummaryInterval,
 		ShutdownGracePeriod:  15 * time.Second,
+		// Well above an unloaded request's wait (milliseconds), well
+		// below the second where clients give up.
+		OverloadLatency: 200 * time.Millisecond,
 	}
 }
 
@@ -73,6 +77,7 @@ func bindLimitFlags(fs *flag.FlagSet, c *LimitsConfig) {
 	fs.IntVar(&c.RateLimitKeys, "rate-limit-keys", c.RateLimitKeys, "token buckets kept per table (callers, peers)")
 	fs.DurationVar(&c.RefusalAuditInterval, "refusal-audit-interval", c.RefusalAuditInterval, "how often rate-limit refusals are summarised in the audit log")
 	fs.DurationVar(&c.ShutdownGracePeriod, "shutdown-grace-period", c.ShutdownGracePeriod, "longest time from SIGTERM to exit")
+	fs.DurationVar(&c.OverloadLatency, "overload-latency", c.OverloadLatency, "new CSRs get ResourceExhausted while those in flight would take longer than this to drain at the last second's rate (0: only maxInFlight sheds)")
 }
 
 // validate checks the limit keys; cfg gives the audit timeout the grace
@@ -102,6 +107,9 @@ func (c LimitsConfig) validate(bad func(key, format string, a ...any), cfg Confi
 			bad(key, "must be 0 (no limit) or a positive number of calls per second")
 		}
 	}
+	if c.OverloadLatency < 0 || c.OverloadLatency > time.Minute {
+		bad("overloadLatency", "must be between 0 (off) and 1m")
+	}
 	if c.ShutdownGracePeriod < cfg.AuditTimeout+2*time.Second {
 		bad("shutdownGracePeriod", "must exceed auditTimeout (%s) by at least 2s: calls still writing their audit record are waited for", cfg.AuditTimeout)
 	}
@@ -113,7 +121,7 @@ func (c LimitsConfig) admission() ca.AdmissionConfig {
 		CallerRate: rate.Limit(c.CallerRateLimit), CallerBurst: c.CallerBurst,
 		PeerRate: rate.Limit(c.PeerRateLimit), PeerBurst: c.PeerBurst,
 		MaxKeys: c.RateLimitKeys, MaxStreams: c.MaxStreams, ReadTimeout: c.RequestReadTimeout,
-		SummaryInterval: c.RefusalAuditInterval,
+		SummaryInterval: c.RefusalAuditInterval, TargetLatency: c.OverloadLatency,
 	}
 }
 

@@ -66,7 +66,7 @@ func castellanTarget(ctx context.Context, o options) (*target, error) {
 		if err != nil {
 			return nil, err
 		}
-		t.pid, t.stop, dir = p.pid, p.stop, p.dataDir
+		t.pid, t.stop, dir, t.monitor = p.pid, p.stop, p.dataDir, p.monitor
 		t.describe = "castellan (started by loadgen, data dir " + dir + ")"
 	}
 	info, err := readServerInfo(dir)
@@ -161,6 +161,7 @@ func tlsCertificate(elements []string, key *ecdsa.PrivateKey) (tls.Certificate, 
 type process struct {
 	pid     int
 	dataDir string
+	monitor string // http://<monitoring address>
 	stop    func() error
 }
 
@@ -195,8 +196,12 @@ func startCastellan(ctx context.Context, o options) (_ *process, err error) {
 	// Each client renews its one identity as fast as it can, which is the
 	// flood the per-caller rate limit stops: off here, so that the run
 	// measures the issuance path (-castellan-args can turn it back on).
-	args := append([]string{"serve", "--data-dir", dir, "--listen", grpcAddr, "--monitoring-listen", monAddr, "--log-level", "warn",
-		"--caller-rate-limit", "0"}, strings.Fields(o.castellanArgs)...)
+	args := []string{"serve", "--data-dir", dir, "--listen", grpcAddr, "--monitoring-listen", monAddr, "--log-level", "warn"}
+	if o.mode != "storm" { // a storm runs with the default limits, which it must not meet
+		args = append(args, "--caller-rate-limit", "0")
+	}
+	args = append(args, o.castellanExtra...)
+	args = append(args, strings.Fields(o.castellanArgs)...)
 	cmd := exec.Command(o.castellanBin, args...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	if err := cmd.Start(); err != nil {
@@ -204,7 +209,7 @@ func startCastellan(ctx context.Context, o options) (_ *process, err error) {
 	}
 	exited := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(exited) }()
-	p := &process{pid: cmd.Process.Pid, dataDir: dir}
+	p := &process{pid: cmd.Process.Pid, dataDir: dir, monitor: "http://" + monAddr}
 	p.stop = func() error {
 		err := stopProcess(cmd.Process, exited)
 		if cerr := logFile.Close(); cerr != nil && err == nil {

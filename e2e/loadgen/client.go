@@ -212,6 +212,7 @@ func drive(ctx context.Context, clients []*client, t *target, o options, out io.
 		}
 	}
 	cpuStart, _ := readCPU(t.pid)
+	storeStart, _ := t.readStoreCPU()
 	selfStart, _ := readSelfCPU()
 	loadStart := loadAverage()
 	start := rec.start()
@@ -252,6 +253,7 @@ wait:
 	close(stop)
 	<-allDone
 	cpuEnd, _ := readCPU(t.pid)
+	storeEnd, _ := t.readStoreCPU()
 	selfEnd, _ := readSelfCPU()
 	mem.sample(time.Now())
 	res := &result{
@@ -260,6 +262,7 @@ wait:
 		codes:     rec.codeCounts(),
 		memory:    mem,
 		serverCPU: cpuEnd - cpuStart,
+		storeCPU:  storeEnd - storeStart,
 		clientCPU: selfEnd - selfStart,
 		load:      [2]string{loadStart, loadAverage()},
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -31,25 +32,106 @@ func cpuFromStat(path string) (time.Duration, error) {
 	if err != nil {
 		return 0, err
 	}
+	st, err := parseStat(b)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", path, err)
+	}
+	return ticksToDuration(st.utime + st.stime), nil
+}
+
+func ticksToDuration(ticks int64) time.Duration {
+	return time.Duration(ticks) * time.Second / clockTicks
+}
+
+// procStat is what the load generator reads of /proc/<pid>/stat: the parent
+// and the CPU times in clock ticks, the process's own (utime, stime) and
+// those of its children it has waited for (cutime, cstime).
+type procStat struct {
+	ppid                         int
+	utime, stime, cutime, cstime int64
+}
+
+var errStatFormat = errors.New("unexpected /proc stat format")
+
+func parseStat(b []byte) (procStat, error) {
 	// The command name (field 2) may hold spaces; fields after its ')' are fixed.
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	if i < 0 {
-		return 0, fmt.Errorf("%s: unexpected format", path)
+		return procStat{}, errStatFormat
 	}
 	f := strings.Fields(s[i+1:])
-	if len(f) < 13 { // utime and stime are fields 14 and 15, i.e. f[11], f[12]
-		return 0, fmt.Errorf("%s: unexpected format", path)
+	// f[0] is field 3 (state): ppid is f[1], utime..cstime are fields 14..17.
+	if len(f) < 15 {
+		return procStat{}, errStatFormat
+	}
+	var st procStat
+	ppid, err := strconv.Atoi(f[1])
+	if err != nil {
+		return procStat{}, fmt.Errorf("%w: ppid: %w", errStatFormat, err)
+	}
+	st.ppid = ppid
+	for j, dst := range []*int64{&st.utime, &st.stime, &st.cutime, &st.cstime} {
+		if *dst, err = strconv.ParseInt(f[11+j], 10, 64); err != nil {
+			return procStat{}, fmt.Errorf("%w: %w", errStatFormat, err)
+		}
+	}
+	return st, nil
+}
+
+// treeCPU returns the CPU time of process pid and all its descendants: each
+// live one's own time plus what it has reaped of its exited children (so a
+// PostgreSQL backend that came and went is still counted, in the
+// postmaster's cutime). Read from procRoot ("/proc").
+func treeCPU(procRoot string, pid int) (time.Duration, error) {
+	if pid <= 0 {
+		return 0, errors.New("no process id")
+	}
+	paths, err := filepath.Glob(filepath.Join(procRoot, "[0-9]*", "stat"))
+	if err != nil {
+		return 0, err
+	}
+	stats := make(map[int]procStat, len(paths))
+	for _, path := range paths {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			continue // exited meanwhile
+		}
+		st, err := parseStat(b)
+		if err != nil {
+			continue
+		}
+		p, err := strconv.Atoi(filepath.Base(filepath.Dir(path)))
+		if err != nil {
+			continue
+		}
+		stats[p] = st
+	}
+	if _, ok := stats[pid]; !ok {
+		return 0, fmt.Errorf("process %d: not in %s", pid, procRoot)
 	}
 	var ticks int64
-	for _, v := range f[11:13] {
-		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil {
-			return 0, fmt.Errorf("%s: %w", path, err)
+	for p, st := range stats {
+		if descends(stats, p, pid) {
+			ticks += st.utime + st.stime + st.cutime + st.cstime
 		}
-		ticks += n
 	}
-	return time.Duration(ticks) * time.Second / clockTicks, nil
+	return ticksToDuration(ticks), nil
+}
+
+// descends reports whether p is root or one of its descendants in stats.
+func descends(stats map[int]procStat, p, root int) bool {
+	for range len(stats) + 1 { // bounded: a cycle cannot occur, but a bad read must not loop
+		if p == root {
+			return true
+		}
+		st, ok := stats[p]
+		if !ok || st.ppid == 0 || st.ppid == p {
+			return false
+		}
+		p = st.ppid
+	}
+	return false
 }
 
 // memorySample is a reading of /proc/<pid>/status.

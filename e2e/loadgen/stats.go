@@ -203,7 +203,8 @@ type result struct {
 	codes                codeCounts
 	memory               *memorySeries
 	serverCPU, clientCPU time.Duration
-	load                 [2]string // /proc/loadavg at the start and end of the measured phase
+	storeCPU             time.Duration // the audit store's processes (PostgreSQL); 0 for the embedded store
+	load                 [2]string     // /proc/loadavg at the start and end of the measured phase
 }
 
 func (r *result) print(out io.Writer, o options) {
@@ -211,15 +212,18 @@ func (r *result) print(out io.Writer, o options) {
 	h := r.hist
 	fmt.Fprintf(out, "\n== %s, %d clients, %.1fs measured\n", o.mode, o.clients, secs)
 	fmt.Fprintf(out, "requests:   %d ok, %d failed\n", r.codes.ok, r.codes.failed())
-	fmt.Fprintf(out, "throughput: %.0f certs/s\n", float64(r.codes.ok)/secs)
+	fmt.Fprintf(out, "throughput: %.0f certs/s\n", r.throughput())
 	fmt.Fprintf(out, "latency:    p50 %s  p90 %s  p99 %s  max %s\n",
 		ms(h.quantile(0.50)), ms(h.quantile(0.90)), ms(h.quantile(0.99)), ms(r.codes.max))
 	for _, e := range r.codes.errors {
 		fmt.Fprintf(out, "errors:     %s %d (e.g. %s)\n", e.name, e.n, truncate(e.example, 160))
 	}
 	if r.serverCPU > 0 {
-		fmt.Fprintf(out, "server CPU: %.2f cores (%.0f µs per certificate)\n",
-			r.serverCPU.Seconds()/secs, float64(r.serverCPU.Microseconds())/max(float64(r.codes.ok), 1))
+		fmt.Fprintf(out, "server CPU: %.2f cores (%.0f µs per certificate)\n", r.serverCPU.Seconds()/secs, r.perCert(r.serverCPU))
+	}
+	if r.storeCPU > 0 {
+		fmt.Fprintf(out, "store CPU:  %.2f cores (%.0f µs per certificate), server + store %.0f µs per certificate\n",
+			r.storeCPU.Seconds()/secs, r.perCert(r.storeCPU), r.perCert(r.serverCPU+r.storeCPU))
 	}
 	if r.clientCPU > 0 {
 		fmt.Fprintf(out, "client CPU: %.2f cores (this process: TLS, gRPC, checks)\n", r.clientCPU.Seconds()/secs)
@@ -231,6 +235,14 @@ func (r *result) print(out io.Writer, o options) {
 		fmt.Fprintf(out, "load avg:   %s at start, %s at end (1, 5, 15 min; %d CPUs)\n", r.load[0], r.load[1], runtime.NumCPU())
 	}
 }
+
+// perCert is d per issued certificate, in µs.
+func (r *result) perCert(d time.Duration) float64 {
+	return float64(d.Microseconds()) / max(float64(r.codes.ok), 1)
+}
+
+// throughput is issued certificates per second of the measured phase.
+func (r *result) throughput() float64 { return float64(r.codes.ok) / r.elapsed.Seconds() }
 
 // intervalLine reports the last reporting interval.
 func intervalLine(at time.Duration, prev, cur histogram, dt time.Duration, m memorySample) string {

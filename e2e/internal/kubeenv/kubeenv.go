@@ -23,7 +23,6 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
-	"testing"
 	"time"
 
 	"k8s.io/client-go/kubernetes"
@@ -67,7 +66,7 @@ type Env struct {
 
 // BinDir returns the directory of the binaries, or skips the test when it is
 // not configured (fails it when CI is set: CI must never silently skip).
-func BinDir(t testing.TB) string {
+func BinDir(t testproc.TB) string {
 	t.Helper()
 	dir := os.Getenv(BinDirEnv)
 	if dir == "" {
@@ -86,7 +85,7 @@ func BinDir(t testing.TB) string {
 
 // Start starts etcd and kube-apiserver for the test and stops them (the
 // apiserver first: its shutdown hangs when etcd is gone) when it ends.
-func Start(t testing.TB) *Env {
+func Start(t testproc.TB) *Env {
 	t.Helper()
 	bin := BinDir(t)
 	dir := t.TempDir()
@@ -94,7 +93,7 @@ func Start(t testing.TB) *Env {
 	return testproc.Retry(t, "etcd + kube-apiserver", startAttempts, func() (*Env, error) { return start(t, bin, dir, p) })
 }
 
-func start(t testing.TB, bin, dir string, p *pki) (*Env, error) {
+func start(t testproc.TB, bin, dir string, p *pki) (*Env, error) {
 	etcdClient, etcdPeer, apiPort := testproc.FreePort(t), testproc.FreePort(t), testproc.FreePort(t)
 	etcdDir := filepath.Join(dir, fmt.Sprintf("etcd-%d", etcdClient))
 	etcd, err := startProcess(t, filepath.Join(bin, "etcd"),
@@ -190,7 +189,7 @@ type process struct {
 	exited chan struct{}
 }
 
-func startProcess(t testing.TB, path string, args ...string) (*process, error) {
+func startProcess(t testproc.TB, path string, args ...string) (*process, error) {
 	p := &process{name: filepath.Base(path), logs: &testproc.SyncBuffer{}, exited: make(chan struct{})}
 	p.cmd = exec.Command(path, args...)
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
@@ -218,7 +217,7 @@ func (p *process) waitHTTP(url string, client *http.Client) error {
 }
 
 // stop sends SIGTERM, then SIGKILL after stopTimeout.
-func (p *process) stop(t testing.TB) {
+func (p *process) stop(t testproc.TB) {
 	select {
 	case <-p.exited:
 		return
@@ -246,7 +245,7 @@ type pki struct {
 	saPrivate                       *rsa.PrivateKey
 }
 
-func newPKI(t testing.TB, dir string) *pki {
+func newPKI(t testproc.TB, dir string) *pki {
 	t.Helper()
 	ca, caKey := selfSigned(t, "kubeenv CA")
 	p := &pki{ca: ca, caKey: caKey, caPEM: pemCert(ca.Raw)}
@@ -278,7 +277,7 @@ func newPKI(t testing.TB, dir string) *pki {
 
 // clientCert issues a client certificate (PEM certificate and key) for user
 // cn in groups orgs, as the apiserver's x509 authenticator reads them.
-func (p *pki) clientCert(t testing.TB, cn string, orgs ...string) (certPEM, keyPEM []byte) {
+func (p *pki) clientCert(t testproc.TB, cn string, orgs ...string) (certPEM, keyPEM []byte) {
 	t.Helper()
 	c, k := leaf(t, p.ca, p.caKey, &x509.Certificate{
 		Subject:     pkix.Name{CommonName: cn, Organization: orgs},
@@ -290,7 +289,7 @@ func (p *pki) clientCert(t testing.TB, cn string, orgs ...string) (certPEM, keyP
 // NodeClient returns a client that authenticates as the kubelet of node
 // (CN=system:node:<node>, O=system:nodes, from the apiserver's client CA), so
 // the Node authorizer and NodeRestriction judge what it does.
-func (e *Env) NodeClient(t testing.TB, node string) kubernetes.Interface {
+func (e *Env) NodeClient(t testproc.TB, node string) kubernetes.Interface {
 	t.Helper()
 	certPEM, keyPEM := e.pki.clientCert(t, "system:node:"+node, "system:nodes")
 	c, err := kubernetes.NewForConfig(&rest.Config{
@@ -317,7 +316,7 @@ func (p *pki) writeKubeconfig(path, url string) error {
 // KubeconfigForToken writes a kubeconfig that authenticates with a bearer
 // token (e.g. a service account's, to run a client under its RBAC) and
 // returns its path.
-func (e *Env) KubeconfigForToken(t testing.TB, name, token string) string {
+func (e *Env) KubeconfigForToken(t testproc.TB, name, token string) string {
 	t.Helper()
 	cfg := clientcmdapi.NewConfig()
 	cfg.Clusters["e2e"] = &clientcmdapi.Cluster{Server: e.URL, CertificateAuthority: e.pki.caCert}
@@ -331,7 +330,7 @@ func (e *Env) KubeconfigForToken(t testing.TB, name, token string) string {
 	return path
 }
 
-func selfSigned(t testing.TB, cn string) (*x509.Certificate, *ecdsa.PrivateKey) {
+func selfSigned(t testproc.TB, cn string) (*x509.Certificate, *ecdsa.PrivateKey) {
 	t.Helper()
 	key := ecKey(t)
 	tmpl := &x509.Certificate{
@@ -350,7 +349,7 @@ func selfSigned(t testing.TB, cn string) (*x509.Certificate, *ecdsa.PrivateKey) 
 	return c, key
 }
 
-func leaf(t testing.TB, ca *x509.Certificate, caKey *ecdsa.PrivateKey, tmpl *x509.Certificate) (*x509.Certificate, *ecdsa.PrivateKey) {
+func leaf(t testproc.TB, ca *x509.Certificate, caKey *ecdsa.PrivateKey, tmpl *x509.Certificate) (*x509.Certificate, *ecdsa.PrivateKey) {
 	t.Helper()
 	key := ecKey(t)
 	tmpl.SerialNumber = serial(t)
@@ -367,7 +366,7 @@ func leaf(t testing.TB, ca *x509.Certificate, caKey *ecdsa.PrivateKey, tmpl *x50
 	return c, key
 }
 
-func ecKey(t testing.TB) *ecdsa.PrivateKey {
+func ecKey(t testproc.TB) *ecdsa.PrivateKey {
 	t.Helper()
 	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -376,7 +375,7 @@ func ecKey(t testing.TB) *ecdsa.PrivateKey {
 	return k
 }
 
-func serial(t testing.TB) *big.Int {
+func serial(t testproc.TB) *big.Int {
 	t.Helper()
 	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	if err != nil {
@@ -389,7 +388,7 @@ func pemCert(der []byte) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
 }
 
-func pemKey(t testing.TB, k *ecdsa.PrivateKey) []byte {
+func pemKey(t testproc.TB, k *ecdsa.PrivateKey) []byte {
 	t.Helper()
 	der, err := x509.MarshalPKCS8PrivateKey(k)
 	if err != nil {
@@ -398,7 +397,7 @@ func pemKey(t testing.TB, k *ecdsa.PrivateKey) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
 }
 
-func write(t testing.TB, dir, name string, data []byte) string {
+func write(t testproc.TB, dir, name string, data []byte) string {
 	t.Helper()
 	p := filepath.Join(dir, name)
 	if err := os.WriteFile(p, data, 0o600); err != nil {

@@ -115,3 +115,31 @@ func TestNodeClient(t *testing.T) {
 		t.Errorf("node-b read UID %s, created %s", got.UID, created.UID)
 	}
 }
+
+func TestParseRequestCounts(t *testing.T) {
+	page := `# HELP apiserver_request_total [STABLE] Counter of apiserver requests
+# TYPE apiserver_request_total counter
+apiserver_request_total{code="201",component="apiserver",dry_run="",group="authentication.k8s.io",resource="tokenreviews",scope="cluster",subresource="",verb="POST",version="v1"} 7
+apiserver_request_total{code="200",component="apiserver",dry_run="",group="",resource="pods",scope="namespace",subresource="",verb="GET",version="v1"} 3
+apiserver_request_total{code="404",component="apiserver",dry_run="",group="",resource="pods",scope="namespace",subresource="",verb="GET",version="v1"} 2
+apiserver_request_total{code="201",component="apiserver",dry_run="",group="",resource="serviceaccounts",scope="namespace",subresource="token",verb="POST",version="v1"} 10
+apiserver_request_total{code="200",component="",dry_run="",group="",resource="",scope="",subresource="/metrics",verb="GET",version=""} 4
+apiserver_request_duration_seconds_count{resource="pods",verb="GET"} 99
+`
+	got, err := parseRequestCounts([]byte(page))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]float64{"tokenreviews": 7, "pods": 5, "serviceaccounts": 10, "": 4}
+	if len(got) != len(want) {
+		t.Errorf("counts = %v, want %v", got, want)
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("counts[%q] = %v, want %v (all: %v)", k, got[k], v, got)
+		}
+	}
+	if _, err := parseRequestCounts([]byte("apiserver_request_total{resource=\"pods\"} x\n")); err == nil {
+		t.Error("a sample that is not a number parsed")
+	}
+}

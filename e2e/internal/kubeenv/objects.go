@@ -6,9 +6,9 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"strconv"
 	"strings"
-	"testing"
 
 	jose "github.com/go-jose/go-jose/v4"
 	authnv1 "k8s.io/api/authentication/v1"
@@ -16,17 +16,19 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
+
+	"github.com/castellan-ca/castellan/e2e/internal/testproc"
 )
 
 // ctx returns a context bounded by CallTimeout.
-func ctx(t testing.TB) context.Context {
+func ctx(t testproc.TB) context.Context {
 	c, cancel := context.WithTimeout(context.Background(), CallTimeout)
 	t.Cleanup(cancel)
 	return c
 }
 
 // CreateNamespace creates namespace name with labels.
-func (e *Env) CreateNamespace(t testing.TB, name string, labels map[string]string) *corev1.Namespace {
+func (e *Env) CreateNamespace(t testproc.TB, name string, labels map[string]string) *corev1.Namespace {
 	t.Helper()
 	ns, err := e.Client.CoreV1().Namespaces().Create(ctx(t), &corev1.Namespace{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels},
@@ -39,7 +41,7 @@ func (e *Env) CreateNamespace(t testing.TB, name string, labels map[string]strin
 
 // CreateServiceAccount creates ns/name. There is no controller-manager, so
 // not even "default" exists until a test creates it.
-func (e *Env) CreateServiceAccount(t testing.TB, ns, name string) *corev1.ServiceAccount {
+func (e *Env) CreateServiceAccount(t testproc.TB, ns, name string) *corev1.ServiceAccount {
 	t.Helper()
 	sa, err := e.Client.CoreV1().ServiceAccounts(ns).Create(ctx(t), &corev1.ServiceAccount{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
@@ -53,7 +55,7 @@ func (e *Env) CreateServiceAccount(t testing.TB, ns, name string) *corev1.Servic
 // CreateNode creates the Node object name, as its kubelet would register
 // it (none runs here): node-scoped checks, e.g. NodeRestriction's for
 // PodCertificateRequests, look the node up.
-func (e *Env) CreateNode(t testing.TB, name string) *corev1.Node {
+func (e *Env) CreateNode(t testproc.TB, name string) *corev1.Node {
 	t.Helper()
 	n, err := e.Client.CoreV1().Nodes().Create(ctx(t), &corev1.Node{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
@@ -66,7 +68,7 @@ func (e *Env) CreateNode(t testing.TB, name string) *corev1.Node {
 
 // CreatePod creates a pod of service account sa scheduled on node (set
 // directly: there is no scheduler, and no kubelet ever runs it), with vols.
-func (e *Env) CreatePod(t testing.TB, ns, name, sa, node string, vols ...corev1.Volume) *corev1.Pod {
+func (e *Env) CreatePod(t testproc.TB, ns, name, sa, node string, vols ...corev1.Volume) *corev1.Pod {
 	t.Helper()
 	pod, err := e.Client.CoreV1().Pods(ns).Create(ctx(t), &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
@@ -86,7 +88,7 @@ func (e *Env) CreatePod(t testing.TB, ns, name, sa, node string, vols ...corev1.
 
 // DeletePod deletes a pod at once (grace period 0: no kubelet would confirm
 // a graceful deletion).
-func (e *Env) DeletePod(t testing.TB, ns, name string) {
+func (e *Env) DeletePod(t testproc.TB, ns, name string) {
 	t.Helper()
 	if err := e.Client.CoreV1().Pods(ns).Delete(ctx(t), name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)}); err != nil {
 		t.Fatalf("delete pod %s/%s: %v", ns, name, err)
@@ -94,7 +96,7 @@ func (e *Env) DeletePod(t testing.TB, ns, name string) {
 }
 
 // SetPodPhase sets a pod's status.phase, as a kubelet would.
-func (e *Env) SetPodPhase(t testing.TB, ns, name string, phase corev1.PodPhase) {
+func (e *Env) SetPodPhase(t testproc.TB, ns, name string, phase corev1.PodPhase) {
 	t.Helper()
 	pod, err := e.Client.CoreV1().Pods(ns).Get(ctx(t), name, metav1.GetOptions{})
 	if err != nil {
@@ -116,7 +118,7 @@ type TokenOptions struct {
 }
 
 // Token mints a real service-account token with the TokenRequest API.
-func (e *Env) Token(t testing.TB, ns, sa string, o TokenOptions) string {
+func (e *Env) Token(t testproc.TB, ns, sa string, o TokenOptions) string {
 	t.Helper()
 	if o.ExpirationSeconds == 0 {
 		o.ExpirationSeconds = 3600
@@ -136,7 +138,7 @@ func (e *Env) Token(t testing.TB, ns, sa string, o TokenOptions) string {
 // the apiserver's own service-account key and key ID: a token the apiserver
 // itself could have issued (e.g. one that has already expired, which the
 // TokenRequest API will not mint).
-func (e *Env) Resign(t testing.TB, token string, edit func(claims map[string]any)) string {
+func (e *Env) Resign(t testproc.TB, token string, edit func(claims map[string]any)) string {
 	t.Helper()
 	parts := strings.Split(token, ".")
 	if len(parts) != 3 {
@@ -181,7 +183,7 @@ func (e *Env) Resign(t testing.TB, token string, edit func(claims map[string]any
 // AllowAnonymousIssuerDiscovery lets unauthenticated clients read the
 // service-account issuer's OIDC discovery document and JWKS, as a cloud
 // provider's public issuer does.
-func (e *Env) AllowAnonymousIssuerDiscovery(t testing.TB) {
+func (e *Env) AllowAnonymousIssuerDiscovery(t testproc.TB) {
 	t.Helper()
 	if _, err := e.Client.RbacV1().ClusterRoleBindings().Create(ctx(t), &rbacv1.ClusterRoleBinding{
 		ObjectMeta: metav1.ObjectMeta{Name: "kubeenv-anonymous-issuer-discovery"},
@@ -194,29 +196,48 @@ func (e *Env) AllowAnonymousIssuerDiscovery(t testing.TB) {
 
 // RequestCount returns how many requests for resource the apiserver has
 // served, from its own apiserver_request_total metric (all verbs and codes).
-func (e *Env) RequestCount(t testing.TB, resource string) float64 {
+func (e *Env) RequestCount(t testproc.TB, resource string) float64 {
+	t.Helper()
+	return e.RequestCounts(t)[resource]
+}
+
+// RequestCounts returns apiserver_request_total summed over verbs and codes
+// for each resource ("" for non-resource paths such as /metrics).
+func (e *Env) RequestCounts(t testproc.TB) map[string]float64 {
 	t.Helper()
 	raw, err := e.Client.CoreV1().RESTClient().Get().AbsPath("/metrics").DoRaw(ctx(t))
 	if err != nil {
 		t.Fatalf("GET /metrics: %v", err)
 	}
-	want := `resource="` + resource + `"`
-	var total float64
-	sc := bufio.NewScanner(bytes.NewReader(raw))
+	counts, err := parseRequestCounts(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return counts
+}
+
+// parseRequestCounts sums the apiserver_request_total samples of a metrics
+// page by their resource label.
+func parseRequestCounts(page []byte) (map[string]float64, error) {
+	counts := map[string]float64{}
+	sc := bufio.NewScanner(bytes.NewReader(page))
 	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
-		if !strings.HasPrefix(line, "apiserver_request_total{") || !strings.Contains(line, want) {
+		if !strings.HasPrefix(line, "apiserver_request_total{") {
 			continue
 		}
 		v, err := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
 		if err != nil {
-			t.Fatalf("metrics line %q: %v", line, err)
+			return nil, fmt.Errorf("metrics line %q: %w", line, err)
 		}
-		total += v
+		var resource string // the label, not subresource's
+		for _, sep := range []string{`{resource="`, `,resource="`} {
+			if _, rest, ok := strings.Cut(line, sep); ok {
+				resource, _, _ = strings.Cut(rest, `"`)
+			}
+		}
+		counts[resource] += v
 	}
-	if err := sc.Err(); err != nil {
-		t.Fatal(err)
-	}
-	return total
+	return counts, sc.Err()
 }

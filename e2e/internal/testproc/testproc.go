@@ -11,13 +11,26 @@ import (
 	"net"
 	"net/http"
 	"sync"
-	"testing"
 	"time"
 )
 
+// TB is what these helpers and package kubeenv use of a test: every
+// TB is one, and a command that runs them (the load generator)
+// supplies its own, whose Fatal ends the goroutine that set things up.
+type TB interface {
+	Helper()
+	Logf(format string, args ...any)
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+	Skipf(format string, args ...any)
+	Cleanup(f func())
+	TempDir() string
+	Failed() bool
+}
+
 // FreeAddr returns a loopback address with a port that was free a moment
 // ago; a caller that loses the race to another process should retry.
-func FreeAddr(t testing.TB) string {
+func FreeAddr(t TB) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -28,7 +41,7 @@ func FreeAddr(t testing.TB) string {
 }
 
 // FreePort returns a loopback port that was free a moment ago.
-func FreePort(t testing.TB) int {
+func FreePort(t TB) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -124,7 +137,7 @@ var ErrPortTaken = errors.New("port taken between choosing and binding it")
 // times while it fails with an error wrapping ErrPortTaken, and returns its
 // result; it fails the test, naming what, on any other error or when the
 // attempts are used up.
-func Retry[T any](t testing.TB, what string, attempts int, start func() (T, error)) T {
+func Retry[T any](t TB, what string, attempts int, start func() (T, error)) T {
 	t.Helper()
 	for attempt := 1; ; attempt++ {
 		v, err := start()

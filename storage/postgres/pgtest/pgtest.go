@@ -129,6 +129,22 @@ func Start(t testing.TB, opts Options) *Server {
 	return s
 }
 
+// Launch starts a cluster outside a test (the load generator's PostgreSQL
+// audit mode); the caller stops and deletes it with Close.
+func Launch(opts Options) (*Server, error) { return start(opts) }
+
+// Close stops a server from Launch (fast shutdown) and deletes its files.
+func (s *Server) Close() error { return errors.Join(s.stop(syscall.SIGINT), s.remove()) }
+
+// PID is the postmaster's process id (its backends are its children), or 0
+// when the server is not running.
+func (s *Server) PID() int {
+	if s.cmd == nil || s.cmd.Process == nil {
+		return 0
+	}
+	return s.cmd.Process.Pid
+}
+
 // DSN is the URL of database db on s.
 func (s *Server) DSN(db string) string {
 	return fmt.Sprintf("postgres://postgres@127.0.0.1:%d/%s?sslmode=disable", s.port, db)

@@ -245,7 +245,7 @@ func (is *Issuer) run(ctx context.Context, rec *storage.Record, work func(contex
 	if r := ReasonOf(err); r == ReasonRateCaller || r == ReasonOverload {
 		// Counted by the Admission, audited in its next summary: a flood
 		// (or an overload) must not cost one record per call.
-		rec.Outcome, rec.Reason, rec.Code = storage.OutcomeRefused, ReasonRateCaller, Status(err).Code().String()
+		rec.Outcome, rec.Reason, rec.Code = storage.OutcomeRefused, r, Status(err).Code().String()
 		is.annotateRequest(ctx, rec, err)
 		is.observe(rec, err, start)
 		return nil, err

@@ -113,16 +113,7 @@ func TestParseOptions(t *testing.T) {
 // TestDriveIstio runs the client code against Istio's CA server in this
 // process for a fixed number of requests: every one must succeed.
 func TestDriveIstio(t *testing.T) {
-	dir := t.TempDir()
-	stop, err := startIstioServer(dir, 4, "ecdsa-p256", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer stop()
-	tgt, err := readIstioDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	tgt := inProcessIstio(t)
 	o := options{mode: "istio", clients: 4, requests: 64, timeout: 10 * time.Second, ttl: time.Hour, csrs: 2}
 	checkDrive(t, tgt, o)
 }
@@ -184,4 +175,21 @@ func checkDrive(t *testing.T, tgt *target, o options) *result {
 		t.Errorf("summary lacks throughput:\n%s", out.String())
 	}
 	return res
+}
+
+// inProcessIstio starts Istio's CA server (P-256 root) in this process for the
+// test's lifetime and returns the target the client code dials.
+func inProcessIstio(t *testing.T) *target {
+	t.Helper()
+	dir := t.TempDir()
+	stop, err := startIstioServer(dir, 4, "ecdsa-p256", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stop)
+	tgt, err := readIstioDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tgt
 }

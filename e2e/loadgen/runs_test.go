@@ -108,16 +108,7 @@ func TestTimeline(t *testing.T) {
 // TestOpenLoopIstio offers a fixed schedule to Istio's CA server in this
 // process: every due request is sent and answered, whatever the timing.
 func TestOpenLoopIstio(t *testing.T) {
-	dir := t.TempDir()
-	stop, err := startIstioServer(dir, 4, "ecdsa-p256", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer stop()
-	tgt, err := readIstioDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	tgt := inProcessIstio(t)
 	o := options{mode: "istio", clients: 4, timeout: 30 * time.Second, ttl: time.Hour, csrs: 2}
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()

@@ -185,17 +185,27 @@ func encodeTBS(tmpl, parent *x509.Certificate, pub crypto.PublicKey, sp sigParam
 		})
 		b.AddBytes(emptySubject)
 		b.AddBytes(spki)
-		b.AddASN1(cbasn1.Tag(3).Constructed().ContextSpecific(), func(b *cryptobyte.Builder) {
-			b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
-				addExtensions(b, tmpl, akid, sans)
+		// As CreateCertificate, no [3] at all when there is no extension (a
+		// nameless issuer and a template asking for nothing).
+		if hasExtensions(tmpl, akid, sans) {
+			b.AddASN1(cbasn1.Tag(3).Constructed().ContextSpecific(), func(b *cryptobyte.Builder) {
+				b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
+					addExtensions(b, tmpl, akid, sans)
+				})
 			})
-		})
+		}
 	})
 	tbs, err := b.Bytes()
 	if err != nil {
 		return nil, false // a time outside ASN.1's range: CreateCertificate reports it
 	}
 	return tbs, true
+}
+
+// hasExtensions reports whether addExtensions adds any extension.
+func hasExtensions(tmpl *x509.Certificate, akid, sans []byte) bool {
+	return tmpl.KeyUsage != 0 || len(tmpl.ExtKeyUsage) > 0 || tmpl.BasicConstraintsValid ||
+		len(tmpl.SubjectKeyId) > 0 || len(akid) > 0 || sans != nil
 }
 
 // addExtensions adds the extensions in CreateCertificate's order: key usage,

@@ -236,6 +236,14 @@ func TestLeafEncodingMatchesCreateCertificate(t *testing.T) {
 			tmpl.BasicConstraintsValid, tmpl.KeyUsage, tmpl.ExtKeyUsage = false, 0, nil
 			return tmpl
 		}},
+		{"nothing asked: no names, key ids, usages or constraints", func(pub crypto.PublicKey) *x509.Certificate {
+			// Under the nameless issuer the certificate has no extension at
+			// all, and CreateCertificate then omits the [3] field (found by
+			// FuzzLeafEncoding in CI).
+			tmpl := workload(pub)
+			tmpl.URIs, tmpl.SubjectKeyId, tmpl.BasicConstraintsValid, tmpl.KeyUsage, tmpl.ExtKeyUsage = nil, nil, false, 0, nil
+			return tmpl
+		}},
 		{"key usage spanning two bytes, MaxPathLen -1", func(pub crypto.PublicKey) *x509.Certificate {
 			tmpl := workload(pub)
 			tmpl.KeyUsage, tmpl.MaxPathLen = x509.KeyUsageDigitalSignature|x509.KeyUsageDecipherOnly, -1
@@ -252,7 +260,8 @@ func TestLeafEncodingMatchesCreateCertificate(t *testing.T) {
 				// leaf profiles suffice (RSA 3072/4096 signing is slow under -race).
 				full := strings.HasSuffix(issuer.Cert.Subject.CommonName, "ecdsa-p256") || strings.HasSuffix(issuer.Cert.Subject.CommonName, "rsa-2048") ||
 					strings.HasSuffix(issuer.Cert.Subject.CommonName, "ed25519")
-				if !full && v.name != "workload leaf" && v.name != "grant: DNS names only" && v.name != "no subject key id, authority key id in the template" {
+				if !full && v.name != "workload leaf" && v.name != "grant: DNS names only" && v.name != "no subject key id, authority key id in the template" &&
+					!strings.HasPrefix(v.name, "nothing asked") {
 					continue
 				}
 				t.Run(issuer.Cert.Subject.CommonName+"/"+k.name+"/"+v.name, func(t *testing.T) {
@@ -394,6 +403,8 @@ func FuzzLeafEncoding(f *testing.F) {
 	f.Add(uint8(3), uint8(4), []byte{1}, false, int64(2_524_607_999), int64(1), "spiffe://td/a\nhttps://x.example/y", "a.example\nb.example", uint16(5), uint8(0x0f), []byte{10, 0, 0, 1})
 	f.Add(uint8(6), uint8(6), []byte{}, true, int64(-631_152_001), int64(-5), "", "localhost", uint16(0x1ff), uint8(0x01), []byte{0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1})
 	f.Add(uint8(1), uint8(1), []byte{0xff}, false, int64(253_402_300_799), int64(10), "spiffe://td/\xff", "b\xfcx", uint16(1<<15), uint8(0x80), []byte{1, 2, 3})
+	// The nameless issuer (the last) with nothing asked: no extension at all.
+	f.Add(uint8(len(leafTestKeys())), uint8(1), []byte{}, false, int64(1_790_000_000), int64(86400), "", "", uint16(0), uint8(0), []byte(nil))
 	keys := leafTestKeys()
 	iss := issuers(f)
 	f.Fuzz(func(t *testing.T, issuerIdx, keyIdx uint8, serial []byte, negative bool, notBefore, lifetime int64, uris, dns string, ku uint16, flags uint8, ip []byte) {

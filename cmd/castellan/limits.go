@@ -131,6 +131,14 @@ func (c LimitsConfig) admission() ca.AdmissionConfig {
 // connection can make the server buffer before a handler reads them.
 const grpcFlowWindow = 64 << 10
 
+// grpcStreamWorkers is how many goroutines serve gRPC streams in turn. A
+// handler's stack grows to what ECDSA, x509 and the audit wait need; a fresh
+// goroutine per call grows (copies) it again each time, ~4% of the server's
+// CPU under load (BENCHMARKS.md, "Hot path profile"). A handler mostly waits
+// for the audit commit, so the pool is sized for concurrency, not cores; a
+// call finding every worker busy gets its own goroutine, as without the pool.
+const grpcStreamWorkers = 64
+
 // grpcOptions are the gRPC server options that bound what a peer can make
 // the server hold, with adm's checks before any handler runs.
 func (c LimitsConfig) grpcOptions(adm *ca.Admission) []grpc.ServerOption {
@@ -140,6 +148,7 @@ func (c LimitsConfig) grpcOptions(adm *ca.Admission) []grpc.ServerOption {
 		grpc.ConnectionTimeout(c.HandshakeTimeout),
 		grpc.InitialWindowSize(grpcFlowWindow),
 		grpc.InitialConnWindowSize(grpcFlowWindow),
+		grpc.NumStreamWorkers(grpcStreamWorkers),
 		// Istio's clients ping after 30 s idle; allow down to 10 s so they are never cut off.
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 2 * time.Minute, Timeout: 20 * time.Second, MaxConnectionIdle: c.MaxConnectionIdle}),

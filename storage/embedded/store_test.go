@@ -7,6 +7,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -118,6 +119,29 @@ func TestFileMode(t *testing.T) {
 		}
 		if fi.Mode().Perm() != 0o600 {
 			t.Errorf("%s mode %v, want 0600", filepath.Base(p), fi.Mode().Perm())
+		}
+	}
+}
+
+// The writer's connection runs with the durability and checkpoint settings
+// dsn asks for: a setting SQLite did not take would pass every other test.
+func TestWriterConnectionSettings(t *testing.T) {
+	s := openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{})
+	for _, tc := range []struct {
+		pragma string
+		want   string
+	}{
+		{"journal_mode", "wal"},
+		{"synchronous", "2"}, // FULL
+		{"wal_autocheckpoint", strconv.Itoa(walCheckpointPages)},
+		{"busy_timeout", "10000"},
+	} {
+		var got string
+		if err := s.wdb.QueryRowContext(context.Background(), "PRAGMA "+tc.pragma).Scan(&got); err != nil {
+			t.Fatalf("PRAGMA %s: %v", tc.pragma, err)
+		}
+		if got != tc.want {
+			t.Errorf("PRAGMA %s = %q, want %q", tc.pragma, got, tc.want)
 		}
 	}
 }

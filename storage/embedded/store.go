@@ -18,7 +18,6 @@ import (
 	"log/slog"
 	"net/url"
 	"os"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -180,10 +179,6 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 	return s, nil
 }
 
-// walCheckpointPages is how many WAL pages a commit leaves before SQLite
-// checkpoints them into the database file.
-const walCheckpointPages = 10000
-
 // dsn builds a modernc.org/sqlite DSN with the pragmas every connection
 // needs: WAL for concurrent readers, FULL sync so a committed record
 // survives power loss, and a busy timeout instead of immediate SQLITE_BUSY.
@@ -192,13 +187,6 @@ func dsn(path string, extra string) string {
 	q.Add("_pragma", "busy_timeout(10000)")
 	q.Add("_pragma", "journal_mode(WAL)")
 	q.Add("_pragma", "synchronous(FULL)")
-	// A checkpoint copies each page the WAL holds once, however often it
-	// was rewritten since the last one: the chain's rightmost pages are
-	// rewritten by every commit and the serial and fingerprint indexes'
-	// pages at random, so a longer WAL (up to walCheckpointPages, ~40 MiB)
-	// copies fewer pages per record than SQLite's default of 1,000
-	// (BENCHMARKS.md, "Hot path profile").
-	q.Add("_pragma", "wal_autocheckpoint("+strconv.Itoa(walCheckpointPages)+")")
 	// A plain file name, not a "file:" URI, so that '%' in path is literal.
 	return path + "?" + q.Encode() + "&" + extra
 }

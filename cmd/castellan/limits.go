@@ -137,6 +137,7 @@ const grpcFlowWindow = 64 << 10
 // CPU under load (BENCHMARKS.md, "Hot path profile"). A handler mostly waits
 // for the audit commit, so the pool is sized for concurrency, not cores; a
 // call finding every worker busy gets its own goroutine, as without the pool.
+// gRPC marks the option experimental; dropping it only costs that CPU back.
 const grpcStreamWorkers = 64
 
 // grpcOptions are the gRPC server options that bound what a peer can make

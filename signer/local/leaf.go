@@ -171,7 +171,14 @@ func encodeTBS(tmpl, parent *x509.Certificate, pub crypto.PublicKey, sp sigParam
 		akid = parent.SubjectKeyId
 	}
 
-	b := cryptobyte.NewBuilder(make([]byte, 0, 512+len(spki)+len(sans)))
+	eb := cryptobyte.NewBuilder(make([]byte, 0, 160+len(sans)))
+	addExtensions(eb, tmpl, akid, sans)
+	exts, err := eb.Bytes()
+	if err != nil {
+		return nil, false
+	}
+
+	b := cryptobyte.NewBuilder(make([]byte, 0, 256+len(spki)+len(exts)))
 	b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
 		b.AddASN1(cbasn1.Tag(0).Constructed().ContextSpecific(), func(b *cryptobyte.Builder) {
 			b.AddASN1Int64(2) // v3
@@ -187,25 +194,17 @@ func encodeTBS(tmpl, parent *x509.Certificate, pub crypto.PublicKey, sp sigParam
 		b.AddBytes(spki)
 		// As CreateCertificate, no [3] at all when there is no extension (a
 		// nameless issuer and a template asking for nothing).
-		if hasExtensions(tmpl, akid, sans) {
+		if len(exts) > 0 {
 			b.AddASN1(cbasn1.Tag(3).Constructed().ContextSpecific(), func(b *cryptobyte.Builder) {
-				b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
-					addExtensions(b, tmpl, akid, sans)
-				})
+				b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) { b.AddBytes(exts) })
 			})
 		}
 	})
-	tbs, err := b.Bytes()
+	tbs, err = b.Bytes()
 	if err != nil {
 		return nil, false // a time outside ASN.1's range: CreateCertificate reports it
 	}
 	return tbs, true
-}
-
-// hasExtensions reports whether addExtensions adds any extension.
-func hasExtensions(tmpl *x509.Certificate, akid, sans []byte) bool {
-	return tmpl.KeyUsage != 0 || len(tmpl.ExtKeyUsage) > 0 || tmpl.BasicConstraintsValid ||
-		len(tmpl.SubjectKeyId) > 0 || len(akid) > 0 || sans != nil
 }
 
 // addExtensions adds the extensions in CreateCertificate's order: key usage,

@@ -122,7 +122,8 @@ func TestFileMode(t *testing.T) {
 	}
 }
 
-// The writer's connection runs with the durability settings dsn asks for: a setting SQLite did not take would pass every other test.
+// The writer's connection runs with the durability settings dsn asks for: a
+// setting SQLite did not take would pass every other test.
 func TestWriterConnectionSettings(t *testing.T) {
 	s := openStore(t, filepath.Join(t.TempDir(), "audit.db"), Options{})
 	for _, tc := range []struct {

@@ -25,7 +25,7 @@ func main() {
 
 // defaultGCPercent is the server's GOGC unless the environment sets one.
 // Its live heap is small (tens of MiB) and its garbage per certificate
-// large: collecting half as often cost ~9 MiB of peak RSS and saved ~8% of
+// large: collecting half as often cost ~9 MiB of peak RSS and saved 6–8% of
 // CPU per certificate under load (BENCHMARKS.md, "Hot path profile").
 const defaultGCPercent = 200
 
